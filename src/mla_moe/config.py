@@ -1,0 +1,357 @@
+"""`ModelConfig`: the model's hyperparameters, named as in HuggingFace's DeepSeek configs.
+
+Every field is checked at construction; a bad value raises `ValueError` naming the field,
+before any array is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+MOE_IMPLS = ("dropless", "capacity")
+ATTENTION_IMPLS = ("xla", "pallas", "auto")
+DECODE_FORMS = ("absorbed", "naive")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN rope scaling (`rope_scaling` / `rope_parameters` in HF configs)."""
+
+    type: str = "yarn"
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RopeScaling:
+        kind = d.get("rope_type", d.get("type", "yarn"))
+        if kind not in ("yarn",):
+            raise ValueError(f"rope_scaling.type: only 'yarn' is supported, got {kind!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known and k != "type" and v is not None}
+        return cls(type=kind, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"type": self.type, "rope_type": self.type}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "type" and v is not None:
+                d[f.name] = v
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V2/V3 model hyperparameters. Defaults are DeepSeek-V2-Lite's."""
+
+    # --- HuggingFace DeepSeek config fields -------------------------------------------------
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 10944
+    moe_intermediate_size: int = 1408
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int | None = 64
+    n_shared_experts: int = 2
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | Mapping[str, Any] | None = None
+    rope_interleave: bool = True
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 100000
+    eos_token_id: int | None = 100001
+    aux_loss_alpha: float = 0.001  # V2 expert-level balance loss (alpha_1)
+    seq_aux: bool = True  # balance statistics per sequence (True) or per batch (False)
+
+    # --- ours: numerics ---------------------------------------------------------------------
+    dtype: str = "float32"  # activation / compute dtype
+    param_dtype: str = "float32"  # master weights
+
+    # --- ours: balance --------------------------------------------------------------------
+    device_balance_alpha: float = 0.0  # V2 device-level balance loss (alpha_2)
+    comm_balance_alpha: float = 0.0  # V2 communication balance loss (alpha_3)
+    expert_devices: int | None = None  # D for the device/comm losses; None -> n_group
+    device_limit: int | None = None  # M for the comm loss; None -> topk_group
+    seq_balance_alpha: float = 0.0  # V3 sequence-wise balance loss (alpha)
+    router_z_loss_coef: float = 0.0
+    expert_bias_update_rate: float = 0.0  # V3 aux-loss-free bias step (gamma)
+
+    # --- ours: MoE execution --------------------------------------------------------------
+    moe_impl: str = "dropless"  # "dropless" (ragged_dot) or "capacity" (drop beyond capacity)
+    capacity_factor: float = 1.0
+
+    # --- ours: MTP ------------------------------------------------------------------------
+    mtp_loss_weight: float = 0.3  # lambda
+
+    # --- ours: execution ------------------------------------------------------------------
+    attention_impl: str = "xla"  # "xla", "pallas" (pallas_kernels), "auto" (pallas on TPU/GPU)
+    decode_attention: str = "absorbed"  # attention form used when a cache is given
+    remat_policy: str = "none"
+    scan_layers: bool = False
+
+    # ----------------------------------------------------------------------------------------
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a dict or None, got {self.rope_scaling!r}")
+        if self.q_lora_rank == 0:  # the reference code spells "no q LoRA" as 0
+            object.__setattr__(self, "q_lora_rank", None)
+        if self.n_routed_experts == 0:
+            object.__setattr__(self, "n_routed_experts", None)
+        self._validate()
+
+    def _validate(self):
+        def positive(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim", "max_position_embeddings", "moe_layer_freq",
+        ):
+            positive(name)
+        positive("q_lora_rank", allow_none=True)
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ValueError(
+                f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}],"
+                f" got {self.first_k_dense_replace}"
+            )
+        if self.num_nextn_predict_layers < 0:
+            raise ValueError(
+                f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}"
+            )
+        if self.n_routed_experts is not None:
+            positive("n_routed_experts")
+            positive("moe_intermediate_size")
+            positive("num_experts_per_tok")
+            positive("n_group")
+            positive("topk_group")
+            if self.n_shared_experts < 0:
+                raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            if self.num_experts_per_tok > self.n_routed_experts:
+                raise ValueError(
+                    f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                    f"n_routed_experts={self.n_routed_experts}"
+                )
+            if self.n_routed_experts % self.n_group:
+                raise ValueError(
+                    f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                    f"n_group={self.n_group}"
+                )
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.topk_method == "noaux_tc" and per_group < 2:
+                raise ValueError(
+                    "n_group: noaux_tc scores each group by its top-2 experts, so each group "
+                    f"needs >= 2 experts, got {per_group}"
+                )
+            grouped = self.topk_method != "greedy"
+            if grouped and self.topk_group * per_group < self.num_experts_per_tok:
+                raise ValueError(
+                    f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
+                    f"num_experts_per_tok={self.num_experts_per_tok}"
+                )
+            for name in ("expert_devices", "device_limit"):
+                positive(name, allow_none=True)
+            if self.n_routed_experts % self.num_expert_devices:
+                raise ValueError(
+                    f"expert_devices={self.num_expert_devices} does not divide "
+                    f"n_routed_experts={self.n_routed_experts}"
+                )
+            if self.num_device_limit > self.num_expert_devices:
+                raise ValueError(
+                    f"device_limit={self.num_device_limit} exceeds "
+                    f"expert_devices={self.num_expert_devices}"
+                )
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(
+                f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}"
+            )
+        for name, allowed in (
+            ("moe_impl", MOE_IMPLS),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("decode_attention", DECODE_FORMS),
+            ("remat_policy", REMAT_POLICIES),
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not (self.routed_scaling_factor > 0 and math.isfinite(self.routed_scaling_factor)):
+            raise ValueError(
+                f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor}"
+            )
+        for name in (
+            "aux_loss_alpha", "device_balance_alpha", "comm_balance_alpha", "seq_balance_alpha",
+            "router_z_loss_coef", "expert_bias_update_rate", "mtp_loss_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            if not rs.factor > 0:
+                raise ValueError(f"rope_scaling.factor must be > 0, got {rs.factor}")
+            if rs.original_max_position_embeddings <= 0:
+                raise ValueError(
+                    "rope_scaling.original_max_position_embeddings must be > 0, got "
+                    f"{rs.original_max_position_embeddings}"
+                )
+        if self.scan_layers and self.moe_layer_freq != 1 and self.n_routed_experts:
+            raise ValueError(
+                "scan_layers needs runs of identical layers: moe_layer_freq must be 1, got "
+                f"{self.moe_layer_freq}"
+            )
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_expert_devices(self) -> int:
+        return self.expert_devices or self.n_group
+
+    @property
+    def num_device_limit(self) -> int:
+        return self.device_limit or self.topk_group
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """MoE iff past the dense prefix and on the MoE stride (the remote code's rule)."""
+        return (
+            self.n_routed_experts is not None
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- HuggingFace interop -----------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
+        """Builds a config from an HF `config.json` dict, a path to one, or its directory."""
+        if not isinstance(source, Mapping):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path) as f:
+                source = json.load(f)
+        hf = dict(source)
+        model_type = hf.get("model_type", "deepseek_v3")
+        if hf.get("num_key_value_heads") not in (None, hf.get("num_attention_heads")):
+            raise ValueError(
+                "num_key_value_heads must equal num_attention_heads for MLA, got "
+                f"{hf['num_key_value_heads']} vs {hf.get('num_attention_heads')}"
+            )
+        # transformers v5 folds rope_theta and the scaling into `rope_parameters`.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling")
+        if rope is not None:
+            rope = dict(rope)
+            if "rope_theta" in rope:
+                hf.setdefault("rope_theta", rope["rope_theta"])
+            if rope.get("rope_type", rope.get("type", "default")) == "default":
+                rope = None
+        hf["rope_scaling"] = rope
+        if model_type.startswith("deepseek_v3"):
+            # HF's DeepseekV3 has no topk_method/scoring_func: it is always sigmoid + noaux_tc.
+            hf.setdefault("topk_method", "noaux_tc")
+            hf.setdefault("scoring_func", "sigmoid")
+            hf.setdefault("norm_topk_prob", True)
+            hf.setdefault("moe_layer_freq", 1)
+        else:
+            hf.setdefault("rope_interleave", True)  # V2 rotates interleaved pairs
+        if hf.get("n_group") is None:
+            hf["n_group"] = 1
+        if hf.get("topk_group") is None:
+            hf["topk_group"] = 1
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            hf["eos_token_id"] = eos[0] if eos else None
+        dtype = hf.get("dtype") or hf.get("torch_dtype")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in known and k not in ("dtype", "param_dtype")}
+        if dtype in DTYPES:
+            kwargs["dtype"] = kwargs["param_dtype"] = dtype
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @property
+    def hf_model_type(self) -> str:
+        v3 = self.topk_method == "noaux_tc" and self.scoring_func == "sigmoid"
+        return "deepseek_v3" if v3 or self.n_routed_experts is None else "deepseek_v2"
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict (transformers v5 names, plus the legacy ones)."""
+        hf_fields = [f.name for f in dataclasses.fields(self)][
+            : [f.name for f in dataclasses.fields(self)].index("seq_aux") + 1
+        ]
+        d = {k: getattr(self, k) for k in hf_fields}
+        model_type = self.hf_model_type
+        d["n_routed_experts"] = self.n_routed_experts or 0
+        d.update(
+            model_type=model_type,
+            architectures=["DeepseekV3ForCausalLM" if model_type == "deepseek_v3"
+                           else "DeepseekV2ForCausalLM"],
+            num_key_value_heads=self.num_attention_heads,
+            hidden_act="silu",
+            attention_bias=False,
+            attention_dropout=0.0,
+            dtype=self.param_dtype,
+            use_cache=True,
+        )
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope_scaling.to_dict()
+            rope = {**self.rope_scaling.to_dict(), "rope_theta": self.rope_theta}
+            del rope["type"]
+        else:
+            d["rope_scaling"] = None
+        d["rope_parameters"] = rope
+        return d

@@ -1,0 +1,246 @@
+"""The DeepSeek-V2/V3 decoder: embedding, pre-norm MLA + FFN/MoE blocks, head, MTP modules.
+
+Consecutive identical layers (the dense prefix, then the MoE layers) are stored stacked, one
+leading layer axis per group, and run either with `jax.lax.scan` (`scan_layers=True`: one
+traced layer body per group) or with a plain Python loop over slices; both give identical
+results. `remat_policy` wraps each layer in `jax.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from mla_moe.cache import KVCache, layer_groups
+from mla_moe.config import ModelConfig
+from mla_moe.layers import RMSNorm, SwiGLU, dtype_of, param
+from mla_moe.mla import MLA
+from mla_moe.moe import MoE
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, vocab] float32
+    aux_loss: jax.Array  # scalar: weighted balance / z losses summed over MoE layers
+    aux_losses: dict[str, jax.Array]  # unweighted, summed over MoE layers
+    router: tuple[dict[str, jax.Array], ...]  # per MoE layer (main layers, then MTP layers)
+    hidden: jax.Array  # [B, T, D] last block's output (before the final norm)
+    cache: KVCache | None = None
+    mtp_logits: jax.Array | None = None  # [num_nextn_predict_layers, B, T, vocab] float32
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
+        c = config
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
+        self.attn = MLA(c, rngs=rngs)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
+        self.ffn = MoE(c, rngs=rngs) if moe else SwiGLU(c.intermediate_size, config=c, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None, lengths_B=None,
+                 form=None):
+        a_BTD, cache_BSK = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
+                                     cache_BSK, lengths_B, form)
+        x_BTD = x_BTD + checkpoint_name(a_BTD, "attention_out")
+        if isinstance(self.ffn, MoE):
+            f_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+        else:
+            f_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
+        return x_BTD + f_BTD, cache_BSK, stats
+
+
+def _stacked_layers(config: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> DecoderLayer:
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return DecoderLayer(config, moe, rngs=rngs)
+
+    return make(rngs)
+
+
+class MTPBlock(nnx.Module):
+    """V3 multi-token prediction module k: h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h)])."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        c = config
+        self.enorm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
+        self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
+        # Input order is [embedding; hidden], as the released weights and engines use.
+        self.eh_proj_2DD = param(rngs, (2 * c.hidden_size, c.hidden_size), (None, "embed"),
+                                 dtype=c.param_dtype, stddev=c.initializer_range)
+        self.layer = DecoderLayer(c, c.is_moe_layer(layer_idx), rngs=rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
+
+    def __call__(self, h_BTD, emb_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None,
+                 lengths_B=None, form=None):
+        x_BT2D = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
+        x_BTD = jnp.einsum("BTE,ED->BTD", x_BT2D, self.eh_proj_2DD[...].astype(h_BTD.dtype))
+        return self.layer(x_BTD, positions_BT, segment_ids_BT, cache_BSK, lengths_B, form)
+
+
+def _slice(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+class DeepSeekModel(nnx.Module):
+    """DeepSeek-V2/V3 causal LM. Call it on int tokens [B, T]; see `__call__`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        std, pd = c.initializer_range, c.param_dtype
+        self.embed_VD = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                              dtype=pd, stddev=std)
+        self.groups = nnx.List(
+            [_stacked_layers(c, moe, n, rngs) for moe, n in layer_groups(c)]
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
+        if c.tie_word_embeddings:
+            self.head_DV = None
+        else:
+            self.head_DV = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                                 dtype=pd, stddev=std)
+        self.mtp = nnx.List(
+            [MTPBlock(c, c.num_hidden_layers + k, rngs=rngs)
+             for k in range(c.num_nextn_predict_layers)]
+        )
+
+    # --- pieces ------------------------------------------------------------------------------
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
+
+    def logits(self, h_BTD: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
+        """OutHead: head(norm(h)) in float32 (norm defaults to the final norm)."""
+        x_BTD = (norm or self.norm)(h_BTD)
+        w_DV = self.embed_VD[...].T if self.head_DV is None else self.head_DV[...]
+        return jnp.einsum("BTD,DV->BTV", x_BTD, w_DV.astype(x_BTD.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _run_group(self, group, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
+                   form):
+        c = self.config
+        graphdef, state = nnx.split(group)
+
+        def body(x, layer_state, cache_l):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, positions_BT, segment_ids_BT, cache_l, lengths_B, form)
+
+        if c.remat_policy != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy])
+        if c.scan_layers:
+            def step(x, xs):
+                x, cache_l, stats = body(x, *xs)
+                return x, (cache_l, stats)
+
+            x_BTD, (cache_group, stats) = jax.lax.scan(step, x_BTD, (state, cache_group))
+            n = jax.tree.leaves(state)[0].shape[0]
+            return x_BTD, cache_group, [_slice(stats, i) for i in range(n)]
+        n = jax.tree.leaves(state)[0].shape[0]
+        caches, stats = [], []
+        for i in range(n):
+            cache_l = None if cache_group is None else cache_group[i]
+            x_BTD, cache_l, s = body(x_BTD, _slice(state, i), cache_l)
+            caches.append(cache_l)
+            stats.append(s)
+        return x_BTD, (None if cache_group is None else jnp.stack(caches)), stats
+
+    # --- forward -----------------------------------------------------------------------------
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        *,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+        attention_form: str | None = None,
+    ) -> ModelOutput:
+        """Forward pass.
+
+        tokens_BT: int [B, T]. positions_BT: rope positions (default 0..T-1, or continuing
+        from `cache.lengths_B`). segment_ids_BT: packed documents; tokens attend only within
+        their segment (training / prefill without cache). cache: a `KVCache`; the T tokens
+        are appended to it and the updated cache is returned in the output.
+        attention_form: "naive" or "absorbed" (default: naive without a cache, the config's
+        `decode_attention` with one).
+        """
+        b, t = tokens_BT.shape
+        if cache is not None and segment_ids_BT is not None:
+            raise ValueError("segment_ids_BT is not supported together with a cache")
+        lengths_B = None if cache is None else cache.lengths_B
+        if positions_BT is None:
+            start = jnp.zeros((b,), jnp.int32) if cache is None else lengths_B
+            positions_BT = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        x_BTD = self.embed(tokens_BT)
+        router_stats: list[dict[str, Any]] = []
+        new_latents = []
+        for g, group in enumerate(self.groups):
+            cache_group = None if cache is None else cache.latents[g]
+            x_BTD, cache_group, stats = self._run_group(
+                group, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
+                attention_form,
+            )
+            new_latents.append(cache_group)
+            router_stats.extend(s for s in stats if s)
+        h_BTD = x_BTD
+        logits_BTV = self.logits(h_BTD)
+
+        mtp_logits = None
+        if self.mtp and cache is None:
+            per_module, h_k = [], h_BTD
+            for k, block in enumerate(self.mtp, start=1):
+                # Module k sees token i+k at position i (zeros past the end; masked in the loss).
+                shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
+                h_k, _, stats = block(h_k, self.embed(shifted_BT), positions_BT, segment_ids_BT)
+                if stats:
+                    router_stats.append(stats)
+                per_module.append(self.logits(h_k, block.norm))
+            mtp_logits = jnp.stack(per_module)
+
+        aux_loss = sum((s["aux_loss"] for s in router_stats), jnp.zeros((), jnp.float32))
+        aux_losses: dict[str, jax.Array] = {}
+        for s in router_stats:
+            for name, value in s["losses"].items():
+                aux_losses[name] = aux_losses.get(name, 0.0) + value
+        router = tuple(
+            {"tokens_per_expert": s["tokens_per_expert"],
+             "dropped_fraction": s["dropped_fraction"]}
+            for s in router_stats
+        )
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(latents=tuple(new_latents), lengths_B=lengths_B + t)
+        return ModelOutput(
+            logits=logits_BTV, aux_loss=aux_loss, aux_losses=aux_losses, router=router,
+            hidden=h_BTD, cache=new_cache, mtp_logits=mtp_logits,
+        )
+
+    # --- expert bias ---------------------------------------------------------------------------
+    def moe_routers(self) -> list[tuple[Any, int | None]]:
+        """(router, index in its stacked group or None) for every MoE layer, in the order of
+        `ModelOutput.router`."""
+        out = []
+        for group in self.groups:
+            if isinstance(group.ffn, MoE):
+                n = group.ffn.router.w_DE.shape[0]
+                out.extend((group.ffn.router, i) for i in range(n))
+        for block in self.mtp:
+            if isinstance(block.layer.ffn, MoE):
+                out.append((block.layer.ffn.router, None))
+        return out

@@ -1,0 +1,73 @@
+"""Small building blocks: parameter creation with logical axes, RMSNorm, SwiGLU.
+
+Legend (shared by all model files): B batch, T query length, S key length, D model dim,
+N heads, H qk head dim (no rope), R rope dim, V value head dim, C kv latent rank,
+Q q latent rank, E experts, K top-k, F ffn hidden, G expert groups, X expert capacity.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_moe.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    dtype: str,
+    stddev: float | None = None,
+    value: float | None = None,
+) -> nnx.Param:
+    """A parameter drawn from N(0, stddev) (or filled with `value`), tagged with logical axes.
+
+    The logical axis names are mapped to mesh axes by the sharding rules; they are metadata
+    only until a mesh is in use.
+    """
+    assert len(shape) == len(axes), (shape, axes)
+    if value is not None:
+        init = jnp.full(shape, value, dtype_of(dtype))
+    else:
+        init = stddev * jax.random.normal(rngs.params(), shape, dtype_of(dtype))
+    return nnx.Param(init, out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF-exact RMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, config: ModelConfig, rngs: nnx.Rngs,
+                 axis: str = "norm"):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), (axis,), dtype=config.param_dtype, value=1.0)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
+
+    def __init__(self, hidden: int, *, config: ModelConfig, rngs: nnx.Rngs):
+        d, std, pd = config.hidden_size, config.initializer_range, config.param_dtype
+        self.gate_DF = param(rngs, (d, hidden), ("embed", "mlp"), dtype=pd, stddev=std)
+        self.up_DF = param(rngs, (d, hidden), ("embed", "mlp"), dtype=pd, stddev=std)
+        self.down_FD = param(rngs, (hidden, d), ("mlp", "embed"), dtype=pd, stddev=std)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dt = x_BTD.dtype
+        g_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
+        u_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(g_BTF) * u_BTF, self.down_FD[...].astype(dt))

@@ -1,0 +1,151 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), naive and absorbed forms behind one module.
+
+Legend: see layers.py. Weight layout ([in, ..., out], einsum-ready):
+  wq_DNA or (wq_a_DQ, q_norm, wq_b_QNA)   A = H + R (nope first, then rope, per head)
+  wkv_a_DK  K = C + R (latent first, then the shared rope key)
+  wk_b_CNH, wv_b_CNV (the two halves of HF's kv_b_proj), wo_NVD
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_moe import attention as attn
+from mla_moe.config import ModelConfig
+from mla_moe.layers import RMSNorm, dtype_of, param, rms_norm
+from mla_moe.rope import apply_rope, softmax_scale
+
+# The q/kv latent norms use a hard-coded eps in the reference and in HF.
+LATENT_NORM_EPS = 1e-6
+
+
+def _use_pallas(config: ModelConfig) -> bool:
+    if config.attention_impl == "pallas":
+        return True
+    return config.attention_impl == "auto" and jax.default_backend() in ("tpu", "gpu")
+
+
+class MLA(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        d, n, std, pd = c.hidden_size, c.num_attention_heads, c.initializer_range, c.param_dtype
+        a = c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.wq_DNA = param(rngs, (d, n, a), ("embed", "heads", "kv"), dtype=pd, stddev=std)
+        else:
+            q = c.q_lora_rank
+            self.wq_a_DQ = param(rngs, (d, q), ("embed", "q_lora"), dtype=pd, stddev=std)
+            self.q_norm = RMSNorm(q, LATENT_NORM_EPS, config=c, rngs=rngs, axis="q_lora")
+            self.wq_b_QNA = param(rngs, (q, n, a), ("q_lora", "heads", "kv"), dtype=pd,
+                                  stddev=std)
+        k = c.kv_lora_rank + c.qk_rope_head_dim
+        self.wkv_a_DK = param(rngs, (d, k), ("embed", "kv_lora"), dtype=pd, stddev=std)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, config=c, rngs=rngs,
+                               axis="kv_lora")
+        self.wk_b_CNH = param(rngs, (c.kv_lora_rank, n, c.qk_nope_head_dim),
+                              ("kv_lora", "heads", "kv"), dtype=pd, stddev=std)
+        self.wv_b_CNV = param(rngs, (c.kv_lora_rank, n, c.v_head_dim),
+                              ("kv_lora", "heads", "kv"), dtype=pd, stddev=std)
+        self.wo_NVD = param(rngs, (n, c.v_head_dim, d), ("heads", "kv", "embed"), dtype=pd,
+                            stddev=std)
+
+    # --- projections -------------------------------------------------------------------------
+    def queries(self, x_BTD, positions_BT):
+        c, dt = self.config, x_BTD.dtype
+        if c.q_lora_rank is None:
+            q_BTNA = jnp.einsum("BTD,DNA->BTNA", x_BTD, self.wq_DNA[...].astype(dt))
+        else:
+            cq_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.wq_a_DQ[...].astype(dt)))
+            q_BTNA = jnp.einsum("BTQ,QNA->BTNA", cq_BTQ, self.wq_b_QNA[...].astype(dt))
+        q_nope_BTNH = q_BTNA[..., : c.qk_nope_head_dim]
+        q_pe_BTNR = apply_rope(q_BTNA[..., c.qk_nope_head_dim :], positions_BT, c)
+        return q_nope_BTNH, q_pe_BTNR
+
+    def latent(self, x_BTD, positions_BT):
+        """The per-token cache entry [c_KV (normed); k_pe (roped)]: [B, T, C + R]."""
+        c, dt = self.config, x_BTD.dtype
+        kv_BTK = jnp.einsum("BTD,DK->BTK", x_BTD, self.wkv_a_DK[...].astype(dt))
+        c_BTC = rms_norm(kv_BTK[..., : c.kv_lora_rank], self.kv_norm.weight[...], LATENT_NORM_EPS)
+        k_pe_BTR = apply_rope(kv_BTK[..., c.kv_lora_rank :], positions_BT, c)
+        return jnp.concatenate([c_BTC, k_pe_BTR], axis=-1)
+
+    # --- forward -----------------------------------------------------------------------------
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+        cache_BSK: jax.Array | None = None,
+        lengths_B: jax.Array | None = None,
+        form: str | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Attention output [B, T, D] and the updated cache layer (or None).
+
+        Without a cache: causal self-attention over the T tokens (index order), isolated per
+        segment. With a cache ([B, S, C + R]) and `lengths_B`: the T tokens are written at
+        slots lengths_B + t and attend to every slot <= their own.
+        """
+        c = self.config
+        dt = x_BTD.dtype
+        scale = softmax_scale(c)
+        q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT)
+        latent_BTK = self.latent(x_BTD, positions_BT)
+        b, t = x_BTD.shape[:2]
+        if cache_BSK is None:
+            kv_BSK = latent_BTK
+            form = form or "naive"
+            mask_BTS = None
+        else:
+            cache_BSK = jax.vmap(
+                lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (start, 0))
+            )(cache_BSK, latent_BTK.astype(cache_BSK.dtype), lengths_B)
+            kv_BSK = cache_BSK.astype(dt)
+            form = form or c.decode_attention
+            query_pos_BT = lengths_B[:, None] + jnp.arange(t)[None, :]
+            mask_BTS = attn.cache_mask(query_pos_BT, kv_BSK.shape[1])
+        c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
+        wk_b, wv_b = self.wk_b_CNH[...].astype(dt), self.wv_b_CNV[...].astype(dt)
+
+        if form == "naive":
+            k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", c_BSC, wk_b)
+            v_BSNV = jnp.einsum("BSC,CNV->BSNV", c_BSC, wv_b)
+            if mask_BTS is None and _use_pallas(c):
+                import pallas_kernels  # optional second package
+
+                o_BTNV = pallas_kernels.mla_attention(
+                    q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, sm_scale=scale,
+                    causal=True, segment_ids=segment_ids_BT,
+                )
+            else:
+                if mask_BTS is None:
+                    mask_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
+                o_BTNV = attn.naive_attention(
+                    q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, mask_BTS, scale
+                )
+        elif form == "absorbed":
+            q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, wk_b)
+            if cache_BSK is not None and _use_pallas(c):
+                import pallas_kernels
+
+                o_latent_BTNC = pallas_kernels.latent_attention(
+                    q_latent_BTNC, q_pe_BTNR, c_BSC, k_pe_BSR, lengths_B=lengths_B + t,
+                    sm_scale=scale, causal=True,
+                )
+            else:
+                if mask_BTS is None:
+                    mask_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
+                o_latent_BTNC = attn.absorbed_attention(
+                    q_latent_BTNC, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, scale
+                )
+            o_BTNV = jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, wv_b)
+        else:
+            raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
+        out_BTD = jnp.einsum("BTNV,NVD->BTD", o_BTNV.astype(dt), self.wo_NVD[...].astype(dt))
+        return out_BTD, cache_BSK
+
+
+def compute_dtype(config: ModelConfig):
+    return dtype_of(config.dtype)
