@@ -170,6 +170,7 @@ class DeepSeekModel(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         cache: KVCache | None = None,
         attention_form: str | None = None,
+        inputs_embeds_BTD: jax.Array | None = None,
     ) -> ModelOutput:
         """Forward pass.
 
@@ -178,7 +179,8 @@ class DeepSeekModel(nnx.Module):
         their segment (training / prefill without cache). cache: a `KVCache`; the T tokens
         are appended to it and the updated cache is returned in the output.
         attention_form: "naive" or "absorbed" (default: naive without a cache, the config's
-        `decode_attention` with one).
+        `decode_attention` with one). inputs_embeds_BTD: use these instead of looking up
+        `tokens_BT` for the main model (the MTP modules still embed the tokens).
         """
         b, t = tokens_BT.shape
         if cache is not None and segment_ids_BT is not None:
@@ -187,7 +189,7 @@ class DeepSeekModel(nnx.Module):
         if positions_BT is None:
             start = jnp.zeros((b,), jnp.int32) if cache is None else lengths_B
             positions_BT = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        x_BTD = self.embed(tokens_BT)
+        x_BTD = self.embed(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         router_stats: list[dict[str, Any]] = []
         new_latents = []
         for g, group in enumerate(self.groups):
