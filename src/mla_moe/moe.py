@@ -6,6 +6,8 @@
   (T = all tokens of the call); beyond that the lowest-affinity assignments (by router score
   s) are dropped, i.e. contribute nothing for that expert. The shared experts and the residual
   still carry a dropped token. `dropped_fraction` reports the dropped share of assignments.
+- under a multi-device mesh (`sharding.use_mesh`), the dropless path runs expert-parallel
+  in `jax.shard_map` (moe_parallel.py: dispatch, capacity semantics, placement).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mla_moe import moe_parallel
 from mla_moe.balance import balance_losses
 from mla_moe.config import ModelConfig
 from mla_moe.layers import SwiGLU, param
@@ -82,7 +85,7 @@ def capacity_experts(x_TD, experts_TK, weights_TK, scores_TE, capacity, gate_EDF
     y_sorted_MD = y_slots[slot_M]
     y_MD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD)
     y_TD = jnp.einsum("TKD,TK->TD", y_MD.reshape(t, k, -1), weights_TK.astype(jnp.float32))
-    dropped = 1.0 - keep_M.sum().astype(jnp.float32) / (t * k)
+    dropped = (t * k - keep_M.sum()).astype(jnp.float32) / (t * k)
     return y_TD, dropped
 
 
@@ -112,8 +115,18 @@ class MoE(nnx.Module):
         b, t, d = x_BTD.shape
         x_TD = x_BTD.reshape(b * t, d)
         routing = self.router(x_TD)
+        bias = self.router.e_score_correction_bias
+        limited = moe_parallel.device_limited_select(
+            routing.scores_TE, None if bias is None else jax.lax.stop_gradient(bias[...]), c)
+        if limited is not None:  # V2 device-limited routing over the real expert placement
+            routing = routing.replace(experts_TK=limited[0], weights_TK=limited[1])
         weights = self.expert_weights(x_BTD.dtype)
-        if c.moe_impl == "dropless":
+        if moe_parallel.use_parallel(c):  # a multi-device mesh is active: shard_map path
+            affinity_TK = jnp.take_along_axis(routing.scores_TE, routing.experts_TK, axis=-1)
+            y_TD, n_dropped = moe_parallel.routed_experts(
+                x_TD, routing.experts_TK, routing.weights_TK, affinity_TK, *weights, c)
+            dropped = n_dropped / routing.experts_TK.size
+        elif c.moe_impl == "dropless":
             y_TD, dropped = dropless_experts(x_TD, routing.experts_TK, routing.weights_TK,
                                              *weights)
         else:
@@ -127,7 +140,7 @@ class MoE(nnx.Module):
         e = c.n_routed_experts
         aux, losses = balance_losses(
             routing.scores_TE.reshape(b, t, e), routing.experts_TK.reshape(b, t, -1),
-            routing.logits_TE.reshape(b, t, e), c,
+            routing.logits_TE.reshape(b, t, e), moe_parallel.placement_config(c),
         )
         tokens_per_expert = jnp.bincount(routing.experts_TK.reshape(-1), length=e)
         stats = dict(
