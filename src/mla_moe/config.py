@@ -16,7 +16,8 @@ from typing import Any
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dropless", "capacity")
-ATTENTION_IMPLS = ("xla", "pallas", "auto")
+MOE_DISPATCHES = ("auto", "all_to_all", "ragged_all_to_all", "allgather")
+ATTENTION_IMPLS = ("xla", "pallas", "auto", "interpret")
 DECODE_FORMS = ("absorbed", "naive")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -110,12 +111,19 @@ class ModelConfig:
     # --- ours: MoE execution --------------------------------------------------------------
     moe_impl: str = "dropless"  # "dropless" (ragged_dot) or "capacity" (drop beyond capacity)
     capacity_factor: float = 1.0
+    # expert parallelism (see moe_parallel.py): token dispatch over the mesh's `expert` axis
+    moe_dispatch: str = "auto"  # "all_to_all", "ragged_all_to_all", "allgather", "auto"
+    dispatch_capacity_factor: float | None = None  # all_to_all buffers; None: never drop
+    device_limited_routing: bool = False  # V2: experts on <= device_limit EP shards
 
     # --- ours: MTP ------------------------------------------------------------------------
     mtp_loss_weight: float = 0.3  # lambda
 
     # --- ours: execution ------------------------------------------------------------------
-    attention_impl: str = "xla"  # "xla", "pallas" (pallas_kernels), "auto" (pallas on TPU/GPU)
+    # "xla": attention in this package; "pallas": pallas_kernels on the default backend (its
+    # chunked XLA reference off TPU/GPU); "auto": pallas on TPU/GPU, else "xla";
+    # "interpret": the Pallas kernels in interpret mode (CPU tests).
+    attention_impl: str = "xla"
     decode_attention: str = "absorbed"  # attention form used when a cache is given
     remat_policy: str = "none"
     scan_layers: bool = False
@@ -210,6 +218,7 @@ class ModelConfig:
             )
         for name, allowed in (
             ("moe_impl", MOE_IMPLS),
+            ("moe_dispatch", MOE_DISPATCHES),
             ("attention_impl", ATTENTION_IMPLS),
             ("decode_attention", DECODE_FORMS),
             ("remat_policy", REMAT_POLICIES),
@@ -220,6 +229,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.dispatch_capacity_factor is not None and not self.dispatch_capacity_factor > 0:
+            raise ValueError(
+                f"dispatch_capacity_factor must be > 0 or None, got {self.dispatch_capacity_factor}"
+            )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
@@ -329,10 +342,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict (transformers v5 names, plus the legacy ones)."""
-        hf_fields = [f.name for f in dataclasses.fields(self)][
-            : [f.name for f in dataclasses.fields(self)].index("seq_aux") + 1
-        ]
-        d = {k: getattr(self, k) for k in hf_fields}
+        # Our own fields ride along (HF keeps unknown keys), so a save/load keeps them.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("dtype", "param_dtype", "rope_scaling")}
         model_type = self.hf_model_type
         d["n_routed_experts"] = self.n_routed_experts or 0
         d.update(

@@ -13,18 +13,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe import attention as attn
+from mla_moe import fp8_cache
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, dtype_of, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
+from mla_moe.sharding import constrain
 
 # The q/kv latent norms use a hard-coded eps in the reference and in HF.
 LATENT_NORM_EPS = 1e-6
 
 
-def _use_pallas(config: ModelConfig) -> bool:
-    if config.attention_impl == "pallas":
-        return True
-    return config.attention_impl == "auto" and jax.default_backend() in ("tpu", "gpu")
+def _kernel_implementation(config: ModelConfig) -> str | None:
+    """The `implementation` to pass to pallas_kernels, or None to use the XLA path here."""
+    impl = config.attention_impl
+    if impl == "auto":
+        return "auto" if jax.default_backend() in ("tpu", "gpu") else None
+    return {"pallas": "auto", "interpret": "interpret"}.get(impl)
 
 
 class MLA(nnx.Module):
@@ -99,10 +103,14 @@ class MLA(nnx.Module):
             form = form or "naive"
             mask_BTS = None
         else:
+            packed = cache_BSK.dtype == jnp.uint8  # FP8 latent cache, see fp8_cache.py
+            new_BTW = (fp8_cache.pack(latent_BTK, c.kv_lora_rank) if packed
+                       else latent_BTK.astype(cache_BSK.dtype))
             cache_BSK = jax.vmap(
                 lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (start, 0))
-            )(cache_BSK, latent_BTK.astype(cache_BSK.dtype), lengths_B)
-            kv_BSK = cache_BSK.astype(dt)
+            )(cache_BSK, new_BTW, lengths_B)
+            kv_BSK = (fp8_cache.unpack(cache_BSK, c.kv_lora_rank, dt) if packed
+                      else cache_BSK.astype(dt))
             form = form or c.decode_attention
             query_pos_BT = lengths_B[:, None] + jnp.arange(t)[None, :]
             mask_BTS = attn.cache_mask(query_pos_BT, kv_BSK.shape[1])
@@ -112,12 +120,13 @@ class MLA(nnx.Module):
         if form == "naive":
             k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", c_BSC, wk_b)
             v_BSNV = jnp.einsum("BSC,CNV->BSNV", c_BSC, wv_b)
-            if mask_BTS is None and _use_pallas(c):
-                import pallas_kernels  # optional second package
+            if mask_BTS is None and _kernel_implementation(c):
+                import pallas_kernels  # the second package of this repository
 
                 o_BTNV = pallas_kernels.mla_attention(
                     q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, sm_scale=scale,
                     causal=True, segment_ids=segment_ids_BT,
+                    implementation=_kernel_implementation(c),
                 )
             else:
                 if mask_BTS is None:
@@ -127,12 +136,12 @@ class MLA(nnx.Module):
                 )
         elif form == "absorbed":
             q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, wk_b)
-            if cache_BSK is not None and _use_pallas(c):
+            if cache_BSK is not None and _kernel_implementation(c):
                 import pallas_kernels
 
                 o_latent_BTNC = pallas_kernels.latent_attention(
                     q_latent_BTNC, q_pe_BTNR, c_BSC, k_pe_BSR, lengths_B=lengths_B + t,
-                    sm_scale=scale, causal=True,
+                    sm_scale=scale, causal=True, implementation=_kernel_implementation(c),
                 )
             else:
                 if mask_BTS is None:
@@ -143,6 +152,7 @@ class MLA(nnx.Module):
             o_BTNV = jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, wv_b)
         else:
             raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
+        o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
         out_BTD = jnp.einsum("BTNV,NVD->BTD", o_BTNV.astype(dt), self.wo_NVD[...].astype(dt))
         return out_BTD, cache_BSK
 

@@ -1,0 +1,129 @@
+"""Backend selection shared by the Pallas kernels.
+
+`implementation` accepted by every public kernel entry point:
+
+  None / "auto"   "tpu" if jax.default_backend() == "tpu", "gpu" if it is "gpu" (CUDA or ROCm)
+                  and this jax still ships Pallas' Triton backend, otherwise "xla".
+  "xla"           the chunked pure-jnp reference (`*_reference`), no Pallas.
+  "gpu"           the Pallas kernel lowered through Triton (triton.CompilerParams).
+  "tpu"           the same kernel family lowered through Mosaic TPU, head-major layouts.
+  "interpret"     the GPU-layout kernel run by Pallas' generic interpreter (`interpret=True`).
+  "tpu_interpret" the TPU-layout kernel run by the TPU interpreter (`pltpu.InterpretParams`),
+                  which also simulates SMEM/VMEM placement.
+
+The kernels are one portable family: grid + BlockSpecs + `lax.fori_loop` inside the kernel,
+no scratch buffers, no semaphores, no backend primitives. What differs by backend is only how
+operands are laid out and tiled (see `KernelBackend`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+IMPLEMENTATIONS = ("xla", "gpu", "tpu", "interpret", "tpu_interpret")
+
+try:  # Triton lowering of Pallas; jax 0.11 deprecates it but still ships it.
+    from jax.experimental.pallas import triton as _pl_triton
+except ImportError:  # pragma: no cover - depends on the jax build
+    _pl_triton = None
+
+try:
+    from jax.experimental.pallas import tpu as _pltpu
+except ImportError:  # pragma: no cover - depends on the jax build
+    _pltpu = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBackend:
+    """How a portable kernel is laid out for one implementation.
+
+    Attributes:
+      name: one of "gpu", "tpu", "interpret", "tpu_interpret".
+      head_major: per-head operands are transposed to [B, N, T, *] so that a block's two minor
+        dims are (rows, head_dim), which Mosaic TPU tiles as (sublane, lane). The GPU layout
+        keeps [B, T, N, *] and squeezes N in the BlockSpec (a strided load, no copy).
+      pow2_tiles: Triton needs every loaded tile dim to be a power of two (>= 16 for dots), so
+        head dims are zero-padded up to one when they are not.
+      smem_scalars: per-sequence scalars (decode lengths) live in SMEM on TPU.
+    """
+
+    name: str
+
+    @property
+    def head_major(self) -> bool:
+        return self.name in ("tpu", "tpu_interpret")
+
+    @property
+    def pow2_tiles(self) -> bool:
+        return self.name == "gpu"
+
+    @property
+    def smem_scalars(self) -> bool:
+        return self.name in ("tpu", "tpu_interpret")
+
+    def interpret(self) -> Any:
+        if self.name == "interpret":
+            return True
+        if self.name == "tpu_interpret":
+            return _require(_pltpu, "tpu").InterpretParams()
+        return False
+
+    def compiler_params(self, num_grid_dims: int, *, num_warps: int = 4, num_stages: int = 2):
+        if self.name == "gpu":
+            return _require(_pl_triton, "gpu").CompilerParams(
+                num_warps=num_warps, num_stages=num_stages
+            )
+        if self.name == "tpu":
+            # Every grid axis is independent: no scratch is carried across grid steps.
+            return _require(_pltpu, "tpu").CompilerParams(
+                dimension_semantics=("parallel",) * num_grid_dims
+            )
+        return None
+
+    def smem_spec(self):
+        """BlockSpec for a small int32 array read whole as scalars (decode lengths)."""
+        from jax.experimental import pallas as pl
+
+        if self.smem_scalars:
+            return pl.BlockSpec(memory_space=_require(_pltpu, "tpu").SMEM)
+        return pl.BlockSpec(memory_space=None)
+
+
+def _require(module, name):
+    if module is None:
+        raise RuntimeError(f"implementation={name!r} needs a jax build with its Pallas backend")
+    return module
+
+
+def resolve(implementation: str | None) -> str:
+    """Maps None/"auto" to a concrete implementation name and validates the rest."""
+    if implementation in (None, "auto"):
+        backend = jax.default_backend()
+        if backend == "tpu":
+            return "tpu"
+        if backend in ("gpu", "cuda", "rocm") and _pl_triton is not None:
+            return "gpu"
+        return "xla"  # CPU, or a jax without Pallas' Triton backend
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r}; expected None, 'auto' or one of {IMPLEMENTATIONS}"
+        )
+    return implementation
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def fit_block(block: int, n: int) -> int:
+    """Shrinks a block that would overrun a short sequence; keeps it a power of two >= 16
+    (or the original block when smaller), so padding stays below 2x and Triton tiles stay
+    valid."""
+    return min(block, max(16, next_pow2(n)))

@@ -1,0 +1,280 @@
+"""Absorbed-MLA decode over the latent cache (FlashMLA's "MQA mode"), split-KV Pallas kernel.
+
+Legend: B batch, T query len, S cache slots, N heads, C kv latent rank, R rope dim,
+M = T * N query rows (all heads of all queries share one key/value stream), P kv splits.
+
+Every query row attends to the shared key [c; k_pe] (C + R) and value c (C). The T queries
+are the last T positions of each sequence: query t is at position lengths_B - T + t and, when
+causal, sees cache slots s <= lengths_B - T + t; slots s >= lengths_B are garbage (even NaN)
+and never reach the output. T = 1 is decode, T > 1 speculative verification.
+
+Split-KV ("flash decoding"): the grid is (B, P, row blocks); split p scans its share of the
+cache, skipping blocks at or beyond the sequence length, and writes a normalised partial
+output with its log-sum-exp; an XLA combine step merges the P partials (LSE-weighted).
+Forward only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import dispatch
+from pallas_kernels.latent_attention_reference import (
+    DEFAULT_BLOCK_KV,
+    latent_attention_reference,
+)
+
+_NT = (((1,), (1,)), ((), ()))
+_NN = (((1,), (0,)), ((), ()))
+_TARGET_PROGRAMS = 264  # ~2 waves of an H100/H200's 132 SMs; an untuned guess
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the decode kernel. Untuned (no GPU/TPU was available when chosen).
+
+    block_kv: cache slots per inner-loop step (multiple of 8).
+    block_rows: query rows (T * N folded) per program (multiple of 8); GPU needs a power of
+      two >= 16. Rows are zero-padded up to a multiple of it.
+    num_splits: cache splits P; None picks enough programs to fill the device.
+    block_kv_xla: cache chunk of implementation="xla".
+    """
+
+    block_kv: int = 64
+    block_rows: int = 32  # a 32 x C=512 f32 accumulator is already 64 KiB of registers
+    num_splits: int | None = None
+    block_kv_xla: int = DEFAULT_BLOCK_KV
+    num_warps: int = 8  # GPU only (Triton)
+    num_stages: int = 2  # GPU only (Triton)
+
+    def __post_init__(self):
+        for name in ("block_kv", "block_rows", "block_kv_xla", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int")
+        for name in ("block_kv", "block_rows", "block_kv_xla"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} must be a multiple of 8")
+        if self.num_splits is not None and (
+                not isinstance(self.num_splits, int) or self.num_splits <= 0):
+            raise ValueError(f"BlockSizes.num_splits={self.num_splits!r} must be None or > 0")
+
+    @classmethod
+    def get_default(cls, implementation: str | None = None) -> BlockSizes:
+        if dispatch.resolve(implementation) in ("tpu", "tpu_interpret"):
+            return cls(block_kv=128, block_rows=128, num_warps=4)
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    sm_scale: float
+    causal: bool
+    t_len: int
+    block_kv: int
+    blocks_per_split: int
+    num_kv: int
+    split_local: bool  # the kv ref holds only this split's slots (TPU) rather than all of S
+    batch_axis: int  # grid axis of the sequence index (the split axis is always 1)
+
+
+def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref, *,
+            st: _Static):
+    b, p = pl.program_id(st.batch_axis), pl.program_id(1)
+    bk = st.block_kv
+    length = lengths_ref[b]
+    q_lat_MC, q_pe_MR = q_lat_ref[...], q_pe_ref[...]
+    rows = q_lat_MC.shape[0]
+    # Last visible slot of each row; <= length - 1, so it also hides the garbage slots.
+    limit_M1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
+        jnp.zeros((rows, 1), jnp.int32) + (length - 1))
+    first = p * st.blocks_per_split
+    hi = jnp.minimum(jnp.minimum(first + st.blocks_per_split, st.num_kv),
+                     lax.div(jnp.maximum(length, 0) + bk - 1, bk))
+    # Blocks every row sees entirely need no mask (the common case for T = 1).
+    min_limit = length - st.t_len if st.causal else length - 1
+    n_full = jnp.clip(lax.div(jnp.maximum(min_limit + 1, 0), bk), first, jnp.maximum(hi, first))
+    base = first * bk if st.split_local else 0
+
+    def body(j, carry, masked):
+        acc_MC, m_M1, l_M1 = carry
+        ks = pl.ds(pl.multiple_of(j * bk - base, bk), bk)
+        kv_KC, k_pe_KR = kv_ref[ks, :], k_pe_ref[ks, :]
+        if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
+            valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + j * bk < length
+            kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
+            k_pe_KR = jnp.where(valid_K1, k_pe_KR, jnp.zeros((), k_pe_KR.dtype))
+        s_MK = lax.dot_general(q_lat_MC, kv_KC, _NT, preferred_element_type=jnp.float32)
+        s_MK += lax.dot_general(q_pe_MR, k_pe_KR, _NT, preferred_element_type=jnp.float32)
+        s_MK *= st.sm_scale
+        if masked:
+            col_MK = lax.broadcasted_iota(jnp.int32, s_MK.shape, 1) + j * bk
+            s_MK = jnp.where(col_MK <= limit_M1, s_MK, -jnp.inf)
+        m_new = jnp.maximum(m_M1, jnp.max(s_MK, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha_M1 = jnp.exp(m_M1 - m_safe)
+        p_MK = jnp.exp(s_MK - m_safe)
+        l_M1 = alpha_M1 * l_M1 + jnp.sum(p_MK, axis=1, keepdims=True)
+        acc_MC = alpha_M1 * acc_MC + lax.dot_general(
+            p_MK.astype(kv_KC.dtype), kv_KC, _NN, preferred_element_type=jnp.float32)
+        return acc_MC, m_new, l_M1
+
+    carry = (jnp.zeros(q_lat_MC.shape, jnp.float32), jnp.full((rows, 1), -jnp.inf, jnp.float32),
+             jnp.zeros((rows, 1), jnp.float32))
+    carry = lax.fori_loop(first, n_full, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+    acc_MC, m_M1, l_M1 = carry
+    empty = l_M1 == 0.0
+    l_safe = jnp.where(empty, 1.0, l_M1)
+    o_ref[...] = acc_MC / l_safe
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m_M1 + jnp.log(l_safe))
+
+
+def _num_splits(bs: BlockSizes, backend, b: int, row_blocks: int, num_kv: int, bk: int) -> int:
+    if bs.num_splits is not None:
+        return min(bs.num_splits, num_kv)
+    if backend.head_major:  # TPU: bound the split's VMEM-resident slice to ~2K slots
+        return max(1, -(-num_kv * bk // 2048))
+    return max(1, min(num_kv, -(-_TARGET_PROGRAMS // (b * row_blocks))))
+
+
+def _check_shapes(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B):
+    arrays = dict(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR, kv_latent_BSC=kv_latent_BSC,
+                  k_pe_BSR=k_pe_BSR, lengths_B=lengths_B)
+    for name, x in arrays.items():
+        letters = name.rsplit("_", 1)[1]
+        if x.ndim != len(letters):
+            raise ValueError(f"{name} must have {len(letters)} dims [{','.join(letters)}], "
+                             f"got shape {x.shape}")
+    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+        raise ValueError(f"lengths_B must be integer, got {lengths_B.dtype}")
+    b, t, n, c = q_latent_BTNC.shape
+    s = kv_latent_BSC.shape[1]
+    expect = [
+        ("q_pe_BTNR", 0, "B", b, "q_latent_BTNC"), ("q_pe_BTNR", 1, "T", t, "q_latent_BTNC"),
+        ("q_pe_BTNR", 2, "N", n, "q_latent_BTNC"), ("kv_latent_BSC", 0, "B", b, "q_latent_BTNC"),
+        ("kv_latent_BSC", 2, "C", c, "q_latent_BTNC"), ("k_pe_BSR", 0, "B", b, "q_latent_BTNC"),
+        ("k_pe_BSR", 1, "S", s, "kv_latent_BSC"), ("k_pe_BSR", 2, "R", q_pe_BTNR.shape[3],
+                                                   "q_pe_BTNR"),
+        ("lengths_B", 0, "B", b, "q_latent_BTNC"),
+    ]
+    for name, axis, letter, want, other in expect:
+        got = arrays[name].shape[axis]
+        if got != want:
+            raise ValueError(f"{name} has {letter}={got} but {other} has {letter}={want}")
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("sm_scale", "causal", "implementation", "block_sizes"))
+def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengths_B,
+                     sm_scale: float, causal: bool = True, implementation: str | None = None,
+                     block_sizes: BlockSizes | None = None):
+    """Absorbed MLA decode attention over the latent cache. Forward only.
+
+    Args:
+      q_latent_BTNC: queries already multiplied by W_UK (q~ = W_UK^T q_nope).
+      q_pe_BTNR: rope part of the queries.
+      kv_latent_BSC, k_pe_BSR: the latent cache (c_KV after its norm, k_pe after rope).
+      lengths_B: valid slots per sequence (int); slots >= length are ignored.
+      sm_scale: softmax scale (Python float, static).
+      causal: query t sees slots s <= lengths_B - T + t; else all slots < lengths_B.
+      implementation: see `pallas_kernels.dispatch`.
+      block_sizes: kernel tiles; None uses `BlockSizes.get_default(implementation)`.
+    Returns:
+      out_BTNC (still to be multiplied by W_UV), in q_latent's dtype.
+    """
+    _check_shapes(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B)
+    impl = dispatch.resolve(implementation)
+    bs = block_sizes or BlockSizes.get_default(impl)
+    lengths_B = lengths_B.astype(jnp.int32)
+    if impl == "xla":
+        return latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR,
+                                          lengths_B=lengths_B, sm_scale=sm_scale,
+                                          causal=causal, block_kv=bs.block_kv_xla)
+    backend = dispatch.KernelBackend(impl)
+    b, t, n, c = q_latent_BTNC.shape
+    s, r = kv_latent_BSC.shape[1], k_pe_BSR.shape[2]
+    m = t * n
+    bk = dispatch.fit_block(bs.block_kv, s)
+    rows = dispatch.fit_block(bs.block_rows, m)
+    if backend.pow2_tiles and any(x != dispatch.next_pow2(x) or x < 16 for x in (bk, rows)):
+        raise ValueError(f"block_kv={bk} and block_rows={rows}: the GPU kernel needs powers of "
+                         "two >= 16")
+    m_pad, s_pad = dispatch.round_up(m, rows), dispatch.round_up(s, bk)
+    c_pad, r_pad = c, r
+    if backend.pow2_tiles:
+        c_pad, r_pad = max(16, dispatch.next_pow2(c)), max(16, dispatch.next_pow2(r))
+
+    def pad(x, length, length_pad, d, d_pad):  # only copies when something is padded
+        if (length, d) == (length_pad, d_pad):
+            return x
+        return jnp.pad(x, [(0, 0), (0, length_pad - length), (0, d_pad - d)])
+
+    q_lat_BMC = pad(q_latent_BTNC.reshape(b, m, c), m, m_pad, c, c_pad)
+    q_pe_BMR = pad(q_pe_BTNR.reshape(b, m, r), m, m_pad, r, r_pad)
+    # Padding the cache copies it: allocate caches with S a multiple of block_kv.
+    kv_BSC = pad(kv_latent_BSC, s, s_pad, c, c_pad)
+    k_pe_BSR = pad(k_pe_BSR, s, s_pad, r, r_pad)
+    row_t_M1 = jnp.minimum(jnp.arange(m_pad, dtype=jnp.int32) // n, t - 1)[:, None]
+
+    num_kv, row_blocks = s_pad // bk, m_pad // rows
+    splits = _num_splits(bs, backend, b, row_blocks, num_kv, bk)
+    per_split = -(-num_kv // splits)
+    splits = -(-num_kv // per_split)  # no statically empty trailing split
+    # TPU runs the last grid axis innermost: keep a split's kv resident across row blocks.
+    # On GPU program_id(0) varies fastest: the row blocks of one split run side by side and
+    # share its cache slice through L2.
+    if backend.head_major:
+        grid, batch_axis, unpack = (b, splits, row_blocks), 0, (lambda g0, g1, g2: (g0, g1, g2))
+    else:
+        grid, batch_axis, unpack = (row_blocks, splits, b), 2, (lambda g0, g1, g2: (g2, g1, g0))
+
+    def spec(shape, index):  # index takes (b, p, i) whatever the grid order
+        return pl.BlockSpec(shape, lambda *g: index(*unpack(*g)))
+
+    st = _Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t, block_kv=bk,
+                 blocks_per_split=per_split, num_kv=num_kv, split_local=backend.head_major,
+                 batch_axis=batch_axis)
+    if st.split_local:  # TPU: DMA only this split's slots into VMEM
+        kv_len, kv_index = per_split * bk, (lambda b_, p, i: (b_, p, 0))
+    else:  # GPU / interpret: the whole sequence is addressable; the loop reads its share
+        kv_len, kv_index = s_pad, (lambda b_, p, i: (b_, 0, 0))
+    out_rows = jax.ShapeDtypeStruct((b, splits, m_pad, c_pad), jnp.float32)
+    o_BPMC, lse_BPM1 = pl.pallas_call(
+        functools.partial(_kernel, st=st),
+        grid=grid,
+        in_specs=[
+            backend.smem_spec(),
+            spec((rows, 1), lambda b_, p, i: (i, 0)),
+            spec((None, rows, c_pad), lambda b_, p, i: (b_, i, 0)),
+            spec((None, rows, r_pad), lambda b_, p, i: (b_, i, 0)),
+            spec((None, kv_len, c_pad), kv_index),
+            spec((None, kv_len, r_pad), kv_index),
+        ],
+        out_specs=[spec((None, None, rows, c_pad), lambda b_, p, i: (b_, p, i, 0)),
+                   spec((None, None, rows, 1), lambda b_, p, i: (b_, p, i, 0))],
+        out_shape=[out_rows, jax.ShapeDtypeStruct((b, splits, m_pad, 1), jnp.float32)],
+        interpret=backend.interpret(), name="latent_attention_decode",
+        compiler_params=backend.compiler_params(3, num_warps=bs.num_warps,
+                                                num_stages=bs.num_stages),
+    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)
+    out_BMC = combine_splits(o_BPMC, lse_BPM1)
+    return out_BMC[:, :m, :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
+
+
+def combine_splits(o_BPMC, lse_BPM1):
+    """Merges split partials: out = sum_p w_p o_p / sum_p w_p with w_p = exp(lse_p - max)."""
+    if o_BPMC.shape[1] == 1:
+        return o_BPMC[:, 0]
+    lse_max_BM1 = jnp.max(lse_BPM1, axis=1)
+    lse_max_BM1 = jnp.where(jnp.isfinite(lse_max_BM1), lse_max_BM1, 0.0)
+    w_BPM1 = jnp.exp(lse_BPM1 - lse_max_BM1[:, None])
+    total_BM1 = jnp.sum(w_BPM1, axis=1)
+    out_BMC = jnp.einsum("BPMC,BPM->BMC", o_BPMC, w_BPM1[..., 0])
+    return out_BMC / jnp.where(total_BM1 == 0.0, 1.0, total_BM1)
