@@ -1,0 +1,63 @@
+"""Converts weights to a HuggingFace DeepSeek directory.
+
+    python -m launch.convert --checkpoint=WORKDIR [--step=N] --output=HF_DIR
+    python -m launch.convert --hf=SRC_DIR --output=HF_DIR [--dtype=bfloat16]
+
+The first exports a training run's model; the second rewrites an HF checkpoint (e.g. FP8
+block-scaled or fused-expert weights to plain per-expert bf16/f32 safetensors). The output
+directory is written atomically and an existing one is never overwritten without --overwrite.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+_CKPT = flags.DEFINE_string("checkpoint", None, "Training workdir to export.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_HF = flags.DEFINE_string("hf", None, "HuggingFace DeepSeek directory to rewrite.")
+_OUT = flags.DEFINE_string("output", None, "Output HuggingFace directory.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Output weight dtype.")
+_SHARD_GB = flags.DEFINE_float("max_shard_gb", 4.0, "Largest safetensors file, in GiB.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if (_CKPT.value is None) == (_HF.value is None):
+        raise app.UsageError("give exactly one of --checkpoint or --hf")
+    from mla_moe.hf import load_pretrained, save_pretrained
+
+    if _HF.value is not None:
+        model = load_pretrained(_HF.value, dtype=_DTYPE.value)
+        source = _HF.value
+    else:
+        from flax import nnx
+
+        from launch.generate import load_checkpoint
+
+        model, step = load_checkpoint(_CKPT.value, _STEP.value)
+        if _DTYPE.value is not None:
+            nnx.update(model, cast_params(nnx.state(model, nnx.Param), _DTYPE.value))
+            model.config = model.config.replace(param_dtype=_DTYPE.value, dtype=_DTYPE.value)
+        source = f"{_CKPT.value} step {step}"
+    save_pretrained(model, _OUT.value, max_shard_bytes=int(_SHARD_GB.value * 2**30),
+                    overwrite=_OVERWRITE.value)
+    print(f"wrote {_OUT.value} from {source}")
+
+
+def cast_params(params, dtype: str):
+    """Casts floating parameters to `dtype`, keeping the router in float32 (as HF does)."""
+    import jax
+    import jax.numpy as jnp
+
+    def cast(path, x):
+        if "w_DE" in jax.tree_util.keystr(path) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+if __name__ == "__main__":
+    app.run(main)
