@@ -21,6 +21,9 @@ from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, SwiGLU, dtype_of, param
 from mla_moe.mla import MLA
 from mla_moe.moe import MoE
+from mla_moe.sharding import constrain
+
+ACT_BTD = ("batch", "length", "act_embed")  # logical names of the residual stream
 
 _REMAT_POLICIES = {
     "full": None,
@@ -58,7 +61,7 @@ class DecoderLayer(nnx.Module):
             f_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
         else:
             f_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
-        return x_BTD + f_BTD, cache_BSK, stats
+        return constrain(x_BTD + f_BTD, ACT_BTD), cache_BSK, stats
 
 
 def _stacked_layers(config: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> DecoderLayer:
@@ -124,7 +127,8 @@ class DeepSeekModel(nnx.Module):
 
     # --- pieces ------------------------------------------------------------------------------
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
+        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
+        return constrain(x_BTD, ACT_BTD)
 
     def logits(self, h_BTD: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
         """OutHead: head(norm(h)) in float32 (norm defaults to the final norm)."""

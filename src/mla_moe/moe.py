@@ -1,7 +1,8 @@
 """DeepSeekMoE layer: shared experts + routed SwiGLU experts, two execution paths.
 
-- dropless: sort the T*K (token, expert) assignments by expert, grouped matmul with
-  `jax.lax.ragged_dot`, unsort, weight, sum. Every assignment is computed.
+- dropless: sort the T*K (token, expert) assignments by expert, grouped matmul
+  (`grouped_matmul`: ragged_dot on TPU, a blocked scan elsewhere), unsort, weight, sum.
+  Every assignment is computed.
 - capacity: each expert processes at most X = ceil(capacity_factor * T*K / E) assignments
   (T = all tokens of the call); beyond that the lowest-affinity assignments (by router score
   s) are dropped, i.e. contribute nothing for that expert. The shared experts and the residual
@@ -21,13 +22,14 @@ from flax import nnx
 from mla_moe import moe_parallel
 from mla_moe.balance import balance_losses
 from mla_moe.config import ModelConfig
+from mla_moe.grouped_matmul import grouped_matmul
 from mla_moe.layers import SwiGLU, param
 from mla_moe.router import Router
 
 
 def _swiglu_grouped(x_MD, gate_EDF, up_EDF, down_EFD, group_sizes_E):
     def rdot(a, w):
-        return jax.lax.ragged_dot(a, w, group_sizes_E, preferred_element_type=jnp.float32)
+        return grouped_matmul(a, w, group_sizes_E)
 
     h_MF = jax.nn.silu(rdot(x_MD, gate_EDF)) * rdot(x_MD, up_EDF)
     return rdot(h_MF.astype(x_MD.dtype), down_EFD)

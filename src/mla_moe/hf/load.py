@@ -137,11 +137,11 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
 
             def read(idx):
                 layers = range(groups[g][1])[idx[0]]
-                es = idx[1] if experts_axis else slice(None)
-                inner = (slice(None),) + tuple(idx[2:] if experts_axis else idx[1:])
-                out = [fn(reader, f"model.layers.{starts[g] + i}.", es) for i in layers]
-                return np.stack(out)[(slice(None),) + inner[1:]] if experts_axis else \
-                    np.stack(out)[(slice(None),) + tuple(idx[1:])]
+                # Routed experts are read for the expert slice only; the reader returns that
+                # slice whole, so the rest of the index starts after the expert axis.
+                es, done = (idx[1], 2) if experts_axis else (slice(None), 1)
+                out = np.stack([fn(reader, f"model.layers.{starts[g] + i}.", es) for i in layers])
+                return out[(slice(None),) * done + tuple(idx[done:])]
             return read
         if head == "mtp":
             k, rel = rest[0], rest[1:]

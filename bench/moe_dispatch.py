@@ -1,0 +1,143 @@
+"""MoE layer time per dispatch strategy on 8 simulated CPU devices, as ratios.
+
+    python bench/moe_dispatch.py [--tokens 1024] [--reps 7]
+
+Part 1: forward time of one MoE layer for each `moe_dispatch` on the meshes expert=8 and
+data=2 x expert=4, and for the unsharded layer (one device, no mesh), interleaved; ratio =
+strategy / unsharded. On CPU the 8 "devices" share the host's cores, so a ratio says what the
+dispatch costs on top of the same arithmetic, not what a real pod would gain.
+Part 2: fixed active FLOPs (tokens x top-k x expert width constant), unsharded dropless layer:
+  8 -> 64 experts at equal k and width           target: cost <= 1.3x
+  fine-grained (64 experts, k=16, width/8) vs coarse (8 experts, k=2)   target: >= 0.7 of the
+  coarse throughput.
+Medians of `--reps` timed calls after a compile + warm-up call, fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mla_moe import ModelConfig, sharding  # noqa: E402
+from mla_moe.moe import MoE  # noqa: E402
+
+D = 128
+
+
+def _config(experts: int, k: int, width: int, **over) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=256, hidden_size=D, intermediate_size=4 * D, moe_intermediate_size=width,
+        num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=experts, n_shared_experts=0,
+        num_experts_per_tok=k, topk_method="greedy", scoring_func="softmax", **over,
+    )
+
+
+def _layer_fn(cfg: ModelConfig, mesh):
+    """A jitted forward of one MoE layer (sharded when `mesh` is given) and its inputs."""
+    graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
+
+    def fwd(state, x):
+        y, stats = nnx.merge(graphdef, state)(x)
+        return y, stats["aux_loss"]
+
+    if mesh is None:
+        return jax.jit(fwd), state, None
+    with sharding.use_mesh(mesh):
+        state = jax.device_put(state, sharding.state_shardings(state, mesh))
+        fn = jax.jit(fwd)
+    return fn, state, sharding.batch_sharding(mesh)
+
+
+def _timer(cfg, mesh, tokens, seed=0):
+    fn, state, x_sharding = _layer_fn(cfg, mesh)
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+
+    def once():
+        x = jax.random.normal(next(keys), (tokens // 16, 16, D), jnp.float32)
+        if x_sharding is not None:
+            x = jax.device_put(x, x_sharding)
+        x = jax.block_until_ready(x)
+        ctx = sharding.use_mesh(mesh) if mesh is not None else _null()
+        with ctx:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(state, x))
+        return time.perf_counter() - t0
+
+    once()  # compile
+    once()  # warm-up
+    return once
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _interleaved(timers: dict, reps: int) -> dict[str, float]:
+    samples = {name: [] for name in timers}
+    for _ in range(reps):
+        for name, t in timers.items():
+            samples[name].append(t())
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args(argv)
+    print(f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} devices, "
+          f"tokens={args.tokens}, D={D}, reps={args.reps}", file=sys.stderr)
+
+    rows = []
+    # --- part 1: dispatch strategies ------------------------------------------------------------
+    base = _config(64, 6, 64)
+    timers = {"unsharded": _timer(base, None, args.tokens)}
+    for mesh_shape in (dict(expert=8), dict(data=2, expert=4)):
+        mesh = sharding.make_mesh(mesh_shape, config=base)
+        tag = " x ".join(f"{k}={v}" for k, v in mesh_shape.items())
+        for kind in ("all_to_all", "ragged_all_to_all", "allgather", "auto"):
+            timers[f"{kind} [{tag}]"] = _timer(base.replace(moe_dispatch=kind), mesh, args.tokens)
+    med = _interleaved(timers, args.reps)
+    ref = med["unsharded"]
+    for name, t in med.items():
+        rows.append((f"E=64 k=6: {name}", t, ref, t / ref, "(report)"))
+
+    # --- part 2: scaling at fixed active FLOPs -------------------------------------------------
+    width = 256
+    cases = {
+        "coarse E=8 k=2 F=256": _config(8, 2, width),
+        "E=64 k=2 F=256": _config(64, 2, width),
+        "fine E=64 k=16 F=32": _config(64, 16, width // 8),
+    }
+    med2 = _interleaved({n: _timer(c, None, args.tokens, seed=1) for n, c in cases.items()},
+                        args.reps)
+    coarse = med2["coarse E=8 k=2 F=256"]
+    more = med2["E=64 k=2 F=256"]
+    fine = med2["fine E=64 k=16 F=32"]
+    rows.append(("8 -> 64 experts, same k, F (time)", more, coarse, more / coarse, "<= 1.3"))
+    rows.append(("fine vs coarse throughput", fine, coarse, coarse / fine, ">= 0.7"))
+
+    print(f"{'case':44s} {'ours (ms)':>10s} {'baseline (ms)':>14s} {'ratio':>7s}  target")
+    for name, ours, baseline, ratio, target in rows:
+        print(f"{name:44s} {ours * 1e3:10.2f} {baseline * 1e3:14.2f} {ratio:7.2f}  {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Expert-parallel routed experts: `jax.shard_map` over the mesh's `expert` axis.
+
+Legend: see layers.py; in a shard, T is the shard's tokens, E its local experts (E/EP), EP the
+size of the `expert` axis, X the per-destination buffer rows, M = T*K assignments.
+
+Placement: expert e lives on expert shard e // (E/EP) (contiguous blocks, the "exp" -> expert
+rule). Routing (scores, top-k, the balance losses, token counts) is computed outside the
+shard_map on the logically global arrays, so it is identical to one device and its token
+counts are global (summed over every data shard) for the aux-loss-free bias update. Inside the
+shard_map the tokens are split over the `batch` rule's axes plus `expert`; expert weights are
+split over `expert` (and their hidden F over the `moe_mlp` axes, e.g. `tensor`, whose partial
+down-projections are summed with `psum`); FSDP-sharded weight dims are gathered at the
+boundary.
+
+Dispatch (`config.moe_dispatch`):
+- all_to_all: each source shard packs its assignments per destination shard into a buffer of
+  X rows, `all_to_all`, local grouped matmul (`grouped_matmul`), reverse `all_to_all`, combine.
+  Capacity semantics: X = min(ceil(dispatch_capacity_factor * T*K / EP), T * min(K, E/EP));
+  with `dispatch_capacity_factor=None`, X = T * min(K, E/EP), the most one source can send to
+  one destination, so nothing is ever dropped. Otherwise, per (source shard, destination
+  shard) pair, assignments are ranked by router score s (highest first, ties by token then
+  slot k order) and those ranked >= X are dropped: they contribute nothing (the token keeps
+  its other experts, the shared experts and the residual).
+- ragged_all_to_all: dropless with variable sizes via `lax.ragged_all_to_all` (TPU/GPU);
+  receive buffers are sized for the worst case EP * T * min(K, E/EP). XLA:CPU lacks the op, so
+  on CPU this falls back to the dropless all_to_all path (logged once).
+- allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
+  them, `psum_scatter` back. No drops; good for small EP.
+- auto: allgather for EP <= 2, else ragged_all_to_all on TPU/GPU and all_to_all on CPU.
+If the token count does not divide over the expert axis (e.g. one decode token), the tokens
+stay replicated over `expert` and the allgather computation runs without the gather.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mla_moe import sharding
+from mla_moe.config import ModelConfig
+from mla_moe.grouped_matmul import grouped_matmul
+from mla_moe.router import select_experts
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.warning(msg)
+
+
+# --- placement and device-limited routing ------------------------------------------------------
+def expert_shards(config: ModelConfig) -> int:
+    """D: the mesh's expert-parallel degree when > 1, else `config.num_expert_devices`."""
+    ep = sharding.mesh_axis_size("expert")
+    return ep if ep > 1 else config.num_expert_devices
+
+
+def placement_config(config: ModelConfig) -> ModelConfig:
+    """`config` with expert_devices / device_limit set to the real placement (for the device
+    and communication balance losses)."""
+    d = expert_shards(config)
+    m = min(config.num_device_limit, d)
+    if d == config.num_expert_devices and m == config.num_device_limit:
+        return config
+    return config.replace(expert_devices=d, device_limit=m)
+
+
+def device_limit_mask(scores_TE, bias_E, config: ModelConfig) -> jax.Array | None:
+    """[T, E] additive mask (0 / -inf) keeping, per token, the M expert shards with the best
+    affinity (max over the shard's experts of s, plus the bias for noaux_tc); None if off."""
+    if not config.device_limited_routing or not config.n_routed_experts:
+        return None
+    e = config.n_routed_experts
+    d = expert_shards(config)
+    m = min(config.num_device_limit, d)
+    if d <= 1 or m >= d:
+        return None
+    if m * (e // d) < config.num_experts_per_tok:
+        raise ValueError(f"device_limit={m} shards of {e // d} experts cannot hold "
+                         f"num_experts_per_tok={config.num_experts_per_tok}")
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    shard_score_TD = choice_TE.reshape(-1, d, e // d).max(-1)
+    _, top_TM = jax.lax.top_k(shard_score_TD, m)
+    keep_TD = jnp.zeros(shard_score_TD.shape, bool).at[
+        jnp.arange(shard_score_TD.shape[0])[:, None], top_TM].set(True)
+    keep_TE = jnp.repeat(keep_TD, e // d, axis=-1)
+    return jnp.where(keep_TE, 0.0, -jnp.inf).astype(scores_TE.dtype)
+
+
+def device_limited_select(scores_TE, bias_E, config: ModelConfig):
+    """(experts_TK, weights_TK) with each token's experts on at most M shards, or None if the
+    limit is off. Gate weights stay s[idx]: the mask only enters the selection (as a bias)."""
+    mask_TE = device_limit_mask(scores_TE, bias_E, config)
+    if mask_TE is None:
+        return None
+    full_bias = mask_TE if bias_E is None else bias_E + mask_TE
+    return select_experts(scores_TE, full_bias, config)
+
+
+# --- the shard_map ----------------------------------------------------------------------------
+def use_parallel(config: ModelConfig) -> bool:
+    """True when a multi-device mesh is active and the layer is dropless (the `capacity` impl
+    keeps its global per-expert ranking and runs under the compiler's partitioning)."""
+    if sharding.active_mesh() is None:
+        return False
+    if config.moe_impl != "dropless":
+        _log_once("moe_impl='capacity' under a mesh: running the single-device algorithm "
+                  "with automatic partitioning (use dispatch_capacity_factor for expert "
+                  "parallelism with drops)")
+        return False
+    return True
+
+
+def resolve_dispatch(config: ModelConfig, ep: int, backend: str | None = None) -> str:
+    """The dispatch actually used: resolves `auto` and the CPU fallback of ragged_all_to_all."""
+    backend = backend or jax.default_backend()
+    kind = config.moe_dispatch
+    if kind == "auto":
+        if ep <= 2:
+            return "allgather"
+        kind = "ragged_all_to_all" if backend in ("tpu", "gpu") else "all_to_all"
+    if kind == "ragged_all_to_all" and backend not in ("tpu", "gpu"):
+        _log_once(f"moe_dispatch='ragged_all_to_all': XLA:{backend} has no ragged-all-to-all; "
+                  "using the dropless packed all_to_all path instead")
+        return "all_to_all_dropless"
+    return kind
+
+
+def dispatch_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
+    """X: rows per (source, destination) buffer for `tokens` tokens in a source shard."""
+    k, e = config.num_experts_per_tok, config.n_routed_experts
+    most = tokens * min(k, e // ep)
+    if config.dispatch_capacity_factor is None:
+        return most
+    return max(1, min(most, math.ceil(config.dispatch_capacity_factor * tokens * k / ep)))
+
+
+def _local_experts(x_MD, e_M, gate_EDF, up_EDF, down_EFD, tensor_axes):
+    """SwiGLU of each row by its local expert e_M (== E marks an empty row -> zeros): [M, D] f32.
+
+    Rows are sorted by expert for `grouped_matmul`; with F split over `tensor_axes` the partial
+    down-projections are summed by the caller (after the combine, where it is cheapest)."""
+    e = gate_EDF.shape[0]
+    order_M = jnp.argsort(e_M, stable=True)
+    sizes_E = jnp.zeros((e,), jnp.int32).at[e_M].add(1, mode="drop")
+    xs_MD = x_MD[order_M]
+
+    def rdot(a, w):
+        return grouped_matmul(a, w, sizes_E)
+
+    h_MF = jax.nn.silu(rdot(xs_MD, gate_EDF)) * rdot(xs_MD, up_EDF)
+    ys_MD = rdot(h_MF.astype(x_MD.dtype), down_EFD)
+    del tensor_axes
+    return jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)
+
+
+def _combine(y_MD, weights_TK):
+    t, k = weights_TK.shape
+    return jnp.einsum("TKD,TK->TD", y_MD.reshape(t, k, -1), weights_TK.astype(jnp.float32))
+
+
+def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity, tensor_axes):
+    """all_to_all dispatch with X = `capacity` rows per destination. Returns (y_TD, dropped)."""
+    t, k = experts_TK.shape
+    e_local = w[0].shape[0]
+    d = x_TD.shape[-1]
+    m = t * k
+    flat_M = experts_TK.reshape(-1)
+    dest_M = flat_M // e_local
+    order_M = jnp.lexsort((-affinity_TK.reshape(-1), dest_M))  # by dest, then best first
+    sizes_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
+    starts_P = jnp.cumsum(sizes_P) - sizes_P
+    rank_sorted = jnp.arange(m) - starts_P[dest_M[order_M]]
+    rank_M = jnp.zeros((m,), jnp.int32).at[order_M].set(rank_sorted.astype(jnp.int32))
+    keep_M = rank_M < capacity
+    slot_M = jnp.where(keep_M, dest_M * capacity + rank_M, ep * capacity)  # last row: trash
+    send_PXD = jnp.zeros((ep * capacity + 1, d), x_TD.dtype).at[slot_M].set(
+        x_TD[jnp.arange(m) // k])[:-1].reshape(ep, capacity, d)
+    send_PX = jnp.full((ep * capacity + 1,), e_local, jnp.int32).at[slot_M].set(
+        flat_M % e_local)[:-1].reshape(ep, capacity)
+    if ep > 1:
+        recv_PXD = jax.lax.all_to_all(send_PXD, "expert", 0, 0)
+        recv_PX = jax.lax.all_to_all(send_PX, "expert", 0, 0)
+    else:
+        recv_PXD, recv_PX = send_PXD, send_PX
+    y_RD = _local_experts(recv_PXD.reshape(ep * capacity, d), recv_PX.reshape(-1), *w,
+                          tensor_axes)
+    y_PXD = y_RD.reshape(ep, capacity, d)
+    if ep > 1:
+        y_PXD = jax.lax.all_to_all(y_PXD, "expert", 0, 0)
+    y_slots = jnp.concatenate([y_PXD.reshape(ep * capacity, d), jnp.zeros((1, d), y_RD.dtype)])
+    y_TD = _combine(y_slots[slot_M], weights_TK)
+    dropped = (m - keep_M.sum()).astype(jnp.float32)
+    return y_TD, dropped
+
+
+def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, tensor_axes):
+    """Each expert shard computes its experts for all tokens of its expert group."""
+    e_local = w[0].shape[0]
+    if gather:
+        x_TD = jax.lax.all_gather(x_TD, "expert", axis=0, tiled=True)
+        experts_TK = jax.lax.all_gather(experts_TK, "expert", axis=0, tiled=True)
+        weights_TK = jax.lax.all_gather(weights_TK, "expert", axis=0, tiled=True)
+    k = experts_TK.shape[-1]
+    flat_M = experts_TK.reshape(-1)
+    me = jax.lax.axis_index("expert") if ep > 1 else 0
+    mine_M = flat_M // e_local == me
+    local_M = jnp.where(mine_M, flat_M % e_local, e_local)
+    y_MD = _local_experts(x_TD[jnp.arange(flat_M.shape[0]) // k], local_M, *w, tensor_axes)
+    y_TD = _combine(y_MD, weights_TK)
+    if ep > 1:
+        if gather:
+            y_TD = jax.lax.psum_scatter(y_TD, "expert", scatter_dimension=0, tiled=True)
+        else:
+            y_TD = jax.lax.psum(y_TD, "expert")
+    return y_TD, jnp.zeros((), jnp.float32)
+
+
+def _ragged(x_TD, experts_TK, weights_TK, w, ep, tensor_axes):
+    """Dropless variable-size dispatch with `lax.ragged_all_to_all` (TPU/GPU only)."""
+    t, k = experts_TK.shape
+    e_local = w[0].shape[0]
+    d = x_TD.shape[-1]
+    m = t * k
+    recv_rows = ep * t * min(k, e_local)
+    flat_M = experts_TK.reshape(-1)
+    dest_M = flat_M // e_local
+    order_M = jnp.argsort(dest_M, stable=True)
+    xs_MD = x_TD[order_M // k]
+    es_M1 = (flat_M % e_local)[order_M].astype(jnp.int32)[:, None]
+    send_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
+    in_off_P = jnp.cumsum(send_P) - send_P
+    # sizes_SP[s, p]: rows shard s sends to shard p (every shard's row of the matrix).
+    sizes_SP = jax.lax.all_gather(send_P, "expert", axis=0, tiled=False)
+    me = jax.lax.axis_index("expert")
+    recv_P = sizes_SP[:, me]
+    # Where my chunk lands in receiver p: after the chunks of the sources before me.
+    below_SP = jnp.arange(ep)[:, None] < me
+    out_off_P = jnp.sum(jnp.where(below_SP, sizes_SP, 0), axis=0).astype(jnp.int32)
+    recv_RD = jax.lax.ragged_all_to_all(
+        xs_MD, jnp.zeros((recv_rows, d), x_TD.dtype), in_off_P, send_P, out_off_P, recv_P,
+        axis_name="expert")
+    recv_R1 = jax.lax.ragged_all_to_all(
+        es_M1, jnp.full((recv_rows, 1), e_local, jnp.int32), in_off_P, send_P, out_off_P,
+        recv_P, axis_name="expert")
+    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w, tensor_axes)
+    # Reverse: my received chunk from source s starts at sum_{s' < s} recv[s'] and goes back
+    # to offset in_off[s -> me] of s's send buffer.
+    back_in_off_P = (jnp.cumsum(recv_P) - recv_P).astype(jnp.int32)
+    in_off_SP = jax.lax.all_gather(in_off_P, "expert", axis=0, tiled=False)
+    back_out_off_P = in_off_SP[:, me]
+    ys_MD = jax.lax.ragged_all_to_all(
+        y_RD, jnp.zeros((m, d), y_RD.dtype), back_in_off_P, recv_P, back_out_off_P, send_P,
+        axis_name="expert")
+    y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)
+    return _combine(y_MD, weights_TK), jnp.zeros((), jnp.float32)
+
+
+def _token_axes(mesh, tokens: int, rules) -> tuple[tuple[str, ...], bool]:
+    """(mesh axes splitting the tokens inside the layer, whether `expert` is among them)."""
+    sizes = dict(mesh.shape)
+    axes = list(sharding.batch_axes(mesh, rules))
+    if sizes.get("expert", 1) > 1 and "expert" not in axes:
+        axes.append("expert")
+    while axes and tokens % math.prod(sizes[a] for a in axes):
+        axes.pop()  # drop `expert` first, then the data axes, until the tokens divide
+    return tuple(axes), "expert" in axes
+
+
+def routed_experts(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, down_EFD,
+                   config: ModelConfig):
+    """Expert-parallel routed-expert output under the active mesh: (y_TD f32, dropped count).
+
+    x_TD: [T, D] all tokens of the call (global view); experts_TK/weights_TK/affinity_TK: the
+    routing (affinity = s of the chosen experts, used to rank drops); weights [E, D, F] and
+    [E, F, D] in the compute dtype.
+    """
+    mesh = sharding.active_mesh()
+    rules = sharding.current_rules()
+    sizes = dict(mesh.shape)
+    ep = sizes.get("expert", 1)
+    t = x_TD.shape[0]
+    tok_axes, split_over_expert = _token_axes(mesh, t, rules)
+    exp_axes = tuple(a for a in rules.get("exp", ()) if sizes.get(a, 1) > 1)
+    if exp_axes not in ((), ("expert",)) or (ep > 1 and exp_axes != ("expert",)):
+        raise ValueError(f"expert parallelism needs the rule exp -> ('expert',), got {exp_axes}")
+    f_axes = tuple(a for a in rules.get("moe_mlp", ())
+                   if sizes.get(a, 1) > 1 and a not in tok_axes and a != "expert")
+    f = gate_EDF.shape[-1]
+    if f % math.prod(sizes[a] for a in f_axes):
+        f_axes = ()
+    tok = tok_axes if tok_axes else None
+    f_spec = f_axes if f_axes else None
+    e_spec = "expert" if ep > 1 else None
+
+    kind = resolve_dispatch(config, ep)
+    if not split_over_expert and ep > 1:
+        if kind != "allgather":
+            _log_once(f"{t} tokens do not divide over mesh.expert={ep}: tokens stay replicated "
+                      "over `expert` (allgather computation without the gather)")
+        kind = "allgather"
+    t_shard = t // math.prod(sizes[a] for a in tok_axes) if tok_axes else t
+
+    def body(x_TD, experts_TK, weights_TK, affinity_TK, gate, up, down):
+        w = (gate, up, down)
+        if kind == "allgather":
+            y_TD, dropped = _allgather(x_TD, experts_TK, weights_TK, w, ep, split_over_expert,
+                                       f_axes)
+        elif kind == "ragged_all_to_all" and ep > 1:
+            y_TD, dropped = _ragged(x_TD, experts_TK, weights_TK, w, ep, f_axes)
+        else:
+            if kind == "all_to_all":
+                capacity = dispatch_capacity(t_shard, config, ep)
+            else:  # ragged fallback, or EP = 1: never drop
+                capacity = t_shard * min(config.num_experts_per_tok, gate.shape[0])
+            y_TD, dropped = _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity,
+                                    f_axes)
+        if f_axes:
+            y_TD = jax.lax.psum(y_TD, f_axes)
+        if tok_axes:
+            dropped = jax.lax.psum(dropped, tok_axes)
+        return y_TD, dropped
+
+    in_specs = (P(tok, None), P(tok, None), P(tok, None), P(tok, None),
+                P(e_spec, None, f_spec), P(e_spec, None, f_spec), P(e_spec, f_spec, None))
+    fn = jax.shard_map(body, in_specs=in_specs, out_specs=(P(tok, None), P()))
+    return fn(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, down_EFD)
