@@ -1,0 +1,142 @@
+"""Text generation from a HuggingFace DeepSeek directory or a training workdir.
+
+    python -m launch.generate --hf=DIR --prompt="Hello" --prompt="Bye" --max_new_tokens=32
+    python -m launch.generate --checkpoint=WORKDIR --tokenizer=byte --temperature=0.8 --top_p=0.9
+
+Greedy unless --temperature > 0. Prints each prompt's continuation as text and the decode
+throughput (new tokens / wall time of the `generate` call; the first call includes
+compilation, --timed_runs=2 adds a run with everything compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+_HF = flags.DEFINE_string("hf", "", "HuggingFace DeepSeek checkpoint directory.")
+_CKPT = flags.DEFINE_string("checkpoint", "", "Training workdir (launch/train.py --workdir).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for a batch).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt.")
+_TEMP = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample at this temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "byte",
+                                 "'byte' (token = byte value), a tokenizer.json or a .model file.")
+_EOS = flags.DEFINE_integer("eos_id", None, "Stop token (default: the model config's; -1: none).")
+_FP8 = flags.DEFINE_bool("fp8_cache", False, "FP8 latent cache (656 B per token per layer).")
+_SPEC = flags.DEFINE_bool("speculative", False, "Greedy MTP speculative decoding.")
+_RUNS = flags.DEFINE_integer("timed_runs", 1, "Runs of the same generation (>= 2: warm timing).")
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+    """The model of a training workdir: its `config.json` and the parameters (and non-Param
+    model state) of checkpoint `step` (latest by default); the optimizer state is not read."""
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    from mla_moe.config import ModelConfig
+    from mla_moe.decoder import DeepSeekModel
+    from mla_moe.train import checkpoint as ckpt_lib
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ModelConfig(**json.load(f)["model"])
+    options = ml_collections.ConfigDict(
+        {"max_to_keep": 1, "keep_every_steps": 0, "async_save": False})
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), options, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    abstract = nnx.eval_shape(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
+    graphdef, params, extra = nnx.split(abstract, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          {"params": params, "extra": extra})
+    import orbax.checkpoint as ocp
+
+    flat = ckpt_lib.flatten_state(target)
+    # The train state also holds the step and the optimizer state: the Checkpointer's handler
+    # restores whole trees only, so those are read too (as saved) and dropped.
+    meta = ckpt.manager.item_metadata(step)[ckpt_lib.STATE]
+    meta = getattr(meta, "tree", meta)
+    missing = sorted(set(flat) - set(meta))
+    if missing:
+        raise ValueError(f"{workdir} step {step} does not hold this model (e.g. {missing[:3]})")
+    whole = {k: flat.get(k) or jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=device)
+             for k, v in meta.items()}
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
+        ckpt_lib.STATE: ocp.args.StandardRestore(whole)}))
+    restored = {ckpt_lib.STATE: {k: restored[ckpt_lib.STATE][k] for k in flat}}
+    state = ckpt_lib.unflatten_state(target, restored[ckpt_lib.STATE])
+    ckpt.close()
+    return nnx.merge(graphdef, state["params"], state["extra"]), step
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if bool(_HF.value) == bool(_CKPT.value):
+        raise app.UsageError("pass exactly one of --hf=DIR or --checkpoint=DIR")
+    if not _PROMPT.value:
+        raise app.UsageError("pass at least one --prompt")
+
+    from mla_moe.data.tokenizer import load_tokenizer
+    from mla_moe.generate import generate
+    from mla_moe.sampling import Sampling
+    from mla_moe.speculative import speculative_generate
+
+    if _HF.value:
+        from mla_moe.hf import load_pretrained
+
+        model, source = load_pretrained(_HF.value), _HF.value
+    else:
+        model, step = load_checkpoint(_CKPT.value, _STEP.value)
+        source = f"{_CKPT.value} step {step}"
+    config = model.config
+    tokenizer = load_tokenizer(_TOKENIZER.value)
+    prompts = [tokenizer.encode(p) for p in _PROMPT.value]
+    for text, ids in zip(_PROMPT.value, prompts):
+        if not ids or max(ids) >= config.vocab_size:
+            raise app.UsageError(f"prompt {text!r} encodes to ids outside the model's vocab "
+                                 f"({config.vocab_size})")
+    eos = config.eos_token_id if _EOS.value is None else _EOS.value
+    eos = None if eos is None or eos < 0 else eos
+    sampling = None
+    if _TEMP.value > 0:
+        sampling = Sampling(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+    if _SPEC.value and sampling is not None:
+        raise app.UsageError("--speculative is greedy only (--temperature=0)")
+
+    print(f"model: {source} ({config.hf_model_type}, {config.num_hidden_layers} layers); "
+          f"{len(prompts)} prompt(s); {'fp8' if _FP8.value else config.dtype} latent cache",
+          flush=True)
+    stats = None
+    for run in range(max(1, _RUNS.value)):
+        start = time.perf_counter()
+        if _SPEC.value:
+            outputs, stats = speculative_generate(model, prompts, max_new_tokens=_MAX_NEW.value,
+                                                  eos_id=eos, fp8=_FP8.value)
+        else:
+            outputs = generate(model, prompts, max_new_tokens=_MAX_NEW.value, sampling=sampling,
+                               eos_id=eos, seed=_SEED.value, fp8=_FP8.value)
+        seconds = time.perf_counter() - start
+        total = sum(len(o) for o in outputs)
+        label = "with compilation" if run == 0 else "compiled"
+        print(f"run {run}: {total} new tokens in {seconds:.2f} s = {total / seconds:.1f} "
+              f"tokens/s ({label})", flush=True)
+    for text, ids in zip(_PROMPT.value, outputs):
+        print(f"--- prompt: {text!r}\n{tokenizer.decode(ids)!r}\ntokens: {ids}")
+    if stats is not None:
+        print(f"MTP acceptance rate: {stats.acceptance_rate:.3f} "
+              f"({stats.tokens_per_step:.2f} tokens per main-model step)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)
