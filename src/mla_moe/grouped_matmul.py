@@ -20,6 +20,7 @@ def block_rows(rows: int, groups: int) -> int:
 
 
 def _blocked(x_MD, w_EDF, group_sizes_E, block):
+    x_MD, w_EDF = jnp.asarray(x_MD), jnp.asarray(w_EDF)  # w is indexed by a traced group id
     m, d = x_MD.shape
     e, _, f = w_EDF.shape
     sizes = group_sizes_E.astype(jnp.int32)
