@@ -1,0 +1,67 @@
+"""DeepSeek-V2 (236B total, 21B active), as published."""
+
+import ml_collections
+
+YARN = dict(
+    type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+    beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
+)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=102400,
+            hidden_size=5120,
+            intermediate_size=12288,
+            moe_intermediate_size=1536,
+            num_hidden_layers=60,
+            num_attention_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=160,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            n_group=8,
+            topk_group=3,
+            topk_method="group_limited_greedy",
+            scoring_func="softmax",
+            norm_topk_prob=False,
+            routed_scaling_factor=16.0,
+            rope_theta=10000.0,
+            rope_scaling=dict(YARN),
+            rope_interleave=True,
+            max_position_embeddings=163840,
+            bos_token_id=100000,
+            eos_token_id=100001,
+            # The paper's balance coefficients (alpha_1..3) with D = 8 devices, M = 3.
+            aux_loss_alpha=0.003,
+            device_balance_alpha=0.05,
+            comm_balance_alpha=0.02,
+            expert_devices=8,
+            device_limit=3,
+            dtype="bfloat16",
+        )
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Published V2; run settings for a large pod (the paper's D = 8 expert devices)."""
+    from mla_moe.train.config import run_config
+
+    model = model_config()
+    model.remat_policy = "dots"
+    return run_config(
+        model,
+        train=dict(steps=500_000, batch_size=2304, seq_len=4096, learning_rate=2.4e-4,
+                   warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0,
+                   eval_every_steps=2000, eval_batches=8),
+        checkpoint=dict(every_steps=1000, max_to_keep=3, keep_every_steps=20_000),
+        log=dict(every_steps=10),
+        mesh=dict(data=1, fsdp=-1, expert=8, tensor=1),
+    )

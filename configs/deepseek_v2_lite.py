@@ -1,0 +1,62 @@
+"""DeepSeek-V2-Lite (15.7B total, 2.4B active), as published."""
+
+import ml_collections
+
+YARN = dict(
+    type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+    beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
+)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=64,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            n_group=1,
+            topk_group=1,
+            topk_method="greedy",
+            scoring_func="softmax",
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            rope_theta=10000.0,
+            rope_scaling=dict(YARN),
+            rope_interleave=True,
+            max_position_embeddings=163840,
+            bos_token_id=100000,
+            eos_token_id=100001,
+            aux_loss_alpha=0.001,
+            dtype="bfloat16",
+        )
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Published V2-Lite; run settings for a pod slice (e.g. 64 chips: fsdp x expert)."""
+    from mla_moe.train.config import run_config
+
+    model = model_config()
+    model.remat_policy = "dots"
+    return run_config(
+        model,
+        train=dict(steps=100_000, batch_size=512, seq_len=4096, learning_rate=4.2e-4,
+                   warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0,
+                   eval_every_steps=1000, eval_batches=8),
+        checkpoint=dict(every_steps=1000, max_to_keep=3, keep_every_steps=10_000),
+        log=dict(every_steps=10),
+        mesh=dict(data=1, fsdp=-1, expert=8, tensor=1),
+    )

@@ -1,0 +1,66 @@
+"""DeepSeek-V3 (671B total, 37B active; plus one MTP module), as published."""
+
+import ml_collections
+
+YARN = dict(
+    type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+    beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            first_k_dense_replace=3,
+            moe_layer_freq=1,
+            n_group=8,
+            topk_group=4,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_theta=10000.0,
+            rope_scaling=dict(YARN),
+            rope_interleave=True,
+            max_position_embeddings=163840,
+            num_nextn_predict_layers=1,
+            bos_token_id=0,
+            eos_token_id=1,
+            aux_loss_alpha=0.0,
+            seq_balance_alpha=0.0001,
+            expert_bias_update_rate=0.001,
+            mtp_loss_weight=0.3,
+            dtype="bfloat16",
+        )
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Published V3; run settings for a large pod (64-way expert parallelism as in the paper)."""
+    from mla_moe.train.config import run_config
+
+    model = model_config()
+    model.remat_policy = "dots"
+    return run_config(
+        model,
+        train=dict(steps=500_000, batch_size=15360, seq_len=4096, learning_rate=2.2e-4,
+                   warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0,
+                   eval_every_steps=2000, eval_batches=8),
+        checkpoint=dict(every_steps=1000, max_to_keep=3, keep_every_steps=20_000),
+        log=dict(every_steps=10),
+        mesh=dict(data=1, fsdp=-1, expert=64, tensor=1),
+    )

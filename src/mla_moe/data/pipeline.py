@@ -1,0 +1,116 @@
+"""Grain input pipeline: shuffled windows of `seq_len + 1` tokens, packed with segment ids.
+
+Windows tile a split's token stream with stride `seq_len` (consecutive windows share one
+token, so every token is a target once per epoch). A window that crosses document boundaries
+is packed: each document in it gets its own segment id (1, 2, ...), positions restart at 0 in
+each segment, and the target that would cross a boundary gets weight 0.
+
+Per-process sharding keeps the global batch independent of the process count: global batch k
+holds shuffled windows [k*G, (k+1)*G), and process p reads its contiguous slice
+[k*G + p*L, k*G + (p+1)*L) with L = G / process_count, which is exactly the slice of the batch
+its devices hold when the batch is sharded over the leading mesh axes.
+
+Batch arrays (all [L, T]): `inputs`, `targets`, `positions`, `segment_ids` int32 and `weights`
+float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import grain
+import numpy as np
+
+from mla_moe.data.token_store import TokenSplit
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    seq_len: int
+    global_batch: int
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+    num_threads: int = 2
+    prefetch: int = 4
+
+    def __post_init__(self):
+        if self.seq_len <= 0:
+            raise ValueError(f"train.seq_len must be positive, got {self.seq_len}")
+        if self.global_batch <= 0:
+            raise ValueError(f"train.batch_size must be positive, got {self.global_batch}")
+        if self.global_batch % self.process_count:
+            raise ValueError(
+                f"train.batch_size={self.global_batch} is not divisible by the "
+                f"{self.process_count} processes"
+            )
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.process_count
+
+
+def pack_window(split: TokenSplit, start: int, seq_len: int) -> dict[str, np.ndarray]:
+    """The packed example for tokens [start, start + seq_len + 1)."""
+    tokens = split.read(start, start + seq_len + 1).astype(np.int32)
+    pos = np.arange(start, start + seq_len + 1)
+    doc = np.searchsorted(split.doc_starts, pos, side="right") - 1
+    segment = (doc - doc[0] + 1).astype(np.int32)
+    seg_start = np.maximum(split.doc_starts[doc], start)
+    positions = (pos - seg_start).astype(np.int32)
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "positions": positions[:-1],
+        "segment_ids": segment[:-1],
+        "weights": (segment[1:] == segment[:-1]).astype(np.float32),
+    }
+
+
+def num_windows(split: TokenSplit, seq_len: int) -> int:
+    return (split.num_tokens - 1) // seq_len
+
+
+def train_dataset(split: TokenSplit, cfg: PipelineConfig) -> grain.MapDataset:
+    """An endless MapDataset of this process's local batches (reshuffled every epoch)."""
+    n = num_windows(split, cfg.seq_len)
+    if n < cfg.global_batch:
+        raise ValueError(
+            f"the training data has {split.num_tokens} tokens, {n} windows of "
+            f"train.seq_len={cfg.seq_len}: fewer than train.batch_size={cfg.global_batch}"
+        )
+    order = grain.MapDataset.range(n).shuffle(seed=cfg.seed).repeat(None)
+    G, L, p, T = cfg.global_batch, cfg.local_batch, cfg.process_index, cfg.seq_len
+
+    def example(i: int) -> dict[str, np.ndarray]:
+        w = order[(i // L) * G + p * L + i % L]
+        return pack_window(split, w * T, T)
+
+    steps = sys.maxsize // (2 * G)
+    return grain.MapDataset.range(steps * L).map(example).batch(L, drop_remainder=True)
+
+
+def train_iterator(split: TokenSplit, cfg: PipelineConfig) -> grain.DatasetIterator:
+    """Prefetching, checkpointable iterator (`get_state`/`set_state`) over local batches."""
+    ds = train_dataset(split, cfg).to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+    )
+    return iter(ds)
+
+
+def eval_batches(split: TokenSplit, cfg: PipelineConfig, num_batches: int) -> list[dict]:
+    """A fixed list of local validation batches: the split's first windows, in order (wrapping
+    around a small split), so every evaluation scores the same tokens."""
+    n = num_windows(split, cfg.seq_len)
+    if n == 0:
+        raise ValueError(
+            f"the validation split has {split.num_tokens} tokens: fewer than "
+            f"train.seq_len + 1 = {cfg.seq_len + 1}"
+        )
+    G, L, p, T = cfg.global_batch, cfg.local_batch, cfg.process_index, cfg.seq_len
+    out = []
+    for k in range(num_batches):
+        examples = [pack_window(split, ((k * G + p * L + j) % n) * T, T) for j in range(L)]
+        out.append({key: np.stack([e[key] for e in examples]) for key in examples[0]})
+    return out

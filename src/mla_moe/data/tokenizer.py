@@ -1,0 +1,81 @@
+"""Tokenizers: a built-in byte-level one, and HuggingFace `tokenizer.json` / SentencePiece files.
+
+Every tokenizer has `vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> str` and a
+`spec` string that `load_tokenizer` accepts again (recorded in the token store's metadata).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocab 256, no special tokens, needs no file."""
+
+    spec = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, text: str) -> bytes:
+        """Same ids as `encode`, as a bytes object (the fast path for large corpora)."""
+        return text.encode("utf-8")
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A HuggingFace `tokenizer.json` file, through the optional `tokenizers` package."""
+
+    def __init__(self, path: str):
+        try:
+            import tokenizers
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"tokenizer {path!r} needs the `tokenizers` package: pip install tokenizers"
+            ) from e
+        self.spec = os.path.abspath(path)
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece `.model` file, through the optional `sentencepiece` package."""
+
+    def __init__(self, path: str):
+        try:
+            import sentencepiece
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"tokenizer {path!r} needs the `sentencepiece` package: pip install sentencepiece"
+            ) from e
+        self.spec = os.path.abspath(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(spec: str):
+    """`"byte"`, a `tokenizer.json` path, or a SentencePiece `.model` path."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"tokenizer: no such file {spec!r} (or pass 'byte')")
+    if spec.endswith(".json"):
+        return HFTokenizer(spec)
+    if spec.endswith(".model"):
+        return SentencePieceTokenizer(spec)
+    raise ValueError(f"tokenizer: expected 'byte', a tokenizer.json or a .model file, got {spec!r}")

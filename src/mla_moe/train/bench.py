@@ -1,0 +1,67 @@
+"""Benchmark helpers: time the real train step (the trainer's jitted step, optimizer included)
+and a large matmul in the same process, per docs PERF.md."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mla_moe
+from mla_moe.train import config as config_lib
+from mla_moe.train import mesh as mesh_lib
+from mla_moe.train import trainer
+
+
+def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
+    """Median FLOP/s of an n x n x n matmul on the default device (fresh random inputs)."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(k1, (n, n), dtype)
+    b = jax.random.normal(k2, (n, n), dtype)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times))
+
+
+def time_train_step(config, steps: int = 3) -> dict:
+    """Median step time of `config`'s train step on all local devices; random tokens."""
+    cfg = config_lib.validate(config)
+    t = config.train
+    mesh = mesh_lib.make_mesh(config.mesh)
+    config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), 1)
+    built = trainer._build(cfg, trainer._optimizer_key(t), config.seed, mesh, t.grad_accum_steps)
+    state = built.init_fn()
+    rng = np.random.default_rng(0)
+
+    def batch():
+        tok = rng.integers(0, cfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+        b = {"inputs": tok[:, :-1], "targets": tok[:, 1:],
+             "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), tok[:, 1:].shape),
+             "segment_ids": np.ones_like(tok[:, 1:]),
+             "weights": np.ones(tok[:, 1:].shape, np.float32)}
+        return mesh_lib.global_batch(b, built.batch_sh)
+
+    t0 = time.perf_counter()
+    state, m = built.step_fn(state, batch(), np.int32(-1))
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        b = batch()
+        t0 = time.perf_counter()
+        state, m = built.step_fn(state, b, np.int32(-1))
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    tokens = t.batch_size * t.seq_len
+    flops = mla_moe.flops_per_token(cfg, t.seq_len) * tokens
+    total, active = mla_moe.param_count(cfg)
+    return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops / step_s,
+                compile_s=compile_s, params=total, active=active, loss=float(m["loss"]))

@@ -1,0 +1,156 @@
+"""Run settings shared by every config file, and their validation.
+
+A config file's `get_config()` returns `run_config(model_config(), ...)` with its own values;
+`validate` turns a bad value into one `ConfigError` line naming the field, before anything is
+compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mla_moe import ModelConfig
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field."""
+
+
+def run_config(model: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
+    """Defaults for every run setting; `sections` maps a section name to overrides."""
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.seed = 0
+    c.train = dict(
+        steps=1000,
+        batch_size=32,  # global, in sequences
+        seq_len=512,
+        grad_accum_steps=1,
+        learning_rate=3e-4,
+        warmup_steps=100,
+        decay_steps=0,  # 0: cosine over train.steps
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip_norm=1.0,
+        nan_policy="stop",  # "stop" or "skip" a step whose loss or gradient is not finite
+        eval_every_steps=200,  # 0: only at the end
+        eval_batches=4,
+        fault_nan_step=-1,  # test hook: make this step's loss NaN
+    )
+    c.data = dict(
+        path="",  # a token store from launch.prepare_data; "" = the bundled default corpus
+        num_threads=2,
+        prefetch=4,
+    )
+    c.checkpoint = dict(
+        every_steps=200,
+        max_to_keep=3,
+        keep_every_steps=0,  # also keep every M-th step forever (0: off)
+        async_save=True,
+    )
+    c.log = dict(
+        every_steps=10,
+        tensorboard=True,
+        peak_tflops=0.0,  # per device; 0 = known accelerator peak, or a matmul timed on CPU
+    )
+    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    for name, values in sections.items():
+        c[name].update(values)
+    return c
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def model_config(config) -> ModelConfig:
+    try:
+        return ModelConfig(**config.model.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def validate(config) -> ModelConfig:
+    """Checks the run settings that need no devices or data; returns the ModelConfig."""
+    cfg = model_config(config)
+    t = config.train
+    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
+        v = t[name]
+        _check(isinstance(v, int) and v > 0, f"train.{name} must be a positive integer, got {v!r}")
+    _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.decay_steps >= 0, f"train.decay_steps must be >= 0, got {t.decay_steps}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1/b2 must be in [0, 1), got {t.b1}, {t.b2}")
+    _check(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {t.grad_clip_norm}")
+    _check(t.nan_policy in NAN_POLICIES,
+           f"train.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
+    _check(t.eval_every_steps >= 0,
+           f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}")
+    _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
+    _check(t.batch_size % t.grad_accum_steps == 0,
+           f"train.batch_size={t.batch_size} is not divisible by "
+           f"train.grad_accum_steps={t.grad_accum_steps}")
+    _check(t.seq_len <= cfg.max_position_embeddings,
+           f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+           f"{cfg.max_position_embeddings}")
+    _check(config.checkpoint.every_steps > 0,
+           f"checkpoint.every_steps must be > 0, got {config.checkpoint.every_steps}")
+    _check(config.checkpoint.max_to_keep >= 0,
+           f"checkpoint.max_to_keep must be >= 0, got {config.checkpoint.max_to_keep}")
+    _check(config.log.every_steps > 0, f"log.every_steps must be > 0, got {config.log.every_steps}")
+    _check(config.data.num_threads >= 0 and config.data.prefetch >= 0,
+           "data.num_threads and data.prefetch must be >= 0")
+    return cfg
+
+
+def check_batch(config, data_parallel: int, process_count: int) -> None:
+    """The global (micro-)batch must split evenly over data-parallel devices and processes."""
+    t = config.train
+    micro = t.batch_size // t.grad_accum_steps
+    _check(micro % data_parallel == 0,
+           f"train.batch_size={t.batch_size} (micro-batch {micro} with "
+           f"grad_accum_steps={t.grad_accum_steps}) is not divisible by the data-parallel size "
+           f"{data_parallel} (mesh.data x mesh.fsdp)")
+    _check(t.batch_size % process_count == 0,
+           f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
+
+
+# Fields that may differ between the run that wrote a checkpoint and the one resuming it.
+# Everything else changes the parameters' structure or the data stream.
+RESUMABLE_FIELDS = (
+    "train.steps", "train.eval_every_steps", "train.eval_batches", "train.nan_policy",
+    "train.fault_nan_step", "data.num_threads", "data.prefetch", "checkpoint", "log", "mesh",
+    "model.dtype", "model.remat_policy", "model.moe_impl", "model.capacity_factor",
+    "model.attention_impl", "model.decode_attention",
+)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def incompatible_fields(saved: dict, current: dict) -> list[str]:
+    """'field: saved -> current' for every difference that forbids resuming."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return diffs

@@ -1,0 +1,139 @@
+"""Training metrics: the stdout progress line, `metrics.jsonl`, TensorBoard, and MFU.
+
+MFU = model FLOPs per step / step time / (peak FLOP/s per device x devices), with model FLOPs
+from `mla_moe.flops_per_token` (6 x active matmul params + causal attention, per token). The
+peak is a published dense bf16 figure for known accelerators; on CPU (and unknown devices) it
+is a large float32 matmul timed once on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device (vendor figures).
+KNOWN_PEAKS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+    "L4": 121e12, "B200": 2250e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of an n x n x n matmul on the default device (median of `repeats`)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), dtype)
+    b = jax.random.normal(k2, (n, n), dtype)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(times))
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
+    """(FLOP/s, where the figure came from)."""
+    if override_tflops and override_tflops > 0:
+        return override_tflops * 1e12, "config"
+    kind = jax.devices()[0].device_kind
+    for name, peak in KNOWN_PEAKS.items():
+        if name.lower() in kind.lower():
+            return peak, f"{kind} spec"
+    return measure_matmul_flops(), f"measured f32 matmul on {kind}"
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    """Expands per-layer vectors into `name/i` scalars."""
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        if a.ndim == 0:
+            out[k] = a.item() if a.dtype != np.bool_ else bool(a)
+        else:
+            for i, x in enumerate(a.reshape(-1)):
+                out[f"{k}/{i}"] = x.item()
+    return out
+
+
+class MetricWriter:
+    """Writes logged steps; only process 0 writes (`enabled`)."""
+
+    def __init__(self, workdir: str, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # optional dependency
+                print("tensorboardX not installed: no TensorBoard events", file=sys.stderr)
+            else:
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past `step` (written by a run that was killed before saving them)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= step:
+                    kept.append(ln)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a hard kill
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict) -> dict:
+        record = {"step": int(step), **_scalars(metrics)}
+        if not self.enabled:
+            return record
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        return record
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def progress_line(record: dict, total_steps: int) -> str:
+    parts = [f"step {record['step']:>6d}/{total_steps}", f"loss {record['loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    parts += [
+        f"ppl {record.get('ppl', float('nan')):.2f}",
+        f"lr {record['lr']:.2e}",
+        f"gnorm {record['grad_norm']:.3f}",
+    ]
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        parts.append(f"{record['step_time_s'] * 1e3:.0f} ms/step")
+    if "mfu" in record:
+        parts.append(f"MFU {record['mfu'] * 100:.1f}%")
+    if "aux_loss" in record:
+        parts.append(f"aux {record['aux_loss']:.2e}")
+    loads = [v for k, v in record.items() if k.startswith("expert_load_max/")]
+    means = [v for k, v in record.items() if k.startswith("expert_load_mean/")]
+    if loads and means:
+        parts.append(f"load max/mean {max(a / max(b, 1e-9) for a, b in zip(loads, means)):.2f}")
+    return " | ".join(parts)

@@ -1,0 +1,52 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping, and no decay on vectors.
+
+Weight decay applies to weight matrices only: norm scales and biases are left alone, as in
+GPT-2/DeepSeek practice. They are found by name, not rank, because scanned layer groups stack
+a norm's [D] scale into [L, D].
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then cosine down to `min_lr_ratio` of it."""
+    steps = int(train_cfg.steps)
+    warmup = int(train_cfg.warmup_steps)
+    decay = int(train_cfg.get("decay_steps") or steps)
+    peak = float(train_cfg.learning_rate)
+    if warmup >= decay:
+        # A run shorter than its warmup: warm up over the whole run, then hold.
+        return optax.linear_schedule(0.0, peak, max(decay, 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=decay,
+        end_value=peak * float(train_cfg.min_lr_ratio),
+    )
+
+
+def _no_decay(path) -> bool:
+    names = [str(getattr(e, "key", getattr(e, "name", ""))).lower() for e in path]
+    return any("norm" in n or n == "bias" or n.endswith("_bias") for n in names)
+
+
+def decay_mask(params):
+    """True for the leaves that get weight decay: not norms or biases, and at least 2-D."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and not _no_decay(path), params
+    )
+
+
+def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(train_cfg)
+    parts = []
+    if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip_norm)))
+    parts.append(
+        optax.adamw(
+            schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
+            weight_decay=float(train_cfg.weight_decay), mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts), schedule

@@ -1,0 +1,190 @@
+"""The pure training and evaluation steps, and the train state they carry.
+
+Train state (a plain dict, every leaf a jax.Array):
+  step       int32 scalar, completed optimizer steps
+  params     nnx.State of the model's `nnx.Param`s (float32 master weights)
+  extra      nnx.State of everything else (the routers' expert biases)
+  opt_state  the optax state
+
+Batch (global arrays, [B, T]): inputs, targets, positions, segment_ids (int32), weights (f32).
+
+Loss = CE (token mean over the whole global batch) + MoE aux losses (already weighted by their
+coefficients in the model) + mtp_loss_weight * MTP loss. With gradient accumulation the batch
+is split into A micro-batches run one after another (lax.scan); CE is normalised by the whole
+batch's weight so the gradient equals the unsplit batch's. The expert-bias update uses the
+token counts summed over all micro-batches and is applied after the optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import mla_moe
+from mla_moe import DeepSeekModel, ModelConfig, losses
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the jitted step."""
+
+    grad_accum_steps: int = 1
+
+
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract params, abstract extra) without allocating anything."""
+    model = nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(params=0)))
+    return nnx.split(model, nnx.Param, ...)
+
+
+def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
+    """A function () -> train state; jit it with out_shardings for a sharded init."""
+
+    def init():
+        model = DeepSeekModel(cfg, rngs=nnx.Rngs(params=seed))
+        _, params, extra = nnx.split(model, nnx.Param, ...)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "extra": extra,
+            "opt_state": tx.init(params),
+        }
+
+    return init
+
+
+def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, micro_scale):
+    model = nnx.merge(graphdef, params, extra)
+    out = model(
+        batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"]
+    )
+    ce_sum, weight_sum = losses.cross_entropy(out.logits, batch["targets"], batch["weights"])
+    # CE is a token mean over the whole batch; the per-batch-mean terms (aux, MTP) are scaled
+    # by 1/A so that summing over A micro-batches averages them.
+    other = out.aux_loss
+    mtp = jnp.zeros((), jnp.float32)
+    if out.mtp_logits is not None:
+        mtp = losses.mtp_loss(out.mtp_logits, batch["inputs"], batch["segment_ids"])
+        other = other + cfg.mtp_loss_weight * mtp
+    loss = ce_sum / total_weight + micro_scale * other
+    aux = {
+        "ce_sum": ce_sum,
+        "weight_sum": weight_sum,
+        "aux_loss": out.aux_loss,
+        "aux_losses": dict(out.aux_losses),
+        "mtp_loss": mtp,
+        "tokens_per_expert": tuple(r["tokens_per_expert"] for r in out.router),
+        "dropped_fraction": tuple(r["dropped_fraction"] for r in out.router),
+    }
+    return loss, aux
+
+
+def _grads_and_aux(params, extra, batch, graphdef, cfg, step_cfg: StepConfig):
+    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+    a = step_cfg.grad_accum_steps
+    if a == 1:
+        (loss, aux), grads = grad_fn(params, extra, batch, graphdef, cfg, total_weight, 1.0)
+        return loss, aux, grads
+
+    micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+        (loss, aux), grads = grad_fn(params, extra, mb, graphdef, cfg, total_weight, 1.0 / a)
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    zero = jax.eval_shape(lambda: grad_fn(params, extra, jax.tree.map(lambda x: x[0], micro),
+                                          graphdef, cfg, total_weight, 1.0 / a))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1]))
+    (loss, aux, grads), _ = jax.lax.scan(body, zero, micro)
+    # Logged per-micro-batch means are averaged; token counts and CE sums stay summed.
+    mean = lambda x: x / a  # noqa: E731
+    aux = {
+        **aux,
+        "aux_loss": mean(aux["aux_loss"]),
+        "aux_losses": jax.tree.map(mean, aux["aux_losses"]),
+        "mtp_loss": mean(aux["mtp_loss"]),
+        "dropped_fraction": jax.tree.map(mean, aux["dropped_fraction"]),
+    }
+    return loss, aux, grads
+
+
+def _global_norm(tree) -> jax.Array:
+    tree_lib = getattr(optax, "tree", None)
+    if tree_lib is not None and hasattr(tree_lib, "norm"):
+        return tree_lib.norm(tree)
+    return optax.global_norm(tree)
+
+
+def train_step(state, batch, fault_step=-1, *, graphdef, cfg: ModelConfig, tx, schedule,
+               step_cfg: StepConfig):
+    """One optimizer step. Returns (new state, metrics dict of scalars / small vectors).
+
+    `fault_step` (a traced int, -1 = off) poisons that step's loss with NaN: the fault-handling
+    tests use it without compiling a second step function.
+    """
+    params, extra = state["params"], state["extra"]
+    loss, aux, grads = _grads_and_aux(params, extra, batch, graphdef, cfg, step_cfg)
+    step = state["step"] + 1
+    loss = jnp.where(step == fault_step, jnp.nan, loss)
+    grad_norm = _global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+
+    new_extra = extra
+    if cfg.expert_bias_update_rate > 0 and aux["tokens_per_expert"]:
+        model = nnx.merge(graphdef, new_params, extra)
+        stats = [{"tokens_per_expert": t} for t in aux["tokens_per_expert"]]
+        mla_moe.apply_expert_bias_update(model, stats, cfg.expert_bias_update_rate)
+        _, _, new_extra = nnx.split(model, nnx.Param, ...)
+
+    # A non-finite step leaves the state as it was (only the step counter moves), whether the
+    # host then skips it or stops.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = {
+        "step": step,
+        "params": keep(new_params, params),
+        "extra": keep(new_extra, extra),
+        "opt_state": keep(opt_state, state["opt_state"]),
+    }
+    metrics = {
+        "loss": aux["ce_sum"] / jnp.maximum(aux["weight_sum"], 1.0),
+        "total_loss": loss,
+        "aux_loss": aux["aux_loss"],
+        "mtp_loss": aux["mtp_loss"],
+        "grad_norm": grad_norm,
+        "lr": schedule(state["step"]),
+        "finite": finite,
+        "target_tokens": aux["weight_sum"],
+        **{f"aux/{k}": v for k, v in aux["aux_losses"].items()},
+    }
+    if aux["tokens_per_expert"]:
+        counts_LE = jnp.stack(aux["tokens_per_expert"])
+        metrics["expert_load_max"] = counts_LE.max(-1)
+        metrics["expert_load_mean"] = counts_LE.mean(-1)
+        metrics["drop_fraction"] = jnp.stack(aux["dropped_fraction"])
+        biases = [
+            v[...] for path, v in nnx.to_flat_state(new_state["extra"])
+            if isinstance(v, mla_moe.ExpertBias)
+        ]
+        if biases:
+            metrics["bias_min"] = jnp.min(jnp.stack([b.min() for b in biases]))
+            metrics["bias_max"] = jnp.max(jnp.stack([b.max() for b in biases]))
+    return new_state, metrics
+
+
+def eval_step(state, batch, *, graphdef) -> dict[str, Any]:
+    """Sums of token losses and weights (next-token CE only) over one batch."""
+    model = nnx.merge(graphdef, state["params"], state["extra"])
+    out = model(
+        batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"]
+    )
+    ce_sum, weight_sum = losses.cross_entropy(out.logits, batch["targets"], batch["weights"])
+    return {"ce_sum": ce_sum, "weight_sum": weight_sum}

@@ -1,0 +1,137 @@
+"""The launchers as a user runs them: `launch.train` end to end on the default corpus,
+one-line errors, `launch.prepare_data`, and two processes matching one."""
+
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mla_moe.train import train
+from mla_moe.train.testing import enable_compilation_cache, micro_config, synthetic_store
+
+enable_compilation_cache()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    path = os.pathsep.join(["src", ".", os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _run(args, timeout=400, **env):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_end_to_end_on_default_corpus(tmp_path):
+    workdir = str(tmp_path / "w")
+    args = ["launch.train", "--config=configs/tiny.py:micro", f"--workdir={workdir}",
+            "--config.train.steps=60", "--config.train.batch_size=16", "--config.train.seq_len=64",
+            "--config.train.learning_rate=1e-2", "--config.train.warmup_steps=5",
+            "--config.log.every_steps=10", "--config.checkpoint.every_steps=30",
+            "--config.train.eval_every_steps=30", "--profile_steps=2:3"]
+    out = _run(args, MLA_MOE_CACHE=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    entropy = float(re.search(r"unigram entropy ([\d.]+) nats", out.stdout).group(1))
+    assert 2.5 < entropy < 4.5  # Python source, byte tokens
+    progress = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
+    assert len(progress) == 6 and "tok/s" in progress[-1] and "MFU" in progress[-1]
+    records = _records(workdir)
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
+    for key in ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
+                "aux/seq_balance", "expert_load_max/0", "drop_fraction/0", "bias_max"):
+        assert key in records[-1], key
+    assert "val_loss" in records[2] and "val_loss" in records[-1]
+    # It learns: from ln(256) = 5.55 at initialisation to below the corpus' unigram entropy
+    # within 60 micro-model steps (the tiny config's default run goes much further).
+    assert records[-1]["loss"] < entropy - 0.1, (records[-1]["loss"], entropy)
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["30", "60"]
+    assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+    # Running it again resumes at the end and trains nothing more.
+    again = _run(args, MLA_MOE_CACHE=str(tmp_path / "cache"))
+    assert again.returncode == 0 and "resuming from step 60" in again.stdout
+    assert len(_records(workdir)) == 6
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.seq_len=100000", "error: train.seq_len=100000 exceeds model.max_position"),
+    ("--config.train.batch_size=7", "error: train.batch_size=7 (micro-batch 7 with"),
+    ("--config.data.path=/nonexistent/store", "error: data.path='/nonexistent/store' does not"),
+])
+def test_bad_input_is_one_line(tmp_path, override, message):
+    out = _run(["launch.train", "--config=configs/tiny.py:micro", f"--workdir={tmp_path / 'w'}",
+                override], timeout=120)
+    assert out.returncode == 1
+    errors = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith(message), out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_prepare_data_cli(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(50)))
+    out = _run(["launch.prepare_data", f"--input={docs}", f"--output={tmp_path / 'store'}",
+                "--val_fraction=0.1"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "train: " in out.stdout and "45 documents" in out.stdout and "5 documents" in out.stdout
+    meta = json.loads((tmp_path / "store" / "metadata.json").read_text())
+    assert meta["splits"]["val"]["num_docs"] == 5
+    again = _run(["launch.prepare_data", f"--input={docs}", f"--output={tmp_path / 'store'}"],
+                 timeout=120)
+    assert again.returncode == 1 and again.stderr.strip().startswith("error: token store")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    store = synthetic_store(str(tmp_path / "store"))
+    steps = 3
+    reference = train(micro_config(store, train=dict(steps=steps)), str(tmp_path / "one"))
+    assert reference.step == steps
+    one = {r["step"]: r["loss"] for r in _records(str(tmp_path / "one"))}
+
+    workdir = str(tmp_path / "two")
+    port = _free_port()
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:micro",
+             f"--workdir={workdir}", f"--config.data.path={store}",
+             f"--config.train.steps={steps}", "--config.log.tensorboard=False",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=400)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    assert "'data': 8" in outs[0]  # 2 processes x 4 devices in one mesh
+    two = {r["step"]: r["loss"] for r in _records(workdir)}
+    assert sorted(two) == sorted(one) == list(range(1, steps + 1))
+    for s in one:
+        np.testing.assert_allclose(two[s], one[s], rtol=1e-5, err_msg=f"step {s}")
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
