@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 
 import mla_moe
+from mla_moe import sharding
 from mla_moe.data import PipelineConfig, TokenSplit, default_corpus, eval_batches, train_iterator
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
@@ -143,12 +144,20 @@ def train(
     hooks: tuple[Callable[[int, dict], None], ...] = (),
 ) -> TrainResult:
     """Trains until `config.train.steps`, resuming from the workdir's latest checkpoint."""
-    # ---- checks that need no compilation -------------------------------------------------
     cfg = config_lib.validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh, config=cfg)
+    rules = config.mesh.get("rules") if hasattr(config.mesh, "get") else None
+    # Everything traced below (init, step, eval) sees the mesh and the logical rules.
+    with sharding.use_mesh(mesh, rules.to_dict() if hasattr(rules, "to_dict") else rules):
+        return _train(config, cfg, mesh, workdir, profile_steps=profile_steps,
+                      init_from_hf=init_from_hf, hooks=hooks)
+
+
+def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) -> TrainResult:
+    # ---- checks that need no compilation -------------------------------------------------
     profile = parse_profile_steps(profile_steps)
     workdir = os.path.abspath(workdir)
     _check_workdir(workdir, config)
-    mesh = mesh_lib.make_mesh(config.mesh)
     config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), jax.process_count())
     data_path = _resolve_data(config)
     train_split = TokenSplit(data_path, "train")
