@@ -41,6 +41,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
     import ml_collections
     from flax import nnx
 
+    from mla_moe import sharding
     from mla_moe.config import ModelConfig
     from mla_moe.decoder import DeepSeekModel
     from mla_moe.train import checkpoint as ckpt_lib
@@ -53,7 +54,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    abstract = nnx.eval_shape(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
+    abstract = sharding.abstract_model(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
     graphdef, params, extra = nnx.split(abstract, nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

@@ -327,6 +327,13 @@ def partition_specs(abstract_state, mesh, rules: Rules | None = None) -> dict[st
     return out
 
 
+def abstract_model(make_model: Callable[[], nnx.Module]) -> nnx.Module:
+    """`nnx.eval_shape(make_model)` that works inside `use_mesh` too: parameters carry
+    logical axis names, which are not mesh axes, so the shapes are taken mesh-free."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.eval_shape(make_model)
+
+
 def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules | None = None):
     """Builds `make_model()` directly in its sharded layout.
 
@@ -335,7 +342,7 @@ def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules | None
     only its own shards (no full copy on one device).
     """
     rules = current_rules() if rules is None else rules
-    abstract = nnx.eval_shape(make_model)
+    abstract = abstract_model(make_model)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
 

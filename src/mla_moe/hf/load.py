@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mla_moe import sharding
 from mla_moe.cache import layer_groups
 from mla_moe.config import ModelConfig
 from mla_moe.decoder import DeepSeekModel
@@ -113,7 +114,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
         log.info("checkpoint has no MTP weights: loading without MTP modules")
         config = config.replace(num_nextn_predict_layers=0)
 
-    abstract = nnx.eval_shape(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
+    abstract = sharding.abstract_model(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     starts, first = [], 0
     for _, n in layer_groups(config):

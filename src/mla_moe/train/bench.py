@@ -6,29 +6,18 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import mla_moe
 from mla_moe import sharding
 from mla_moe.train import config as config_lib
 from mla_moe.train import mesh as mesh_lib
-from mla_moe.train import trainer
+from mla_moe.train import metrics, trainer
 
 
 def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
     """Median FLOP/s of an n x n x n matmul on the default device (fresh random inputs)."""
-    k1, k2 = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(k1, (n, n), dtype)
-    b = jax.random.normal(k2, (n, n), dtype)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times))
+    return metrics.measure_matmul_flops(n, repeats, dtype)
 
 
 def time_train_step(config, steps: int = 3) -> dict:

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 import mla_moe
-from mla_moe import DeepSeekModel, ModelConfig, losses
+from mla_moe import DeepSeekModel, ModelConfig, losses, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class StepConfig:
 
 def abstract_model(cfg: ModelConfig):
     """(graphdef, abstract params, abstract extra) without allocating anything."""
-    model = nnx.eval_shape(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(params=0)))
+    model = sharding.abstract_model(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(params=0)))
     return nnx.split(model, nnx.Param, ...)
 
 
