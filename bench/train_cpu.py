@@ -1,6 +1,6 @@
 """Train-step throughput and MFU on CPU: the tiny config and a larger one (hidden 512).
 
-    PYTHONPATH=src:. python bench/train_cpu.py [--steps=3]
+    python bench/train_cpu.py [--steps=3]
 
 MFU = model FLOPs per step (mla_moe.flops_per_token: 6 x active matmul params + causal
 attention) / step time / the FLOP/s of a large float32 matmul timed in the same run (before
@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from configs import tiny
 from mla_moe.train.bench import matmul_flops, time_train_step
 from mla_moe.train.config import run_config
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import tiny  # noqa: E402
 
 
 def larger_config():

@@ -1,7 +1,7 @@
 """MFU of a DeepSeek-V2-Lite-shaped slice on one GPU: full width, 3 layers (1 dense + 2 MoE),
 seq 4096, bf16 compute with float32 master weights, against a bf16 matmul timed in the same run.
 
-    PYTHONPATH=src:. python bench/train_gpu.py [--layers=3 --batch=2 --steps=5]
+    python bench/train_gpu.py [--layers=3 --batch=2 --steps=5]
 
 Refuses (exit 0, a message) without a GPU. Record the table in bench/RESULTS.md.
 """
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from configs import deepseek_v2_lite
 from mla_moe.train.bench import matmul_flops, time_train_step
 from mla_moe.train.config import run_config
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import deepseek_v2_lite  # noqa: E402
 
 
 def main():
