@@ -127,3 +127,18 @@ def fit_block(block: int, n: int) -> int:
     (or the original block when smaller), so padding stays below 2x and Triton tiles stay
     valid."""
     return min(block, max(16, next_pow2(n)))
+
+
+def check_named_shapes(**arrays) -> None:
+    """Checks arrays whose names end in their dims (`k_pe_BSR`): each has as many dims as
+    letters, and a letter has one size everywhere. Errors name both arrays and the dim."""
+    seen: dict[str, tuple[int, str]] = {}
+    for name, x in arrays.items():
+        letters = name.rsplit("_", 1)[1]
+        if x.ndim != len(letters):
+            raise ValueError(f"{name} must have {len(letters)} dims [{','.join(letters)}], "
+                             f"got shape {x.shape}")
+        for letter, size in zip(letters, x.shape):
+            want, first = seen.setdefault(letter, (size, name))
+            if size != want:
+                raise ValueError(f"{name} has {letter}={size} but {first} has {letter}={want}")

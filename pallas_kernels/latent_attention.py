@@ -145,29 +145,11 @@ def _num_splits(bs: BlockSizes, backend, b: int, row_blocks: int, num_kv: int, b
 
 
 def _check_shapes(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B):
-    arrays = dict(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR, kv_latent_BSC=kv_latent_BSC,
-                  k_pe_BSR=k_pe_BSR, lengths_B=lengths_B)
-    for name, x in arrays.items():
-        letters = name.rsplit("_", 1)[1]
-        if x.ndim != len(letters):
-            raise ValueError(f"{name} must have {len(letters)} dims [{','.join(letters)}], "
-                             f"got shape {x.shape}")
+    dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
+                                kv_latent_BSC=kv_latent_BSC, k_pe_BSR=k_pe_BSR,
+                                lengths_B=lengths_B)
     if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
         raise ValueError(f"lengths_B must be integer, got {lengths_B.dtype}")
-    b, t, n, c = q_latent_BTNC.shape
-    s = kv_latent_BSC.shape[1]
-    expect = [
-        ("q_pe_BTNR", 0, "B", b, "q_latent_BTNC"), ("q_pe_BTNR", 1, "T", t, "q_latent_BTNC"),
-        ("q_pe_BTNR", 2, "N", n, "q_latent_BTNC"), ("kv_latent_BSC", 0, "B", b, "q_latent_BTNC"),
-        ("kv_latent_BSC", 2, "C", c, "q_latent_BTNC"), ("k_pe_BSR", 0, "B", b, "q_latent_BTNC"),
-        ("k_pe_BSR", 1, "S", s, "kv_latent_BSC"), ("k_pe_BSR", 2, "R", q_pe_BTNR.shape[3],
-                                                   "q_pe_BTNR"),
-        ("lengths_B", 0, "B", b, "q_latent_BTNC"),
-    ]
-    for name, axis, letter, want, other in expect:
-        got = arrays[name].shape[axis]
-        if got != want:
-            raise ValueError(f"{name} has {letter}={got} but {other} has {letter}={want}")
 
 
 @functools.partial(jax.jit,

@@ -206,28 +206,10 @@ _attention.defvjp(_attention_fwd, _backward)
 def _check_shapes(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV):
     arrays = dict(q_nope_BTNH=q_nope_BTNH, q_pe_BTNR=q_pe_BTNR, k_nope_BSNH=k_nope_BSNH,
                   k_pe_BSR=k_pe_BSR, v_BSNV=v_BSNV)
+    dispatch.check_named_shapes(**arrays)
     for name, x in arrays.items():
-        letters = name.rsplit("_", 1)[1]
-        if x.ndim != len(letters):
-            raise ValueError(f"{name} must have {len(letters)} dims [{','.join(letters)}], "
-                             f"got shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {x.dtype}")
-    b, t, n, h = q_nope_BTNH.shape
-    s = k_nope_BSNH.shape[1]
-    expect = [  # (array, axis, letter, expected, what it must match)
-        ("q_pe_BTNR", 0, "B", b, "q_nope_BTNH"), ("q_pe_BTNR", 1, "T", t, "q_nope_BTNH"),
-        ("q_pe_BTNR", 2, "N", n, "q_nope_BTNH"), ("k_nope_BSNH", 0, "B", b, "q_nope_BTNH"),
-        ("k_nope_BSNH", 2, "N", n, "q_nope_BTNH"), ("k_nope_BSNH", 3, "H", h, "q_nope_BTNH"),
-        ("k_pe_BSR", 0, "B", b, "q_nope_BTNH"), ("k_pe_BSR", 1, "S", s, "k_nope_BSNH"),
-        ("k_pe_BSR", 2, "R", q_pe_BTNR.shape[3], "q_pe_BTNR"),
-        ("v_BSNV", 0, "B", b, "q_nope_BTNH"), ("v_BSNV", 1, "S", s, "k_nope_BSNH"),
-        ("v_BSNV", 2, "N", n, "q_nope_BTNH"),
-    ]
-    for name, axis, letter, want, other in expect:
-        got = arrays[name].shape[axis]
-        if got != want:
-            raise ValueError(f"{name} has {letter}={got} but {other} has {letter}={want}")
 
 
 @functools.partial(jax.jit,
