@@ -356,7 +356,9 @@ def _init_from_hf(path: str, cfg, tx, abstract_state, state_sh):
     """Initial state from a HuggingFace checkpoint whose shapes match the configured model."""
     from mla_moe.hf import load_pretrained
 
-    model = load_pretrained(path, dtype=cfg.param_dtype)
+    # Each tensor goes straight into its sharding on the run's mesh.
+    mesh = jax.tree.leaves(state_sh)[0].mesh
+    model = load_pretrained(path, dtype=cfg.param_dtype, mesh=mesh)
     _, params, extra = nnx.split(model, nnx.Param, ...)
     want = ckpt_lib.flatten_state(abstract_state["params"])
     got = ckpt_lib.flatten_state(params)
