@@ -15,7 +15,7 @@ from flax import nnx
 from mla_moe import attention as attn
 from mla_moe import fp8_cache
 from mla_moe.config import ModelConfig
-from mla_moe.layers import RMSNorm, dtype_of, param, rms_norm
+from mla_moe.layers import RMSNorm, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
 from mla_moe.sharding import constrain
 
@@ -156,6 +156,3 @@ class MLA(nnx.Module):
         out_BTD = jnp.einsum("BTNV,NVD->BTD", o_BTNV.astype(dt), self.wo_NVD[...].astype(dt))
         return out_BTD, cache_BSK
 
-
-def compute_dtype(config: ModelConfig):
-    return dtype_of(config.dtype)
