@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("xla", "gpu", "tpu", "interpret", "tpu_interpret")
 
@@ -142,3 +143,14 @@ def check_named_shapes(**arrays) -> None:
             want, first = seen.setdefault(letter, (size, name))
             if size != want:
                 raise ValueError(f"{name} has {letter}={size} but {first} has {letter}={want}")
+
+
+def online_softmax_step(m_X1, l_X1, s_XK):
+    """One KV chunk of an online softmax over the last axis: returns (m_new, alpha, p, l_new)
+    where the running accumulator is rescaled by alpha and p are the chunk's unnormalised
+    probabilities. Rows that have seen only -inf keep m = -inf and contribute nothing."""
+    m_new = jnp.maximum(m_X1, jnp.max(s_XK, axis=-1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m_X1 - m_safe)
+    p_XK = jnp.exp(s_XK - m_safe)
+    return m_new, alpha, p_XK, alpha * l_X1 + jnp.sum(p_XK, axis=-1, keepdims=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.dispatch import online_softmax_step
+
 DEFAULT_BLOCK_KV = 512
 
 
@@ -86,11 +88,7 @@ def latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR
         s_BTNK = _scores_BTNS(q_latent_BTNC, q_pe_BTNR, kv_BKC, k_pe_BKR, sm_scale)
         mask_BT1K = (pos_K[None, None, :] <= limit_BT1)[:, :, None, :]
         s_BTNK = jnp.where(mask_BT1K, s_BTNK, -jnp.inf)
-        m_new = jnp.maximum(m_BTN1, jnp.max(s_BTNK, axis=-1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_BTN1 - m_safe)
-        p_BTNK = jnp.exp(s_BTNK - m_safe)
-        l_BTN1 = alpha * l_BTN1 + jnp.sum(p_BTNK, axis=-1, keepdims=True)
+        m_new, alpha, p_BTNK, l_BTN1 = online_softmax_step(m_BTN1, l_BTN1, s_BTNK)
         acc_BTNC = alpha * acc_BTNC + jnp.einsum(
             "BTNK,BKC->BTNC", p_BTNK.astype(kv_BKC.dtype), kv_BKC,
             preferred_element_type=jnp.float32)

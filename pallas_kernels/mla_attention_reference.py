@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.dispatch import online_softmax_step
+
 DEFAULT_BLOCK_KV = 512
 
 
@@ -136,11 +138,7 @@ def _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, sm_sca
         mask = _chunk_mask(x, q_pos_T, s_len, causal, segs)
         if mask is not None:
             s_BNTK = jnp.where(mask, s_BNTK, -jnp.inf)
-        m_new = jnp.maximum(m_BNT1, jnp.max(s_BNTK, axis=-1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_BNT1 - m_safe)
-        p_BNTK = jnp.exp(s_BNTK - m_safe)
-        l_BNT1 = alpha * l_BNT1 + jnp.sum(p_BNTK, axis=-1, keepdims=True)
+        m_new, alpha, p_BNTK, l_BNT1 = online_softmax_step(m_BNT1, l_BNT1, s_BNTK)
         acc_BNTV = alpha * acc_BNTV + jnp.einsum(
             "BNTK,BKNV->BNTV", p_BNTK.astype(v_BSNV.dtype), x["v"],
             preferred_element_type=jnp.float32)
