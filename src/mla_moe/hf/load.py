@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -122,6 +123,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
         first += n
     groups = layer_groups(config)
 
+    experts_params = ("gate_EDF", "up_EDF", "down_EFD")
+
+    def read_layer(fn, prefix, experts_axis, idx):
+        """One layer's array at `idx`; routed experts are read for the expert slice only."""
+        if experts_axis:
+            return fn(reader, prefix, idx[0])[(slice(None),) + tuple(idx[1:])]
+        return fn(reader, prefix, slice(None))[tuple(idx)]
+
     def reader_for(path_):
         """(read(index) -> np.ndarray) for one of our leaves."""
         head, rest = path_[0], tuple(path_[1:])
@@ -134,15 +143,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
         if head == "groups":
             g, rel = rest[0], rest[1:]
             fn = layer_readers(config, groups[g][0])[rel]
-            experts_axis = rel[-1] in ("gate_EDF", "up_EDF", "down_EFD")
+            experts_axis = rel[-1] in experts_params
 
             def read(idx):
-                layers = range(groups[g][1])[idx[0]]
-                # Routed experts are read for the expert slice only; the reader returns that
-                # slice whole, so the rest of the index starts after the expert axis.
-                es, done = (idx[1], 2) if experts_axis else (slice(None), 1)
-                out = np.stack([fn(reader, f"model.layers.{starts[g] + i}.", es) for i in layers])
-                return out[(slice(None),) * done + tuple(idx[done:])]
+                return np.stack([
+                    read_layer(fn, f"model.layers.{starts[g] + i}.", experts_axis, idx[1:])
+                    for i in range(groups[g][1])[idx[0]]
+                ])
             return read
         if head == "mtp":
             k, rel = rest[0], rest[1:]
@@ -152,13 +159,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
             if rel == ("eh_proj_2DD",):
                 return lambda idx: reader(prefix + "eh_proj.weight").T[idx]
             fn = layer_readers(config, config.is_moe_layer(config.num_hidden_layers + k))[rel[1:]]
-            experts_axis = rel[-1] in ("gate_EDF", "up_EDF", "down_EFD")
-
-            def read_mtp(idx):
-                if experts_axis:
-                    return fn(reader, prefix, idx[0])[(slice(None),) + tuple(idx[1:])]
-                return fn(reader, prefix, slice(None))[idx]
-            return read_mtp
+            return functools.partial(read_layer, fn, prefix, rel[-1] in experts_params)
         raise KeyError(f"no HF source for parameter {path_}")
 
     flat = []
