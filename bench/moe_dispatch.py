@@ -1,12 +1,14 @@
 """MoE layer time per dispatch strategy on 8 simulated CPU devices, as ratios.
 
-    python bench/moe_dispatch.py [--tokens 1024] [--reps 7]
+    python bench/moe_dispatch.py [--tokens 1024] [--reps 7] [--parts 1 2]
 
 Part 1: forward time of one MoE layer for each `moe_dispatch` on the meshes expert=8 and
 data=2 x expert=4, and for the unsharded layer (one device, no mesh), interleaved; ratio =
 strategy / unsharded. On CPU the 8 "devices" share the host's cores, so a ratio says what the
 dispatch costs on top of the same arithmetic, not what a real pod would gain.
-Part 2: fixed active FLOPs (tokens x top-k x expert width constant), unsharded dropless layer:
+Part 2: fixed active FLOPs (tokens x top-k x expert width constant), unsharded dropless layer,
+forward ("fwd") and forward + backward ("train"), at `--scaling_tokens` (default 1024 and
+4096: the E=64, k=2 layer then gets 32 and 128 rows per expert):
   8 -> 64 experts at equal k and width           target: cost <= 1.3x
   fine-grained (64 experts, k=16, width/8) vs coarse (8 experts, k=2)   target: >= 0.7 of the
   coarse throughput.
@@ -45,14 +47,21 @@ def _config(experts: int, k: int, width: int, **over) -> ModelConfig:
     )
 
 
-def _layer_fn(cfg: ModelConfig, mesh):
-    """A jitted forward of one MoE layer (sharded when `mesh` is given) and its inputs."""
+def _layer_fn(cfg: ModelConfig, mesh, train=False):
+    """A jitted forward (or forward + backward) of one MoE layer, sharded when `mesh` is
+    given, and its inputs."""
     graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
 
     def fwd(state, x):
         y, stats = nnx.merge(graphdef, state)(x)
         return y, stats["aux_loss"]
 
+    if train:
+        def loss(state, x):
+            y, aux = fwd(state, x)
+            return jnp.mean(jnp.square(y)) + aux
+
+        fwd = jax.grad(loss, argnums=(0, 1))
     if mesh is None:
         return jax.jit(fwd), state, None
     with sharding.use_mesh(mesh):
@@ -61,8 +70,8 @@ def _layer_fn(cfg: ModelConfig, mesh):
     return fn, state, sharding.batch_sharding(mesh)
 
 
-def _timer(cfg, mesh, tokens, seed=0):
-    fn, state, x_sharding = _layer_fn(cfg, mesh)
+def _timer(cfg, mesh, tokens, seed=0, train=False):
+    fn, state, x_sharding = _layer_fn(cfg, mesh, train)
     keys = iter(jax.random.split(jax.random.key(seed), 1000))
 
     def once():
@@ -100,7 +109,9 @@ def _interleaved(timers: dict, reps: int) -> dict[str, float]:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--scaling_tokens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args(argv)
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} devices, "
           f"tokens={args.tokens}, D={D}, reps={args.reps}", file=sys.stderr)
@@ -108,16 +119,16 @@ def main(argv=None):
     rows = []
     # --- part 1: dispatch strategies ------------------------------------------------------------
     base = _config(64, 6, 64)
-    timers = {"unsharded": _timer(base, None, args.tokens)}
-    for mesh_shape in (dict(expert=8), dict(data=2, expert=4)):
+    timers = {"unsharded": _timer(base, None, args.tokens)} if 1 in args.parts else {}
+    for mesh_shape in (dict(expert=8), dict(data=2, expert=4)) if 1 in args.parts else ():
         mesh = sharding.make_mesh(mesh_shape, config=base)
         tag = " x ".join(f"{k}={v}" for k, v in mesh_shape.items())
         for kind in ("all_to_all", "ragged_all_to_all", "allgather", "auto"):
             timers[f"{kind} [{tag}]"] = _timer(base.replace(moe_dispatch=kind), mesh, args.tokens)
     med = _interleaved(timers, args.reps)
-    ref = med["unsharded"]
     for name, t in med.items():
-        rows.append((f"E=64 k=6: {name}", t, ref, t / ref, "(report)"))
+        rows.append((f"E=64 k=6: {name}", t, med["unsharded"], t / med["unsharded"],
+                     "(report)"))
 
     # --- part 2: scaling at fixed active FLOPs -------------------------------------------------
     width = 256
@@ -126,13 +137,17 @@ def main(argv=None):
         "E=64 k=2 F=256": _config(64, 2, width),
         "fine E=64 k=16 F=32": _config(64, 16, width // 8),
     }
-    med2 = _interleaved({n: _timer(c, None, args.tokens, seed=1) for n, c in cases.items()},
-                        args.reps)
-    coarse = med2["coarse E=8 k=2 F=256"]
-    more = med2["E=64 k=2 F=256"]
-    fine = med2["fine E=64 k=16 F=32"]
-    rows.append(("8 -> 64 experts, same k, F (time)", more, coarse, more / coarse, "<= 1.3"))
-    rows.append(("fine vs coarse throughput", fine, coarse, coarse / fine, ">= 0.7"))
+    for tokens in args.scaling_tokens if 2 in args.parts else ():
+        for mode in ("fwd", "train"):
+            med2 = _interleaved({n: _timer(c, None, tokens, seed=1, train=mode == "train")
+                                 for n, c in cases.items()}, args.reps)
+            coarse = med2["coarse E=8 k=2 F=256"]
+            more = med2["E=64 k=2 F=256"]
+            fine = med2["fine E=64 k=16 F=32"]
+            tag = f"T={tokens} {mode}"
+            rows.append((f"{tag}: 8 -> 64 experts (time)", more, coarse, more / coarse, "<= 1.3"))
+            rows.append((f"{tag}: fine vs coarse throughput", fine, coarse, coarse / fine,
+                         ">= 0.7"))
 
     print(f"{'case':44s} {'ours (ms)':>10s} {'baseline (ms)':>14s} {'ratio':>7s}  target")
     for name, ours, baseline, ratio, target in rows:

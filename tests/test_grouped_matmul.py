@@ -1,4 +1,5 @@
-"""The blocked grouped matmul equals a per-group loop and ragged_dot, forward and gradients."""
+"""The grouped SwiGLU (blocked scan and ragged_dot) equals a per-row loop, forward and
+gradients; its layout is the stable sort by expert, padded per group."""
 
 import chex
 import jax
@@ -6,45 +7,118 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mla_moe.grouped_matmul import block_rows, grouped_matmul
+from mla_moe.grouped_matmul import block_rows, grouped_swiglu, layout, permute_rows
+
+E, D, F = 6, 12, 7
 
 
-@pytest.mark.parametrize("sizes", [[5, 0, 17, 1, 0, 9], [32, 0, 0, 0, 0, 0], [1] * 6])
-def test_blocked_equals_loop_and_ragged_dot(sizes):
-    sizes = np.array(sizes, np.int32)
-    m, e, d, f = int(sizes.sum()), len(sizes), 12, 7
-    x = jax.random.normal(jax.random.key(0), (m, d))
-    w = jax.random.normal(jax.random.key(1), (e, d, f))
-    gs = jnp.asarray(sizes)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
+def _weights(seed=1):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k1, (E, D, F)), jax.random.normal(k2, (E, D, F)),
+            jax.random.normal(k3, (E, F, D)))
 
-    def loop(x, w):
-        return jnp.concatenate([x[bounds[g]:bounds[g + 1]] @ w[g] for g in range(e)])
+
+def _loop(x_TD, experts_TK, weights_TK, gate, up, down):
+    """One token at a time, each expert's weights indexed directly; expert E -> nothing."""
+    rows = []
+    for t in range(experts_TK.shape[0]):
+        y = jnp.zeros((D,))
+        for k in range(experts_TK.shape[1]):
+            e = int(experts_TK[t, k])
+            if e < E:
+                h = jax.nn.silu(x_TD[t] @ gate[e]) * (x_TD[t] @ up[e])
+                y = y + weights_TK[t, k] * (h @ down[e])
+        rows.append(y)
+    return jnp.stack(rows)
+
+
+def _experts(kind):
+    rng = np.random.default_rng(0)
+    if kind == "top3":  # distinct experts per row, uneven loads
+        return np.stack([rng.choice(E, 3, replace=False, p=[.4, .3, .1, .1, .1, 0])
+                         for _ in range(11)])
+    if kind == "one_expert":
+        return np.full((9, 1), 2)
+    if kind == "with_empty_rows":  # E marks a row with no expert
+        return np.array([[0], [E], [5], [5], [E], [1], [0]])
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["top3", "one_expert", "with_empty_rows"])
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_grouped_swiglu_equals_loop(kind, impl):
+    experts = jnp.asarray(_experts(kind), jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (experts.shape[0], D))
+    gates = jax.random.uniform(jax.random.key(2), experts.shape)
+    w = _weights()
+    fast = jax.jit(lambda x, g, *w: grouped_swiglu(x, experts, g, *w, implementation=impl))
+    np.testing.assert_allclose(fast(x, gates, *w), _loop(x, experts, gates, *w), rtol=1e-5,
+                               atol=1e-4)
 
     def loss(fn):
-        return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
+        return lambda x, g, *w: jnp.sum(jnp.sin(fn(x, experts, g, *w)))
 
-    blocked = jax.jit(lambda x, w: grouped_matmul(x, w, gs, implementation="blocked"))
-    ragged = jax.jit(lambda x, w: grouped_matmul(x, w, gs, implementation="ragged_dot"))
-    np.testing.assert_allclose(blocked(x, w), loop(x, w), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ragged(x, w), loop(x, w), rtol=1e-5, atol=1e-5)
-    g_blocked = jax.grad(loss(blocked), argnums=(0, 1))(x, w)
-    g_loop = jax.grad(loss(loop), argnums=(0, 1))(x, w)
-    chex.assert_trees_all_close(g_blocked, g_loop, rtol=1e-5, atol=1e-5)
+    g_fast = jax.grad(loss(lambda x, e, *a: grouped_swiglu(x, e, *a, implementation=impl)),
+                      argnums=(0, 1, 2, 3, 4))(x, gates, *w)
+    g_loop = jax.grad(loss(_loop), argnums=(0, 1, 2, 3, 4))(x, gates, *w)
+    chex.assert_trees_all_close(g_fast, g_loop, rtol=1e-4, atol=1e-4)
 
 
-def test_rows_past_the_groups_are_zero():
-    x = jax.random.normal(jax.random.key(0), (10, 4))
-    w = jax.random.normal(jax.random.key(1), (2, 4, 3))
-    gs = jnp.array([3, 4])
-    y = grouped_matmul(x, w, gs, implementation="blocked")
-    np.testing.assert_allclose(y, grouped_matmul(x, w, gs, implementation="ragged_dot"),
-                               rtol=1e-5, atol=1e-5)
-    assert float(jnp.abs(y[7:]).max()) == 0.0
+def test_no_weights_means_ones():
+    experts = jnp.asarray(_experts("with_empty_rows"), jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (experts.shape[0], D))
+    np.testing.assert_allclose(grouped_swiglu(x, experts, None, *_weights()),
+                               _loop(x, experts, jnp.ones(experts.shape), *_weights()),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_layout_is_the_padded_stable_sort():
+    experts = jnp.asarray(_experts("top3"), jnp.int32)
+    m = experts.size
+    flat = np.asarray(experts).reshape(-1)
+    for block in (1, 4):
+        lay = layout(experts, E, block)
+        dest, src = np.asarray(lay.dest_M), np.asarray(lay.src_P)
+        np.testing.assert_array_equal(src[dest], np.arange(m))  # inverse bijections
+        assert (src == m).sum() == src.size - m  # every other slot is padding
+        np.testing.assert_array_equal(lay.sizes_E, np.bincount(flat, minlength=E))
+        used_slots = src[src < m]
+        np.testing.assert_array_equal(used_slots, np.argsort(flat, stable=True))  # stable
+        for e in range(E):  # each group starts on a block boundary, its blocks tagged e
+            rows = np.nonzero(flat == e)[0]
+            if len(rows):
+                start = dest[rows].min()
+                assert start % block == 0 and (lay.group_N[start // block] == e)
+        assert int(lay.used) * block == sum(-(-c // block) * block for c in lay.sizes_E)
+
+
+def test_permute_rows_gradient_is_the_inverse_gather():
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    idx = jnp.array([4, 9, 0, 2, 9, 1, 3])  # 9: padding slot
+    inv = jnp.array([2, 5, 3, 6, 0])
+    g_fast = jax.grad(lambda x: jnp.sum(jnp.cos(permute_rows(x, idx, inv))))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.cos(x.at[idx].get(mode="fill", fill_value=0))))(x)
+    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6)
 
 
 def test_block_rows_and_bad_implementation():
-    assert block_rows(8192, 16) == 128 and block_rows(64, 64) == 8 and block_rows(2048, 8) == 64
+    assert block_rows(8192, 16) == 128 and block_rows(64, 64) == 8 and block_rows(2048, 8) == 128
     with pytest.raises(ValueError, match="implementation"):
-        grouped_matmul(jnp.ones((2, 3)), jnp.ones((1, 3, 4)), jnp.array([2]),
+        grouped_swiglu(jnp.ones((2, D)), jnp.zeros((2, 1), jnp.int32), None, *_weights(),
                        implementation="dense")
+
+
+def test_bfloat16_inputs_keep_their_dtype_in_gradients():
+    experts = jnp.asarray(_experts("top3"), jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (experts.shape[0], D))
+    gates = jax.random.uniform(jax.random.key(2), experts.shape)
+    w = _weights()
+    bf = [a.astype(jnp.bfloat16) for a in (x, *w)]
+
+    def loss(x, g, *w):
+        return jnp.sum(jnp.sin(grouped_swiglu(x, experts, g, *w, implementation="blocked")))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(bf[0], gates, *bf[1:])
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32] + [jnp.bfloat16] * 3
+    y = grouped_swiglu(bf[0], experts, gates, *bf[1:], implementation="blocked")
+    np.testing.assert_allclose(y, _loop(x, experts, gates, *w), rtol=0.05, atol=0.3)

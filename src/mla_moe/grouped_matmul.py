@@ -1,63 +1,263 @@
-"""Grouped matmul for MoE experts: rows sorted by group, each group times its own weight.
+"""Grouped expert compute: rows grouped by expert, each group through its own SwiGLU.
 
-`jax.lax.ragged_dot` is the natural primitive, but XLA lowers it to a dense product over
-every group on CPU (and, per reports, on GPU), so its cost grows with the number of experts.
-The blocked form here pads each group to a multiple of `block` rows, then runs one
-[block, D] x [D, F] product per block in a `lax.scan`: cost ~ (rows + E * block) * D * F,
-independent of how many experts there are. TPU keeps `ragged_dot` (a real grouped GEMM).
+`grouped_swiglu(x_TD, experts_TK, weights_TK, gate, up, down)` is the routed-expert core of
+the MoE layer: y[t] = sum_k weights[t, k] * SwiGLU_{experts[t, k]}(x[t]).
+
+- "blocked" (CPU, GPU): a padded layout puts each expert's rows in whole blocks of `block`
+  rows; one `lax.scan` step per block gathers its rows from x, runs the three matmuls with
+  its expert's weights and adds the weighted rows into y. Cost ~ (rows + E * block / 2) x the
+  per-row FLOPs, independent of how many experts there are; the blocks past the last group
+  are skipped, and no [T*K, D] buffer is built. The backward (custom VJP) is one scan in the
+  same layout that accumulates each expert's weight gradient in place.
+- "ragged_dot" (TPU): rows sorted by expert (block = 1 layout) and `lax.ragged_dot`, a real
+  grouped GEMM there; XLA lowers it to a dense product over every group on CPU (and, per
+  reports, on GPU), so its cost grows with the number of experts.
+
+The layout comes from a cumulative count over [T, E], not a sort; moving rows into and out
+of the sorted order is a pair of gathers whose transposes are the inverse gathers
+(`permute_rows`), never a scatter.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 
 def block_rows(rows: int, groups: int) -> int:
-    """Block height: a power of two near a quarter of the mean group size, in [8, 128]."""
-    target = max(1, rows // (4 * groups))
+    """Block height: a power of two near half the mean group size, in [8, 128]."""
+    target = max(1, rows // (2 * groups))
     return int(min(128, max(8, 1 << (target.bit_length() - 1))))
 
 
-def _blocked(x_MD, w_EDF, group_sizes_E, block):
-    x_MD, w_EDF = jnp.asarray(x_MD), jnp.asarray(w_EDF)  # w is indexed by a traced group id
-    m, d = x_MD.shape
-    e, _, f = w_EDF.shape
-    sizes = group_sizes_E.astype(jnp.int32)
-    padded = (sizes + block - 1) // block * block
-    ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)
-    starts, padded_starts = ends - sizes, padded_ends - padded
-    num_blocks = -(-(m + e * (block - 1)) // block)  # static bound on the padded blocks
-    rows_M = jnp.arange(m)
-    group_M = jnp.minimum(jnp.searchsorted(ends, rows_M, side="right"), e - 1)
-    # Rows past sum(sizes) belong to no group: sent out of range (dropped), read back as 0.
-    dest_M = jnp.where(rows_M < ends[-1], padded_starts[group_M] + rows_M - starts[group_M],
-                       num_blocks * block)
-    x_pad = jnp.zeros((num_blocks * block, d), x_MD.dtype).at[dest_M].set(x_MD, mode="drop")
-    block_group = jnp.minimum(
-        jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), e - 1
-    )
+class Layout(NamedTuple):
+    """Where the M = T*K rows (t, k) go in a buffer of P = blocks * block rows grouped by
+    expert, each group padded to a multiple of `block` (block = 1: sorted, no padding)."""
 
-    def step(_, inputs):
-        x_bD, g = inputs
-        return None, jnp.dot(x_bD, w_EDF[g], preferred_element_type=jnp.float32)
+    dest_M: jax.Array  # [M] slot of each row; P for rows with no expert
+    src_P: jax.Array  # [P] row of each slot; M for padding
+    sizes_E: jax.Array  # [E] rows per expert
+    group_N: jax.Array  # [N] expert of each block
+    used: jax.Array  # () blocks holding rows; the rest of the N are padding
 
-    _, y = jax.lax.scan(step, None, (x_pad.reshape(num_blocks, block, d), block_group))
-    return y.reshape(num_blocks * block, f).at[dest_M].get(mode="fill", fill_value=0)
+    @property
+    def block(self) -> int:
+        return self.src_P.shape[0] // self.group_N.shape[0]
 
 
-def grouped_matmul(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, *,
+def layout(experts_TK: jax.Array, groups: int, block: int) -> Layout:
+    """The grouped layout of rows (t, k) with expert experts_TK[t, k] (== `groups`: none).
+
+    Each row's K experts must be distinct (top-k), so a row's rank within its expert is the
+    count of earlier rows t' < t holding that expert. Within an expert, rows keep (t, k) order.
+    """
+    t, k = experts_TK.shape
+    m = t * k
+    e_TK = experts_TK.astype(jnp.int32)
+    held_TE = (e_TK[:, :, None] == jnp.arange(groups, dtype=jnp.int32)).sum(1, dtype=jnp.int32)
+    count_TE = jnp.cumsum(held_TE, axis=0)
+    sizes_E = count_TE[-1]
+    valid_TK = e_TK < groups
+    e_safe_TK = jnp.where(valid_TK, e_TK, 0)
+    rank_TK = jnp.take_along_axis(count_TE, e_safe_TK, axis=1) - 1
+    padded_E = (sizes_E + block - 1) // block * block
+    padded_ends_E = jnp.cumsum(padded_E)
+    num_blocks = -(-(m + groups * (block - 1)) // block)  # static bound on the padded blocks
+    p = num_blocks * block
+    dest_M = jnp.where(valid_TK, padded_ends_E[e_safe_TK] - padded_E[e_safe_TK] + rank_TK,
+                       p).reshape(m).astype(jnp.int32)
+    src_P = jnp.full((p,), m, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32),
+                                                         mode="drop")
+    group_N = jnp.minimum(jnp.searchsorted(padded_ends_E, jnp.arange(num_blocks) * block,
+                                           side="right"), groups - 1).astype(jnp.int32)
+    return Layout(dest_M, src_P, sizes_E, group_N, padded_ends_E[-1] // block)
+
+
+@jax.custom_vjp
+def permute_rows(x_AD: jax.Array, idx_B: jax.Array, inv_A: jax.Array) -> jax.Array:
+    """y[b] = x[idx[b]] (0 where idx[b] is out of range), for `idx` and `inv` mutually
+    inverse partial bijections; the gradient is the inverse gather g[inv[a]]."""
+    return x_AD.at[idx_B].get(mode="fill", fill_value=0)
+
+
+def _permute_fwd(x_AD, idx_B, inv_A):
+    return permute_rows(x_AD, idx_B, inv_A), (idx_B, inv_A)
+
+
+def _permute_bwd(res, g_BD):
+    idx_B, inv_A = res
+    return g_BD.at[inv_A].get(mode="fill", fill_value=0), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _gather(a_TX, idx_b):
+    return a_TX.at[idx_b].get(mode="fill", fill_value=0)
+
+
+def _expert(w_EXY, g):
+    return jax.lax.dynamic_index_in_dim(w_EXY, g, keepdims=False)
+
+
+def _add_expert(acc_EXY, g, update_XY):
+    return jax.lax.dynamic_update_index_in_dim(acc_EXY, _expert(acc_EXY, g) + update_XY, g, 0)
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _vma(x) -> frozenset:
+    """The mesh axes `x` varies over inside `shard_map` (empty elsewhere). jax keeps them in
+    `aval.vma` or, in the 0.10 releases, `aval.manual_axis_type.varying`."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "vma"):
+        return frozenset(aval.vma)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()))
+
+
+def _scan_used(step, init, lay: Layout, skip_out, per_block=(), *, operands=()):
+    """scan `step(carry, rows_b, g, *per_block_b) -> (carry, out)` over the layout's blocks;
+    the blocks past `used` keep the carry and give `skip_out`.
+
+    Inside `shard_map`, the zeros `init` and `skip_out` are marked as varying over the mesh
+    axes that `operands` (every array `step` reads) vary over, as the step's results are."""
+    n, block = lay.group_N.shape[0], lay.block
+    axes = tuple(sorted(set().union(*(_vma(a) for a in (*operands, *lay)))))
+    if axes:
+        def vary(z):
+            missing = tuple(a for a in axes if a not in _vma(z))
+            return jax.lax.pcast(z, missing, to="varying") if missing else z
+
+        init, skip_out = jax.tree.map(vary, (init, skip_out))
+
+    def body(carry, inputs):
+        i, *args = inputs
+        return jax.lax.cond(i < lay.used, step, lambda c, *_: (c, skip_out), carry, *args)
+
+    return jax.lax.scan(body, init, (jnp.arange(n), lay.src_P.reshape(n, block), lay.group_N,
+                                     *per_block))
+
+
+@jax.custom_vjp
+def _blocked_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
+    """sum_k w[t, k] SwiGLU_{e[t, k]}(x[t]): one scan step per block of the layout, which
+    gathers its rows from x, applies its expert and adds the weighted rows into y [T, D] f32.
+    Blocks past the last group are skipped; no [T*K, D] buffer is ever built."""
+    return _blocked_fwd(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD)[0]
+
+
+def _blocked_fwd(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD):
+    t, d = x_TD.shape
+    k = weights_M.shape[0] // t
+    f = gate_EDF.shape[-1]
+
+    def step(y_TD, rows_b, g):
+        tok_b = rows_b // k  # padding rows (== M) -> T: out of range, read as 0, dropped
+        x_bD = _gather(x_TD, tok_b)
+        a_bF, u_bF = _dot(x_bD, _expert(gate_EDF, g)), _dot(x_bD, _expert(up_EDF, g))
+        h_bF = (jax.nn.silu(a_bF) * u_bF).astype(x_TD.dtype)
+        y_bD = _dot(h_bF, _expert(down_EFD, g)) * _gather(weights_M, rows_b)[:, None]
+        return y_TD.at[tok_b].add(y_bD, mode="drop"), (a_bF, u_bF)
+
+    zeros_bF = jnp.zeros((lay.block, f), jnp.float32)
+    y_TD, (a_NbF, u_NbF) = _scan_used(step, jnp.zeros((t, d), jnp.float32), lay,
+                                      (zeros_bF, zeros_bF),
+                                      operands=(x_TD, weights_M, gate_EDF, up_EDF, down_EFD))
+    return y_TD, (x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD, a_NbF, u_NbF)
+
+
+def _blocked_bwd(res, dy_TD):
+    """The same scan backwards in one pass: dx and dw per block, dW accumulated per expert
+    in place (the autodiff of the forward would add a full [E, D, F] array per block)."""
+    x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD, a_NbF, u_NbF = res
+    t, d = x_TD.shape
+    k = weights_M.shape[0] // t
+
+    def step(carry, rows_b, g, a_bF, u_bF):
+        dx_TD, dgate, dup, ddown = carry
+        tok_b = rows_b // k
+        x_bD, dy_bD, w_b = _gather(x_TD, tok_b), _gather(dy_TD, tok_b), _gather(weights_M, rows_b)
+        sig_bF = jax.nn.sigmoid(a_bF)
+        silu_bF = a_bF * sig_bF
+        h_bF = (silu_bF * u_bF).astype(x_TD.dtype)
+        wd_FD = _expert(down_EFD, g)
+        dw_b = jnp.sum(dy_bD * _dot(h_bF, wd_FD), axis=-1)
+        dyw_bD = (dy_bD * w_b[:, None]).astype(x_TD.dtype)
+        dh_bF = _dot(dyw_bD, wd_FD.T)
+        da_bF = (dh_bF * u_bF * sig_bF * (1 + a_bF * (1 - sig_bF))).astype(x_TD.dtype)
+        du_bF = (dh_bF * silu_bF).astype(x_TD.dtype)
+        ddown = _add_expert(ddown, g, _dot(h_bF.T, dyw_bD))
+        dgate = _add_expert(dgate, g, _dot(x_bD.T, da_bF))
+        dup = _add_expert(dup, g, _dot(x_bD.T, du_bF))
+        dx_bD = _dot(da_bF, _expert(gate_EDF, g).T) + _dot(du_bF, _expert(up_EDF, g).T)
+        return (dx_TD.at[tok_b].add(dx_bD, mode="drop"), dgate, dup, ddown), dw_b
+
+    init = (jnp.zeros((t, d), jnp.float32),) + tuple(
+        jnp.zeros(w.shape, jnp.float32) for w in (gate_EDF, up_EDF, down_EFD))
+    (dx_TD, dgate, dup, ddown), dw_Nb = _scan_used(
+        step, init, lay, jnp.zeros((lay.block,), jnp.float32), (a_NbF, u_NbF),
+        operands=(x_TD, dy_TD, weights_M, gate_EDF, up_EDF, down_EFD, a_NbF))
+    dweights_M = _gather(dw_Nb.reshape(-1), lay.dest_M)
+    cts = (dx_TD, dweights_M, dgate, dup, ddown)
+    primals = (x_TD, weights_M, gate_EDF, up_EDF, down_EFD)
+    dx_TD, dweights_M, dgate, dup, ddown = (_like(ct, p) for ct, p in zip(cts, primals))
+    return dx_TD, dweights_M, None, dgate, dup, ddown
+
+
+def _like(ct, primal):
+    """A cotangent in its primal's dtype, summed over the mesh axes it varies over and the
+    primal does not (inside `shard_map`: the transpose of the implicit broadcast)."""
+    extra = tuple(sorted(_vma(ct) - _vma(primal)))
+    return (jax.lax.psum(ct, extra) if extra else ct).astype(primal.dtype)
+
+
+_blocked_swiglu.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
+    """The same with `ragged_dot` over rows sorted by expert (block = 1 layout)."""
+    t, d = x_TD.shape
+    k = weights_M.shape[0] // t
+    x_MD = jnp.broadcast_to(x_TD[:, None, :], (t, k, d)).reshape(t * k, d)
+    x_PD = permute_rows(x_MD, lay.src_P, lay.dest_M)
+
+    def rdot(a, w):
+        return jax.lax.ragged_dot(a, w, lay.sizes_E, preferred_element_type=jnp.float32)
+
+    h_PF = jax.nn.silu(rdot(x_PD, gate_EDF)) * rdot(x_PD, up_EDF)
+    y_PD = rdot(h_PF.astype(x_PD.dtype), down_EFD)
+    y_TKD = permute_rows(y_PD, lay.dest_M, lay.src_P).reshape(t, k, d)
+    return jnp.einsum("TKD,TK->TD", y_TKD, weights_M.reshape(t, k))
+
+
+def default_implementation() -> str:
+    return "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
+
+
+def grouped_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array | None,
+                   gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array, *,
                    implementation: str | None = None) -> jax.Array:
-    """y[i] = x[i] @ w[group of row i] (float32), rows sorted by group; rows past
-    sum(group_sizes) (<= M) are zeros, as with `ragged_dot`.
+    """y[t] = sum_k weights[t, k] * SwiGLU of x[t] by expert experts_TK[t, k], [T, D] float32.
 
+    An expert id of E means no expert (contributes 0); each row's K experts must be
+    distinct; weights_TK=None means all ones.
     implementation: "ragged_dot", "blocked", or None (ragged_dot on TPU, blocked elsewhere).
     """
-    if implementation is None:
-        implementation = "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
-    if implementation == "ragged_dot":
-        return jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E, preferred_element_type=jnp.float32)
-    if implementation != "blocked":
+    implementation = implementation or default_implementation()
+    if implementation not in ("ragged_dot", "blocked"):
         raise ValueError(
             f"implementation must be 'ragged_dot' or 'blocked', got {implementation!r}")
-    return _blocked(x_MD, w_EDF, group_sizes_E, block_rows(x_MD.shape[0], w_EDF.shape[0]))
+    t, k = experts_TK.shape
+    e = gate_EDF.shape[0]
+    if weights_TK is None:
+        weights_TK = jnp.ones((t, k), jnp.float32)
+    weights_M = weights_TK.astype(jnp.float32).reshape(t * k)
+    block = 1 if implementation == "ragged_dot" else block_rows(t * k, e)
+    lay = layout(experts_TK, e, block)
+    ffn = _ragged_swiglu if implementation == "ragged_dot" else _blocked_swiglu
+    return ffn(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD)

@@ -1,7 +1,7 @@
 """DeepSeekMoE layer: shared experts + routed SwiGLU experts, two execution paths.
 
-- dropless: sort the T*K (token, expert) assignments by expert, grouped matmul
-  (`grouped_matmul`: ragged_dot on TPU, a blocked scan elsewhere), unsort, weight, sum.
+- dropless: the T*K (token, expert) assignments grouped by expert, one grouped SwiGLU
+  (`grouped_swiglu`: ragged_dot on TPU, a blocked scan elsewhere), back, weighted, summed.
   Every assignment is computed.
 - capacity: each expert processes at most X = ceil(capacity_factor * T*K / E) assignments
   (T = all tokens of the call); beyond that the lowest-affinity assignments (by router score
@@ -22,31 +22,14 @@ from flax import nnx
 from mla_moe import moe_parallel
 from mla_moe.balance import balance_losses
 from mla_moe.config import ModelConfig
-from mla_moe.grouped_matmul import grouped_matmul
+from mla_moe.grouped_matmul import grouped_swiglu
 from mla_moe.layers import SwiGLU, param
 from mla_moe.router import Router
 
 
-def _swiglu_grouped(x_MD, gate_EDF, up_EDF, down_EFD, group_sizes_E):
-    def rdot(a, w):
-        return grouped_matmul(a, w, group_sizes_E)
-
-    h_MF = jax.nn.silu(rdot(x_MD, gate_EDF)) * rdot(x_MD, up_EDF)
-    return rdot(h_MF.astype(x_MD.dtype), down_EFD)
-
-
 def dropless_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD):
-    """Routed-expert output [T, D]: sort by expert, ragged_dot, unsort."""
-    t, k = experts_TK.shape
-    e = gate_EDF.shape[0]
-    flat_M = experts_TK.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True)
-    x_MD = x_TD[order_M // k]
-    group_sizes_E = jnp.bincount(flat_M, length=e).astype(jnp.int32)
-    y_MD = _swiglu_grouped(x_MD, gate_EDF, up_EDF, down_EFD, group_sizes_E)
-    y_MD = jnp.zeros_like(y_MD).at[order_M].set(y_MD)
-    y_TKD = y_MD.reshape(t, k, -1)
-    y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weights_TK.astype(jnp.float32))
+    """Routed-expert output [T, D]: every assignment computed (grouped SwiGLU), weighted, summed."""
+    y_TD = grouped_swiglu(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD)
     return y_TD, jnp.zeros((), jnp.float32)
 
 

@@ -14,7 +14,7 @@ boundary.
 
 Dispatch (`config.moe_dispatch`):
 - all_to_all: each source shard packs its assignments per destination shard into a buffer of
-  X rows, `all_to_all`, local grouped matmul (`grouped_matmul`), reverse `all_to_all`, combine.
+  X rows, `all_to_all`, local grouped SwiGLU (`grouped_swiglu`), reverse `all_to_all`, combine.
   Capacity semantics: X = min(ceil(dispatch_capacity_factor * T*K / EP), T * min(K, E/EP));
   with `dispatch_capacity_factor=None`, X = T * min(K, E/EP), the most one source can send to
   one destination, so nothing is ever dropped. Otherwise, per (source shard, destination
@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from mla_moe import sharding
 from mla_moe.config import ModelConfig
-from mla_moe.grouped_matmul import grouped_matmul
+from mla_moe.grouped_matmul import grouped_swiglu
 from mla_moe.router import select_experts
 
 log = logging.getLogger(__name__)
@@ -145,20 +145,10 @@ def dispatch_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
 def _local_experts(x_MD, e_M, gate_EDF, up_EDF, down_EFD, tensor_axes):
     """SwiGLU of each row by its local expert e_M (== E marks an empty row -> zeros): [M, D] f32.
 
-    Rows are sorted by expert for `grouped_matmul`; with F split over `tensor_axes` the partial
-    down-projections are summed by the caller (after the combine, where it is cheapest)."""
-    e = gate_EDF.shape[0]
-    order_M = jnp.argsort(e_M, stable=True)
-    sizes_E = jnp.zeros((e,), jnp.int32).at[e_M].add(1, mode="drop")
-    xs_MD = x_MD[order_M]
-
-    def rdot(a, w):
-        return grouped_matmul(a, w, sizes_E)
-
-    h_MF = jax.nn.silu(rdot(xs_MD, gate_EDF)) * rdot(xs_MD, up_EDF)
-    ys_MD = rdot(h_MF.astype(x_MD.dtype), down_EFD)
+    With F split over `tensor_axes` the partial down-projections are summed by the caller
+    (after the combine, where it is cheapest)."""
     del tensor_axes
-    return jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)
+    return grouped_swiglu(x_MD, e_M[:, None], None, gate_EDF, up_EDF, down_EFD)
 
 
 def _combine(y_MD, weights_TK):
@@ -213,8 +203,8 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, tensor_axes):
     me = jax.lax.axis_index("expert") if ep > 1 else 0
     mine_M = flat_M // e_local == me
     local_M = jnp.where(mine_M, flat_M % e_local, e_local)
-    y_MD = _local_experts(x_TD[jnp.arange(flat_M.shape[0]) // k], local_M, *w, tensor_axes)
-    y_TD = _combine(y_MD, weights_TK)
+    del tensor_axes  # partial sums over F are added by the caller
+    y_TD = grouped_swiglu(x_TD, local_M.reshape(-1, k), weights_TK, *w)
     if ep > 1:
         if gather:
             y_TD = jax.lax.psum_scatter(y_TD, "expert", scatter_dimension=0, tiled=True)
