@@ -14,21 +14,29 @@
 Compiled shapes depend only on (batch, prompt bucket or chunk, cache bucket, max_new_tokens),
 so prompts of different lengths within a bucket reuse the same executables.
 
+With `mesh=`, the model runs sharded as in training (`on_mesh`): each weight placed by the
+sharding rules (experts over `expert`, heads and FFN hidden over `tensor`, ...), the MoE
+layers expert-parallel, and the latent cache split over the batch axes. The cache has no
+head dimension to split (MLA's one latent per token), so tensor-parallel ranks each hold
+their batch rows' whole cache.
+
 Legend: B batch, T tokens in a call, P padded prompt length, S cache slots, D model dim,
 V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from mla_moe import fp8_cache
+from mla_moe import fp8_cache, sharding
 from mla_moe.cache import KVCache, init_cache
 from mla_moe.config import ModelConfig
 from mla_moe.decoder import DeepSeekModel
@@ -86,6 +94,36 @@ def allocate_cache(config: ModelConfig, batch: int, max_length: int, *, fp8: boo
     if fp8:
         return fp8_cache.init_fp8_cache(config, batch, max_length)
     return init_cache(config, batch, max_length, dtype)
+
+
+@contextlib.contextmanager
+def on_mesh(model: DeepSeekModel, mesh=None, rules=None) -> Iterator[DeepSeekModel]:
+    """Activates `mesh` (and the sharding `rules`) for the block and yields `model` with its
+    state placed on it; a no-op yielding `model` when mesh is None. Weights already on the
+    mesh (e.g. `load_pretrained(..., mesh=mesh)`) are not copied."""
+    if mesh is None:
+        yield model
+        return
+    with sharding.use_mesh(mesh, rules):
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, sharding.state_shardings(state, mesh))
+        yield nnx.merge(graphdef, state)
+
+
+def place_cache(cache, mesh=None):
+    """A latent cache (KVCache latents [L, B, S, W], MTP latents [B, S, W], lengths [B]) with
+    its batch dimension split by the `batch` rule where the mesh axes divide it, else
+    replicated over the mesh. Unchanged when mesh is None."""
+    if mesh is None:
+        return cache
+    names = {4: ("layers", "batch", "length", None), 3: ("batch", "length", None),
+             1: ("batch",)}
+
+    def one(x):
+        spec = sharding.logical_to_spec(names[x.ndim], x.shape, mesh, strict=False)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, cache)
 
 
 # --- jitted pieces ---------------------------------------------------------------------------
@@ -204,13 +242,15 @@ def generate(
     cache_dtype=None,
     prefill_chunk: int = PREFILL_CHUNK,
     decode_form: str | None = None,
+    mesh=None,
 ) -> list[list[int]]:
     """Generates up to `max_new_tokens` new tokens for each prompt (a list of token ids).
 
     sampling: None (greedy) or a `Sampling`; `seed` seeds it. eos_id: a row stops after
     emitting it (the EOS is included). fp8: the FP8 latent cache (fp8_cache.py) instead of
     `cache_dtype` (default: the model's compute dtype). decode_form: "absorbed" or "naive"
-    (default: the config's `decode_attention`). Returns the new tokens of each prompt.
+    (default: the config's `decode_attention`). mesh: run sharded on this mesh (`on_mesh`).
+    Returns the new tokens of each prompt.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -219,11 +259,13 @@ def generate(
     bucket = prompt_bucket(longest, prefill_chunk)
     tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, bucket)
     slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens))
-    cache = allocate_cache(config, len(prompts), slots, fp8=fp8, dtype=cache_dtype)
-    graphdef, state = nnx.split(model)
-    h_last_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache, chunk=prefill_chunk)
-    out_BN, _, _ = _decode_loop(
-        graphdef, state, cache, h_last_BD, jax.random.key(seed), jnp.int32(max_new_tokens),
-        eos_array(eos_id), sampling=sampling, form=decode_form or config.decode_attention,
-    )
+    with on_mesh(model, mesh) as model:
+        cache = place_cache(
+            allocate_cache(config, len(prompts), slots, fp8=fp8, dtype=cache_dtype), mesh)
+        graphdef, state = nnx.split(model)
+        h_last_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache, chunk=prefill_chunk)
+        out_BN, _, _ = _decode_loop(
+            graphdef, state, cache, h_last_BD, jax.random.key(seed), jnp.int32(max_new_tokens),
+            eos_array(eos_id), sampling=sampling, form=decode_form or config.decode_attention,
+        )
     return trim(out_BN, eos_id, max_new_tokens)

@@ -39,7 +39,9 @@ from mla_moe.generate import (
     allocate_cache,
     cache_bucket,
     eos_array,
+    on_mesh,
     pad_prompts,
+    place_cache,
     prefill,
     prompt_bucket,
     trim,
@@ -189,12 +191,14 @@ def speculative_generate(
     cache_dtype=None,
     prefill_chunk: int = PREFILL_CHUNK,
     draft_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    mesh=None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """Greedy generation drafted by MTP module 1 and verified by the main model.
 
     Returns (new tokens per prompt, identical to `generate(..., sampling=None)`, and the
     acceptance statistics). draft_fn(mtp_draft_B, emitted_count_B) -> draft_B may replace
     the MTP draft (tests use it to force accepts and rejects); it is a static argument.
+    mesh: run sharded on this mesh (`generate.on_mesh`).
     """
     config = model.config
     if not config.num_nextn_predict_layers or not len(model.mtp):
@@ -208,28 +212,29 @@ def speculative_generate(
     # Verification writes two slots past the committed length.
     slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens + 2))
     b = len(prompts)
-    cache = allocate_cache(config, b, slots, fp8=fp8, dtype=cache_dtype)
-    mcache = init_mtp_cache(config, b, slots, fp8=fp8, dtype=cache_dtype)
-    graphdef, state = nnx.split(model)
-    h_last_BD, hidden_BPD, cache = prefill(model, tokens_BP, lengths_B, cache,
-                                           chunk=prefill_chunk)
-    tok_B = _first_token(graphdef, state, h_last_BD)
-    # MTP prefill: position i pairs h_i with token i+1; the last prompt position pairs with
-    # the first generated token.
-    lengths = jnp.asarray(lengths_B)
-    next_BP = jnp.pad(jnp.asarray(tokens_BP)[:, 1:], ((0, 0), (0, 1)))
-    next_BP = next_BP.at[jnp.arange(b), lengths - 1].set(tok_B)
-    draft_B = jnp.zeros((b,), jnp.int32)
-    step = min(bucket, prefill_chunk)
-    for start in range(0, bucket, step):
-        draft_B, mcache = _mtp_prefill_chunk(
-            graphdef, state, hidden_BPD[:, start : start + step], next_BP[:, start : start + step],
-            mcache, lengths - 1, draft_B,
+    with on_mesh(model, mesh) as model:
+        cache = place_cache(allocate_cache(config, b, slots, fp8=fp8, dtype=cache_dtype), mesh)
+        mcache = place_cache(init_mtp_cache(config, b, slots, fp8=fp8, dtype=cache_dtype), mesh)
+        graphdef, state = nnx.split(model)
+        h_last_BD, hidden_BPD, cache = prefill(model, tokens_BP, lengths_B, cache,
+                                               chunk=prefill_chunk)
+        tok_B = _first_token(graphdef, state, h_last_BD)
+        # MTP prefill: position i pairs h_i with token i+1; the last prompt position pairs with
+        # the first generated token.
+        lengths = jnp.asarray(lengths_B)
+        next_BP = jnp.pad(jnp.asarray(tokens_BP)[:, 1:], ((0, 0), (0, 1)))
+        next_BP = next_BP.at[jnp.arange(b), lengths - 1].set(tok_B)
+        draft_B = jnp.zeros((b,), jnp.int32)
+        step = min(bucket, prefill_chunk)
+        for start in range(0, bucket, step):
+            draft_B, mcache = _mtp_prefill_chunk(
+                graphdef, state, hidden_BPD[:, start : start + step],
+                next_BP[:, start : start + step], mcache, lengths - 1, draft_B,
+            )
+        mcache = mcache.replace(lengths_B=lengths)
+        out_BN, accepted_B, drafted_B, _, _ = _speculative_loop(
+            graphdef, state, cache, mcache, tok_B, draft_B, jnp.int32(max_new_tokens),
+            eos_array(eos_id), form=config.decode_attention, draft_fn=draft_fn,
         )
-    mcache = mcache.replace(lengths_B=lengths)
-    out_BN, accepted_B, drafted_B, _, _ = _speculative_loop(
-        graphdef, state, cache, mcache, tok_B, draft_B, jnp.int32(max_new_tokens),
-        eos_array(eos_id), form=config.decode_attention, draft_fn=draft_fn,
-    )
     stats = SpeculativeStats(accepted=np.asarray(accepted_B), drafted=np.asarray(drafted_B))
     return trim(out_BN, eos_id, max_new_tokens), stats
