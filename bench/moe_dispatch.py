@@ -56,17 +56,16 @@ def _layer_fn(cfg: ModelConfig, mesh, train=False):
         y, stats = nnx.merge(graphdef, state)(x)
         return y, stats["aux_loss"]
 
-    if train:
-        def loss(state, x):
-            y, aux = fwd(state, x)
-            return jnp.mean(jnp.square(y)) + aux
+    def loss(state, x):
+        y, aux = fwd(state, x)
+        return jnp.mean(jnp.square(y)) + aux
 
-        fwd = jax.grad(loss, argnums=(0, 1))
+    step = jax.grad(loss, argnums=(0, 1)) if train else fwd
     if mesh is None:
-        return jax.jit(fwd), state, None
+        return jax.jit(step), state, None
     with sharding.use_mesh(mesh):
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
-        fn = jax.jit(fwd)
+        fn = jax.jit(step)
     return fn, state, sharding.batch_sharding(mesh)
 
 

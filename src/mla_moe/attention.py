@@ -8,6 +8,8 @@ Both compute softmax in float32. A row whose mask is all False yields zeros.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -39,17 +41,35 @@ def naive_attention(
 def absorbed_attention(
     q_latent_BTNC: jax.Array,
     q_pe_BTNR: jax.Array,
-    c_BSC: jax.Array,
-    k_pe_BSR: jax.Array,
-    mask_BTS: jax.Array,
+    kv_segments: Sequence[tuple[jax.Array, jax.Array]],
     sm_scale: float,
 ) -> jax.Array:
-    """Returns the latent output o_latent [B, T, N, C] (W_UV not yet applied)."""
-    scores_BNTS = jnp.einsum(
-        "BTNC,BSC->BNTS", q_latent_BTNC, c_BSC, preferred_element_type=jnp.float32
-    ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)
-    probs_BNTS = _softmax_BNTS(scores_BNTS * sm_scale, mask_BTS)
-    return jnp.einsum("BNTS,BSC->BTNC", probs_BNTS.astype(c_BSC.dtype), c_BSC)
+    """Returns the latent output o_latent [B, T, N, C] (W_UV not yet applied).
+
+    kv_segments: one or more (kv_BSK, mask_BTS) whose keys together form one softmax, e.g.
+    the cache before this step and the step's own new entries, so that the cache is only
+    read (its in-place update is independent of the attention). Each kv_BSK is the entry
+    [c; k_pe] (K = C + R) used whole: the query [q_latent; q_pe] meets it in one product and
+    the weighted sum runs over all K columns (the R extra ones are dropped), so it is never
+    sliced or transposed into a copy. The T x N queries form one matrix per sequence."""
+    b, t, n, c = q_latent_BTNC.shape
+    q_BMK = jnp.concatenate([q_latent_BTNC, q_pe_BTNR.astype(q_latent_BTNC.dtype)], axis=-1
+                            ).reshape(b, t * n, -1)
+    scores, masks = [], []
+    for kv_BSK, mask_BTS in kv_segments:
+        scores.append(jnp.einsum("BMK,BSK->BMS", q_BMK, kv_BSK,
+                                 preferred_element_type=jnp.float32))
+        masks.append(jnp.repeat(mask_BTS, n, axis=1))  # row t*n + i is query t, head i
+    mask_BMS = jnp.concatenate(masks, axis=-1)
+    scores_BMS = jnp.where(mask_BMS, jnp.concatenate(scores, axis=-1) * sm_scale, _NEG)
+    probs_BMS = jnp.where(mask_BMS, jax.nn.softmax(scores_BMS, axis=-1), 0.0)
+    o_BMK, start = 0.0, 0
+    for kv_BSK, _ in kv_segments:
+        p_BMS = probs_BMS[..., start : start + kv_BSK.shape[1]]
+        o_BMK = o_BMK + jnp.einsum("BMS,BSK->BMK", p_BMS.astype(kv_BSK.dtype), kv_BSK,
+                                   preferred_element_type=jnp.float32)
+        start += kv_BSK.shape[1]
+    return o_BMK[..., :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
 
 
 def causal_segment_mask(segment_ids_BT: jax.Array | None, batch: int, length: int) -> jax.Array:

@@ -98,35 +98,55 @@ class MLA(nnx.Module):
         q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT)
         latent_BTK = self.latent(x_BTD, positions_BT)
         b, t = x_BTD.shape[:2]
+        kernel = _kernel_implementation(c)
+        wk_b, wv_b = self.wk_b_CNH[...].astype(dt), self.wv_b_CNV[...].astype(dt)
         if cache_BSK is None:
-            kv_BSK = latent_BTK
             form = form or "naive"
-            mask_BTS = None
+            kv_BSK, mask_BTS = latent_BTK, None
+            segments = [(latent_BTK, attn.causal_segment_mask(segment_ids_BT, b, t))]
         else:
+            form = form or c.decode_attention
             packed = cache_BSK.dtype == jnp.uint8  # FP8 latent cache, see fp8_cache.py
+
+            def read(w):
+                return fp8_cache.unpack(w, c.kv_lora_rank, dt) if packed else w.astype(dt)
+
             new_BTW = (fp8_cache.pack(latent_BTK, c.kv_lora_rank) if packed
                        else latent_BTK.astype(cache_BSK.dtype))
-            cache_BSK = jax.vmap(
-                lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (start, 0))
-            )(cache_BSK, new_BTW, lengths_B)
-            kv_BSK = (fp8_cache.unpack(cache_BSK, c.kv_lora_rank, dt) if packed
-                      else cache_BSK.astype(dt))
-            form = form or c.decode_attention
-            query_pos_BT = lengths_B[:, None] + jnp.arange(t)[None, :]
-            mask_BTS = attn.cache_mask(query_pos_BT, kv_BSK.shape[1])
-        c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
-        wk_b, wv_b = self.wk_b_CNH[...].astype(dt), self.wv_b_CNV[...].astype(dt)
+            slots_BT = lengths_B[:, None] + jnp.arange(t)[None, :]
+
+            def write(w_BSW):
+                """Row b's T entries at slots lengths_B[b] + t, in place on the donated cache
+                (one dynamic_update_slice per row)."""
+                for i in range(b):
+                    w_BSW = jax.lax.dynamic_update_slice(
+                        w_BSW, new_BTW[i : i + 1], (i, lengths_B[i], 0))
+                return w_BSW
+
+            if form == "absorbed" and not kernel:
+                # Attention over the cache as it was plus the new entries (as stored): the
+                # whole-cache read does not wait for, or copy, the updated cache.
+                s = cache_BSK.shape[1]
+                old_mask_BTS = jnp.broadcast_to(
+                    jnp.arange(s)[None, None, :] < lengths_B[:, None, None], (b, t, s))
+                segments = [(read(cache_BSK), old_mask_BTS),
+                            (read(new_BTW), attn.causal_segment_mask(None, b, t))]
+                cache_BSK = write(cache_BSK)
+            else:
+                cache_BSK = write(cache_BSK)
+                kv_BSK = read(cache_BSK)
+                mask_BTS = attn.cache_mask(slots_BT, kv_BSK.shape[1])
 
         if form == "naive":
+            c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
             k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", c_BSC, wk_b)
             v_BSNV = jnp.einsum("BSC,CNV->BSNV", c_BSC, wv_b)
-            if mask_BTS is None and _kernel_implementation(c):
+            if mask_BTS is None and kernel:
                 import pallas_kernels  # the second package of this repository
 
                 o_BTNV = pallas_kernels.mla_attention(
                     q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, sm_scale=scale,
-                    causal=True, segment_ids=segment_ids_BT,
-                    implementation=_kernel_implementation(c),
+                    causal=True, segment_ids=segment_ids_BT, implementation=kernel,
                 )
             else:
                 if mask_BTS is None:
@@ -136,19 +156,17 @@ class MLA(nnx.Module):
                 )
         elif form == "absorbed":
             q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, wk_b)
-            if cache_BSK is not None and _kernel_implementation(c):
+            if cache_BSK is not None and kernel:
                 import pallas_kernels
 
                 o_latent_BTNC = pallas_kernels.latent_attention(
-                    q_latent_BTNC, q_pe_BTNR, c_BSC, k_pe_BSR, lengths_B=lengths_B + t,
-                    sm_scale=scale, causal=True, implementation=_kernel_implementation(c),
+                    q_latent_BTNC, q_pe_BTNR, kv_BSK[..., : c.kv_lora_rank],
+                    kv_BSK[..., c.kv_lora_rank :], lengths_B=lengths_B + t, sm_scale=scale,
+                    causal=True, implementation=kernel,
                 )
             else:
-                if mask_BTS is None:
-                    mask_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
-                o_latent_BTNC = attn.absorbed_attention(
-                    q_latent_BTNC, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, scale
-                )
+                o_latent_BTNC = attn.absorbed_attention(q_latent_BTNC, q_pe_BTNR, segments,
+                                                        scale)
             o_BTNV = jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, wv_b)
         else:
             raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
