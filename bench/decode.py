@@ -106,7 +106,7 @@ def _bench_model(layers: int = 1) -> DeepSeekModel:
         max_position_embeddings=32768, initializer_range=0.05, dtype="float32",
         param_dtype="float32",
     )
-    return DeepSeekModel(config, rngs=nnx.Rngs(0))
+    return DeepSeekModel(config, rngs=nnx.Rngs(0)).unstacked()  # as `generate` runs it
 
 
 def part_b(lengths: list[int], repeats: int) -> list[str]:

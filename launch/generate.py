@@ -2,10 +2,14 @@
 
     python -m launch.generate --hf=DIR --prompt="Hello" --prompt="Bye" --max_new_tokens=32
     python -m launch.generate --checkpoint=WORKDIR --tokenizer=byte --temperature=0.8 --top_p=0.9
+    python -m launch.generate --hf=DIR --mesh=expert=4,tensor=2 --prompt="Hello"
 
-Greedy unless --temperature > 0. Prints each prompt's continuation as text and the decode
-throughput (new tokens / wall time of the `generate` call; the first call includes
-compilation, --timed_runs=2 adds a run with everything compiled).
+--mesh shards the model over the devices as in training (experts over `expert`, heads over
+`tensor`, the batch over `data`/`fsdp`; unnamed axes are 1, one axis may be -1): an HF
+checkpoint is loaded straight into its shards. Greedy unless --temperature > 0. Prints each
+prompt's continuation as text and the decode throughput (new tokens / wall time of the
+`generate` call; the first call includes compilation, --timed_runs=2 adds a run with
+everything compiled).
 """
 
 from __future__ import annotations
@@ -32,6 +36,28 @@ _EOS = flags.DEFINE_integer("eos_id", None, "Stop token (default: the model conf
 _FP8 = flags.DEFINE_bool("fp8_cache", False, "FP8 latent cache (656 B per token per layer).")
 _SPEC = flags.DEFINE_bool("speculative", False, "Greedy MTP speculative decoding.")
 _RUNS = flags.DEFINE_integer("timed_runs", 1, "Runs of the same generation (>= 2: warm timing).")
+_MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'expert=4,tensor=2' (default: none, "
+                            "one device).")
+
+
+def parse_mesh(text: str) -> dict[str, int] | None:
+    """'expert=4,tensor=2' -> {'expert': 4, 'tensor': 2}; '' -> None."""
+    from mla_moe.sharding import MESH_AXES
+
+    if not text.strip():
+        return None
+    sizes = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise app.UsageError(f"--mesh: unknown axis {name!r} in {item!r}; the axes are "
+                                 f"{', '.join(MESH_AXES)}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise app.UsageError(f"--mesh: {item!r} needs an integer size") from None
+    return sizes
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
@@ -87,18 +113,27 @@ def main(argv):
     if not _PROMPT.value:
         raise app.UsageError("pass at least one --prompt")
 
+    from mla_moe import sharding
+    from mla_moe.config import ModelConfig
     from mla_moe.data.tokenizer import load_tokenizer
     from mla_moe.generate import generate
     from mla_moe.sampling import Sampling
     from mla_moe.speculative import speculative_generate
 
+    mesh_sizes = parse_mesh(_MESH.value)
+    mesh = None
     if _HF.value:
         from mla_moe.hf import load_pretrained
 
-        model, source = load_pretrained(_HF.value), _HF.value
+        if mesh_sizes:  # checked against the model before any weight is read
+            with open(os.path.join(_HF.value, "config.json")) as f:
+                mesh = sharding.make_mesh(mesh_sizes, config=ModelConfig.from_hf(json.load(f)))
+        model, source = load_pretrained(_HF.value, mesh=mesh), _HF.value
     else:
         model, step = load_checkpoint(_CKPT.value, _STEP.value)
         source = f"{_CKPT.value} step {step}"
+        if mesh_sizes:
+            mesh = sharding.make_mesh(mesh_sizes, config=model.config)
     config = model.config
     tokenizer = load_tokenizer(_TOKENIZER.value)
     prompts = [tokenizer.encode(p) for p in _PROMPT.value]
@@ -114,18 +149,20 @@ def main(argv):
     if _SPEC.value and sampling is not None:
         raise app.UsageError("--speculative is greedy only (--temperature=0)")
 
-    print(f"model: {source} ({config.hf_model_type}, {config.num_hidden_layers} layers); "
-          f"{len(prompts)} prompt(s); {'fp8' if _FP8.value else config.dtype} latent cache",
-          flush=True)
+    where = "one device" if mesh is None else " x ".join(
+        f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "a 1-device mesh"
+    print(f"model: {source} ({config.hf_model_type}, {config.num_hidden_layers} layers) on "
+          f"{where}; {len(prompts)} prompt(s); {'fp8' if _FP8.value else config.dtype} latent "
+          "cache", flush=True)
     stats = None
     for run in range(max(1, _RUNS.value)):
         start = time.perf_counter()
         if _SPEC.value:
             outputs, stats = speculative_generate(model, prompts, max_new_tokens=_MAX_NEW.value,
-                                                  eos_id=eos, fp8=_FP8.value)
+                                                  eos_id=eos, fp8=_FP8.value, mesh=mesh)
         else:
             outputs = generate(model, prompts, max_new_tokens=_MAX_NEW.value, sampling=sampling,
-                               eos_id=eos, seed=_SEED.value, fp8=_FP8.value)
+                               eos_id=eos, seed=_SEED.value, fp8=_FP8.value, mesh=mesh)
         seconds = time.perf_counter() - start
         total = sum(len(o) for o in outputs)
         label = "with compilation" if run == 0 else "compiled"

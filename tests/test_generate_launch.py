@@ -37,6 +37,32 @@ def test_launch_generate_greedy_byte_tokenizer(tmp_path, capsys):
         launcher.main(["generate"])
 
 
+def test_launch_generate_on_a_mesh(tmp_path, capsys):
+    """--mesh loads the HF weights into their shards and generates the same tokens; a mesh
+    the model cannot use is refused before any weight is read, naming the axis."""
+    from launch import generate as launcher
+
+    make_hf_model("v2_lite", seed=1).save_pretrained(tmp_path)
+    argv = ["generate", f"--hf={tmp_path}", "--prompt=ABC", "--prompt=+-*/0", "--eos_id=-1",
+            "--max_new_tokens=6", "--mesh=data=2,expert=4"]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    launcher.main([argv[0]])
+    out = capsys.readouterr().out
+    assert "on data=2 x expert=4;" in out
+    printed = [ast.literal_eval(m) for m in re.findall(r"^tokens: (\[.*\])$", out, re.M)]
+    want = mla_moe.generate(load_pretrained(tmp_path), [[65, 66, 67], [43, 45, 42, 47, 48]],
+                            max_new_tokens=6)
+    assert printed == want
+    for bad, match in (("--mesh=tensor=2,data=-1", "mesh.tensor=2 does not divide vocab_size=97"),
+                       ("--mesh=experts=8", "unknown axis 'experts'"),
+                       ("--mesh=expert=x", "needs an integer")):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["generate", f"--hf={tmp_path}", "--prompt=hi", bad])
+        with pytest.raises(Exception, match=match):
+            launcher.main(["generate"])
+
+
 def test_load_checkpoint_reads_a_training_workdir(tmp_path):
     """A workdir laid out as launch/train.py writes it (config.json + Checkpointer state with
     step / params / extra / opt_state) loads back into the same model."""

@@ -51,10 +51,10 @@ def test_weights_and_cache_are_really_split():
         shard = moe.gate_EDF[...].addressable_shards[0].data
         assert shard.shape[1] == model.config.n_routed_experts // 4
         cache = place_cache(allocate_cache(model.config, 4, 64), mesh)
-        assert cache.latents[0].sharding.spec[1] == "data"
-        assert cache.latents[0].addressable_shards[0].data.shape[1] == 2
+        assert cache.latents[0].sharding.spec[0] == "data"
+        assert cache.latents[0].addressable_shards[0].data.shape[0] == 2
         odd = place_cache(allocate_cache(model.config, 3, 64), mesh)  # 3 rows: replicated
-        assert odd.latents[0].addressable_shards[0].data.shape[1] == 3
+        assert odd.latents[0].addressable_shards[0].data.shape[0] == 3
     tp = _mesh("expert4_tensor2", model)
     with on_mesh(model, tp) as placed:
         w = placed.groups[0].attn.wq_b_QNA[...]  # [layers, Q, N, A]: heads over `tensor`

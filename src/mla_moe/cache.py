@@ -11,7 +11,8 @@ from mla_moe.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    """`latents[g]` is [L_g, B, S, C + R] for layer group g (post-norm c_KV, post-rope k_pe).
+    """`latents[i]` is [B, S, C + R] for layer i (post-norm c_KV, post-rope k_pe): one array
+    per layer, so that a decode step reads and updates each in place.
 
     `lengths_B` counts the valid slots of each sequence; a call with T new tokens writes
     slots lengths_B .. lengths_B + T - 1 and returns the cache with lengths_B + T. Slots past
@@ -24,7 +25,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.latents[0].shape[2]
+        return self.latents[0].shape[1]
 
     def bytes_per_token_per_layer(self) -> int:
         x = self.latents[0]
@@ -52,7 +53,6 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> 
         )
     dtype = jnp.dtype(dtype or config.dtype)
     width = config.kv_lora_rank + config.qk_rope_head_dim
-    latents = tuple(
-        jnp.zeros((n, batch, max_length, width), dtype) for _, n in layer_groups(config)
-    )
+    latents = tuple(jnp.zeros((batch, max_length, width), dtype)
+                    for _ in range(config.num_hidden_layers))
     return KVCache(latents=latents, lengths_B=jnp.zeros((batch,), jnp.int32))

@@ -98,10 +98,6 @@ def _slice(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 class DeepSeekModel(nnx.Module):
     """DeepSeek-V2/V3 causal LM. Call it on int tokens [B, T]; see `__call__`."""
 
@@ -137,9 +133,36 @@ class DeepSeekModel(nnx.Module):
         return jnp.einsum("BTD,DV->BTV", x_BTD, w_DV.astype(x_BTD.dtype),
                           preferred_element_type=jnp.float32)
 
+    def unstacked(self) -> DeepSeekModel:
+        """The same model for inference, each layer group split into per-layer modules (one
+        copy of the weights, made once). A decode step then reads every layer's weights in
+        place; with stacked groups each step would first copy each layer's weights out of the
+        stacked arrays. Place the model on its mesh before unstacking; training and the
+        expert-bias update expect the stacked model."""
+        model = nnx.merge(*nnx.split(self))  # a new module tree over the same arrays
+        groups = []
+        for group in model.groups:
+            if isinstance(group, nnx.List):
+                groups.append(group)
+                continue
+            graphdef, state = nnx.split(group)
+            n = jax.tree.leaves(state)[0].shape[0]
+            groups.append(nnx.List([nnx.merge(graphdef, _slice(state, i)) for i in range(n)]))
+        model.groups = nnx.List(groups)
+        return model
+
     def _run_group(self, group, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
                    form):
         c = self.config
+        if isinstance(group, nnx.List):  # unstacked (see `unstacked`)
+            caches, stats = [], []
+            for i, layer in enumerate(group):
+                cache_l = None if cache_group is None else cache_group[i]
+                x_BTD, cache_l, s = layer(x_BTD, positions_BT, segment_ids_BT, cache_l,
+                                          lengths_B, form)
+                caches.append(cache_l)
+                stats.append(s)
+            return x_BTD, (None if cache_group is None else tuple(caches)), stats
         graphdef, state = nnx.split(group)
 
         def body(x, layer_state, cache_l):
@@ -148,22 +171,23 @@ class DeepSeekModel(nnx.Module):
 
         if c.remat_policy != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy])
-        if c.scan_layers:
-            def step(x, xs):
-                x, cache_l, stats = body(x, *xs)
-                return x, (cache_l, stats)
-
-            x_BTD, (cache_group, stats) = jax.lax.scan(step, x_BTD, (state, cache_group))
-            n = jax.tree.leaves(state)[0].shape[0]
-            return x_BTD, cache_group, [_slice(stats, i) for i in range(n)]
         n = jax.tree.leaves(state)[0].shape[0]
+        if c.scan_layers and cache_group is None:
+            def step(x, layer_state):
+                x, _, stats = body(x, layer_state, None)
+                return x, stats
+
+            x_BTD, stats = jax.lax.scan(step, x_BTD, state)
+            return x_BTD, None, [_slice(stats, i) for i in range(n)]
+        # With a cache, one traced layer per layer: each layer's own [B, S, K] cache array is
+        # read and updated in place (scanning would slice it out of a stacked array and back).
         caches, stats = [], []
         for i in range(n):
             cache_l = None if cache_group is None else cache_group[i]
             x_BTD, cache_l, s = body(x_BTD, _slice(state, i), cache_l)
             caches.append(cache_l)
             stats.append(s)
-        return x_BTD, (None if cache_group is None else jnp.stack(caches)), stats
+        return x_BTD, (None if cache_group is None else tuple(caches)), stats
 
     # --- forward -----------------------------------------------------------------------------
     def __call__(
@@ -196,14 +220,16 @@ class DeepSeekModel(nnx.Module):
         x_BTD = self.embed(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         router_stats: list[dict[str, Any]] = []
         new_latents = []
-        for g, group in enumerate(self.groups):
-            cache_group = None if cache is None else cache.latents[g]
+        first = 0
+        for group, (_, n) in zip(self.groups, layer_groups(self.config), strict=True):
+            cache_group = None if cache is None else cache.latents[first : first + n]
             x_BTD, cache_group, stats = self._run_group(
                 group, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
                 attention_form,
             )
-            new_latents.append(cache_group)
+            new_latents.extend(cache_group or ())
             router_stats.extend(s for s in stats if s)
+            first += n
         h_BTD = x_BTD
         logits_BTV = self.logits(h_BTD)
 

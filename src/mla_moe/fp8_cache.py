@@ -6,9 +6,9 @@ all bitcast to bytes: 512 + 16 + 128 = 656 B for DeepSeek's C = 512, R = 64 (bf1
 The rope key stays in bf16 because its entries carry position information that a shared
 per-block scale would blur.
 
-A packed cache is a plain `KVCache` whose latents are uint8 `[L, B, S, W]`: the decoder slices
-and stacks it like any cache, and MLA quantises on write / dequantises on read when it sees
-a uint8 cache (mla.py). Dequantising the whole cache to the compute dtype on every read is
+A packed cache is a plain `KVCache` whose latents are uint8 `[B, S, W]` per layer: the decoder
+passes them like any cache, and MLA quantises on write / dequantises on read when it sees a
+uint8 cache (mla.py). Dequantising the whole cache to the compute dtype on every read is
 what the XLA path does; a fused kernel would dequantise block by block in registers.
 
 Legend: B batch, T tokens, S cache slots, C kv latent rank, R rope dim, W packed bytes,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mla_moe.cache import KVCache, layer_groups
+from mla_moe.cache import KVCache
 from mla_moe.config import ModelConfig
 
 SCALE_BLOCK = 128
@@ -100,7 +100,6 @@ def init_fp8_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
             f"{config.max_position_embeddings}"
         )
     width = packed_width(config.kv_lora_rank, config.qk_rope_head_dim)
-    latents = tuple(
-        jnp.zeros((n, batch, max_length, width), jnp.uint8) for _, n in layer_groups(config)
-    )
+    latents = tuple(jnp.zeros((batch, max_length, width), jnp.uint8)
+                    for _ in range(config.num_hidden_layers))
     return KVCache(latents=latents, lengths_B=jnp.zeros((batch,), jnp.int32))

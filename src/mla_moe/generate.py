@@ -111,13 +111,12 @@ def on_mesh(model: DeepSeekModel, mesh=None, rules=None) -> Iterator[DeepSeekMod
 
 
 def place_cache(cache, mesh=None):
-    """A latent cache (KVCache latents [L, B, S, W], MTP latents [B, S, W], lengths [B]) with
+    """A latent cache (KVCache / MTPCache latents [B, S, W] per layer, lengths [B]) with
     its batch dimension split by the `batch` rule where the mesh axes divide it, else
     replicated over the mesh. Unchanged when mesh is None."""
     if mesh is None:
         return cache
-    names = {4: ("layers", "batch", "length", None), 3: ("batch", "length", None),
-             1: ("batch",)}
+    names = {3: ("batch", "length", None), 1: ("batch",)}
 
     def one(x):
         spec = sharding.logical_to_spec(names[x.ndim], x.shape, mesh, strict=False)
@@ -260,6 +259,7 @@ def generate(
     tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, bucket)
     slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens))
     with on_mesh(model, mesh) as model:
+        model = model.unstacked()
         cache = place_cache(
             allocate_cache(config, len(prompts), slots, fp8=fp8, dtype=cache_dtype), mesh)
         graphdef, state = nnx.split(model)

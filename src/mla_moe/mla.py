@@ -31,6 +31,17 @@ def _kernel_implementation(config: ModelConfig) -> str | None:
     return {"pallas": "auto", "interpret": "interpret"}.get(impl)
 
 
+def _after(x, dep):
+    """`x` unchanged, with a data dependency on `dep`: adds 0 x dep[0...0] with a NaN made 0,
+    which is 0 for every value. It orders the in-place cache write after the attention has
+    read the cache, so XLA does not copy the whole cache (an optimization_barrier does not
+    give XLA that ordering)."""
+    zero = jnp.nan_to_num(dep.reshape(-1)[0].astype(jnp.float32) * 0.0, nan=0.0)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return x | zero.astype(x.dtype)
+    return x + zero.astype(x.dtype)
+
+
 class MLA(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -90,7 +101,7 @@ class MLA(nnx.Module):
 
         Without a cache: causal self-attention over the T tokens (index order), isolated per
         segment. With a cache ([B, S, C + R]) and `lengths_B`: the T tokens are written at
-        slots lengths_B + t and attend to every slot <= their own.
+        slots lengths_B + t (in place) and attend to every slot <= their own.
         """
         c = self.config
         dt = x_BTD.dtype
@@ -99,6 +110,7 @@ class MLA(nnx.Module):
         latent_BTK = self.latent(x_BTD, positions_BT)
         b, t = x_BTD.shape[:2]
         kernel = _kernel_implementation(c)
+        write_after = False
         wk_b, wv_b = self.wk_b_CNH[...].astype(dt), self.wv_b_CNV[...].astype(dt)
         if cache_BSK is None:
             form = form or "naive"
@@ -108,7 +120,7 @@ class MLA(nnx.Module):
             form = form or c.decode_attention
             packed = cache_BSK.dtype == jnp.uint8  # FP8 latent cache, see fp8_cache.py
 
-            def read(w):
+            def read(w):  # stored entries -> the compute dtype
                 return fp8_cache.unpack(w, c.kv_lora_rank, dt) if packed else w.astype(dt)
 
             new_BTW = (fp8_cache.pack(latent_BTK, c.kv_lora_rank) if packed
@@ -119,8 +131,8 @@ class MLA(nnx.Module):
                 """Row b's T entries at slots lengths_B[b] + t, in place on the donated cache
                 (one dynamic_update_slice per row)."""
                 for i in range(b):
-                    w_BSW = jax.lax.dynamic_update_slice(
-                        w_BSW, new_BTW[i : i + 1], (i, lengths_B[i], 0))
+                    w_BSW = jax.lax.dynamic_update_slice(w_BSW, new_BTW[i : i + 1],
+                                                         (i, lengths_B[i], 0))
                 return w_BSW
 
             if form == "absorbed" and not kernel:
@@ -131,7 +143,7 @@ class MLA(nnx.Module):
                     jnp.arange(s)[None, None, :] < lengths_B[:, None, None], (b, t, s))
                 segments = [(read(cache_BSK), old_mask_BTS),
                             (read(new_BTW), attn.causal_segment_mask(None, b, t))]
-                cache_BSK = write(cache_BSK)
+                write_after = True
             else:
                 cache_BSK = write(cache_BSK)
                 kv_BSK = read(cache_BSK)
@@ -170,6 +182,9 @@ class MLA(nnx.Module):
             o_BTNV = jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, wv_b)
         else:
             raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
+        if write_after:
+            new_BTW = _after(new_BTW, o_latent_BTNC)
+            cache_BSK = write(cache_BSK)
         o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
         out_BTD = jnp.einsum("BTNV,NVD->BTD", o_BTNV.astype(dt), self.wo_NVD[...].astype(dt))
         return out_BTD, cache_BSK

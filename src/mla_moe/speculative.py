@@ -213,6 +213,7 @@ def speculative_generate(
     slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens + 2))
     b = len(prompts)
     with on_mesh(model, mesh) as model:
+        model = model.unstacked()
         cache = place_cache(allocate_cache(config, b, slots, fp8=fp8, dtype=cache_dtype), mesh)
         mcache = place_cache(init_mtp_cache(config, b, slots, fp8=fp8, dtype=cache_dtype), mesh)
         graphdef, state = nnx.split(model)
