@@ -1,7 +1,7 @@
 """Decode benchmarks: the latent cache's size (exact), absorbed vs naive decode step time (CPU,
 side by side), and the FP8 cache's logit error.
 
-    python bench/decode.py                      # all three parts
+    python bench/decode.py                      # all four parts
     python bench/decode.py --parts=a --lengths=512,2048
 
 (a) Cache bytes per token per layer for the published V2-Lite / V2 / V3 configs, counted from
@@ -13,6 +13,9 @@ side by side), and the FP8 cache's logit error.
     the latent) interleaved in one process; median of --repeats after a compile run.
 (c) Teacher-forced decoding with float32, bfloat16 and FP8 latent caches on the same model:
     logit error against the float32 cache.
+(d) Absorbed decode step of 1, 2 and 4 layers at one cache length (the model as `generate`
+    runs it, `unstacked`): time per step over the 1-layer time should grow like the layer
+    count (each layer's cache and weights read in place, nothing copied per step).
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def part_a() -> list[str]:
     return rows
 
 
-def _bench_model(layers: int = 1) -> DeepSeekModel:
+def _bench_model(layers: int = 1, unstacked: bool = True) -> DeepSeekModel:
     config = ModelConfig(
         vocab_size=256, hidden_size=1024, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=8, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -106,7 +109,8 @@ def _bench_model(layers: int = 1) -> DeepSeekModel:
         max_position_embeddings=32768, initializer_range=0.05, dtype="float32",
         param_dtype="float32",
     )
-    return DeepSeekModel(config, rngs=nnx.Rngs(0)).unstacked()  # as `generate` runs it
+    model = DeepSeekModel(config, rngs=nnx.Rngs(0))
+    return model.unstacked() if unstacked else model  # `generate` runs it unstacked
 
 
 def part_b(lengths: list[int], repeats: int) -> list[str]:
@@ -146,6 +150,49 @@ def part_b(lengths: list[int], repeats: int) -> list[str]:
     return rows
 
 
+def _step_timer(layers: int, length: int, form: str, unstacked: bool = True):
+    model = _bench_model(layers, unstacked)
+    graphdef, state = nnx.split(model)
+    cache = init_cache(model.config, 1, length)
+    cache = cache.replace(
+        latents=tuple(jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+                      for i, x in enumerate(cache.latents)),
+        lengths_B=jnp.full((1,), length - 1, jnp.int32))
+    tok = jnp.zeros((1, 1), jnp.int32)
+    box = [cache]
+
+    def once():
+        start = time.perf_counter()
+        logits, _, box[0] = decode_step(graphdef, state, tok, box[0], form)
+        jax.block_until_ready(logits)
+        box[0] = box[0].replace(lengths_B=jnp.full((1,), length - 1, jnp.int32))
+        return time.perf_counter() - start
+
+    once()  # compile
+    return once
+
+
+def part_d(length: int, repeats: int) -> list[str]:
+    timers = {(n, u): _step_timer(n, length, "absorbed", u) for n in (1, 2, 4)
+              for u in (True, False)}
+    times = {k: [] for k in timers}
+    for _ in range(repeats):
+        for k, once in timers.items():
+            once()  # a step right before, as in a decode loop (warm caches)
+            times[k].append(once())
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    base = med[(1, True)]
+    rows = [f"{'layers':>6} | {'unstacked ms':>12} {'/ 1 layer':>9} | {'stacked ms':>10} | "
+            f"{'stacked/unstacked':>17} | target"]
+    for n in (1, 2, 4):
+        t, st = med[(n, True)], med[(n, False)]
+        rows.append(f"{n:>6} | {t * 1e3:>12.2f} {t / base:>8.2f}x | {st * 1e3:>10.2f} | "
+                    f"{st / t:>16.2f}x | ~{n}x")
+    rows.append(f"(cache length {length}, B=1, dims as in (b), median of {repeats}, interleaved; "
+                "stacked: the layer-group weights sliced out in every step)")
+    return rows
+
+
 def part_c(steps: int = 32, prompt_len: int = 256) -> list[str]:
     model = _bench_model()
     config = model.config
@@ -182,7 +229,8 @@ def part_c(steps: int = 32, prompt_len: int = 256) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="abc")
+    parser.add_argument("--parts", default="abcd")
+    parser.add_argument("--layers_length", type=int, default=4096)
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -195,6 +243,9 @@ def main():
         tables.append(("(b) absorbed vs naive decode step, CPU", part_b(lengths, args.repeats)))
     if "c" in args.parts:
         tables.append(("(c) FP8 vs bf16 latent cache: logit error", part_c()))
+    if "d" in args.parts:
+        tables.append(("(d) absorbed decode step vs layer count, CPU",
+                       part_d(args.layers_length, args.repeats)))
     print(f"\njax {jax.__version__}, {jax.devices()[0].device_kind}, "
           f"{os.cpu_count()} CPUs")
     for title, rows in tables:
