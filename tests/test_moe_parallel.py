@@ -132,10 +132,12 @@ def test_matches_single_device(mesh_name, dispatch):
 
 
 def test_dispatch_resolution_and_capacity():
-    assert moe_parallel.resolve_dispatch(CFG.replace(moe_dispatch="auto"), 2, "cpu") == "allgather"
-    assert moe_parallel.resolve_dispatch(CFG.replace(moe_dispatch="auto"), 8, "cpu") == "all_to_all"
-    assert moe_parallel.resolve_dispatch(CFG.replace(moe_dispatch="auto"), 8, "gpu") == \
-        "ragged_all_to_all"
+    auto = CFG.replace(moe_dispatch="auto")  # K = 3: gather up to EP = 3
+    assert moe_parallel.resolve_dispatch(auto, 2, "cpu") == "allgather"
+    assert moe_parallel.resolve_dispatch(auto.replace(num_experts_per_tok=8), 8, "gpu") == \
+        "allgather"
+    assert moe_parallel.resolve_dispatch(auto, 8, "cpu") == "all_to_all"
+    assert moe_parallel.resolve_dispatch(auto, 8, "gpu") == "ragged_all_to_all"
     assert moe_parallel.resolve_dispatch(CFG.replace(moe_dispatch="ragged_all_to_all"), 8,
                                          "cpu") == "all_to_all_dropless"
     # Never-drop size: one source can send at most T * min(K, E/EP) rows to one destination.

@@ -26,7 +26,8 @@ Dispatch (`config.moe_dispatch`):
   on CPU this falls back to the dropless all_to_all path (logged once).
 - allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
   them, `psum_scatter` back. No drops; good for small EP.
-- auto: allgather for EP <= 2, else ragged_all_to_all on TPU/GPU and all_to_all on CPU.
+- auto: allgather for EP <= max(2, K) (it receives EP x the shard's tokens where the all-to-all
+  receives K x), else ragged_all_to_all on TPU/GPU and all_to_all on CPU.
 If the token count does not divide over the expert axis (e.g. one decode token), the tokens
 stay replicated over `expert` and the allgather computation runs without the gather.
 """
@@ -123,7 +124,9 @@ def resolve_dispatch(config: ModelConfig, ep: int, backend: str | None = None) -
     backend = backend or jax.default_backend()
     kind = config.moe_dispatch
     if kind == "auto":
-        if ep <= 2:
+        # Per shard, the gather receives ~EP x its tokens, the all-to-all ~K x: gather while
+        # EP <= K (it also skips the packing), all-to-all beyond.
+        if ep <= max(2, config.num_experts_per_tok):
             return "allgather"
         kind = "ragged_all_to_all" if backend in ("tpu", "gpu") else "all_to_all"
     if kind == "ragged_all_to_all" and backend not in ("tpu", "gpu"):
