@@ -250,6 +250,10 @@ def generate(
     `cache_dtype` (default: the model's compute dtype). decode_form: "absorbed" or "naive"
     (default: the config's `decode_attention`). mesh: run sharded on this mesh (`on_mesh`).
     Returns the new tokens of each prompt.
+
+    Decoding runs `model.unstacked()`, which copies the stacked layer weights once per call;
+    when memory is tight, pass `model = model.unstacked()` (and drop the stacked model): an
+    unstacked model is used as it is.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
