@@ -150,3 +150,23 @@ def test_generate_rejects_bad_prompts():
         mla_moe.generate(model, [[1, 128]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         mla_moe.generate(model, [[1]], max_new_tokens=600)
+
+
+def test_unstacked_model_equals_stacked():
+    """`unstacked()` (what generate runs) computes the same forward and cached step, and
+    leaves the stacked model untouched."""
+    model = tiny_model(num_hidden_layers=3, first_k_dense_replace=1)
+    flat = model.unstacked()
+    assert all(isinstance(g, nnx.List) for g in flat.groups)
+    assert [len(g) for g in flat.groups] == [1, 2]
+    tokens = jnp.asarray([[5, 17, 99, 3], [7, 120, 33, 1]], jnp.int32)
+    a, b = model(tokens), flat(tokens)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a.mtp_logits, b.mtp_logits, rtol=1e-6, atol=1e-6)
+    cache = mla_moe.init_cache(model.config, 2, 16)
+    sa = model(tokens, cache=cache, attention_form="absorbed")
+    sb = flat(tokens, cache=cache, attention_form="absorbed")
+    np.testing.assert_allclose(sa.logits, sb.logits, rtol=1e-5, atol=1e-5)
+    for x, y in zip(sa.cache.latents, sb.cache.latents, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert model.groups[1].attn.wkv_a_DK.shape[0] == 2  # still stacked
