@@ -126,8 +126,7 @@ def main(argv):
         from mla_moe.hf import load_pretrained
 
         if mesh_sizes:  # checked against the model before any weight is read
-            with open(os.path.join(_HF.value, "config.json")) as f:
-                mesh = sharding.make_mesh(mesh_sizes, config=ModelConfig.from_hf(json.load(f)))
+            mesh = sharding.make_mesh(mesh_sizes, config=ModelConfig.from_hf(_HF.value))
         model, source = load_pretrained(_HF.value, mesh=mesh), _HF.value
     else:
         model, step = load_checkpoint(_CKPT.value, _STEP.value)

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
-def _softmax_BNTS(scores_BNTS: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, _NEG)
-    probs = jax.nn.softmax(scores_BNTS, axis=-1)
-    return jnp.where(mask_BTS[:, None], probs, 0.0)
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis of the entries where `mask` (broadcast) is True; a row with
+    none yields zeros."""
+    probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
+    return jnp.where(mask, probs, 0.0)
 
 
 def naive_attention(
@@ -34,7 +35,7 @@ def naive_attention(
     scores_BNTS = jnp.einsum(
         "BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=jnp.float32
     ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)
-    probs_BNTS = _softmax_BNTS(scores_BNTS * sm_scale, mask_BTS)
+    probs_BNTS = _masked_softmax(scores_BNTS * sm_scale, mask_BTS[:, None])
     return jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS.astype(v_BSNV.dtype), v_BSNV)
 
 
@@ -61,8 +62,7 @@ def absorbed_attention(
                                  preferred_element_type=jnp.float32))
         masks.append(jnp.repeat(mask_BTS, n, axis=1))  # row t*n + i is query t, head i
     mask_BMS = jnp.concatenate(masks, axis=-1)
-    scores_BMS = jnp.where(mask_BMS, jnp.concatenate(scores, axis=-1) * sm_scale, _NEG)
-    probs_BMS = jnp.where(mask_BMS, jax.nn.softmax(scores_BMS, axis=-1), 0.0)
+    probs_BMS = _masked_softmax(jnp.concatenate(scores, axis=-1) * sm_scale, mask_BMS)
     o_BMK, start = 0.0, 0
     for kv_BSK, _ in kv_segments:
         p_BMS = probs_BMS[..., start : start + kv_BSK.shape[1]]

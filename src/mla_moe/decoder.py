@@ -155,36 +155,37 @@ class DeepSeekModel(nnx.Module):
                    form):
         c = self.config
         if isinstance(group, nnx.List):  # unstacked (see `unstacked`)
-            caches, stats = [], []
-            for i, layer in enumerate(group):
-                cache_l = None if cache_group is None else cache_group[i]
-                x_BTD, cache_l, s = layer(x_BTD, positions_BT, segment_ids_BT, cache_l,
-                                          lengths_B, form)
-                caches.append(cache_l)
-                stats.append(s)
-            return x_BTD, (None if cache_group is None else tuple(caches)), stats
-        graphdef, state = nnx.split(group)
+            n = len(group)
 
-        def body(x, layer_state, cache_l):
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(x, positions_BT, segment_ids_BT, cache_l, lengths_B, form)
+            def run_layer(i, x, cache_l):
+                return group[i](x, positions_BT, segment_ids_BT, cache_l, lengths_B, form)
+        else:
+            graphdef, state = nnx.split(group)
 
-        if c.remat_policy != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy])
-        n = jax.tree.leaves(state)[0].shape[0]
-        if c.scan_layers and cache_group is None:
-            def step(x, layer_state):
-                x, _, stats = body(x, layer_state, None)
-                return x, stats
+            def body(x, layer_state, cache_l):
+                layer = nnx.merge(graphdef, layer_state)
+                return layer(x, positions_BT, segment_ids_BT, cache_l, lengths_B, form)
 
-            x_BTD, stats = jax.lax.scan(step, x_BTD, state)
-            return x_BTD, None, [_slice(stats, i) for i in range(n)]
+            if c.remat_policy != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy])
+            n = jax.tree.leaves(state)[0].shape[0]
+            if c.scan_layers and cache_group is None:
+                def step(x, layer_state):
+                    x, _, stats = body(x, layer_state, None)
+                    return x, stats
+
+                x_BTD, stats = jax.lax.scan(step, x_BTD, state)
+                return x_BTD, None, [_slice(stats, i) for i in range(n)]
+
+            def run_layer(i, x, cache_l):
+                return body(x, _slice(state, i), cache_l)
+
         # With a cache, one traced layer per layer: each layer's own [B, S, K] cache array is
         # read and updated in place (scanning would slice it out of a stacked array and back).
         caches, stats = [], []
         for i in range(n):
             cache_l = None if cache_group is None else cache_group[i]
-            x_BTD, cache_l, s = body(x_BTD, _slice(state, i), cache_l)
+            x_BTD, cache_l, s = run_layer(i, x_BTD, cache_l)
             caches.append(cache_l)
             stats.append(s)
         return x_BTD, (None if cache_group is None else tuple(caches)), stats

@@ -75,11 +75,16 @@ def layout(experts_TK: jax.Array, groups: int, block: int) -> Layout:
     return Layout(dest_M, src_P, sizes_E, group_N, padded_ends_E[-1] // block)
 
 
+def _gather(a_TX, idx_b):
+    """Rows idx of a; rows past the end (padding / no row) read as 0."""
+    return a_TX.at[idx_b].get(mode="fill", fill_value=0)
+
+
 @jax.custom_vjp
 def permute_rows(x_AD: jax.Array, idx_B: jax.Array, inv_A: jax.Array) -> jax.Array:
     """y[b] = x[idx[b]] (0 where idx[b] is out of range), for `idx` and `inv` mutually
     inverse partial bijections; the gradient is the inverse gather g[inv[a]]."""
-    return x_AD.at[idx_B].get(mode="fill", fill_value=0)
+    return _gather(x_AD, idx_B)
 
 
 def _permute_fwd(x_AD, idx_B, inv_A):
@@ -88,14 +93,10 @@ def _permute_fwd(x_AD, idx_B, inv_A):
 
 def _permute_bwd(res, g_BD):
     idx_B, inv_A = res
-    return g_BD.at[inv_A].get(mode="fill", fill_value=0), None, None
+    return _gather(g_BD, inv_A), None, None
 
 
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
-
-
-def _gather(a_TX, idx_b):
-    return a_TX.at[idx_b].get(mode="fill", fill_value=0)
 
 
 def _expert(w_EXY, g):

@@ -110,14 +110,16 @@ class MLA(nnx.Module):
         latent_BTK = self.latent(x_BTD, positions_BT)
         b, t = x_BTD.shape[:2]
         kernel = _kernel_implementation(c)
-        write_after = False
         wk_b, wv_b = self.wk_b_CNH[...].astype(dt), self.wv_b_CNV[...].astype(dt)
+        form = form or ("naive" if cache_BSK is None else c.decode_attention)
+        # With a cache, the absorbed XLA path attends over the cache as it was plus the new
+        # entries (as stored) and writes them after the attention: the whole-cache read then
+        # neither waits for nor copies the updated cache. The other paths write first.
+        write_after = cache_BSK is not None and form == "absorbed" and not kernel
         if cache_BSK is None:
-            form = form or "naive"
-            kv_BSK, mask_BTS = latent_BTK, None
-            segments = [(latent_BTK, attn.causal_segment_mask(segment_ids_BT, b, t))]
+            kv_BSK, mask_BTS = latent_BTK, attn.causal_segment_mask(segment_ids_BT, b, t)
+            segments = [(kv_BSK, mask_BTS)]
         else:
-            form = form or c.decode_attention
             packed = cache_BSK.dtype == jnp.uint8  # FP8 latent cache, see fp8_cache.py
 
             def read(w):  # stored entries -> the compute dtype
@@ -125,7 +127,6 @@ class MLA(nnx.Module):
 
             new_BTW = (fp8_cache.pack(latent_BTK, c.kv_lora_rank) if packed
                        else latent_BTK.astype(cache_BSK.dtype))
-            slots_BT = lengths_B[:, None] + jnp.arange(t)[None, :]
 
             def write(w_BSW):
                 """Row b's T entries at slots lengths_B[b] + t, in place on the donated cache
@@ -135,25 +136,22 @@ class MLA(nnx.Module):
                                                          (i, lengths_B[i], 0))
                 return w_BSW
 
-            if form == "absorbed" and not kernel:
-                # Attention over the cache as it was plus the new entries (as stored): the
-                # whole-cache read does not wait for, or copy, the updated cache.
-                s = cache_BSK.shape[1]
+            s = cache_BSK.shape[1]
+            if write_after:
                 old_mask_BTS = jnp.broadcast_to(
                     jnp.arange(s)[None, None, :] < lengths_B[:, None, None], (b, t, s))
                 segments = [(read(cache_BSK), old_mask_BTS),
                             (read(new_BTW), attn.causal_segment_mask(None, b, t))]
-                write_after = True
             else:
                 cache_BSK = write(cache_BSK)
                 kv_BSK = read(cache_BSK)
-                mask_BTS = attn.cache_mask(slots_BT, kv_BSK.shape[1])
+                mask_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :], s)
 
         if form == "naive":
             c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
             k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", c_BSC, wk_b)
             v_BSNV = jnp.einsum("BSC,CNV->BSNV", c_BSC, wv_b)
-            if mask_BTS is None and kernel:
+            if cache_BSK is None and kernel:
                 import pallas_kernels  # the second package of this repository
 
                 o_BTNV = pallas_kernels.mla_attention(
@@ -161,8 +159,6 @@ class MLA(nnx.Module):
                     causal=True, segment_ids=segment_ids_BT, implementation=kernel,
                 )
             else:
-                if mask_BTS is None:
-                    mask_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
                 o_BTNV = attn.naive_attention(
                     q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, mask_BTS, scale
                 )

@@ -145,12 +145,11 @@ def dispatch_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
     return max(1, min(most, math.ceil(config.dispatch_capacity_factor * tokens * k / ep)))
 
 
-def _local_experts(x_MD, e_M, gate_EDF, up_EDF, down_EFD, tensor_axes):
+def _local_experts(x_MD, e_M, gate_EDF, up_EDF, down_EFD):
     """SwiGLU of each row by its local expert e_M (== E marks an empty row -> zeros): [M, D] f32.
 
-    With F split over `tensor_axes` the partial down-projections are summed by the caller
-    (after the combine, where it is cheapest)."""
-    del tensor_axes
+    With F split over the tensor axes these are partial down-projections; `routed_experts`
+    sums them after the combine, where it is cheapest."""
     return grouped_swiglu(x_MD, e_M[:, None], None, gate_EDF, up_EDF, down_EFD)
 
 
@@ -159,7 +158,7 @@ def _combine(y_MD, weights_TK):
     return jnp.einsum("TKD,TK->TD", y_MD.reshape(t, k, -1), weights_TK.astype(jnp.float32))
 
 
-def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity, tensor_axes):
+def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity):
     """all_to_all dispatch with X = `capacity` rows per destination. Returns (y_TD, dropped)."""
     t, k = experts_TK.shape
     e_local = w[0].shape[0]
@@ -183,8 +182,7 @@ def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity, tensor_a
         recv_PX = jax.lax.all_to_all(send_PX, "expert", 0, 0)
     else:
         recv_PXD, recv_PX = send_PXD, send_PX
-    y_RD = _local_experts(recv_PXD.reshape(ep * capacity, d), recv_PX.reshape(-1), *w,
-                          tensor_axes)
+    y_RD = _local_experts(recv_PXD.reshape(ep * capacity, d), recv_PX.reshape(-1), *w)
     y_PXD = y_RD.reshape(ep, capacity, d)
     if ep > 1:
         y_PXD = jax.lax.all_to_all(y_PXD, "expert", 0, 0)
@@ -194,7 +192,7 @@ def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity, tensor_a
     return y_TD, dropped
 
 
-def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, tensor_axes):
+def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather):
     """Each expert shard computes its experts for all tokens of its expert group."""
     e_local = w[0].shape[0]
     if gather:
@@ -206,7 +204,6 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, tensor_axes):
     me = jax.lax.axis_index("expert") if ep > 1 else 0
     mine_M = flat_M // e_local == me
     local_M = jnp.where(mine_M, flat_M % e_local, e_local)
-    del tensor_axes  # partial sums over F are added by the caller
     y_TD = grouped_swiglu(x_TD, local_M.reshape(-1, k), weights_TK, *w)
     if ep > 1:
         if gather:
@@ -216,7 +213,7 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, tensor_axes):
     return y_TD, jnp.zeros((), jnp.float32)
 
 
-def _ragged(x_TD, experts_TK, weights_TK, w, ep, tensor_axes):
+def _ragged(x_TD, experts_TK, weights_TK, w, ep):
     """Dropless variable-size dispatch with `lax.ragged_all_to_all` (TPU/GPU only)."""
     t, k = experts_TK.shape
     e_local = w[0].shape[0]
@@ -243,7 +240,7 @@ def _ragged(x_TD, experts_TK, weights_TK, w, ep, tensor_axes):
     recv_R1 = jax.lax.ragged_all_to_all(
         es_M1, jnp.full((recv_rows, 1), e_local, jnp.int32), in_off_P, send_P, out_off_P,
         recv_P, axis_name="expert")
-    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w, tensor_axes)
+    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w)
     # Reverse: my received chunk from source s starts at sum_{s' < s} recv[s'] and goes back
     # to offset in_off[s -> me] of s's send buffer.
     back_in_off_P = (jnp.cumsum(recv_P) - recv_P).astype(jnp.int32)
@@ -304,18 +301,16 @@ def routed_experts(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, 
     def body(x_TD, experts_TK, weights_TK, affinity_TK, gate, up, down):
         w = (gate, up, down)
         if kind == "allgather":
-            y_TD, dropped = _allgather(x_TD, experts_TK, weights_TK, w, ep, split_over_expert,
-                                       f_axes)
+            y_TD, dropped = _allgather(x_TD, experts_TK, weights_TK, w, ep, split_over_expert)
         elif kind == "ragged_all_to_all" and ep > 1:
-            y_TD, dropped = _ragged(x_TD, experts_TK, weights_TK, w, ep, f_axes)
+            y_TD, dropped = _ragged(x_TD, experts_TK, weights_TK, w, ep)
         else:
             if kind == "all_to_all":
                 capacity = dispatch_capacity(t_shard, config, ep)
             else:  # ragged fallback, or EP = 1: never drop
                 capacity = t_shard * min(config.num_experts_per_tok, gate.shape[0])
-            y_TD, dropped = _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity,
-                                    f_axes)
-        if f_axes:
+            y_TD, dropped = _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity)
+        if f_axes:  # F split over the tensor axes: the down-projections are partial sums
             y_TD = jax.lax.psum(y_TD, f_axes)
         if tok_axes:
             dropped = jax.lax.psum(dropped, tok_axes)
