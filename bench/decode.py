@@ -113,44 +113,9 @@ def _bench_model(layers: int = 1, unstacked: bool = True) -> DeepSeekModel:
     return model.unstacked() if unstacked else model  # `generate` runs it unstacked
 
 
-def part_b(lengths: list[int], repeats: int) -> list[str]:
-    model = _bench_model()
-    config = model.config
-    graphdef, state = nnx.split(model)
-    rows = [f"{'cache len':>9} | {'naive ms':>9} {'absorbed ms':>11} | {'speedup':>7} "
-            f"{'gap ms':>8} | {'min-time speedup':>16}"]
-    key = jax.random.key(0)
-    speedups = []
-    for s in lengths:
-        key, k1, k2 = jax.random.split(key, 3)
-        cache = init_cache(config, 1, s)
-        # Fresh random latents: a full cache (the new token goes to the last slot).
-        cache = cache.replace(
-            latents=tuple(jax.random.normal(k1, x.shape, x.dtype) for x in cache.latents),
-            lengths_B=jnp.full((1,), s - 1, jnp.int32))
-        tok = jax.random.randint(k2, (1, 1), 0, config.vocab_size)
-        times = {"naive": [], "absorbed": []}
-        for r in range(repeats + 1):  # run 0 compiles
-            for form in ("naive", "absorbed"):
-                start = time.perf_counter()
-                logits, _, cache = decode_step(graphdef, state, tok, cache, form)
-                jax.block_until_ready(logits)
-                if r:
-                    times[form].append(time.perf_counter() - start)
-                cache = cache.replace(lengths_B=jnp.full((1,), s - 1, jnp.int32))
-        naive, absorbed = (float(np.median(times[f])) * 1e3 for f in ("naive", "absorbed"))
-        best = min(times["naive"]) / min(times["absorbed"])
-        speedups.append(naive / absorbed)
-        rows.append(f"{s:>9} | {naive:>9.2f} {absorbed:>11.2f} | {naive / absorbed:>6.2f}x "
-                    f"{naive - absorbed:>8.1f} | {best:>15.2f}x")
-        print(rows[-1], flush=True)
-    rows.append(f"(one decode step, B=1, 1 layer, N={config.num_attention_heads}, C=512, R=64, "
-                f"H=V=128, float32, median of {repeats}; target: absorbed wins from 2K, "
-                "gap widens)")
-    return rows
-
-
 def _step_timer(layers: int, length: int, form: str, unstacked: bool = True):
+    """A function timing one decode step (B = 1) on a full cache of fresh random latents
+    (the new token goes to the last slot), compiled."""
     model = _bench_model(layers, unstacked)
     graphdef, state = nnx.split(model)
     cache = init_cache(model.config, 1, length)
@@ -170,6 +135,27 @@ def _step_timer(layers: int, length: int, form: str, unstacked: bool = True):
 
     once()  # compile
     return once
+
+
+def part_b(lengths: list[int], repeats: int) -> list[str]:
+    config = _bench_model().config
+    rows = [f"{'cache len':>9} | {'naive ms':>9} {'absorbed ms':>11} | {'speedup':>7} "
+            f"{'gap ms':>8} | {'min-time speedup':>16}"]
+    for s in lengths:
+        timers = {form: _step_timer(1, s, form) for form in ("naive", "absorbed")}
+        times = {form: [] for form in timers}
+        for _ in range(repeats):
+            for form, once in timers.items():
+                times[form].append(once())
+        naive, absorbed = (float(np.median(times[f])) * 1e3 for f in ("naive", "absorbed"))
+        best = min(times["naive"]) / min(times["absorbed"])
+        rows.append(f"{s:>9} | {naive:>9.2f} {absorbed:>11.2f} | {naive / absorbed:>6.2f}x "
+                    f"{naive - absorbed:>8.1f} | {best:>15.2f}x")
+        print(rows[-1], flush=True)
+    rows.append(f"(one decode step, B=1, 1 layer, N={config.num_attention_heads}, C=512, R=64, "
+                f"H=V=128, float32, median of {repeats}; target: absorbed wins from 2K, "
+                "gap widens)")
+    return rows
 
 
 def part_d(length: int, repeats: int) -> list[str]:
