@@ -44,22 +44,29 @@ def _experts(kind):
     raise ValueError(kind)
 
 
+# (implementation, fuse_gate_up): the blocked scan with gate and up as one [D, 2F] operand
+# and as two, and ragged_dot.
+IMPLS = [("blocked", True), ("blocked", False), ("ragged_dot", None)]
+
+
 @pytest.mark.parametrize("kind", ["top3", "one_expert", "with_empty_rows"])
-@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
-def test_grouped_swiglu_equals_loop(kind, impl):
+@pytest.mark.parametrize("impl,fuse", IMPLS)
+def test_grouped_swiglu_equals_loop(kind, impl, fuse):
     experts = jnp.asarray(_experts(kind), jnp.int32)
     x = jax.random.normal(jax.random.key(0), (experts.shape[0], D))
     gates = jax.random.uniform(jax.random.key(2), experts.shape)
     w = _weights()
-    fast = jax.jit(lambda x, g, *w: grouped_swiglu(x, experts, g, *w, implementation=impl))
-    np.testing.assert_allclose(fast(x, gates, *w), _loop(x, experts, gates, *w), rtol=1e-5,
-                               atol=1e-4)
+
+    def fast(x, e, *a):
+        return grouped_swiglu(x, e, *a, implementation=impl, fuse_gate_up=fuse)
+
+    np.testing.assert_allclose(jax.jit(fast)(x, experts, gates, *w),
+                               _loop(x, experts, gates, *w), rtol=1e-5, atol=1e-4)
 
     def loss(fn):
         return lambda x, g, *w: jnp.sum(jnp.sin(fn(x, experts, g, *w)))
 
-    g_fast = jax.grad(loss(lambda x, e, *a: grouped_swiglu(x, e, *a, implementation=impl)),
-                      argnums=(0, 1, 2, 3, 4))(x, gates, *w)
+    g_fast = jax.grad(loss(fast), argnums=(0, 1, 2, 3, 4))(x, gates, *w)
     g_loop = jax.grad(loss(_loop), argnums=(0, 1, 2, 3, 4))(x, gates, *w)
     chex.assert_trees_all_close(g_fast, g_loop, rtol=1e-4, atol=1e-4)
 
@@ -108,7 +115,8 @@ def test_block_rows_and_bad_implementation():
                        implementation="dense")
 
 
-def test_bfloat16_inputs_keep_their_dtype_in_gradients():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_bfloat16_inputs_keep_their_dtype_in_gradients(fuse):
     experts = jnp.asarray(_experts("top3"), jnp.int32)
     x = jax.random.normal(jax.random.key(0), (experts.shape[0], D))
     gates = jax.random.uniform(jax.random.key(2), experts.shape)
@@ -116,9 +124,11 @@ def test_bfloat16_inputs_keep_their_dtype_in_gradients():
     bf = [a.astype(jnp.bfloat16) for a in (x, *w)]
 
     def loss(x, g, *w):
-        return jnp.sum(jnp.sin(grouped_swiglu(x, experts, g, *w, implementation="blocked")))
+        return jnp.sum(jnp.sin(grouped_swiglu(x, experts, g, *w, implementation="blocked",
+                                              fuse_gate_up=fuse)))
 
     grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(bf[0], gates, *bf[1:])
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32] + [jnp.bfloat16] * 3
-    y = grouped_swiglu(bf[0], experts, gates, *bf[1:], implementation="blocked")
+    y = grouped_swiglu(bf[0], experts, gates, *bf[1:], implementation="blocked",
+                       fuse_gate_up=fuse)
     np.testing.assert_allclose(y, _loop(x, experts, gates, *w), rtol=0.05, atol=0.3)

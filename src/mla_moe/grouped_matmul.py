@@ -4,11 +4,13 @@
 the MoE layer: y[t] = sum_k weights[t, k] * SwiGLU_{experts[t, k]}(x[t]).
 
 - "blocked" (CPU, GPU): a padded layout puts each expert's rows in whole blocks of `block`
-  rows; one `lax.scan` step per block gathers its rows from x, runs the three matmuls with
-  its expert's weights and adds the weighted rows into y. Cost ~ (rows + E * block / 2) x the
-  per-row FLOPs, independent of how many experts there are; the blocks past the last group
-  are skipped, and no [T*K, D] buffer is built. The backward (custom VJP) is one scan in the
-  same layout that accumulates each expert's weight gradient in place.
+  rows; one `lax.scan` step per block gathers its rows from x, runs gate, up and down with
+  its expert's weights (gate and up as one [D, 2F] operand for narrow experts) and adds the
+  weighted rows into y. Cost ~ (rows + E * block / 2) x the per-row FLOPs, independent of
+  how many experts there are; the blocks past the last group are skipped, and no [T*K, D]
+  buffer is built. The backward (custom VJP) is one scan in the same layout that
+  accumulates each expert's weight gradient in place; the routing weights' gradient reuses the
+  down projection's input gradient, so no forward product is recomputed.
 - "ragged_dot" (TPU): rows sorted by expert (block = 1 layout) and `lax.ragged_dot`, a real
   grouped GEMM there; XLA lowers it to a dense product over every group on CPU (and, per
   reports, on GPU), so its cost grows with the number of experts.
@@ -24,6 +26,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+# The blocked scan multiplies by gate and up as one [D, 2F] operand when 2F is at most this:
+# on XLA:CPU a [128, 128] x [128, 64] product runs ~20% faster than two [.., 32] ones, while at
+# 2F = 512 the fused form was ~15% slower (bench/moe_dispatch.py, F = 32 and 256).
+FUSE_MAX_WIDTH = 128
 
 
 def block_rows(rows: int, groups: int) -> int:
@@ -144,70 +151,84 @@ def _scan_used(step, init, lay: Layout, skip_out, per_block=(), *, operands=()):
                                      *per_block))
 
 
+def _project(x_bD, ins, g):
+    """x through the expert-g slices of the up-projections `ins` (gate then up, fused in one
+    [E, D, 2F] array or as two [E, D, F]), as one [b, 2F] array."""
+    outs = [_dot(x_bD, _expert(w, g)) for w in ins]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+
+
 @jax.custom_vjp
-def _blocked_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
-    """sum_k w[t, k] SwiGLU_{e[t, k]}(x[t]): one scan step per block of the layout, which
-    gathers its rows from x, applies its expert and adds the weighted rows into y [T, D] f32.
-    Blocks past the last group are skipped; no [T*K, D] buffer is ever built."""
-    return _blocked_fwd(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD)[0]
+def _blocked_swiglu(x_TD, weights_M, lay: Layout, ins, down_EFD):
+    """sum_k w[t, k] SwiGLU_{e[t, k]}(x[t]), the gate and up weights in `ins` (see _project):
+    one scan step per block of the layout, which gathers its rows from x, applies its expert
+    and adds the weighted rows into y [T, D] f32. Blocks past the last group are skipped; no
+    [T*K, D] buffer is ever built."""
+    return _blocked_fwd(x_TD, weights_M, lay, ins, down_EFD)[0]
 
 
-def _blocked_fwd(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD):
+def _blocked_fwd(x_TD, weights_M, lay, ins, down_EFD):
     t, d = x_TD.shape
     k = weights_M.shape[0] // t
-    f = gate_EDF.shape[-1]
+    f = down_EFD.shape[1]
 
     def step(y_TD, rows_b, g):
         tok_b = rows_b // k  # padding rows (== M) -> T: out of range, read as 0, dropped
         x_bD = _gather(x_TD, tok_b)
-        a_bF, u_bF = _dot(x_bD, _expert(gate_EDF, g)), _dot(x_bD, _expert(up_EDF, g))
-        h_bF = (jax.nn.silu(a_bF) * u_bF).astype(x_TD.dtype)
+        au_bH = _project(x_bD, ins, g)
+        h_bF = (jax.nn.silu(au_bH[:, :f]) * au_bH[:, f:]).astype(x_TD.dtype)
         y_bD = _dot(h_bF, _expert(down_EFD, g)) * _gather(weights_M, rows_b)[:, None]
-        return y_TD.at[tok_b].add(y_bD, mode="drop"), (a_bF, u_bF)
+        return y_TD.at[tok_b].add(y_bD, mode="drop"), au_bH
 
-    zeros_bF = jnp.zeros((lay.block, f), jnp.float32)
-    y_TD, (a_NbF, u_NbF) = _scan_used(step, jnp.zeros((t, d), jnp.float32), lay,
-                                      (zeros_bF, zeros_bF),
-                                      operands=(x_TD, weights_M, gate_EDF, up_EDF, down_EFD))
-    return y_TD, (x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD, a_NbF, u_NbF)
+    y_TD, au_NbH = _scan_used(step, jnp.zeros((t, d), jnp.float32), lay,
+                              jnp.zeros((lay.block, 2 * f), jnp.float32),
+                              operands=(x_TD, weights_M, *ins, down_EFD))
+    return y_TD, (x_TD, weights_M, lay, ins, down_EFD, au_NbH)
 
 
 def _blocked_bwd(res, dy_TD):
     """The same scan backwards in one pass: dx and dw per block, dW accumulated per expert
     in place (the autodiff of the forward would add a full [E, D, F] array per block)."""
-    x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD, a_NbF, u_NbF = res
+    x_TD, weights_M, lay, ins, down_EFD, au_NbH = res
     t, d = x_TD.shape
     k = weights_M.shape[0] // t
+    f = down_EFD.shape[1]
+    dt = x_TD.dtype
+    cols = [(0, 2 * f)] if len(ins) == 1 else [(0, f), (f, 2 * f)]
 
-    def step(carry, rows_b, g, a_bF, u_bF):
-        dx_TD, dgate, dup, ddown = carry
+    def step(carry, rows_b, g, au_bH):
+        dx_TD, dins, ddown = carry
         tok_b = rows_b // k
         x_bD, dy_bD, w_b = _gather(x_TD, tok_b), _gather(dy_TD, tok_b), _gather(weights_M, rows_b)
+        a_bF, u_bF = au_bH[:, :f], au_bH[:, f:]
         sig_bF = jax.nn.sigmoid(a_bF)
         silu_bF = a_bF * sig_bF
-        h_bF = (silu_bF * u_bF).astype(x_TD.dtype)
-        wd_FD = _expert(down_EFD, g)
-        dw_b = jnp.sum(dy_bD * _dot(h_bF, wd_FD), axis=-1)
-        dyw_bD = (dy_bD * w_b[:, None]).astype(x_TD.dtype)
-        dh_bF = _dot(dyw_bD, wd_FD.T)
-        da_bF = (dh_bF * u_bF * sig_bF * (1 + a_bF * (1 - sig_bF))).astype(x_TD.dtype)
-        du_bF = (dh_bF * silu_bF).astype(x_TD.dtype)
-        ddown = _add_expert(ddown, g, _dot(h_bF.T, dyw_bD))
-        dgate = _add_expert(dgate, g, _dot(x_bD.T, da_bF))
-        dup = _add_expert(dup, g, _dot(x_bD.T, du_bF))
-        dx_bD = _dot(da_bF, _expert(gate_EDF, g).T) + _dot(du_bF, _expert(up_EDF, g).T)
-        return (dx_TD.at[tok_b].add(dx_bD, mode="drop"), dgate, dup, ddown), dw_b
+        h_bF = (silu_bF * u_bF).astype(dt)
+        down_FD = _expert(down_EFD, g)
+        dhu_bF = _dot(dy_bD.astype(dt), down_FD.T)  # d(out)/dh before the gate weight
+        dw_b = jnp.sum(h_bF * dhu_bF, axis=-1)
+        dh_bF = dhu_bF * w_b[:, None]
+        ddown = _add_expert(ddown, g, _dot(h_bF.T, (dy_bD * w_b[:, None]).astype(dt)))
+        dau_bH = jnp.concatenate([dh_bF * u_bF * sig_bF * (1 + a_bF * (1 - sig_bF)),
+                                  dh_bF * silu_bF], axis=-1).astype(dt)
+        dx_bD = 0
+        for i, (lo, hi) in enumerate(cols):
+            dins = (*dins[:i], _add_expert(dins[i], g, _dot(x_bD.T, dau_bH[:, lo:hi])),
+                    *dins[i + 1:])
+            dx_bD = dx_bD + _dot(dau_bH[:, lo:hi], _expert(ins[i], g).T)
+        return (dx_TD.at[tok_b].add(dx_bD, mode="drop"), dins, ddown), dw_b
 
-    init = (jnp.zeros((t, d), jnp.float32),) + tuple(
-        jnp.zeros(w.shape, jnp.float32) for w in (gate_EDF, up_EDF, down_EFD))
-    (dx_TD, dgate, dup, ddown), dw_Nb = _scan_used(
-        step, init, lay, jnp.zeros((lay.block,), jnp.float32), (a_NbF, u_NbF),
-        operands=(x_TD, dy_TD, weights_M, gate_EDF, up_EDF, down_EFD, a_NbF))
+    init = (jnp.zeros((t, d), jnp.float32),
+            tuple(jnp.zeros(w.shape, jnp.float32) for w in ins),
+            jnp.zeros(down_EFD.shape, jnp.float32))
+    (dx_TD, dins, ddown), dw_Nb = _scan_used(
+        step, init, lay, jnp.zeros((lay.block,), jnp.float32), (au_NbH,),
+        operands=(x_TD, dy_TD, weights_M, *ins, down_EFD, au_NbH))
     dweights_M = _gather(dw_Nb.reshape(-1), lay.dest_M)
-    cts = (dx_TD, dweights_M, dgate, dup, ddown)
-    primals = (x_TD, weights_M, gate_EDF, up_EDF, down_EFD)
-    dx_TD, dweights_M, dgate, dup, ddown = (_like(ct, p) for ct, p in zip(cts, primals))
-    return dx_TD, dweights_M, None, dgate, dup, ddown
+    dx_TD, dweights_M, ddown = (_like(ct, p) for ct, p in
+                                zip((dx_TD, dweights_M, ddown), (x_TD, weights_M, down_EFD)))
+    dins = tuple(_like(ct, p) for ct, p in zip(dins, ins))
+    return dx_TD, dweights_M, None, dins, ddown
 
 
 def _like(ct, primal):
@@ -242,12 +263,15 @@ def default_implementation() -> str:
 
 def grouped_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array | None,
                    gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array, *,
-                   implementation: str | None = None) -> jax.Array:
+                   implementation: str | None = None,
+                   fuse_gate_up: bool | None = None) -> jax.Array:
     """y[t] = sum_k weights[t, k] * SwiGLU of x[t] by expert experts_TK[t, k], [T, D] float32.
 
     An expert id of E means no expert (contributes 0); each row's K experts must be
     distinct; weights_TK=None means all ones.
     implementation: "ragged_dot", "blocked", or None (ragged_dot on TPU, blocked elsewhere).
+    fuse_gate_up: blocked only; multiply by gate and up as one [D, 2F] operand (one copy of
+      both per call). None: when 2F <= FUSE_MAX_WIDTH.
     """
     implementation = implementation or default_implementation()
     if implementation not in ("ragged_dot", "blocked"):
@@ -260,5 +284,10 @@ def grouped_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
     weights_M = weights_TK.astype(jnp.float32).reshape(t * k)
     block = 1 if implementation == "ragged_dot" else block_rows(t * k, e)
     lay = layout(experts_TK, e, block)
-    ffn = _ragged_swiglu if implementation == "ragged_dot" else _blocked_swiglu
-    return ffn(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD)
+    if implementation == "ragged_dot":
+        return _ragged_swiglu(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD)
+    if fuse_gate_up is None:
+        fuse_gate_up = 2 * gate_EDF.shape[-1] <= FUSE_MAX_WIDTH
+    ins = ((jnp.concatenate([gate_EDF, up_EDF], axis=-1),) if fuse_gate_up
+           else (gate_EDF, up_EDF))
+    return _blocked_swiglu(x_TD, weights_M, lay, ins, down_EFD)
