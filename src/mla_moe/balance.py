@@ -32,9 +32,12 @@ def balance_losses(
     _, t, e = scores_BTE.shape
     k = experts_BTK.shape[-1]
     d, m = c.num_expert_devices, c.num_device_limit
-    onehot_BTKE = jax.nn.one_hot(experts_BTK, e, dtype=jnp.float32)
-    routed_BTE = onehot_BTKE.sum(2)  # 0/1: token t routed to expert i
-    f_BE = routed_BTE.sum(1) * (e / (k * t))
+    # Counts by a scatter-add of the B*T*K choices: a one-hot [B, T, K, E] summed over T and K
+    # is materialised by XLA:CPU, 40 ms against 0.5 ms at T=16384, K=16, E=64.
+    b = experts_BTK.shape[0]
+    count_BE = jnp.zeros((b, e), jnp.float32).at[jnp.arange(b)[:, None, None],
+                                                 experts_BTK].add(1.0)
+    f_BE = count_BE * (e / (k * t))
     p_BE = scores_BTE.mean(1)
     losses, weighted = {}, jnp.zeros((), jnp.float32)
 
@@ -57,7 +60,8 @@ def balance_losses(
     )
 
     def comm():
-        sent_BTD = routed_BTE.reshape(*routed_BTE.shape[:2], d, e // d).max(-1)
+        device_BTK = experts_BTK // (e // d)
+        sent_BTD = jnp.any(device_BTK[..., None] == jnp.arange(d), axis=2).astype(jnp.float32)
         f2_BD = sent_BTD.sum(1) * (d / (m * t))
         return jnp.mean(jnp.sum(f2_BD * device_p(), -1))
 
