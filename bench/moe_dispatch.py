@@ -7,11 +7,15 @@ data=2 x expert=4, and for the unsharded layer (one device, no mesh), interleave
 strategy / unsharded. On CPU the 8 "devices" share the host's cores, so a ratio says what the
 dispatch costs on top of the same arithmetic, not what a real pod would gain.
 Part 2: fixed active FLOPs (tokens x top-k x expert width constant), unsharded dropless layer,
-forward ("fwd") and forward + backward ("train"), at `--scaling_tokens` (default 1024 and
-4096: the E=64, k=2 layer then gets 32 and 128 rows per expert):
+forward ("fwd") and forward + backward ("train"), at `--scaling_tokens` (default 1024, 4096
+and 16384: the E=64, k=2 layer then gets 32, 128 and 512 rows per expert):
   8 -> 64 experts at equal k and width           target: cost <= 1.3x
   fine-grained (64 experts, k=16, width/8) vs coarse (8 experts, k=2)   target: >= 0.7 of the
   coarse throughput.
+plus, for fine vs coarse, the same ratio for the dense floor: the same FLOPs as plain
+[T*k, D] x [D, 2F], [T*k, F] x [F, D] products (no routing, grouping or gathers; gate and
+up fused exactly when `grouped_swiglu` fuses them). It bounds what any grouped
+implementation can reach on this backend with these matrix shapes.
 Medians of `--reps` timed calls after a compile + warm-up call, fresh random inputs.
 """
 
@@ -32,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mla_moe import ModelConfig, sharding  # noqa: E402
+from mla_moe import ModelConfig, grouped_matmul, sharding  # noqa: E402
 from mla_moe.moe import MoE  # noqa: E402
 
 D = 128
@@ -89,6 +93,37 @@ def _timer(cfg, mesh, tokens, seed=0, train=False):
     return once
 
 
+def _dense_timer(tokens, k, width, seed=0, train=False):
+    """The expert FLOPs of the layer as dense products of T*k rows: the floor for them."""
+    m, f = tokens * k, width
+    fused = 2 * f <= grouped_matmul.FUSE_MAX_WIDTH
+
+    def ffn(x_MD, gate_up_DH, down_FD):
+        if fused:
+            au_MH = x_MD @ gate_up_DH
+            h_MF = jax.nn.silu(au_MH[:, :f]) * au_MH[:, f:]
+        else:
+            h_MF = jax.nn.silu(x_MD @ gate_up_DH[:, :f]) * (x_MD @ gate_up_DH[:, f:])
+        return h_MF @ down_FD
+
+    def loss(*args):
+        return jnp.sum(jnp.sin(ffn(*args)))
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if train else ffn)
+    ks = jax.random.split(jax.random.key(seed), 3)
+    args = (jax.random.normal(ks[0], (m, D)), 0.05 * jax.random.normal(ks[1], (D, 2 * f)),
+            0.05 * jax.random.normal(ks[2], (f, D)))
+
+    def once():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - t0
+
+    once()
+    once()
+    return once
+
+
 class _null:
     def __enter__(self):
         return None
@@ -108,7 +143,7 @@ def _interleaved(timers: dict, reps: int) -> dict[str, float]:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--scaling_tokens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--scaling_tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--parts", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args(argv)
@@ -138,8 +173,11 @@ def main(argv=None):
     }
     for tokens in args.scaling_tokens if 2 in args.parts else ():
         for mode in ("fwd", "train"):
-            med2 = _interleaved({n: _timer(c, None, tokens, seed=1, train=mode == "train")
-                                 for n, c in cases.items()}, args.reps)
+            train = mode == "train"
+            timers = {n: _timer(c, None, tokens, seed=1, train=train) for n, c in cases.items()}
+            timers["dense coarse"] = _dense_timer(tokens, 2, width, train=train)
+            timers["dense fine"] = _dense_timer(tokens, 16, width // 8, train=train)
+            med2 = _interleaved(timers, args.reps)
             coarse = med2["coarse E=8 k=2 F=256"]
             more = med2["E=64 k=2 F=256"]
             fine = med2["fine E=64 k=16 F=32"]
@@ -147,6 +185,9 @@ def main(argv=None):
             rows.append((f"{tag}: 8 -> 64 experts (time)", more, coarse, more / coarse, "<= 1.3"))
             rows.append((f"{tag}: fine vs coarse throughput", fine, coarse, coarse / fine,
                          ">= 0.7"))
+            rows.append((f"{tag}: the same, dense floor", med2["dense fine"],
+                         med2["dense coarse"], med2["dense coarse"] / med2["dense fine"],
+                         "(bound)"))
 
     print(f"{'case':44s} {'ours (ms)':>10s} {'baseline (ms)':>14s} {'ratio':>7s}  target")
     for name, ours, baseline, ratio, target in rows:
