@@ -12,10 +12,13 @@ and 16384: the E=64, k=2 layer then gets 32, 128 and 512 rows per expert):
   8 -> 64 experts at equal k and width           target: cost <= 1.3x
   fine-grained (64 experts, k=16, width/8) vs coarse (8 experts, k=2)   target: >= 0.7 of the
   coarse throughput.
-plus, for fine vs coarse, the same ratio for the dense floor: the same FLOPs as plain
-[T*k, D] x [D, 2F], [T*k, F] x [F, D] products (no routing, grouping or gathers; gate and
-up fused exactly when `grouped_swiglu` fuses them). It bounds what any grouped
-implementation can reach on this backend with these matrix shapes.
+plus each ratio again for a floor that no grouped implementation on this backend can beat
+with these matrix shapes (no routing, layout, padding or gathers; gate and up fused exactly
+when `grouped_swiglu` fuses them):
+  8 -> 64 experts: "grouped floor", every expert given exactly T*k/E rows, already grouped,
+    one scan step per expert ([T*k/E, D] x [D, 2F], [T*k/E, F] x [F, D]).
+  fine vs coarse: "dense floor", the same FLOPs as plain [T*k, D] x [D, 2F] and
+    [T*k, F] x [F, D] products.
 Medians of `--reps` timed calls after a compile + warm-up call, fresh random inputs.
 """
 
@@ -93,26 +96,38 @@ def _timer(cfg, mesh, tokens, seed=0, train=False):
     return once
 
 
-def _dense_timer(tokens, k, width, seed=0, train=False):
-    """The expert FLOPs of the layer as dense products of T*k rows: the floor for them."""
-    m, f = tokens * k, width
-    fused = 2 * f <= grouped_matmul.FUSE_MAX_WIDTH
+def _swiglu(x_XD, gate_up_DH, down_FD):
+    f = down_FD.shape[0]
+    if 2 * f <= grouped_matmul.FUSE_MAX_WIDTH:
+        au_XH = x_XD @ gate_up_DH
+        h_XF = jax.nn.silu(au_XH[:, :f]) * au_XH[:, f:]
+    else:
+        h_XF = jax.nn.silu(x_XD @ gate_up_DH[:, :f]) * (x_XD @ gate_up_DH[:, f:])
+    return h_XF @ down_FD
 
-    def ffn(x_MD, gate_up_DH, down_FD):
-        if fused:
-            au_MH = x_MD @ gate_up_DH
-            h_MF = jax.nn.silu(au_MH[:, :f]) * au_MH[:, f:]
-        else:
-            h_MF = jax.nn.silu(x_MD @ gate_up_DH[:, :f]) * (x_MD @ gate_up_DH[:, f:])
-        return h_MF @ down_FD
+
+def _floor_timer(tokens, k, width, experts=None, seed=0, train=False):
+    """The layer's expert FLOPs without routing: dense products of all T*k rows (experts=None),
+    or exactly T*k/E rows per expert, already grouped, one scan step per expert."""
+    m, f = tokens * k, width
+
+    if experts is None:
+        ffn, lead = _swiglu, ()
+    else:
+        def ffn(x_EXD, gate_up_EDH, down_EFD):
+            return jax.lax.scan(lambda c, xs: (c, _swiglu(*xs)), None,
+                                (x_EXD, gate_up_EDH, down_EFD))[1]
+
+        lead, m = (experts,), m // experts
 
     def loss(*args):
         return jnp.sum(jnp.sin(ffn(*args)))
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if train else ffn)
     ks = jax.random.split(jax.random.key(seed), 3)
-    args = (jax.random.normal(ks[0], (m, D)), 0.05 * jax.random.normal(ks[1], (D, 2 * f)),
-            0.05 * jax.random.normal(ks[2], (f, D)))
+    args = (jax.random.normal(ks[0], (*lead, m, D)),
+            0.05 * jax.random.normal(ks[1], (*lead, D, 2 * f)),
+            0.05 * jax.random.normal(ks[2], (*lead, f, D)))
 
     def once():
         t0 = time.perf_counter()
@@ -175,14 +190,19 @@ def main(argv=None):
         for mode in ("fwd", "train"):
             train = mode == "train"
             timers = {n: _timer(c, None, tokens, seed=1, train=train) for n, c in cases.items()}
-            timers["dense coarse"] = _dense_timer(tokens, 2, width, train=train)
-            timers["dense fine"] = _dense_timer(tokens, 16, width // 8, train=train)
+            timers["grouped floor E=8"] = _floor_timer(tokens, 2, width, 8, train=train)
+            timers["grouped floor E=64"] = _floor_timer(tokens, 2, width, 64, train=train)
+            timers["dense coarse"] = _floor_timer(tokens, 2, width, train=train)
+            timers["dense fine"] = _floor_timer(tokens, 16, width // 8, train=train)
             med2 = _interleaved(timers, args.reps)
             coarse = med2["coarse E=8 k=2 F=256"]
             more = med2["E=64 k=2 F=256"]
             fine = med2["fine E=64 k=16 F=32"]
             tag = f"T={tokens} {mode}"
             rows.append((f"{tag}: 8 -> 64 experts (time)", more, coarse, more / coarse, "<= 1.3"))
+            rows.append((f"{tag}: the same, grouped floor", med2["grouped floor E=64"],
+                         med2["grouped floor E=8"],
+                         med2["grouped floor E=64"] / med2["grouped floor E=8"], "(bound)"))
             rows.append((f"{tag}: fine vs coarse throughput", fine, coarse, coarse / fine,
                          ">= 0.7"))
             rows.append((f"{tag}: the same, dense floor", med2["dense fine"],

@@ -150,7 +150,7 @@ def test_dispatch_resolution_and_capacity():
     assert moe_parallel.resolve_dispatch(auto, 2, "cpu") == "allgather"
     assert moe_parallel.resolve_dispatch(auto.replace(num_experts_per_tok=8), 8, "gpu") == \
         "allgather"
-    assert moe_parallel.resolve_dispatch(auto, 8, "cpu") == "all_to_all"
+    assert moe_parallel.resolve_dispatch(auto, 8, "cpu") == "allgather"  # CPU: always
     assert moe_parallel.resolve_dispatch(auto, 8, "gpu") == "ragged_all_to_all"
     assert moe_parallel.resolve_dispatch(CFG.replace(moe_dispatch="ragged_all_to_all"), 8,
                                          "cpu") == "all_to_all_dropless"

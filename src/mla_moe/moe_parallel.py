@@ -26,8 +26,10 @@ Dispatch (`config.moe_dispatch`):
   on CPU this falls back to the dropless all_to_all path (logged once).
 - allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
   them, `psum_scatter` back. No drops; good for small EP.
-- auto: allgather for EP <= max(2, K) (it receives EP x the shard's tokens where the all-to-all
-  receives K x), else ragged_all_to_all on TPU/GPU and all_to_all on CPU.
+- auto: on TPU/GPU, allgather for EP <= max(2, K) (it receives EP x the shard's tokens where
+  the all-to-all receives K x), else ragged_all_to_all. On CPU always allgather: there the
+  collectives are copies in one host's memory and the packed all-to-all costs 2-3x the
+  allgather's time at EP = 4 and 8 (bench/moe_dispatch.py).
 If the token count does not divide over the expert axis (e.g. one decode token), the tokens
 stay replicated over `expert` and the allgather computation runs without the gather.
 """
@@ -125,10 +127,11 @@ def resolve_dispatch(config: ModelConfig, ep: int, backend: str | None = None) -
     kind = config.moe_dispatch
     if kind == "auto":
         # Per shard, the gather receives ~EP x its tokens, the all-to-all ~K x: gather while
-        # EP <= K (it also skips the packing), all-to-all beyond.
-        if ep <= max(2, config.num_experts_per_tok):
+        # EP <= K (it also skips the packing), all-to-all beyond. On CPU the volume is a
+        # memory copy and the packing dominates: gather always.
+        if backend not in ("tpu", "gpu") or ep <= max(2, config.num_experts_per_tok):
             return "allgather"
-        kind = "ragged_all_to_all" if backend in ("tpu", "gpu") else "all_to_all"
+        kind = "ragged_all_to_all"
     if kind == "ragged_all_to_all" and backend not in ("tpu", "gpu"):
         _log_once(f"moe_dispatch='ragged_all_to_all': XLA:{backend} has no ragged-all-to-all; "
                   "using the dropless packed all_to_all path instead")
