@@ -205,17 +205,15 @@ def _blocked_bwd(res, dy_TD):
         silu_bF = a_bF * sig_bF
         h_bF = (silu_bF * u_bF).astype(dt)
         down_FD = _expert(down_EFD, g)
-        dhu_bF = _dot(dy_bD.astype(dt), down_FD.T)  # d(out)/dh before the gate weight
+        dhu_bF = _dot(dy_bD.astype(dt), down_FD.T)  # d(out)/dh before the routing weight
         dw_b = jnp.sum(h_bF * dhu_bF, axis=-1)
         dh_bF = dhu_bF * w_b[:, None]
         ddown = _add_expert(ddown, g, _dot(h_bF.T, (dy_bD * w_b[:, None]).astype(dt)))
         dau_bH = jnp.concatenate([dh_bF * u_bF * sig_bF * (1 + a_bF * (1 - sig_bF)),
                                   dh_bF * silu_bF], axis=-1).astype(dt)
-        dx_bD = 0
-        for i, (lo, hi) in enumerate(cols):
-            dins = (*dins[:i], _add_expert(dins[i], g, _dot(x_bD.T, dau_bH[:, lo:hi])),
-                    *dins[i + 1:])
-            dx_bD = dx_bD + _dot(dau_bH[:, lo:hi], _expert(ins[i], g).T)
+        dau = [dau_bH[:, lo:hi] for lo, hi in cols]  # one per operand in `ins`
+        dins = tuple(_add_expert(acc, g, _dot(x_bD.T, da)) for acc, da in zip(dins, dau))
+        dx_bD = sum(_dot(da, _expert(w, g).T) for da, w in zip(dau, ins))
         return (dx_TD.at[tok_b].add(dx_bD, mode="drop"), dins, ddown), dw_b
 
     init = (jnp.zeros((t, d), jnp.float32),
