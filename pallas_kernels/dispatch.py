@@ -2,8 +2,10 @@
 
 `implementation` accepted by every public kernel entry point:
 
-  None / "auto"   "tpu" if jax.default_backend() == "tpu", "gpu" if it is "gpu" (CUDA or ROCm)
-                  and this jax still ships Pallas' Triton backend, otherwise "xla".
+  None / "auto"   "tpu" when compiling for TPU, "gpu" for a GPU (CUDA or ROCm) when this jax
+                  still ships Pallas' Triton backend, otherwise "xla". The platform is that
+                  of the mesh in effect (`jax.set_mesh`, also an abstract mesh of compile-only
+                  devices), else `jax.default_backend()`: see `target_platform`.
   "xla"           the chunked pure-jnp reference (`*_reference`), no Pallas.
   "gpu"           the Pallas kernel lowered through Triton (triton.CompilerParams).
   "tpu"           the same kernel family lowered through Mosaic TPU, head-major layouts.
@@ -99,13 +101,37 @@ def _require(module, name):
     return module
 
 
+def _target_device():
+    """The abstract device of the mesh in effect, or None without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or not mesh.shape:
+        return None
+    return getattr(mesh, "abstract_device", None)
+
+
+def target_platform() -> str:
+    """The platform the program being traced is compiled for: "tpu", "gpu" or "cpu".
+
+    Read from the devices of the mesh in effect (so a CPU host compiling ahead of time for a
+    TPU or GPU mesh builds the TPU or GPU program), else from `jax.default_backend()`."""
+    device = _target_device()
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def target_device_kind() -> str:
+    """`device_kind` of the devices compiled for ("TPU v5", "NVIDIA H100 80GB HBM3", ...)."""
+    device = _target_device()
+    return device.device_kind if device is not None else jax.devices()[0].device_kind
+
+
 def resolve(implementation: str | None) -> str:
     """Maps None/"auto" to a concrete implementation name and validates the rest."""
     if implementation in (None, "auto"):
-        backend = jax.default_backend()
+        backend = target_platform()
         if backend == "tpu":
             return "tpu"
-        if backend in ("gpu", "cuda", "rocm") and _pl_triton is not None:
+        if backend == "gpu" and _pl_triton is not None:
             return "gpu"
         return "xla"  # CPU, or a jax without Pallas' Triton backend
     if implementation not in IMPLEMENTATIONS:

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import target_platform
+
 # The blocked scan multiplies by gate and up as one [D, 2F] operand when 2F is at most this:
 # on XLA:CPU a [128, 128] x [128, 64] product runs ~20% faster than two [.., 32] ones, while at
 # 2F = 512 the fused form was ~15% slower (bench/moe_dispatch.py, F = 32 and 256).
@@ -256,7 +258,7 @@ def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
 
 
 def default_implementation() -> str:
-    return "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
+    return "ragged_dot" if target_platform() == "tpu" else "blocked"
 
 
 def grouped_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array | None,

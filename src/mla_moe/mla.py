@@ -18,6 +18,7 @@ from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
 from mla_moe.sharding import constrain
+from pallas_kernels.dispatch import target_platform
 
 # The q/kv latent norms use a hard-coded eps in the reference and in HF.
 LATENT_NORM_EPS = 1e-6
@@ -27,7 +28,7 @@ def _kernel_implementation(config: ModelConfig) -> str | None:
     """The `implementation` to pass to pallas_kernels, or None to use the XLA path here."""
     impl = config.attention_impl
     if impl == "auto":
-        return "auto" if jax.default_backend() in ("tpu", "gpu") else None
+        return "auto" if target_platform() in ("tpu", "gpu") else None
     return {"pallas": "auto", "interpret": "interpret"}.get(impl)
 
 

@@ -47,6 +47,7 @@ from mla_moe import sharding
 from mla_moe.config import ModelConfig
 from mla_moe.grouped_matmul import grouped_swiglu
 from mla_moe.router import select_experts
+from pallas_kernels.dispatch import target_platform
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -123,7 +124,7 @@ def use_parallel(config: ModelConfig) -> bool:
 
 def resolve_dispatch(config: ModelConfig, ep: int, backend: str | None = None) -> str:
     """The dispatch actually used: resolves `auto` and the CPU fallback of ragged_all_to_all."""
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     kind = config.moe_dispatch
     if kind == "auto":
         # Per shard, the gather receives ~EP x its tokens, the all-to-all ~K x: gather while
