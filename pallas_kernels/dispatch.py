@@ -141,6 +141,13 @@ def resolve(implementation: str | None) -> str:
     return implementation
 
 
+def per_device(table: dict[str, Any], device_kind: str | None) -> Any:
+    """The entry of `table` for the longest key that starts `device_kind` ("TPU v5 lite",
+    "NVIDIA H100 80GB HBM3"); the "" entry is the default."""
+    kind = device_kind or ""
+    return table[max((k for k in table if kind.startswith(k)), key=len)]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
+from pallas_kernels import latent_attention_tpu as latent_tpu
 from pallas_kernels.latent_attention_reference import (
     DEFAULT_BLOCK_KV,
     latent_attention_reference,
@@ -66,10 +67,28 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.num_splits={self.num_splits!r} must be None or > 0")
 
     @classmethod
-    def get_default(cls, implementation: str | None = None) -> BlockSizes:
-        if dispatch.resolve(implementation) in ("tpu", "tpu_interpret"):
-            return cls(block_kv=128, block_rows=128, num_warps=4)
+    def get_default(cls, implementation: str | None = None,
+                    device_kind: str | None = None) -> BlockSizes:
+        """Tiles for an implementation and the device compiled for (`device_kind`; None:
+        `dispatch.target_device_kind()` for "tpu" / "gpu")."""
+        impl = dispatch.resolve(implementation)
+        if impl in ("tpu", "gpu") and device_kind is None:
+            device_kind = dispatch.target_device_kind()
+        if impl in ("tpu", "tpu_interpret"):
+            return cls(**dispatch.per_device(TPU_BLOCKS, device_kind))
+        if impl == "gpu":
+            return cls(**dispatch.per_device(GPU_BLOCKS, device_kind))
         return cls()
+
+
+# Per device kind (the longest matching prefix of `device_kind`; "" is the default). Chosen
+# from the compilers' VMEM / shared-memory verdicts at C = 512, R = 64, not timed: no TPU or
+# GPU was available to tune them.
+# TPU: the cache streams through VMEM one block at a time (~3 MiB against 16 MiB scoped).
+TPU_BLOCKS = {"": dict(block_kv=512, block_rows=256)}
+# GPU (Triton): a [block_kv, C] bf16 tile per pipeline stage plus the [block_rows, C] queries
+# and accumulator; 64-slot tiles with two stages ask 236 KiB, over Hopper's 227 KiB.
+GPU_BLOCKS = {"": dict(block_kv=32, block_rows=32, num_stages=2)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +99,11 @@ class _Static:
     block_kv: int
     blocks_per_split: int
     num_kv: int
-    split_local: bool  # the kv ref holds only this split's slots (TPU) rather than all of S
-    batch_axis: int  # grid axis of the sequence index (the split axis is always 1)
 
 
 def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref, *,
             st: _Static):
-    b, p = pl.program_id(st.batch_axis), pl.program_id(1)
+    b, p = pl.program_id(2), pl.program_id(1)
     bk = st.block_kv
     length = lengths_ref[b]
     q_lat_MC, q_pe_MR = q_lat_ref[...], q_pe_ref[...]
@@ -100,11 +117,10 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
     # Blocks every row sees entirely need no mask (the common case for T = 1).
     min_limit = length - st.t_len if st.causal else length - 1
     n_full = jnp.clip(lax.div(jnp.maximum(min_limit + 1, 0), bk), first, jnp.maximum(hi, first))
-    base = first * bk if st.split_local else 0
 
     def body(j, carry, masked):
         acc_MC, m_M1, l_M1 = carry
-        ks = pl.ds(pl.multiple_of(j * bk - base, bk), bk)
+        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
         kv_KC, k_pe_KR = kv_ref[ks, :], k_pe_ref[ks, :]
         if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
             valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + j * bk < length
@@ -139,8 +155,8 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
 def _num_splits(bs: BlockSizes, backend, b: int, row_blocks: int, num_kv: int, bk: int) -> int:
     if bs.num_splits is not None:
         return min(bs.num_splits, num_kv)
-    if backend.head_major:  # TPU: bound the split's VMEM-resident slice to ~2K slots
-        return max(1, -(-num_kv * bk // 2048))
+    if backend.head_major:  # TPU: two splits keep both TensorCores of a megacore chip busy
+        return 1 if b * row_blocks > 1 else min(2, num_kv)
     return max(1, min(num_kv, -(-_TARGET_PROGRAMS // (b * row_blocks))))
 
 
@@ -209,45 +225,52 @@ def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengt
     splits = _num_splits(bs, backend, b, row_blocks, num_kv, bk)
     per_split = -(-num_kv // splits)
     splits = -(-num_kv // per_split)  # no statically empty trailing split
-    # TPU runs the last grid axis innermost: keep a split's kv resident across row blocks.
-    # On GPU program_id(0) varies fastest: the row blocks of one split run side by side and
-    # share its cache slice through L2.
     if backend.head_major:
-        grid, batch_axis, unpack = (b, splits, row_blocks), 0, (lambda g0, g1, g2: (g0, g1, g2))
+        st = latent_tpu.Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t,
+                               block_kv=bk, blocks_per_split=per_split, num_kv=num_kv)
+        o_BPMC, lse_BPM1 = latent_tpu.latent_decode(st, splits, rows, backend.interpret(),
+                                                    lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR,
+                                                    kv_BSC, k_pe_BSR)
     else:
-        grid, batch_axis, unpack = (row_blocks, splits, b), 2, (lambda g0, g1, g2: (g2, g1, g0))
+        o_BPMC, lse_BPM1 = _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split,
+                                            num_kv, splits, rows, lengths_B, row_t_M1,
+                                            q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)
+    out_BMC = combine_splits(o_BPMC, lse_BPM1)
+    return out_BMC[:, :m, :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
 
-    def spec(shape, index):  # index takes (b, p, i) whatever the grid order
-        return pl.BlockSpec(shape, lambda *g: index(*unpack(*g)))
+
+def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, splits, rows,
+                     lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR):
+    """The GPU / interpret kernel: each program loops over its split's cache blocks. On GPU
+    program_id(0) varies fastest: the row blocks of one split run side by side and share its
+    cache slice through L2."""
+    b, m_pad, c_pad = q_lat_BMC.shape
+    r_pad, s_pad = q_pe_BMR.shape[-1], kv_BSC.shape[1]
+
+    def spec(shape, index):  # index takes (b, p, i); the grid is (row blocks, splits, b)
+        return pl.BlockSpec(shape, lambda g0, g1, g2: index(g2, g1, g0))
 
     st = _Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t, block_kv=bk,
-                 blocks_per_split=per_split, num_kv=num_kv, split_local=backend.head_major,
-                 batch_axis=batch_axis)
-    if st.split_local:  # TPU: DMA only this split's slots into VMEM
-        kv_len, kv_index = per_split * bk, (lambda b_, p, i: (b_, p, 0))
-    else:  # GPU / interpret: the whole sequence is addressable; the loop reads its share
-        kv_len, kv_index = s_pad, (lambda b_, p, i: (b_, 0, 0))
-    out_rows = jax.ShapeDtypeStruct((b, splits, m_pad, c_pad), jnp.float32)
-    o_BPMC, lse_BPM1 = pl.pallas_call(
+                 blocks_per_split=per_split, num_kv=num_kv)
+    return pl.pallas_call(
         functools.partial(_kernel, st=st),
-        grid=grid,
+        grid=(m_pad // rows, splits, b),
         in_specs=[
             backend.smem_spec(),
             spec((rows, 1), lambda b_, p, i: (i, 0)),
             spec((None, rows, c_pad), lambda b_, p, i: (b_, i, 0)),
             spec((None, rows, r_pad), lambda b_, p, i: (b_, i, 0)),
-            spec((None, kv_len, c_pad), kv_index),
-            spec((None, kv_len, r_pad), kv_index),
+            spec((None, s_pad, c_pad), lambda b_, p, i: (b_, 0, 0)),
+            spec((None, s_pad, r_pad), lambda b_, p, i: (b_, 0, 0)),
         ],
         out_specs=[spec((None, None, rows, c_pad), lambda b_, p, i: (b_, p, i, 0)),
                    spec((None, None, rows, 1), lambda b_, p, i: (b_, p, i, 0))],
-        out_shape=[out_rows, jax.ShapeDtypeStruct((b, splits, m_pad, 1), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((b, splits, m_pad, c_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, m_pad, 1), jnp.float32)],
         interpret=backend.interpret(), name="latent_attention_decode",
         compiler_params=backend.compiler_params(3, num_warps=bs.num_warps,
                                                 num_stages=bs.num_stages),
     )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)
-    out_BMC = combine_splits(o_BPMC, lse_BPM1)
-    return out_BMC[:, :m, :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
 
 
 def combine_splits(o_BPMC, lse_BPM1):

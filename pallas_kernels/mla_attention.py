@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 from pallas_kernels import mla_attention_kernels as kernels
+from pallas_kernels import mla_attention_tpu as tpu_kernels
 from pallas_kernels.mla_attention_reference import (
     DEFAULT_BLOCK_KV,
     mla_attention_reference,
@@ -63,16 +64,32 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{field.name}={value} must be a multiple of 8")
 
     @classmethod
-    def get_default(cls, implementation: str | None = None) -> BlockSizes:
-        if dispatch.resolve(implementation) in ("tpu", "tpu_interpret"):
-            # The score tile's key axis is the TPU lane axis: keep it a multiple of 128.
-            return cls(block_q=128, block_kv=128, block_q_dq=128, block_kv_dq=128,
-                       block_q_dkv=128, block_kv_dkv=128)
+    def get_default(cls, implementation: str | None = None,
+                    device_kind: str | None = None) -> BlockSizes:
+        """Tiles for an implementation and the device compiled for (`device_kind`; None:
+        `dispatch.target_device_kind()` for "tpu" / "gpu")."""
+        impl = dispatch.resolve(implementation)
+        if impl in ("tpu", "tpu_interpret"):
+            if impl == "tpu" and device_kind is None:
+                device_kind = dispatch.target_device_kind()
+            return cls(**dispatch.per_device(TPU_BLOCKS, device_kind))
         return cls()
 
     def blocks(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name.startswith("block_") and f.name != "block_kv_xla"}
+
+
+# TPU tiles per generation. The score tile's key axis is the lane axis: multiples of 128 (256
+# on v6e, whose MXU is 256 wide). K/V stream block by block, so VMEM use depends on these alone
+# (about 2-5 MiB each against the 16 MiB scoped default; see bench/RESULTS.md). Chosen for
+# the compilers' VMEM verdicts, not measured for speed: no TPU was available to time them.
+TPU_BLOCKS = {
+    "": dict(block_q=512, block_kv=512, block_q_dq=512, block_kv_dq=512, block_q_dkv=512,
+             block_kv_dkv=512),
+    "TPU v6 lite": dict(block_q=1024, block_kv=512, block_q_dq=1024, block_kv_dq=512,
+                        block_q_dkv=512, block_kv_dkv=1024),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,25 +99,20 @@ class _Config:
     blocks: BlockSizes
 
 
-def _grid(cfg: _Config, b: int, n: int, num_blocks: int):
-    """Grid and (b, n, i) unpacking. TPU iterates the last grid axis innermost, so the block
-    axis goes last (K/V stay resident while query blocks stream); on GPU program_id(0) varies
-    fastest, so it goes first (neighbouring programs share K/V in L2)."""
-    if cfg.backend.head_major:
-        return (b, n, num_blocks), 2, lambda g0, g1, g2: (g0, g1, g2)
+def _grid(b: int, n: int, num_blocks: int):
+    """Grid of the portable (GPU / interpret) kernels and its (b, n, i) unpacking:
+    program_id(0) varies fastest on GPU, so the block axis goes first (neighbouring programs
+    share K/V in L2)."""
     return (num_blocks, b, n), 0, lambda g0, g1, g2: (g1, g2, g0)
 
 
-def _specs(cfg: _Config, unpack):
+def _specs(unpack):
     """BlockSpec builders, each taking (rows, dim, tiled) and indexing by (b, n, i)."""
-    hm = cfg.backend.head_major
 
     def spec(shape, index):
         return pl.BlockSpec(shape, lambda *g: index(*unpack(*g)))
 
-    def head(rows, d, tiled):  # per-head [B, L, N, d] (GPU) or [B, N, L, d] (TPU)
-        if hm:
-            return spec((None, None, rows, d), lambda b, n, i: (b, n, i if tiled else 0, 0))
+    def head(rows, d, tiled):  # per-head [B, L, N, d]: N squeezed, a strided load, no copy
         return spec((None, rows, None, d), lambda b, n, i: (b, i if tiled else 0, n, 0))
 
     def shared(rows, d, tiled):  # [B, L, d], one row per token for all heads
@@ -126,10 +138,13 @@ def _dims(q_nope, q_pe, k_nope, v, head_major):
 
 def _forward(cfg: _Config, q_nope, q_pe, k_nope, k_pe, v, segs):
     be, g, bs = cfg.backend, cfg.geometry, cfg.blocks
+    if be.head_major:
+        return tpu_kernels.forward(g, bs.block_q, bs.block_kv, be.interpret(), q_nope, q_pe,
+                                   k_nope, k_pe, v, segs)
     b, n, t, s, h, r, dv = _dims(q_nope, q_pe, k_nope, v, be.head_major)
     bq, bk = bs.block_q, bs.block_kv
-    grid, axis, unpack = _grid(cfg, b, n, t // bq)
-    head, shared, stats, seg_specs = _specs(cfg, unpack)
+    grid, axis, unpack = _grid(b, n, t // bq)
+    head, shared, stats, seg_specs = _specs(unpack)
     in_specs = seg_specs(bq, True, s, False) if g.has_segments else []
     in_specs += [head(bq, h, True), head(bq, r, True), head(s, h, False), shared(s, r, False),
                  head(s, dv, False)]
@@ -152,12 +167,18 @@ def _backward(cfg: _Config, res, do):
     b, n, t, s, h, r, dv = _dims(q_nope, q_pe, k_nope, v, be.head_major)
     eq = "BNTV,BNTV->BNT" if be.head_major else "BTNV,BTNV->BNT"
     delta = jnp.einsum(eq, out.astype(jnp.float32), do.astype(jnp.float32))[..., None]
+    if be.head_major:
+        args = (q_nope, q_pe, k_nope, k_pe, v, segs, do, lse, delta)
+        dq_nope, dq_pe = tpu_kernels.dq(g, bs.block_q_dq, bs.block_kv_dq, be.interpret(), *args)
+        dk_nope, dk_pe, dv_ = tpu_kernels.dkv(g, bs.block_q_dkv, bs.block_kv_dkv,
+                                              be.interpret(), *args)
+        return dq_nope, dq_pe, dk_nope, dk_pe, dv_, None
     seg_args = tuple(segs or ())
     cp = be.compiler_params(3, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages)
 
     bq, bk = bs.block_q_dq, bs.block_kv_dq
-    grid, axis, unpack = _grid(cfg, b, n, t // bq)
-    head, shared, stats, seg_specs = _specs(cfg, unpack)
+    grid, axis, unpack = _grid(b, n, t // bq)
+    head, shared, stats, seg_specs = _specs(unpack)
     in_specs = seg_specs(bq, True, s, False) if g.has_segments else []
     in_specs += [head(bq, h, True), head(bq, r, True), head(s, h, False), shared(s, r, False),
                  head(s, dv, False), head(bq, dv, True), stats(bq, True), stats(bq, True)]
@@ -170,8 +191,8 @@ def _backward(cfg: _Config, res, do):
     )(*seg_args, q_nope, q_pe, k_nope, k_pe, v, do, lse, delta)
 
     bq, bk = bs.block_q_dkv, bs.block_kv_dkv
-    grid, axis, unpack = _grid(cfg, b, n, s // bk)
-    head, shared, stats, seg_specs = _specs(cfg, unpack)
+    grid, axis, unpack = _grid(b, n, s // bk)
+    head, shared, stats, seg_specs = _specs(unpack)
     in_specs = seg_specs(t, False, bk, True) if g.has_segments else []
     in_specs += [head(t, h, False), head(t, r, False), head(bk, h, True), shared(bk, r, True),
                  head(bk, dv, True), head(t, dv, False), stats(t, False), stats(t, False)]

@@ -77,6 +77,12 @@ CASES = [
                  id="tpu-T1"),
     pytest.param(9, RAGGED, 7, 80, True, jnp.bfloat16, "tpu_interpret", SMALL_BLOCKS,
                  id="tpu-T7-bf16"),
+    pytest.param(10, (75, 3, 40), 2, 75, False, jnp.float32, "tpu_interpret", SMALL_BLOCKS,
+                 id="tpu-T2-noncausal-S-not-multiple"),
+    # One sequence: two splits by default (one per TensorCore), the second past the length.
+    pytest.param(11, (30,), 1, 80, True, jnp.float32, "tpu_interpret",
+                 LatentBlockSizes(block_kv=16, block_rows=8, block_kv_xla=16),
+                 id="tpu-T1-one-sequence-default-splits"),
 ]
 
 

@@ -89,6 +89,9 @@ KERNEL_CASES = [
                  id="tpu-causal-packed-f32"),
     pytest.param(11, 1, 9, 19, False, "pair", jnp.bfloat16, "tpu_interpret",
                  id="tpu-full-pair-bf16"),
+    pytest.param(12, 2, 35, 13, True, None, jnp.float32, "tpu_interpret", id="tpu-causal-T>S-f32"),
+    pytest.param(13, 1, 19, 41, True, "pair", jnp.bfloat16, "tpu_interpret",
+                 id="tpu-causal-pair-T<S-bf16"),
 ]
 
 

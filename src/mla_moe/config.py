@@ -17,7 +17,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dropless", "capacity")
 MOE_DISPATCHES = ("auto", "all_to_all", "ragged_all_to_all", "allgather")
-ATTENTION_IMPLS = ("xla", "pallas", "auto", "interpret")
+ATTENTION_IMPLS = ("xla", "pallas", "auto", "interpret", "tpu_interpret")
 DECODE_FORMS = ("absorbed", "naive")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -122,7 +122,7 @@ class ModelConfig:
     # --- ours: execution ------------------------------------------------------------------
     # "xla": attention in this package; "pallas": pallas_kernels on the default backend (its
     # chunked XLA reference off TPU/GPU); "auto": pallas on TPU/GPU, else "xla";
-    # "interpret": the Pallas kernels in interpret mode (CPU tests).
+    # "interpret" / "tpu_interpret": the GPU- / TPU-layout kernels in interpret mode (CPU tests).
     attention_impl: str = "xla"
     decode_attention: str = "absorbed"  # attention form used when a cache is given
     remat_policy: str = "none"

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe import attention as attn
-from mla_moe import fp8_cache
+from mla_moe import fp8_cache, sharding
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
@@ -29,7 +29,30 @@ def _kernel_implementation(config: ModelConfig) -> str | None:
     impl = config.attention_impl
     if impl == "auto":
         return "auto" if target_platform() in ("tpu", "gpu") else None
-    return {"pallas": "auto", "interpret": "interpret"}.get(impl)
+    return {"pallas": "auto", "interpret": "interpret", "tpu_interpret": "tpu_interpret"}.get(impl)
+
+
+def _on_shards(fn, args, arg_names, out_names):
+    """`fn(*args)` per shard of the mesh in effect (`jax.shard_map`), or directly without one.
+
+    Pallas kernels cannot be partitioned by the compiler (Mosaic refuses outright). Each
+    argument is split by its logical names, e.g. ("batch", None, "act_heads", None): batch
+    and heads over the axes the rules give them, everything else whole on every shard. The
+    sequence dims are always whole, since attention needs every key. Mesh axes that carry
+    neither see the kernel's inputs replicated."""
+    mesh = sharding.active_mesh()
+    if mesh is None:
+        return fn(*args)
+    in_specs = tuple(sharding.logical_to_spec(names, x.shape, mesh, strict=False)
+                     for x, names in zip(args, arg_names, strict=True))
+    out_spec = sharding.logical_to_spec(out_names, args[0].shape[:-1] + (1,), mesh,
+                                        strict=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                         check_vma=False)(*args)
+
+
+_HEADS = ("batch", None, "act_heads", None)  # [B, T, N, *] per-head kernel operands
+_SHARED = ("batch", None, None)  # [B, S, *] one row per token for all heads
 
 
 def _after(x, dep):
@@ -155,10 +178,16 @@ class MLA(nnx.Module):
             if cache_BSK is None and kernel:
                 import pallas_kernels  # the second package of this repository
 
-                o_BTNV = pallas_kernels.mla_attention(
-                    q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, sm_scale=scale,
-                    causal=True, segment_ids=segment_ids_BT, implementation=kernel,
-                )
+                def attend(q_nope, q_pe, k_nope, k_pe, v, *seg):
+                    return pallas_kernels.mla_attention(
+                        q_nope, q_pe, k_nope, k_pe, v, sm_scale=scale, causal=True,
+                        segment_ids=seg[0] if seg else None, implementation=kernel)
+
+                segs = () if segment_ids_BT is None else (segment_ids_BT,)
+                o_BTNV = _on_shards(
+                    attend, (q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *segs),
+                    (_HEADS, _HEADS, _HEADS, _SHARED, _HEADS) + (("batch", None),) * len(segs),
+                    _HEADS)
             else:
                 o_BTNV = attn.naive_attention(
                     q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, mask_BTS, scale
@@ -168,11 +197,15 @@ class MLA(nnx.Module):
             if cache_BSK is not None and kernel:
                 import pallas_kernels
 
-                o_latent_BTNC = pallas_kernels.latent_attention(
-                    q_latent_BTNC, q_pe_BTNR, kv_BSK[..., : c.kv_lora_rank],
-                    kv_BSK[..., c.kv_lora_rank :], lengths_B=lengths_B + t, sm_scale=scale,
-                    causal=True, implementation=kernel,
-                )
+                def attend(q_latent, q_pe, kv, k_pe, lengths):
+                    return pallas_kernels.latent_attention(
+                        q_latent, q_pe, kv, k_pe, lengths_B=lengths + t, sm_scale=scale,
+                        causal=True, implementation=kernel)
+
+                o_latent_BTNC = _on_shards(
+                    attend, (q_latent_BTNC, q_pe_BTNR, kv_BSK[..., : c.kv_lora_rank],
+                             kv_BSK[..., c.kv_lora_rank :], lengths_B),
+                    (_HEADS, _HEADS, _SHARED, _SHARED, ("batch",)), _HEADS)
             else:
                 o_latent_BTNC = attn.absorbed_attention(q_latent_BTNC, q_pe_BTNR, segments,
                                                         scale)

@@ -1,0 +1,145 @@
+"""Absorbed-MLA decode on TPU (Mosaic): the latent cache streamed block by block.
+
+Legend: B batch, M = T * N query rows, C kv latent rank, R rope dim, P cache splits,
+K cache slots per block.
+
+Grid (B, P, M / rows, blocks per split): the innermost axis walks split p's cache blocks;
+Pallas double-buffers one [K, C] latent block and one [K, R] rope block into VMEM at a time,
+and the running max, sum and [rows, C] accumulator live in VMEM scratch across those steps.
+VMEM use depends on the block sizes alone, not on the cache length S.
+
+The sequence lengths are prefetched into SMEM, so the index maps see them: a block at or
+beyond a sequence's length repeats the last valid block's index (the pipeline issues no DMA
+for it) and its compute is skipped. A long, mostly empty cache costs only the slots in use.
+Each split writes a normalised partial output with its log-sum-exp, merged by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_NT = (((1,), (1,)), ((), ()))
+_NN = (((1,), (0,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    sm_scale: float
+    causal: bool
+    t_len: int
+    block_kv: int
+    blocks_per_split: int
+    num_kv: int
+
+
+def _ceil_div(a, b: int):
+    return lax.div(jnp.maximum(a, 0) + b - 1, b)
+
+
+def _last_block(length, st: Static):
+    """Index of the last cache block holding a valid slot (0 for an empty sequence)."""
+    return jnp.clip(_ceil_div(length, st.block_kv) - 1, 0, st.num_kv - 1)
+
+
+def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref,
+            acc_ref, m_ref, l_ref, *, st: Static):
+    b, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(3)
+    bk = st.block_kv
+    length = lengths_ref[b]
+    block = p * st.blocks_per_split + j
+    rows = q_lat_ref.shape[0]
+
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+    def run(masked: bool):
+        kv_KC, k_pe_KR = kv_ref[...], k_pe_ref[...]
+        if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
+            valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + block * bk < length
+            kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
+            k_pe_KR = jnp.where(valid_K1, k_pe_KR, jnp.zeros((), k_pe_KR.dtype))
+        s_MK = lax.dot_general(q_lat_ref[...], kv_KC, _NT, preferred_element_type=jnp.float32)
+        s_MK += lax.dot_general(q_pe_ref[...], k_pe_KR, _NT, preferred_element_type=jnp.float32)
+        s_MK *= st.sm_scale
+        if masked:
+            limit_M1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
+                jnp.zeros((rows, 1), jnp.int32) + (length - 1))
+            col_MK = lax.broadcasted_iota(jnp.int32, s_MK.shape, 1) + block * bk
+            s_MK = jnp.where(col_MK <= limit_M1, s_MK, -jnp.inf)
+        m_M1 = m_ref[...]
+        m_new = jnp.maximum(m_M1, jnp.max(s_MK, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha_M1 = jnp.exp(m_M1 - m_safe)
+        p_MK = jnp.exp(s_MK - m_safe)
+        l_ref[...] = alpha_M1 * l_ref[...] + jnp.sum(p_MK, axis=1, keepdims=True)
+        acc_ref[...] = alpha_M1 * acc_ref[...] + lax.dot_general(
+            p_MK.astype(kv_KC.dtype), kv_KC, _NN, preferred_element_type=jnp.float32)
+        m_ref[...] = m_new
+
+    # Blocks every row sees entirely need no mask (the common case for T = 1).
+    min_limit = length - st.t_len if st.causal else length - 1
+    n_full = lax.div(jnp.maximum(min_limit + 1, 0), bk)
+    in_use = jnp.logical_and(block < st.num_kv, block * bk < length)
+    pl.when(jnp.logical_and(in_use, block < n_full))(lambda: run(False))
+    pl.when(jnp.logical_and(in_use, block >= n_full))(lambda: run(True))
+
+    @pl.when(j == st.blocks_per_split - 1)
+    def _finish():
+        l_M1 = l_ref[...]
+        empty = l_M1 == 0.0
+        l_safe = jnp.where(empty, 1.0, l_M1)
+        o_ref[...] = acc_ref[...] / l_safe
+        lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(l_safe))
+
+
+def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_t_M1,
+                  q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR):
+    """Split partials (o [B, P, M, C] f32, lse [B, P, M, 1] f32) of the decode attention."""
+    b, m, c = q_lat_BMC.shape
+    r = q_pe_BMR.shape[-1]
+    bk = st.block_kv
+
+    def kv_index(b_, p, i, j, lengths_ref):
+        block = jnp.minimum(p * st.blocks_per_split + j, _last_block(lengths_ref[b_], st))
+        return b_, block, 0
+
+    def row_index(b_, p, i, j, lengths_ref):
+        return b_, i, 0
+
+    def out_index(b_, p, i, j, lengths_ref):
+        return b_, p, i, 0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, splits, m // rows, st.blocks_per_split),
+        in_specs=[
+            pl.BlockSpec((rows, 1), lambda b_, p, i, j, lengths_ref: (i, 0)),
+            pl.BlockSpec((None, rows, c), row_index),
+            pl.BlockSpec((None, rows, r), row_index),
+            pl.BlockSpec((None, bk, c), kv_index),
+            pl.BlockSpec((None, bk, r), kv_index),
+        ],
+        out_specs=[pl.BlockSpec((None, None, rows, c), out_index),
+                   pl.BlockSpec((None, None, rows, 1), out_index)],
+        scratch_shapes=[pltpu.VMEM((rows, c), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                        pltpu.VMEM((rows, 1), jnp.float32)],
+    )
+    return pl.pallas_call(
+        functools.partial(_kernel, st=st),
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, splits, m, c), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, m, 1), jnp.float32)],
+        interpret=interpret, name="latent_attention_decode",
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)

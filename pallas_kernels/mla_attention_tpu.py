@@ -1,0 +1,301 @@
+"""MLA flash attention on TPU (Mosaic): forward, dq and dk/dv kernels that stream K/V.
+
+Legend: B batch, T query len, S key len, N heads, H qk nope head dim, R rope dim, V value dim.
+Operands are head-major: q_nope [B, N, T, H], q_pe [B, N, T, R], k_nope [B, N, S, H],
+v [B, N, S, V]; the rope key k_pe [B, S, R] is one row per token shared by every head (never
+broadcast over N).
+
+Each kernel walks the other sequence block by block along its innermost grid axis, as jax's
+TPU flash and splash kernels do: Pallas double-buffers one block of each operand into VMEM
+while the previous one is used, and the running statistics and accumulators live in VMEM
+scratch across those grid steps. VMEM use therefore depends on the block sizes only, never on
+T or S.
+
+  forward  grid (B, N, T/bq, S/bk)   scratch m, l [bq, 1], acc [bq, V]
+  dq       grid (B, N, T/bq, S/bk)   scratch dq_nope [bq, H], dq_pe [bq, R]
+  dk/dv    grid (B, S/bk, N, T/bq)   scratch dk_nope [bk, H], dv [bk, V], dk_pe [bk, R]
+
+dk/dv runs the heads inside each key block, so the shared rope key's gradient is summed over
+heads in VMEM and written once per key block ([B, S, R]; no per-head partials in HBM).
+
+Causal blocks with nothing visible are skipped (`pl.when`), and their index maps repeat the
+last (or first) block that is needed, so the pipeline issues no DMA for them either.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.mla_attention_kernels import (
+    _NN,
+    _NT,
+    _TN,
+    Geometry,
+    _dot,
+    _mask,
+    _scores,
+    _split_refs,
+    causal_kv_range,
+    causal_q_range,
+)
+
+
+def _kv_block(g: Geometry, i, j, block_q: int, block_kv: int, num_kv: int):
+    """The key block to fetch at grid step (i, j): j, or the last visible one past it."""
+    if not g.causal:
+        return j
+    _, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
+    return jnp.maximum(jnp.minimum(j, hi - 1), 0)
+
+
+def _q_block(g: Geometry, j, i, block_q: int, block_kv: int, num_q: int):
+    """The query block to fetch at grid step (j, i): i, or the first that sees key block j."""
+    if not g.causal:
+        return i
+    lo, _ = causal_q_range(g, j, block_q, block_kv, num_q)
+    return jnp.minimum(jnp.maximum(i, lo), num_q - 1)
+
+
+def _masked_scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR, q_start, k_start, q_seg, kv_seg,
+                   causal_mask):
+    s_QK = _scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR)
+    mask = _mask(g, q_start, k_start, s_QK.shape, q_seg, kv_seg, causal_mask)
+    return s_QK if mask is None else jnp.where(mask, s_QK, -jnp.inf)
+
+
+def _when_visible(g: Geometry, full, partial, run):
+    """Runs `run(causal_mask)` on the blocks that need it: unmasked where every pair is visible
+    (`full`), masked where only some are (`partial`); nothing elsewhere."""
+    if not g.causal:
+        run(False)
+        return
+    pl.when(full)(lambda: run(False))
+    pl.when(partial)(lambda: run(True))
+
+
+def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+    q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
+    (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, out_ref, lse_ref,
+     m_ref, l_ref, acc_ref) = refs
+    i, j, num_kv = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def run(causal_mask):
+        s_QK = _masked_scores(
+            g, q_nope_ref[...], q_pe_ref[...], k_nope_ref[...], k_pe_ref[...], i * block_q,
+            j * block_kv, q_seg_ref[...] if g.has_segments else None,
+            kv_seg_ref[...] if g.has_segments else None, causal_mask)
+        m_Q1 = m_ref[...]
+        m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha_Q1 = jnp.exp(m_Q1 - m_safe)
+        p_QK = jnp.exp(s_QK - m_safe)
+        l_ref[...] = alpha_Q1 * l_ref[...] + jnp.sum(p_QK, axis=1, keepdims=True)
+        v_KV = v_ref[...]
+        acc_ref[...] = alpha_Q1 * acc_ref[...] + _dot(p_QK.astype(v_KV.dtype), v_KV, _NN)
+        m_ref[...] = m_new
+
+    if g.causal:
+        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
+        _when_visible(g, j < n_full, jnp.logical_and(j >= n_full, j < hi), run)
+    else:
+        run(False)
+
+    @pl.when(j == num_kv - 1)
+    def _finish():
+        l_Q1 = l_ref[...]
+        empty = l_Q1 == 0.0
+        l_safe = jnp.where(empty, 1.0, l_Q1)
+        out_ref[...] = (acc_ref[...] / l_safe).astype(out_ref.dtype)
+        lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(l_safe))
+
+
+def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+    q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
+    (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
+     dq_nope_ref, dq_pe_ref, dq_nope_acc, dq_pe_acc) = refs
+    i, j, num_kv = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_nope_acc[...] = jnp.zeros(dq_nope_acc.shape, jnp.float32)
+        dq_pe_acc[...] = jnp.zeros(dq_pe_acc.shape, jnp.float32)
+
+    def run(causal_mask):
+        k_nope_KH, k_pe_KR = k_nope_ref[...], k_pe_ref[...]
+        s_QK = _masked_scores(
+            g, q_nope_ref[...], q_pe_ref[...], k_nope_KH, k_pe_KR, i * block_q, j * block_kv,
+            q_seg_ref[...] if g.has_segments else None,
+            kv_seg_ref[...] if g.has_segments else None, causal_mask)
+        p_QK = jnp.exp(s_QK - lse_ref[...])
+        dp_QK = _dot(do_ref[...], v_ref[...], _NT)
+        ds_QK = (p_QK * (dp_QK - delta_ref[...])).astype(k_nope_KH.dtype)
+        dq_nope_acc[...] += _dot(ds_QK, k_nope_KH, _NN)
+        dq_pe_acc[...] += _dot(ds_QK, k_pe_KR, _NN)
+
+    if g.causal:
+        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
+        _when_visible(g, j < n_full, jnp.logical_and(j >= n_full, j < hi), run)
+    else:
+        run(False)
+
+    @pl.when(j == num_kv - 1)
+    def _finish():
+        dq_nope_ref[...] = (dq_nope_acc[...] * g.sm_scale).astype(dq_nope_ref.dtype)
+        dq_pe_ref[...] = (dq_pe_acc[...] * g.sm_scale).astype(dq_pe_ref.dtype)
+
+
+def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+    q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
+    (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
+     dk_nope_ref, dk_pe_ref, dv_ref, dk_nope_acc, dv_acc, dk_pe_acc) = refs
+    j, n, i = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    num_heads, num_q = pl.num_programs(2), pl.num_programs(3)
+
+    @pl.when(jnp.logical_and(n == 0, i == 0))
+    def _init_shared():
+        dk_pe_acc[...] = jnp.zeros(dk_pe_acc.shape, jnp.float32)
+
+    @pl.when(i == 0)
+    def _init_head():
+        dk_nope_acc[...] = jnp.zeros(dk_nope_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    def run(causal_mask):
+        q_nope_QH, q_pe_QR, do_QV = q_nope_ref[...], q_pe_ref[...], do_ref[...]
+        s_QK = _masked_scores(
+            g, q_nope_QH, q_pe_QR, k_nope_ref[...], k_pe_ref[...], i * block_q, j * block_kv,
+            q_seg_ref[...] if g.has_segments else None,
+            kv_seg_ref[...] if g.has_segments else None, causal_mask)
+        p_QK = jnp.exp(s_QK - lse_ref[...])
+        dv_acc[...] += _dot(p_QK.astype(do_QV.dtype), do_QV, _TN)
+        dp_QK = _dot(do_QV, v_ref[...], _NT)
+        ds_QK = (p_QK * (dp_QK - delta_ref[...])).astype(q_nope_QH.dtype)
+        dk_nope_acc[...] += _dot(ds_QK, q_nope_QH, _TN)
+        dk_pe_acc[...] += _dot(ds_QK, q_pe_QR, _TN)
+
+    if g.causal:
+        lo, mid = causal_q_range(g, j, block_q, block_kv, num_q)
+        _when_visible(g, i >= mid, jnp.logical_and(i >= lo, i < mid), run)
+    else:
+        run(False)
+
+    @pl.when(i == num_q - 1)
+    def _finish_head():
+        dk_nope_ref[...] = (dk_nope_acc[...] * g.sm_scale).astype(dk_nope_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+    @pl.when(jnp.logical_and(n == num_heads - 1, i == num_q - 1))
+    def _finish_shared():
+        dk_pe_ref[...] = (dk_pe_acc[...] * g.sm_scale).astype(dk_pe_ref.dtype)
+
+
+# --- pallas_call builders ---------------------------------------------------------------------
+def _spec(shape, index):
+    return pl.BlockSpec(shape, index)
+
+
+def _params(semantics):
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _q_major_specs(g, bq, bk, num_kv, h, r, dv):
+    """BlockSpecs of the q-major kernels (forward, dq): grid (b, n, i, j)."""
+    kv = functools.partial(_kv_block, g, block_q=bq, block_kv=bk, num_kv=num_kv)
+
+    def q_rows(d):
+        return _spec((None, None, bq, d), lambda b, n, i, j: (b, n, i, 0))
+
+    def k_rows(d):
+        return _spec((None, None, bk, d), lambda b, n, i, j: (b, n, kv(i, j), 0))
+
+    segs = [_spec((None, bq, 1), lambda b, n, i, j: (b, i, 0)),
+            _spec((None, 1, bk), lambda b, n, i, j: (b, 0, kv(i, j)))]
+    k_pe = _spec((None, bk, r), lambda b, n, i, j: (b, kv(i, j), 0))
+    return q_rows, k_rows, k_pe, (segs if g.has_segments else [])
+
+
+def forward(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs):
+    """(out [B, N, T, V], lse [B, N, T, 1] f32)."""
+    b, n, t, h = q_nope.shape
+    s, r, dv = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
+    num_kv = s // bk
+    q_rows, k_rows, k_pe_spec, seg_specs = _q_major_specs(g, bq, bk, num_kv, h, r, dv)
+    return pl.pallas_call(
+        functools.partial(forward_kernel, g=g, block_q=bq, block_kv=bk),
+        grid=(b, n, t // bq, num_kv),
+        in_specs=seg_specs + [q_rows(h), q_rows(r), k_rows(h), k_pe_spec, k_rows(dv)],
+        out_specs=[q_rows(dv), q_rows(1)],
+        out_shape=[jax.ShapeDtypeStruct((b, n, t, dv), q_nope.dtype),
+                   jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                        pltpu.VMEM((bq, dv), jnp.float32)],
+        interpret=interpret, name="mla_attention_fwd",
+        compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
+    )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v)
+
+
+def dq(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs, do, lse,
+       delta):
+    """(dq_nope [B, N, T, H], dq_pe [B, N, T, R])."""
+    b, n, t, h = q_nope.shape
+    s, r, dv = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
+    num_kv = s // bk
+    q_rows, k_rows, k_pe_spec, seg_specs = _q_major_specs(g, bq, bk, num_kv, h, r, dv)
+    return pl.pallas_call(
+        functools.partial(dq_kernel, g=g, block_q=bq, block_kv=bk),
+        grid=(b, n, t // bq, num_kv),
+        in_specs=seg_specs + [q_rows(h), q_rows(r), k_rows(h), k_pe_spec, k_rows(dv),
+                              q_rows(dv), q_rows(1), q_rows(1)],
+        out_specs=[q_rows(h), q_rows(r)],
+        out_shape=[jax.ShapeDtypeStruct(q_nope.shape, q_nope.dtype),
+                   jax.ShapeDtypeStruct(q_pe.shape, q_pe.dtype)],
+        scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32), pltpu.VMEM((bq, r), jnp.float32)],
+        interpret=interpret, name="mla_attention_dq",
+        compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
+    )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v, do, lse, delta)
+
+
+def dkv(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs, do,
+        lse, delta):
+    """(dk_nope [B, N, S, H], dk_pe [B, S, R] summed over heads, dv [B, N, S, V])."""
+    b, n, t, h = q_nope.shape
+    s, r, dv_dim = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
+    num_q = t // bq
+    qb = functools.partial(_q_block, g, block_q=bq, block_kv=bk, num_q=num_q)
+
+    def q_rows(d):
+        return _spec((None, None, bq, d), lambda b_, j, n_, i: (b_, n_, qb(j, i), 0))
+
+    def k_rows(d):
+        return _spec((None, None, bk, d), lambda b_, j, n_, i: (b_, n_, j, 0))
+
+    k_pe_spec = _spec((None, bk, r), lambda b_, j, n_, i: (b_, j, 0))
+    seg_specs = [_spec((None, bq, 1), lambda b_, j, n_, i: (b_, qb(j, i), 0)),
+                 _spec((None, 1, bk), lambda b_, j, n_, i: (b_, 0, j))] if g.has_segments else []
+    return pl.pallas_call(
+        functools.partial(dkv_kernel, g=g, block_q=bq, block_kv=bk),
+        grid=(b, s // bk, n, num_q),
+        in_specs=seg_specs + [q_rows(h), q_rows(r), k_rows(h), k_pe_spec, k_rows(dv_dim),
+                              q_rows(dv_dim), q_rows(1), q_rows(1)],
+        out_specs=[k_rows(h), k_pe_spec, k_rows(dv_dim)],
+        out_shape=[jax.ShapeDtypeStruct(k_nope.shape, k_nope.dtype),
+                   jax.ShapeDtypeStruct(k_pe.shape, k_pe.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, dv_dim), jnp.float32),
+                        pltpu.VMEM((bk, r), jnp.float32)],
+        interpret=interpret, name="mla_attention_dkv",
+        # Heads and query blocks accumulate into the same key block: "arbitrary".
+        compiler_params=_params(("parallel", "parallel", "arbitrary", "arbitrary")),
+    )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v, do, lse, delta)
+
