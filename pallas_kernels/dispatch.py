@@ -178,6 +178,17 @@ def check_named_shapes(**arrays) -> None:
                 raise ValueError(f"{name} has {letter}={size} but {first} has {letter}={want}")
 
 
+def kernel_dot(a, b, dimension_numbers):
+    """`lax.dot_general` with f32 accumulation for kernel bodies. Narrow (bf16) operands get
+    the default precision explicitly: a process-wide `jax_default_matmul_precision="highest"`
+    would otherwise ask Mosaic for an fp32 contraction of bf16 operands, which it rejects."""
+    from jax import lax
+
+    precision = None if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dimension_numbers, precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
 def online_softmax_step(m_X1, l_X1, s_XK):
     """One KV chunk of an online softmax over the last axis: returns (m_new, alpha, p, l_new)
     where the running accumulator is rescaled by alpha and p are the chunk's unnormalised

@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 from pallas_kernels import latent_attention_tpu as latent_tpu
+from pallas_kernels.dispatch import kernel_dot
 from pallas_kernels.latent_attention_reference import (
     DEFAULT_BLOCK_KV,
     latent_attention_reference,
@@ -126,8 +127,8 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
             valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + j * bk < length
             kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
             k_pe_KR = jnp.where(valid_K1, k_pe_KR, jnp.zeros((), k_pe_KR.dtype))
-        s_MK = lax.dot_general(q_lat_MC, kv_KC, _NT, preferred_element_type=jnp.float32)
-        s_MK += lax.dot_general(q_pe_MR, k_pe_KR, _NT, preferred_element_type=jnp.float32)
+        s_MK = kernel_dot(q_lat_MC, kv_KC, _NT)
+        s_MK += kernel_dot(q_pe_MR, k_pe_KR, _NT)
         s_MK *= st.sm_scale
         if masked:
             col_MK = lax.broadcasted_iota(jnp.int32, s_MK.shape, 1) + j * bk
@@ -137,8 +138,7 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
         alpha_M1 = jnp.exp(m_M1 - m_safe)
         p_MK = jnp.exp(s_MK - m_safe)
         l_M1 = alpha_M1 * l_M1 + jnp.sum(p_MK, axis=1, keepdims=True)
-        acc_MC = alpha_M1 * acc_MC + lax.dot_general(
-            p_MK.astype(kv_KC.dtype), kv_KC, _NN, preferred_element_type=jnp.float32)
+        acc_MC = alpha_M1 * acc_MC + kernel_dot(p_MK.astype(kv_KC.dtype), kv_KC, _NN)
         return acc_MC, m_new, l_M1
 
     carry = (jnp.zeros(q_lat_MC.shape, jnp.float32), jnp.full((rows, 1), -jnp.inf, jnp.float32),

@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.dispatch import kernel_dot
+
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
 
@@ -68,8 +70,8 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
             valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + block * bk < length
             kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
             k_pe_KR = jnp.where(valid_K1, k_pe_KR, jnp.zeros((), k_pe_KR.dtype))
-        s_MK = lax.dot_general(q_lat_ref[...], kv_KC, _NT, preferred_element_type=jnp.float32)
-        s_MK += lax.dot_general(q_pe_ref[...], k_pe_KR, _NT, preferred_element_type=jnp.float32)
+        s_MK = kernel_dot(q_lat_ref[...], kv_KC, _NT)
+        s_MK += kernel_dot(q_pe_ref[...], k_pe_KR, _NT)
         s_MK *= st.sm_scale
         if masked:
             limit_M1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
@@ -82,8 +84,8 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
         alpha_M1 = jnp.exp(m_M1 - m_safe)
         p_MK = jnp.exp(s_MK - m_safe)
         l_ref[...] = alpha_M1 * l_ref[...] + jnp.sum(p_MK, axis=1, keepdims=True)
-        acc_ref[...] = alpha_M1 * acc_ref[...] + lax.dot_general(
-            p_MK.astype(kv_KC.dtype), kv_KC, _NN, preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha_M1 * acc_ref[...] + kernel_dot(
+            p_MK.astype(kv_KC.dtype), kv_KC, _NN)
         m_ref[...] = m_new
 
     # Blocks every row sees entirely need no mask (the common case for T = 1).

@@ -20,13 +20,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.dispatch import kernel_dot
+
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return kernel_dot(a, b, dims)
 
 
 @dataclasses.dataclass(frozen=True)

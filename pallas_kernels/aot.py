@@ -1,0 +1,145 @@
+"""Compile the kernels for a TPU or GPU target from any host, and read what they need on chip.
+
+`compile_mla_attention` / `compile_latent_attention` compile forward + backward (training) or
+the decode step for a target of `pallas_kernels.targets` at given shapes (bf16, DeepSeek head
+dims by default), with the mesh of the target's first device in effect, so `implementation=
+"auto"` picks the target's kernel exactly as a model would. Nothing runs.
+
+What each kernel needs on chip:
+  TPU  `tpu_vmem_bytes(compiled)`: the scoped VMEM that Mosaic assigned to each kernel, from
+       the compiled HLO's `scoped_memory_configs`.
+  GPU  the shared memory of each Triton kernel, which XLA:GPU logs (without the kernel's
+       name) when its `xtile_compiler` module logs at level 2: `gpu_compile_log` runs each
+       compile in a subprocess with that logging on and parses the sizes.
+Limits: `vmem_limit_bytes(device_kind)` (the compiler's scoped default) and
+`shared_memory_limit_bytes(chip)` (the per-block opt-in maximum of the target config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import targets
+from pallas_kernels.latent_attention import latent_attention
+from pallas_kernels.mla_attention import mla_attention
+
+_MIB = 1 << 20
+# XLA:TPU's default scoped VMEM limit per kernel (the limit its out-of-memory errors name).
+_TPU_SCOPED_VMEM = {"TPU v4": 16 * _MIB, "TPU v5 lite": 16 * _MIB, "TPU v5": 16 * _MIB,
+                    "TPU v6 lite": 32 * _MIB}
+
+MLA_DIMS = dict(h=128, r=64, v=128)  # DeepSeek-V2/V3 head dims
+LATENT_DIMS = dict(n=128, c=512, r=64)  # DeepSeek-V3: 128 heads over a 512 + 64 latent
+
+
+def vmem_limit_bytes(device_kind: str) -> int:
+    return _TPU_SCOPED_VMEM[device_kind]
+
+
+def shared_memory_limit_bytes(chip: str) -> int:
+    config = targets.gpu_target_config(chip)
+    return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", config).group(1))
+
+
+def _one_device_mesh(target):
+    device = targets.devices(target)[0]
+    return jax.sharding.Mesh(np.array([device]), ("x",))
+
+
+def _compile(target, fn, shapes):
+    mesh = _one_device_mesh(target)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in shapes]
+    with jax.set_mesh(mesh):
+        return jax.jit(fn).lower(*args).compile()
+
+
+def compile_mla_attention(target, *, b: int, t: int, n: int, segments: bool = False,
+                          dtype=jnp.bfloat16, h=MLA_DIMS["h"], r=MLA_DIMS["r"],
+                          v=MLA_DIMS["v"]):
+    """Forward + backward of causal `mla_attention` (T = S) compiled for `target`."""
+
+    def fwd_bwd(q_nope, q_pe, k_nope, k_pe, v_, seg):
+        def attend(*a):
+            return mla_attention(*a, sm_scale=0.1, causal=True,
+                                 segment_ids=seg if segments else None)
+
+        out, vjp = jax.vjp(attend, q_nope, q_pe, k_nope, k_pe, v_)
+        return out, vjp(out)
+
+    return _compile(target, fwd_bwd, [((b, t, n, h), dtype), ((b, t, n, r), dtype),
+                                      ((b, t, n, h), dtype), ((b, t, r), dtype),
+                                      ((b, t, n, v), dtype), ((b, t), jnp.int32)])
+
+
+def compile_latent_attention(target, *, b: int, t: int, s: int, dtype=jnp.bfloat16,
+                             n=LATENT_DIMS["n"], c=LATENT_DIMS["c"], r=LATENT_DIMS["r"]):
+    """One absorbed decode step (`latent_attention`, T queries over S slots) for `target`."""
+
+    def decode(q_latent, q_pe, kv, k_pe, lengths):
+        return latent_attention(q_latent, q_pe, kv, k_pe, lengths_B=lengths, sm_scale=0.1)
+
+    return _compile(target, decode, [((b, t, n, c), dtype), ((b, t, n, r), dtype),
+                                     ((b, s, c), dtype), ((b, s, r), dtype), ((b,), jnp.int32)])
+
+
+def tpu_vmem_bytes(compiled) -> dict[str, int]:
+    """{kernel name: scoped VMEM bytes} of the Mosaic kernels in a compiled TPU program."""
+    out = {}
+    for line in compiled.as_text().splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        name = re.search(r"%([\w.-]+) = ", line).group(1).split(".")[0]
+        sizes = [int(x) for x in re.findall(r'"size\\?":\\?"(\d+)', line)]
+        out[name] = max(out.get(name, 0), *sizes, 0)
+    return out
+
+
+def gpu_shared_memory_bytes(log: str) -> list[int]:
+    """Shared memory bytes of each Triton kernel compiled, from a compile log (in the order
+    the compiler's threads finished them; see `gpu_compile_log`)."""
+    return [int(x) for x in re.findall(r"Shared memory usage: (\d+) B", log)]
+
+
+def gpu_compile_log(calls: list[dict]) -> list[dict]:
+    """Compiles each call for a GPU in a fresh process with XLA:GPU's kernel log on.
+
+    calls: dicts of `run_call`'s arguments (kind "mla" or "latent", target, shape kwargs).
+    Returns, per call, {"ok": bool, "error": str, "shared_memory": [bytes per kernel]}.
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="0",
+               TF_CPP_VMODULE="xtile_compiler=2")
+    results = []
+    for call in calls:
+        proc = subprocess.run([sys.executable, "-m", "pallas_kernels.aot", json.dumps(call)],
+                              env=env, capture_output=True, text=True, check=False)
+        tail = proc.stdout.strip().splitlines()
+        status = json.loads(tail[-1]) if tail else {"ok": False, "error": proc.stderr[-2000:]}
+        status["shared_memory"] = gpu_shared_memory_bytes(proc.stderr)
+        results.append(status)
+    return results
+
+
+def run_call(kind: str, target: str, **shape) -> dict:
+    """Compiles one kernel call; a compiler rejection is a result ({"ok": False, ...})."""
+    compile_fn = compile_mla_attention if kind == "mla" else compile_latent_attention
+    try:
+        compiled = compile_fn(target, **shape)
+    except Exception as e:  # noqa: BLE001 - the compiler's verdict is what is reported
+        return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+    out = {"ok": True, "error": ""}
+    if target.startswith("tpu"):
+        out["vmem"] = tpu_vmem_bytes(compiled)
+    return out
+
+
+if __name__ == "__main__":  # one compile per process: `gpu_compile_log` reads its log
+    print(json.dumps(run_call(**json.loads(sys.argv[1]))))

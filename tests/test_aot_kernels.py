@@ -1,0 +1,71 @@
+"""The kernels compile for real TPUs and GPUs, at DeepSeek-V3 shapes, on the real compilers.
+
+libtpu (XLA:TPU + Mosaic) and the CUDA plugin (XLA:GPU + Triton, sm_90a) compile for
+compile-only devices (`pallas_kernels.targets`); nothing runs. Training: `mla_attention`
+forward + backward, H = V = 128, R = 64, N = 128 (16 for a tensor-sharded slice), T = S from
+1K to 64K. Decode: `latent_attention` over a 512 + 64 latent cache, N = 128, T = 1 and 2,
+caches from 1K to 163,840 slots (V3's maximum), batch 1 to 256.
+
+Every TPU kernel must stay within half of its target's scoped VMEM limit, and, since K/V
+stream block by block, its VMEM must not grow with the sequence: 4x more keys may cost at
+most 10% more (Mosaic's pipeline bookkeeping grows a little with the grid, and saturates).
+Every GPU kernel's shared memory is read from the compiler's log and must be within the
+per-block limit.
+"""
+
+import functools
+
+import pytest
+
+from pallas_kernels import aot, targets
+
+TPU_TARGETS = ["tpu:v4:2x2x1", "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2"]
+GPU_TARGETS = ["gpu:h100:1x1x1", "gpu:h200:1x1x1"]
+TRAIN = {"N128-1K-packed": dict(b=1, t=1024, n=128, segments=True),
+         "N16-16K": dict(b=1, t=16384, n=16), "N16-64K": dict(b=1, t=65536, n=16)}
+DECODE = {"B1-T1-S160K": dict(b=1, t=1, s=163840), "B256-T2-S4K": dict(b=256, t=2, s=4096),
+          "B8-T2-S32K": dict(b=8, t=2, s=32768), "B8-T2-S160K": dict(b=8, t=2, s=163840)}
+# The same kernel at 4-5x the sequence (16K -> 64K keys, 32K -> 160K cache slots) may ask this
+# factor more VMEM at most; kernels holding K/V whole would ask 4-5x.
+SEQUENCE_GROWTH = 1.1
+
+
+@functools.cache
+def _tpu(target, kind, case):
+    shape = TRAIN[case] if kind == "mla" else DECODE[case]
+    return aot.run_call(kind, target, **shape)
+
+
+@pytest.mark.parametrize("target", TPU_TARGETS)
+def test_tpu_kernels_compile_within_vmem(target):
+    limit = aot.vmem_limit_bytes(targets.devices(target)[0].device_kind)
+    want = {"mla": {"mla_attention_fwd", "mla_attention_dq", "mla_attention_dkv"},
+            "latent": {"latent_attention_decode"}}
+    for kind, cases in (("mla", TRAIN), ("latent", DECODE)):
+        for case in cases:
+            result = _tpu(target, kind, case)
+            assert result["ok"], (target, case, result["error"])
+            assert set(result["vmem"]) == want[kind], (target, case, result["vmem"])
+            for name, used in result["vmem"].items():
+                assert 0 < used <= limit // 2, (target, case, name, used, limit)
+
+
+@pytest.mark.parametrize("target", TPU_TARGETS)
+def test_tpu_vmem_does_not_grow_with_the_sequence(target):
+    for kind, short, long in (("mla", "N16-16K", "N16-64K"),
+                              ("latent", "B8-T2-S32K", "B8-T2-S160K")):
+        a, b = _tpu(target, kind, short)["vmem"], _tpu(target, kind, long)["vmem"]
+        for name in a:
+            assert b[name] <= SEQUENCE_GROWTH * a[name], (target, name, a[name], b[name])
+
+
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_gpu_kernels_compile_within_shared_memory(target):
+    limit = aot.shared_memory_limit_bytes(targets.parse_target(target).chip)
+    calls = ([dict(kind="mla", target=target, **shape) for shape in TRAIN.values()]
+             + [dict(kind="latent", target=target, **shape) for shape in DECODE.values()])
+    for call, result in zip(calls, aot.gpu_compile_log(calls), strict=True):
+        assert result["ok"], (call, result["error"])
+        # forward, dq and dk/dv; or the decode kernel
+        assert len(result["shared_memory"]) == (3 if call["kind"] == "mla" else 1), result
+        assert max(result["shared_memory"]) <= limit, (call, result["shared_memory"], limit)
