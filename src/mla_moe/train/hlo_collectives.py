@@ -2,10 +2,11 @@
 move per device.
 
 Counts are per execution of the program, not per line of text: an op inside the layer scan's
-`while` body counts once per iteration (the loop's `known_trip_count`), an op in a called
-computation once per call. Bytes are the op's result per device (for an all-gather, the
-gathered array; for an all-reduce, the reduced array; for a ragged all-to-all, its output
-buffer), the usual proxy for what crosses the links.
+`while` body counts once per iteration (the loop's `known_trip_count`, else the constant bound
+of its `i < N` condition), an op in a called computation once per call. Bytes are the op's
+result per device (for an all-gather, the gathered array; for an all-reduce, the reduced
+array; for a ragged all-to-all, its output buffer), the usual proxy for what crosses the
+links.
 
     table = collectives(compiled.as_text())
     table["all-gather"] -> {"count": 183, "bytes": 2.1e10, "ops": 3}
@@ -26,6 +27,23 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*)?\{\s*$")
 _CALLS = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|"
                     r"true_computation|false_computation)=\{?([^}\s]+(?:,\s*%?[\w.\-]+)*)\}?")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_S32_CONSTANT = re.compile(r"s32\[\]\S* constant\((\d+)\)")
+
+
+def _trip_count(line: str, bodies: dict[str, list[str]]) -> int:
+    """Iterations of a `while`: XLA's known_trip_count, else the bound N of a condition
+    `counter < N` with a constant N (the form lax.scan and fori_loop lower to); 1 if neither."""
+    m = _TRIP.search(line)
+    if m:
+        return int(m.group(1))
+    m = _CONDITION.search(line)
+    cond = bodies.get(m.group(1), []) if m else []
+    if any("direction=LT" in ln for ln in cond):
+        bounds = [int(c) for ln in cond for c in _S32_CONSTANT.findall(ln)]
+        if len(bounds) == 1:
+            return bounds[0]
+    return 1
 
 
 def _array_bytes(dtype: str, dims: str) -> float:
@@ -86,6 +104,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             current = None
         else:
             current[1].append(line)
+    bodies = dict(comps)
     mult = {name: 0 for name, _ in comps}
     if entry is None and comps:
         entry = comps[-1][0]
@@ -96,9 +115,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
         if not m:
             continue
         for line in lines:
-            trip = _TRIP.search(line)
+            trip = _trip_count(line, bodies) if " while(" in line else 1
             for role, targets in _CALLS.findall(line):
-                times = int(trip.group(1)) if trip and role in ("body", "condition") else 1
+                times = trip if role in ("body", "condition") else 1
                 for callee in re.findall(r"[\w.\-]+", targets):
                     if callee in mult:
                         mult[callee] += m * times
