@@ -103,8 +103,8 @@ def write_section(section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         end = text.find("\n## ", start + len(TITLE))
-        text = text[:start] + section + ("" if end < 0 else text[end:].lstrip("\n")
-                                         and "\n" + text[end + 1:])
+        rest = "" if end < 0 else "\n" + text[end + 1:]  # the sections after this one
+        text = text[:start] + section + rest
     with open(RESULTS, "w") as f:
         f.write(text)
 
