@@ -40,6 +40,7 @@ def model_config() -> ml_collections.ConfigDict:
             param_dtype="float32",
             remat_policy="dots",
             scan_layers=True,
+            attention_impl="auto",
         )
     )
 

@@ -19,15 +19,17 @@ SMALL = ModelConfig(
 
 # Every parameter of SMALL on the mesh fsdp=2 x expert=2 x tensor=2 with the default rules.
 # Stacked layer groups carry a leading (replicated) "layers" dimension.
+# The latent ranks Q and C are split over fsdp (the up-projections and their norms); in the
+# down-projections fsdp is already taken by the model dim, so the latent dim stays whole.
 _LAYER = {
-    "attn.kv_norm.weight": (None,),
-    "attn.q_norm.weight": (None,),
-    "attn.wk_b_CNH": (None, "tensor", None),
+    "attn.kv_norm.weight": ("fsdp",),
+    "attn.q_norm.weight": ("fsdp",),
+    "attn.wk_b_CNH": ("fsdp", "tensor", None),
     "attn.wkv_a_DK": ("fsdp", None),
     "attn.wo_NVD": ("tensor", None, "fsdp"),
     "attn.wq_a_DQ": ("fsdp", None),
-    "attn.wq_b_QNA": (None, "tensor", None),
-    "attn.wv_b_CNV": (None, "tensor", None),
+    "attn.wq_b_QNA": ("fsdp", "tensor", None),
+    "attn.wv_b_CNV": ("fsdp", "tensor", None),
     "attn_norm.weight": (None,),
     "ffn_norm.weight": (None,),
 }
@@ -228,3 +230,16 @@ def test_state_shardings_of_a_train_state():
     mu = sh["opt_state"][0].mu
     assert mu["groups"][1]["ffn"]["gate_EDF"].get_value().spec == P(None, "expert", None, None)
     assert sh["params"]["embed_VD"].get_value().spec == P(None, None)
+
+
+def test_batch_is_split_over_every_axis_but_tensor():
+    """Outside the experts each device computes only its own tokens: the batch rule carries
+    data, fsdp and expert; a batch they do not divide keeps the leading axes that do."""
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2), config=SMALL)
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"))
+    assert sharding.logical_to_spec(("batch", "length"), (4, 16), mesh, strict=False) == P(
+        ("data", "fsdp"), None)
+    assert sharding.logical_to_spec(("batch", "length"), (3, 16), mesh, strict=False) == P(
+        None, None)
+    with pytest.raises(ValueError, match=r"dimension 0 \('batch', size 4\)"):
+        sharding.logical_to_spec(("batch",), (4,), mesh)

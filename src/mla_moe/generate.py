@@ -116,11 +116,16 @@ def place_cache(cache, mesh=None):
     replicated over the mesh. Unchanged when mesh is None."""
     if mesh is None:
         return cache
+    return jax.device_put(cache, cache_shardings(cache, mesh))
+
+
+def cache_shardings(cache, mesh):
+    """The NamedShardings `place_cache` gives a (concrete or abstract) cache on `mesh`."""
     names = {3: ("batch", "length", None), 1: ("batch",)}
 
     def one(x):
-        spec = sharding.logical_to_spec(names[x.ndim], x.shape, mesh, strict=False)
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        return NamedSharding(mesh, sharding.logical_to_spec(names[x.ndim], x.shape, mesh,
+                                                            strict=False))
 
     return jax.tree.map(one, cache)
 

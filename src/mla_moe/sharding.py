@@ -5,11 +5,17 @@ Every parameter carries logical axis names (`nnx.Param(..., out_sharding=("exp",
 One rules table maps each logical name to zero or more mesh axes of the four-axis mesh
 `(data, fsdp, expert, tensor)`:
 
-  batch (activations)        -> data, fsdp       tokens are split over the data-parallel axes
-  embed (weights' model dim) -> fsdp             FSDP: weights sharded, gathered where used
-  exp                        -> expert           expert parallelism
-  heads, mlp, moe_mlp, vocab -> tensor           tensor (Megatron) parallelism
+  batch (activations)        -> data, fsdp, expert  tokens are split over every axis but tensor
+  embed (weights' model dim) -> fsdp                FSDP: weights sharded, gathered where used
+  q_lora, kv_lora            -> fsdp                the latent projections too (wq_b, wk_b, wv_b)
+  exp                        -> expert              expert parallelism
+  heads, mlp, moe_mlp, vocab -> tensor              tensor (Megatron) parallelism
   everything else            -> replicated
+
+The batch is split over `expert` too: outside the routed experts every device computes
+attention, dense layers, norms, embedding and loss for its own tokens only (without it the
+devices along `expert` would repeat each other's work). The MoE `shard_map` takes the tokens
+in that same layout and moves each one to its experts (moe_parallel.py).
 
 Mesh axes of size 1 are left out of the specs, a mesh axis is used at most once per array
 (a later dimension asking for an axis already taken stays replicated), and a weight dimension
@@ -45,7 +51,7 @@ AxisRule = tuple[str, tuple[str, ...]]
 
 DEFAULT_RULES: tuple[AxisRule, ...] = (
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", ()),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),
@@ -57,8 +63,8 @@ DEFAULT_RULES: tuple[AxisRule, ...] = (
     ("embed", ("fsdp",)),
     ("heads", ("tensor",)),
     ("kv", ()),
-    ("q_lora", ()),
-    ("kv_lora", ()),
+    ("q_lora", ("fsdp",)),
+    ("kv_lora", ("fsdp",)),
     ("mlp", ("tensor",)),
     ("exp", ("expert",)),
     ("moe_mlp", ("tensor",)),
@@ -246,7 +252,8 @@ def logical_to_spec(names, shape, mesh, rules: Rules | None = None, *, what: str
     """The PartitionSpec of an array with logical axis `names` and `shape` on `mesh`.
 
     strict: a dimension its mesh axes do not divide raises (weights); otherwise that dimension
-    is left replicated (activations).
+    is split over the longest leading run of its axes that divides it, possibly none
+    (activations: e.g. a decode batch of 4 on fsdp=2 x expert=4 is split over fsdp only).
     """
     rules = current_rules() if rules is None else rules
     sizes = dict(mesh.shape)
@@ -270,7 +277,8 @@ def logical_to_spec(names, shape, mesh, rules: Rules | None = None, *, what: str
                     f"{what}: dimension {dim} ({name!r}, size {size}) is not divisible by "
                     + " x ".join(f"mesh.{a}={sizes[a]}" for a in axes)
                 )
-            axes = ()
+            while axes and size % math.prod(sizes[a] for a in axes):
+                axes = axes[:-1]  # the longest leading run of the axes that divides
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*spec)
@@ -357,7 +365,8 @@ def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules | None
 # --- activations ------------------------------------------------------------------------------
 def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
     """`with_sharding_constraint` by logical names under the active mesh; a no-op without one
-    (or on non-`Auto` mesh axes). Dimensions their mesh axes do not divide stay unconstrained."""
+    (or on non-`Auto` mesh axes). A dimension its mesh axes do not divide is split over the
+    leading axes that do (`logical_to_spec(strict=False)`)."""
     mesh = active_mesh()
     if mesh is None or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
         return x

@@ -80,6 +80,10 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK)
 
 
 def _sharding(variable, mesh):
+    """Where a tensor goes: its sharding on `mesh`, else on the mesh in effect
+    (`jax.set_mesh`), else this host's first device."""
+    if mesh is None and not jax.sharding.get_mesh().empty:
+        mesh = jax.sharding.get_mesh()
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
@@ -99,7 +103,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
     """Loads a HuggingFace DeepSeek-V2/V3 checkpoint directory.
 
     dtype: parameter and compute dtype (default: the checkpoint's `dtype`/`torch_dtype`).
-    mesh: place each tensor directly into its sharding on this mesh.
+    mesh: place each tensor directly into its sharding on this mesh (default: the mesh in
+    effect through `jax.set_mesh`, else this host's first device).
     Reads per-expert and fused-expert layouts, dequantises FP8 block-scaled weights, loads the
     MTP modules when present. Each parameter is assembled from the memory-mapped files slice by
     slice for each device, so host memory never holds a second copy of the model.

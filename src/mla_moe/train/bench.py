@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 import mla_moe
-from mla_moe import sharding
 from mla_moe.train import config as config_lib
 from mla_moe.train import mesh as mesh_lib
 from mla_moe.train import metrics, trainer
@@ -22,16 +21,14 @@ def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
 
 def time_train_step(config, steps: int = 3) -> dict:
     """Median step time of `config`'s train step on all local devices; random tokens."""
-    cfg = config_lib.validate(config)
-    mesh = mesh_lib.make_mesh(config.mesh, config=cfg)
-    config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), 1)
-    with sharding.use_mesh(mesh):
+    with trainer.run_mesh(config) as (cfg, mesh):
+        config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), 1)
         return _time(cfg, config, mesh, steps)
 
 
 def _time(cfg, config, mesh, steps):
     t = config.train
-    built = trainer._build(cfg, trainer._optimizer_key(t), config.seed, mesh, t.grad_accum_steps)
+    built = trainer.build(config, mesh)
     state = built.init_fn()
     rng = np.random.default_rng(0)
 

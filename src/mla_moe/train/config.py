@@ -118,7 +118,7 @@ def check_batch(config, data_parallel: int, process_count: int) -> None:
     _check(micro % data_parallel == 0,
            f"train.batch_size={t.batch_size} (micro-batch {micro} with "
            f"grad_accum_steps={t.grad_accum_steps}) is not divisible by the data-parallel size "
-           f"{data_parallel} (mesh.data x mesh.fsdp)")
+           f"{data_parallel} (mesh.data x mesh.fsdp x mesh.expert)")
     _check(t.batch_size % process_count == 0,
            f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
 

@@ -1,7 +1,8 @@
 """The device mesh and the shardings the trainer uses.
 
-Axes: `data`, `fsdp`, `expert`, `tensor`. The batch is split over (`data`, `fsdp`); the train
-state's layout comes from the logical-axis rules of `mla_moe.sharding`.
+Axes: `data`, `fsdp`, `expert`, `tensor`. The batch is split over the `batch` rule's axes
+(default `data`, `fsdp`, `expert`); the train state's layout comes from the logical-axis rules
+of `mla_moe.sharding`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from jax.sharding import PartitionSpec as P
 from mla_moe import sharding
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(mesh_cfg, devices=None, *, config=None) -> jax.sharding.Mesh:
@@ -26,11 +26,13 @@ def make_mesh(mesh_cfg, devices=None, *, config=None) -> jax.sharding.Mesh:
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+    """How many ways the batch is split: the product of the `batch` rule's mesh axes."""
+    return math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """[B, ...] inputs split over the `batch` rule's axes (rules in effect: `use_mesh`)."""
+    return sharding.batch_sharding(mesh)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -41,14 +41,19 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> 
     return 2 * n**3 / float(np.median(times))
 
 
-def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
-    """(FLOP/s, where the figure came from)."""
+def peak_flops_per_device(override_tflops: float = 0.0, device=None) -> tuple[float, str]:
+    """(FLOP/s, where the figure came from) for `device` (the run's: `mesh.devices.flat[0]`;
+    default this host's first device). Only a device that can run is timed; the peak of a
+    compile-only device of an unknown kind is an error rather than this host's matmul."""
     if override_tflops and override_tflops > 0:
         return override_tflops * 1e12, "config"
-    kind = jax.devices()[0].device_kind
+    device = jax.devices()[0] if device is None else device
+    kind = device.device_kind
     for name, peak in KNOWN_PEAKS.items():
         if name.lower() in kind.lower():
             return peak, f"{kind} spec"
+    if device not in jax.devices():
+        raise ValueError(f"no peak FLOP/s known for {kind!r}; set log.peak_tflops")
     return measure_matmul_flops(), f"measured f32 matmul on {kind}"
 
 

@@ -42,6 +42,17 @@ def abstract_model(cfg: ModelConfig):
     return nnx.split(model, nnx.Param, ...)
 
 
+BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
+                "segment_ids": jnp.int32, "weights": jnp.float32}
+
+
+def batch_spec(batch_size: int, seq_len: int, sharding=None) -> dict:
+    """The batch as ShapeDtypeStructs [batch_size, seq_len] (with `sharding`, e.g. over the
+    batch axes): what the step compiles for, without reading any data."""
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=sharding)
+            for k, d in BATCH_FIELDS.items()}
+
+
 def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
     """A function () -> train state; jit it with out_shardings for a sharded init."""
 

@@ -7,6 +7,7 @@ incompatible workdir) runs before anything is compiled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -144,13 +145,22 @@ def train(
     hooks: tuple[Callable[[int, dict], None], ...] = (),
 ) -> TrainResult:
     """Trains until `config.train.steps`, resuming from the workdir's latest checkpoint."""
-    cfg = config_lib.validate(config)
-    mesh = mesh_lib.make_mesh(config.mesh, config=cfg)
-    rules = config.mesh.get("rules") if hasattr(config.mesh, "get") else None
     # Everything traced below (init, step, eval) sees the mesh and the logical rules.
-    with sharding.use_mesh(mesh, rules.to_dict() if hasattr(rules, "to_dict") else rules):
+    with run_mesh(config) as (cfg, mesh):
         return _train(config, cfg, mesh, workdir, profile_steps=profile_steps,
                       init_from_hf=init_from_hf, hooks=hooks)
+
+
+@contextlib.contextmanager
+def run_mesh(config, devices=None):
+    """Validates `config`, builds its mesh over `devices` (default: all of this job's; or the
+    compile-only devices of another machine) and activates it with the config's rules
+    (`config.mesh.rules`). Yields (ModelConfig, mesh); fails before compiling on bad input."""
+    cfg = config_lib.validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh, devices, config=cfg)
+    rules = config.mesh.get("rules") if hasattr(config.mesh, "get") else None
+    with sharding.use_mesh(mesh, rules.to_dict() if hasattr(rules, "to_dict") else rules):
+        yield cfg, mesh
 
 
 def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) -> TrainResult:
@@ -179,12 +189,10 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
     is_main = jax.process_index() == 0
 
     # ---- state: abstract, then restored or initialised ----------------------------------
-    built = _build(cfg, _optimizer_key(t), config.seed, mesh, t.grad_accum_steps)
+    built = build(config, mesh)
     tx, abstract_state, state_sh, batch_sh = (
         built.tx, built.abstract_state, built.state_sh, built.batch_sh)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
-    )
+    target = built.state_spec()
 
     os.makedirs(workdir, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
@@ -221,8 +229,9 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
         ocp.multihost.sync_global_processes("mla_moe_train_compiled", timeout=1800)
         _stop_requested(False)
     flops_per_step = mla_moe.flops_per_token(cfg, t.seq_len) * t.batch_size * t.seq_len
-    peak, peak_source = metrics_lib.peak_flops_per_device(config.log.peak_tflops)
-    peak_total = peak * jax.device_count()
+    peak, peak_source = metrics_lib.peak_flops_per_device(config.log.peak_tflops,
+                                                          mesh.devices.flat[0])
+    peak_total = peak * mesh.size
     total, active = mla_moe.param_count(cfg)
     if is_main:
         entropy = train_split.unigram_entropy()
@@ -309,14 +318,21 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
                        last_record=record)
 
 
-def _optimizer_key(train_cfg) -> tuple:
+def optimizer_key(train_cfg) -> tuple:
+    """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
     names = ("steps", "warmup_steps", "decay_steps", "learning_rate", "min_lr_ratio",
              "weight_decay", "b1", "b2", "eps", "grad_clip_norm")
     return tuple((n, train_cfg[n]) for n in names)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Built:
+class Built:
+    """One run setup: optimizer, the state's abstract layout and shardings, jitted functions.
+
+    Nothing here holds device memory: `init_fn` allocates the state only when called, and
+    `step_fn` / `eval_fn` compile on first call or through `.lower(...).compile()`.
+    """
+
     tx: object
     abstract_state: object
     state_sh: object
@@ -325,11 +341,29 @@ class _Built:
     step_fn: Callable
     eval_fn: Callable
 
+    def state_spec(self):
+        """The train state as ShapeDtypeStructs carrying the run's shardings."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_sh)
+
+    def batch_spec(self, batch_size: int, seq_len: int) -> dict:
+        """A global [batch_size, seq_len] batch as ShapeDtypeStructs over the batch axes."""
+        return step_lib.batch_spec(batch_size, seq_len, self.batch_sh)
+
+
+def build(config, mesh) -> Built:
+    """The run's optimizer, state layout and jitted step functions on `mesh`, used by `train`
+    and by `launch.compile` alike. Reads no data, allocates nothing; call it inside
+    `run_mesh(config, ...)` so that the rules in effect are the run's."""
+    t = config.train
+    return _build(config_lib.model_config(config), optimizer_key(t), config.seed, mesh,
+                  t.grad_accum_steps, sharding.current_rules())
+
 
 @functools.lru_cache(maxsize=4)
-def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int) -> _Built:
-    """The optimizer, state layout and jitted functions of one run setup; cached so that runs
-    of the same setup in one process (tests, benchmarks, restarts) trace and compile once."""
+def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int, rules) -> Built:
+    """`build`, cached so that runs of the same setup in one process (tests, benchmarks,
+    restarts) trace and compile once."""
     import ml_collections
 
     tx, schedule = optimizer_lib.make_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
@@ -347,9 +381,9 @@ def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int) ->
     )
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef),
                       in_shardings=(state_sh, batch_sh))
-    return _Built(tx=tx, abstract_state=abstract_state, state_sh=state_sh, batch_sh=batch_sh,
-                  init_fn=jax.jit(init, out_shardings=state_sh), step_fn=step_fn,
-                  eval_fn=eval_fn)
+    return Built(tx=tx, abstract_state=abstract_state, state_sh=state_sh, batch_sh=batch_sh,
+                 init_fn=jax.jit(init, out_shardings=state_sh), step_fn=step_fn,
+                 eval_fn=eval_fn)
 
 
 def _init_from_hf(path: str, cfg, tx, abstract_state, state_sh):

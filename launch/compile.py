@@ -1,0 +1,81 @@
+"""Will it fit? Compiles a run's train step (or decode step) for a TPU slice or GPU cluster
+from this host, and reports per-chip memory against HBM, collectives and FLOPs.
+
+    python -m launch.compile --config=configs/deepseek_v3.py --target=tpu:v5p:8x8x8 \
+        --config.mesh.expert=8 --config.train.batch_size=1024
+    python -m launch.compile --config=configs/deepseek_v2_lite.py --target=gpu:h100:1x1x8
+    python -m launch.compile --config=configs/deepseek_v3.py --target=tpu:v5p:8x8x8 \
+        --what=decode --cache_length=32768 --json=/tmp/v3_decode.json
+
+Same `--config` and `--config.*` overrides as launch.train. Nothing is allocated and no data
+is read. Exit code: 0 fits, 3 does not fit (the compiler's peak exceeds HBM, or it ran out of
+memory), 1 bad input.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Compile-only devices: the host's backend stays the CPU, so neither the CUDA plugin nor libtpu
+# look for hardware. This must precede the first `import jax` (the config file may import it).
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
+                                          lock_config=True)
+_TARGET = flags.DEFINE_string(
+    "target", None, "tpu:GEN:TOPOLOGY (GEN: v4, v5e, v5p, v6e; e.g. tpu:v5p:8x8x8) or "
+    "gpu:NAME:PxHxG (NAME: h100, h200; partitions x hosts x GPUs per host).")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice).")
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"],
+                          "train: the trainer's train step; decode: one absorbed decode step.")
+_CACHE = flags.DEFINE_integer("cache_length", 0,
+                              "decode: cache length (0: model.max_position_embeddings).")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 0,
+                                     "decode: sequences (0: one per batch shard).")
+_JSON = flags.DEFINE_string("json", "", "Also write the report as JSON to this path.")
+_SAVE = flags.DEFINE_string("save", "", "Serialize the compiled executable to this path.")
+flags.mark_flags_as_required(["config", "target"])
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from mla_moe.train import ConfigError, aot
+    from pallas_kernels import targets
+
+    try:
+        target = targets.parse_target(_TARGET.value, _SLICES.value)
+        devices = targets.devices(target)
+        if _WHAT.value == "train":
+            report, compiled = aot.compile_train(_CONFIG.value, devices, target=str(target))
+        else:
+            report, compiled = aot.compile_decode(
+                _CONFIG.value, devices, cache_length=_CACHE.value, batch=_DECODE_BATCH.value,
+                target=str(target))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(report.text(), flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    if _SAVE.value and compiled is not None:
+        aot.save(compiled, _SAVE.value)
+        print(f"saved the compiled executable to {_SAVE.value}", flush=True)
+    if not report.fits:
+        sys.exit(EXIT_DOES_NOT_FIT)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,264 @@
+"""Ahead-of-time compilation of a run's train step (or its decode step) for a TPU slice or a
+GPU cluster this host does not have: will it fit, and what does it communicate?
+
+The train step is the trainer's own (`trainer.build`, the same jit, shardings and donation);
+the state and the batch are ShapeDtypeStructs carrying the run's shardings, so nothing is
+allocated and no data is read. The real compilers run (XLA:TPU + Mosaic from libtpu, XLA:GPU
++ Triton from the CUDA plugin) on compile-only devices (`pallas_kernels.targets`); the process
+must run with JAX_PLATFORMS=cpu.
+
+    devices = targets.devices("tpu:v5p:8x8x8")
+    report, compiled = compile_train(config, devices, target="tpu:v5p:8x8x8")
+    print(report.text()); report.fits
+
+A compiler out-of-memory is a result (`fits=False`, with the required and available bytes),
+not an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import mla_moe
+from mla_moe import counting, generate, sharding
+from mla_moe.train import config as config_lib
+from mla_moe.train import hlo_collectives, trainer
+from mla_moe.train import mesh as mesh_lib
+from pallas_kernels import targets
+
+GIB = 1 << 30
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# "Used 105.93G of 95.74G hbm" (XLA:TPU), "... 20.31M and limit 16.00M" (Mosaic VMEM).
+_USED_OF = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) (\w+)")
+_AND_LIMIT = re.compile(r"([\d.]+)([KMGT]?) and limit ([\d.]+)([KMGT]?)")
+# "the total memory required for HLO temporaries (2.10T) exceeds available HBM (95.74G)"
+_EXCEEDS = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available (\w+) \(([\d.]+)([KMGT]?)\)")
+
+
+@dataclasses.dataclass
+class Report:
+    """What one ahead-of-time compile found; bytes are per device."""
+
+    what: str  # "train" or "decode"
+    target: str
+    mesh: dict[str, int]
+    device_kind: str
+    num_devices: int
+    batch_size: int  # global sequences
+    seq_len: int  # train: sequence length; decode: cache length
+    fits: bool
+    # The compiler's peak: arguments + unaliased outputs + temporaries (required bytes when it
+    # ran out of memory).
+    per_device_bytes: int
+    hbm_bytes: int
+    argument_bytes: int = 0  # parameters + optimizer state + batch (train)
+    state_bytes: int = 0  # parameters + optimizer state alone, from the shardings
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    compile_s: float = 0.0
+    collectives: dict = dataclasses.field(default_factory=dict)
+    model_flops_per_step: float = 0.0
+    out_of_memory: str = ""  # the compiler's message when it ran out of memory
+
+    @property
+    def tokens_per_device(self) -> float:
+        tokens = self.batch_size * (self.seq_len if self.what == "train" else 1)
+        return tokens / self.num_devices
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["tokens_per_device"] = self.tokens_per_device
+        d["peak_fraction_of_hbm"] = self.per_device_bytes / self.hbm_bytes
+        return d
+
+    def text(self) -> str:
+        mesh = " x ".join(f"{a}={n}" for a, n in self.mesh.items())
+        head = (f"{self.what} step for {self.target} ({self.num_devices} x {self.device_kind}), "
+                f"mesh {mesh}")
+        if self.what == "train":
+            shape = (f"batch {self.batch_size} x {self.seq_len} "
+                     f"({self.tokens_per_device:,.0f} tokens per device)")
+        else:
+            shape = (f"batch {self.batch_size}, cache {self.seq_len} tokens "
+                     f"({self.tokens_per_device:g} sequences per device)")
+        g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines = [head, shape]
+        if self.out_of_memory:
+            lines.append(f"per device: the compiler ran out of memory: needs "
+                         f"{g(self.per_device_bytes)} of {g(self.hbm_bytes)} -> {verdict}")
+            lines.append(f"  {self.out_of_memory.splitlines()[0][:300]}")
+        else:
+            lines.append(
+                f"per device: state {g(self.state_bytes)} | arguments {g(self.argument_bytes)}"
+                f" | temporaries {g(self.temp_bytes)} | peak {g(self.per_device_bytes)} of "
+                f"{g(self.hbm_bytes)} HBM ({100 * self.per_device_bytes / self.hbm_bytes:.1f}%)"
+                f" -> {verdict}")
+        lines.append(f"compile: {self.compile_s:.1f} s")
+        if self.collectives:
+            lines.append("collectives per step, per device:")
+            lines.append(f"  {'kind':<20}{'ops':>6}{'runs':>8}{'GiB':>10}")
+            for kind, row in self.collectives.items():
+                if row["ops"]:
+                    lines.append(f"  {kind:<20}{row['ops']:>6}{row['count']:>8}"
+                                 f"{row['bytes'] / GIB:>10.3f}")
+        lines.append(f"model FLOPs per step: {self.model_flops_per_step:.3e} "
+                     f"({self.model_flops_per_step / self.num_devices:.3e} per device)")
+        return "\n".join(lines)
+
+
+def _state_bytes(spec_tree) -> int:
+    """Bytes per device of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(spec_tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * _UNITS[unit])
+
+
+def out_of_memory(error: Exception) -> tuple[int, int, str] | None:
+    """(required bytes, available bytes, memory space) of a compiler RESOURCE_EXHAUSTED error;
+    None for any other error."""
+    msg = str(error)
+    if "RESOURCE_EXHAUSTED" not in msg:
+        return None
+    m = _USED_OF.search(msg)
+    if m:
+        return _bytes(*m.group(1, 2)), _bytes(*m.group(3, 4)), m.group(5)
+    m = _EXCEEDS.search(msg)
+    if m:
+        return _bytes(*m.group(1, 2)), _bytes(*m.group(4, 5)), m.group(3).lower()
+    m = _AND_LIMIT.search(msg)
+    if m:
+        return _bytes(*m.group(1, 2)), _bytes(*m.group(3, 4)), "vmem"
+    return 0, 0, "unknown"
+
+
+def _compile(lowerable, args, report: Report):
+    """Lowers and compiles; fills the memory, time and collectives of `report`."""
+    t0 = time.perf_counter()
+    try:
+        compiled = lowerable.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - only an out-of-memory is a result
+        oom = out_of_memory(e)
+        if oom is None:
+            raise
+        report.compile_s = time.perf_counter() - t0
+        report.fits = False
+        report.per_device_bytes = oom[0]
+        if oom[2] != "hbm" and oom[1]:
+            report.out_of_memory = f"{oom[2]}: {oom[1]} bytes available. " + str(e)
+        else:
+            report.hbm_bytes = oom[1] or report.hbm_bytes
+            report.out_of_memory = str(e)
+        return None
+    report.compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    report.argument_bytes = mem.argument_size_in_bytes
+    report.output_bytes = mem.output_size_in_bytes
+    report.alias_bytes = mem.alias_size_in_bytes
+    report.temp_bytes = mem.temp_size_in_bytes
+    # What the executable holds at once: its arguments, the outputs not aliased to (donated)
+    # arguments, and the temporaries block, allocated whole. XLA's heap-simulated peak can be
+    # lower than that sum (it does not count the block's fragmentation); take the larger.
+    held = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    report.per_device_bytes = max(held, getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    report.fits = report.per_device_bytes <= report.hbm_bytes
+    report.collectives = hlo_collectives.collectives(compiled.as_text())
+    return compiled
+
+
+def _new_report(what, target, mesh, batch_size, seq_len) -> Report:
+    device = mesh.devices.flat[0]
+    return Report(what=what, target=target, mesh=dict(mesh.shape), device_kind=device.device_kind,
+                  num_devices=mesh.size, batch_size=batch_size, seq_len=seq_len, fits=False,
+                  per_device_bytes=0, hbm_bytes=targets.hbm_bytes(device))
+
+
+def compile_train(config, devices, *, target: str = "") -> tuple[Report, object]:
+    """Compiles `config`'s train step for `devices`. Returns (report, compiled executable or
+    None when the compiler ran out of memory)."""
+    t = config.train
+    with trainer.run_mesh(config, devices) as (cfg, mesh):
+        config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), 1)
+        built = trainer.build(config, mesh)
+        state = built.state_spec()
+        batch = built.batch_spec(t.batch_size, t.seq_len)
+        report = _new_report("train", target, mesh, t.batch_size, t.seq_len)
+        report.state_bytes = _state_bytes(state)
+        report.model_flops_per_step = (mla_moe.flops_per_token(cfg, t.seq_len)
+                                       * t.batch_size * t.seq_len)
+        fault_step = jax.ShapeDtypeStruct((), jnp.int32)
+        compiled = _compile(built.step_fn, (state, batch, fault_step), report)
+    return report, compiled
+
+
+def decode_flops_per_token(cfg, cache_length: int) -> float:
+    """Forward FLOPs of one decoded token: 2 x matmul parameters, plus absorbed attention over
+    a full cache (scores over C + R and values over C, per head and layer)."""
+    attention = 2 * cache_length * cfg.num_attention_heads * (
+        2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return 2.0 * counting.matmul_params_per_token(cfg) + attention * cfg.num_hidden_layers
+
+
+def compile_decode(config, devices, *, cache_length: int = 0, batch: int = 0,
+                   target: str = "") -> tuple[Report, object]:
+    """Compiles one absorbed decode step (one new token per sequence, weights in the compute
+    dtype, the latent cache at `cache_length`, default `max_position_embeddings`) for
+    `devices`. batch: sequences (default: one per batch shard). Returns (report, compiled)."""
+    with trainer.run_mesh(config, devices) as (cfg, mesh):
+        cfg = cfg.replace(param_dtype=cfg.dtype)  # served weights: bf16, no optimizer
+        cache_length = cache_length or cfg.max_position_embeddings
+        batch = batch or mesh_lib.data_parallel_size(mesh)
+        model = sharding.abstract_model(lambda: mla_moe.DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(model)
+        state_sh = sharding.state_shardings(abstract_state, mesh)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract_state, state_sh)
+        cache = jax.eval_shape(lambda: generate.allocate_cache(cfg, batch, cache_length))
+        cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             cache, generate.cache_shardings(cache, mesh))
+        tokens_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+            ("batch", None), (batch, 1), mesh, strict=False))
+        tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tokens_sh)
+        report = _new_report("decode", target, mesh, batch, cache_length)
+        report.state_bytes = _state_bytes(state)
+        report.model_flops_per_step = decode_flops_per_token(cfg, cache_length) * batch
+        step = _DecodeStep(graphdef)
+        compiled = _compile(step, (state, tokens, cache), report)
+    return report, compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeStep:
+    """`generate.decode_step` with the model's graphdef bound, lowerable like a jitted fn."""
+
+    graphdef: object
+
+    def lower(self, state, tokens_BT, cache):
+        return generate.decode_step.lower(self.graphdef, state, tokens_BT, cache,
+                                          form="absorbed")
+
+
+def save(compiled, path: str) -> None:
+    """Serializes a compiled executable (with its argument trees) to `path`."""
+    import pickle
+
+    from jax.experimental import serialize_executable
+
+    payload = serialize_executable.serialize(compiled)
+    with open(path, "wb") as f:
+        pickle.dump(payload, f)

@@ -1,0 +1,188 @@
+"""launch.compile: the trainer's step compiled ahead of time for TPU v5p and H100 targets from
+this CPU host (libtpu and the CUDA plugin compile; nothing runs), and the HLO collectives
+table it reports."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import tiny
+from mla_moe.train import aot, hlo_collectives
+from pallas_kernels import targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JSON_KEYS = {"fits", "per_device_bytes", "hbm_bytes", "argument_bytes", "temp_bytes",
+             "compile_s", "collectives", "mesh", "model_flops_per_step"}
+MESH = dict(data=1, fsdp=2, expert=2, tensor=1)
+
+
+def _tiny(**model):
+    config = tiny.get_config("micro")
+    config.mesh.update(MESH)
+    config.train.update(batch_size=8, seq_len=128)
+    for k, v in model.items():
+        config.model[k] = v
+    return config
+
+
+def _entry_params(hlo: str) -> list[str]:
+    """The per-device shapes of the entry computation's parameters (SPMD-partitioned HLO)."""
+    return re.findall(r"= (\w+\[[\d,]*\])\S* parameter\(", hlo.split("ENTRY", 1)[1])
+
+
+def _check_report(report, devices):
+    d = report.to_json()
+    assert JSON_KEYS <= set(d)
+    assert d["fits"] and 0 < d["argument_bytes"] <= d["per_device_bytes"] < d["hbm_bytes"]
+    assert d["hbm_bytes"] == targets.hbm_bytes(devices[0])
+    assert d["mesh"] == MESH
+    assert d["state_bytes"] <= d["argument_bytes"]
+    assert set(d["collectives"]) == set(hlo_collectives.KINDS)
+    json.dumps(d)
+
+
+def _check_batch_split_over_expert(hlo: str):
+    # The batch [8, 128] enters split 4 ways (fsdp x expert), not 2 (fsdp alone).
+    params = _entry_params(hlo)
+    assert params.count("s32[2,128]") == 4 and "f32[2,128]" in params, params
+    assert "s32[4,128]" not in params
+
+
+def test_tpu_v5p_train_step():
+    devices = targets.devices("tpu:v5p:2x2x1")
+    report, compiled = aot.compile_train(_tiny(attention_impl="xla"), devices,
+                                         target="tpu:v5p:2x2x1")
+    _check_report(report, devices)
+    hlo = compiled.as_text()
+    _check_batch_split_over_expert(hlo)
+    # FSDP gathers the weights; the grads are reduce-scattered back.
+    assert report.collectives["all-gather"]["count"] > 0
+    assert report.collectives["reduce-scatter"]["count"] > 0
+
+
+def test_tpu_mosaic_attention_kernels_in_the_train_step():
+    """With attention_impl=auto the TPU program calls the Pallas attention kernels (Mosaic
+    custom calls) forward and backward. One chip of a v5p slice: on a multi-chip mesh the
+    kernels need a shard_map around them."""
+    devices = targets.devices("tpu:v5p:2x2x1")[:1]
+    config = _tiny(attention_impl="auto")
+    config.mesh.update(data=1, fsdp=1, expert=1)
+    report, compiled = aot.compile_train(config, devices, target="tpu:v5p (one chip)")
+    assert report.fits
+    calls = [ln for ln in compiled.as_text().splitlines()
+             if 'custom_call_target="tpu_custom_call"' in ln]
+    for kernel in ("mla_attention_fwd", "mla_attention_dq", "mla_attention_dkv"):
+        assert any(kernel in ln for ln in calls), kernel
+
+
+def test_gpu_h100_train_step():
+    devices = targets.devices("gpu:h100:1x1x8")
+    # The tiny preset, not micro: XLA:GPU finds no Triton tiling for some of micro's dots.
+    config = tiny.get_config()
+    config.mesh.update(data=2, fsdp=2, expert=2)
+    config.train.update(batch_size=8, seq_len=128)
+    # The tests' "highest" f32 matmul precision trips XLA:GPU's Triton tiling; runs use default.
+    with jax.default_matmul_precision("default"):
+        report, compiled = aot.compile_train(config, devices, target="gpu:h100:1x1x8")
+    d = report.to_json()
+    assert JSON_KEYS <= set(d) and d["fits"]
+    assert d["hbm_bytes"] == targets.hbm_bytes(devices[0]) > 79 * 2**30
+    assert d["device_kind"].startswith("NVIDIA H100")
+    params = _entry_params(compiled.as_text())
+    assert params.count("s32[1,128]") == 4, params  # 8 sequences over 2 x 2 x 2
+
+
+def _launch(*args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(ROOT, "src"), ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "launch.compile", "--config=configs/tiny.py:micro",
+           "--target=tpu:v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+           "--config.mesh.expert=2", f"--json={out}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_out_of_memory_is_a_result(tmp_path):
+    """A batch far beyond HBM: fits false, required > available bytes, exit 3, no traceback."""
+    proc, report = _launch("--config.train.batch_size=1048576", "--config.train.seq_len=256",
+                           tmp_path=tmp_path)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "DOES NOT FIT" in proc.stdout
+    assert report["fits"] is False
+    assert report["per_device_bytes"] > report["hbm_bytes"] > 90 * 2**30
+    assert JSON_KEYS <= set(report)
+
+
+def test_bad_target_is_one_line(tmp_path):
+    proc, report = _launch("--target=tpu:v9:2x2x1", tmp_path=tmp_path)
+    assert proc.returncode == 1 and report is None
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: target 'tpu:v9:2x2x1'")
+
+
+_HLO = """\
+HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ag = (f32[2]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %x), dimensions={0}
+  %ar = f32[8]{0} all-reduce(f32[8]{0} %x), to_apply=%add
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ar)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+%cond2 (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
+%body2 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %cp = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(f32[8]{0} %x)
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %x)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %w = (s32[], f32[8]{0}) while(%t0), condition=%cond, body=%body, backend_config=TRIP
+  %w2 = (s32[], f32[8]{0}) while(%t0), condition=%cond2, body=%body2
+  %r = bf16[4,16]{1,0:T(8,128)(2,1)} reduce-scatter(bf16[16,16]{1,0} %y), dimensions={0}
+  ROOT %o = f32[8]{0} get-tuple-element(%w), index=1
+}
+""".replace("TRIP", '{"known_trip_count":{"n":"61"}}')
+
+
+def test_collectives_count_loop_iterations():
+    table = hlo_collectives.collectives(_HLO)
+    assert table["all-gather"] == {"count": 61, "bytes": 61 * 32.0, "ops": 1}
+    assert table["all-reduce"] == {"count": 61, "bytes": 61 * 32.0, "ops": 1}
+    assert table["reduce-scatter"] == {"count": 1, "bytes": 128.0, "ops": 1}
+    assert table["collective-permute"] == {"count": 3, "bytes": 3 * 32.0, "ops": 1}
+    assert table["all-to-all"]["count"] == 0
+
+
+@pytest.mark.parametrize("message, want", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 105.93G of 95.74G hbm.",
+     (int(105.93 * 2**30), int(95.74 * 2**30), "hbm")),
+    ("RESOURCE_EXHAUSTED: CompileTimeScopedVmemOom ... 20.31M and limit 16.00M",
+     (int(20.31 * 2**20), int(16.0 * 2**20), "vmem")),
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (2.10T) exceeds available HBM (95.74G).",
+     (int(2.10 * 2**40), int(95.74 * 2**30), "hbm")),
+    ("INVALID_ARGUMENT: something else", None),
+])
+def test_out_of_memory_messages(message, want):
+    assert aot.out_of_memory(RuntimeError(message)) == want
