@@ -134,19 +134,21 @@ def bench_mla(ours, b, n, t, h, r, v, dtype, repeats):
     return [flops / x for x in t_fwd], [2.5 * flops / x for x in t_bwd]
 
 
-def main(argv=None):
+def main(argv=None, platform="gpu"):
+    """Checks and times the kernels on `platform` ("gpu", or "tpu" from bench/kernels_tpu.py)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--allow_cpu", action="store_true")
     parser.add_argument("--small", action="store_true", help="tiny shapes (script check)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--mla_batch", type=int, default=1)
     args = parser.parse_args(argv)
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = jax.default_backend() == platform
     if not on_gpu and not (args.allow_cpu and args.small):
-        print(f"bench/kernels_gpu.py needs a GPU (jax backend is {jax.default_backend()!r}); "
-              "run with --allow_cpu --small to exercise the script on CPU.")
+        print(f"this benchmark needs a {platform.upper()} (jax backend is "
+              f"{jax.default_backend()!r}); run with --allow_cpu --small to exercise the script "
+              "on CPU.")
         return 0
-    ours = "gpu" if on_gpu else "interpret"
+    ours = platform if on_gpu else "interpret"
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}, ours={ours!r}")
     if args.small:
         dtype, decode_n, c, r, batches, caches = jnp.float32, 8, 64, 16, (2,), (256, 512)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import cli_output
 import numpy as np
 import pytest
 
@@ -74,7 +75,7 @@ def test_bad_input_is_one_line(tmp_path, override, message):
     out = _run(["launch.train", "--config=configs/tiny.py:micro", f"--workdir={tmp_path / 'w'}",
                 override], timeout=120)
     assert out.returncode == 1
-    errors = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    errors = cli_output.lines(out.stderr)
     assert len(errors) == 1 and errors[0].startswith(message), out.stderr
     assert not (tmp_path / "w").exists()
 
@@ -90,7 +91,8 @@ def test_prepare_data_cli(tmp_path):
     assert meta["splits"]["val"]["num_docs"] == 5
     again = _run(["launch.prepare_data", f"--input={docs}", f"--output={tmp_path / 'store'}"],
                  timeout=120)
-    assert again.returncode == 1 and again.stderr.strip().startswith("error: token store")
+    assert again.returncode == 1 and cli_output.lines(again.stderr)[0].startswith(
+        "error: token store")
 
 
 def _free_port():
