@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_bad_input import launcher_errors
 
 from mla_moe.train import train
 from mla_moe.train.testing import enable_compilation_cache, micro_config, synthetic_store
@@ -74,7 +75,7 @@ def test_bad_input_is_one_line(tmp_path, override, message):
     out = _run(["launch.train", "--config=configs/tiny.py:micro", f"--workdir={tmp_path / 'w'}",
                 override], timeout=120)
     assert out.returncode == 1
-    errors = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    errors = launcher_errors(out.stderr)
     assert len(errors) == 1 and errors[0].startswith(message), out.stderr
     assert not (tmp_path / "w").exists()
 
@@ -90,7 +91,9 @@ def test_prepare_data_cli(tmp_path):
     assert meta["splits"]["val"]["num_docs"] == 5
     again = _run(["launch.prepare_data", f"--input={docs}", f"--output={tmp_path / 'store'}"],
                  timeout=120)
-    assert again.returncode == 1 and again.stderr.strip().startswith("error: token store")
+    errors = launcher_errors(again.stderr)
+    assert again.returncode == 1 and len(errors) == 1, again.stderr
+    assert errors[0].startswith("error: --output=") and "already exists" in errors[0]
 
 
 def _free_port():
