@@ -11,11 +11,15 @@ from mla_moe.counting import matmul_params_per_token
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
-def preset(name):
+def preset_module(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return ModelConfig(**mod.get_config().model.to_dict())
+    return mod
+
+
+def preset(name):
+    return ModelConfig(**preset_module(name).get_config().model.to_dict())
 
 
 @pytest.mark.parametrize(
@@ -132,7 +136,7 @@ def test_subpackages_are_reachable_from_the_package():
 def test_model_config_from_an_ml_collections_section():
     import ml_collections
 
-    cfg = preset("tiny").get_config()
+    cfg = preset_module("tiny").get_config()
     cfg.model.rope_scaling = ml_collections.ConfigDict(
         dict(type="yarn", factor=4.0, original_max_position_embeddings=512))
     model = ModelConfig(**cfg.model)
