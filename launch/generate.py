@@ -19,7 +19,10 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
+from mla_moe.errors import InputError, MissingInputError
 
 _HF = flags.DEFINE_string("hf", "", "HuggingFace DeepSeek checkpoint directory.")
 _CKPT = flags.DEFINE_string("checkpoint", "", "Training workdir (launch/train.py --workdir).")
@@ -51,12 +54,12 @@ def parse_mesh(text: str) -> dict[str, int] | None:
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in MESH_AXES:
-            raise app.UsageError(f"--mesh: unknown axis {name!r} in {item!r}; the axes are "
-                                 f"{', '.join(MESH_AXES)}")
+            raise InputError(f"--mesh: unknown axis {name!r} in {item!r}; the axes are "
+                             f"{', '.join(MESH_AXES)}")
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise app.UsageError(f"--mesh: {item!r} needs an integer size") from None
+            raise InputError(f"--mesh: {item!r} needs an integer size, e.g. expert=4") from None
     return sizes
 
 
@@ -68,18 +71,23 @@ def load_checkpoint(workdir: str, step: int | None = None):
     from flax import nnx
 
     from mla_moe import sharding
-    from mla_moe.config import ModelConfig
     from mla_moe.decoder import DeepSeekModel
     from mla_moe.train import checkpoint as ckpt_lib
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ModelConfig(**json.load(f)["model"])
+    config = _workdir_model_config(workdir)
     options = ml_collections.ConfigDict(
         {"max_to_keep": 1, "keep_every_steps": 0, "async_save": False})
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise MissingInputError(f"--checkpoint={workdir!r} has no checkpoints/ directory; pass "
+                                "the --workdir of a training run")
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), options, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    steps = ckpt.all_steps()
+    if not steps:
+        raise MissingInputError(f"--checkpoint={workdir!r} has no checkpoint yet; train until "
+                                "the first save (checkpoint.every_steps)")
+    if step is not None and step not in steps:
+        raise InputError(f"--step={step}: {workdir!r} has checkpoints at steps {steps}")
+    step = max(steps) if step is None else step
     abstract = sharding.abstract_model(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
     graphdef, params, extra = nnx.split(abstract, nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -94,7 +102,8 @@ def load_checkpoint(workdir: str, step: int | None = None):
     meta = getattr(meta, "tree", meta)
     missing = sorted(set(flat) - set(meta))
     if missing:
-        raise ValueError(f"{workdir} step {step} does not hold this model (e.g. {missing[:3]})")
+        raise InputError(f"{workdir} step {step} does not hold the model of its config.json "
+                         f"(e.g. {missing[:3]}); was the workdir reused?")
     whole = {k: flat.get(k) or jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=device)
              for k, v in meta.items()}
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
@@ -105,15 +114,60 @@ def load_checkpoint(workdir: str, step: int | None = None):
     return nnx.merge(graphdef, state["params"], state["extra"]), step
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if bool(_HF.value) == bool(_CKPT.value):
-        raise app.UsageError("pass exactly one of --hf=DIR or --checkpoint=DIR")
-    if not _PROMPT.value:
-        raise app.UsageError("pass at least one --prompt")
+def _workdir_model_config(workdir: str):
+    """The ModelConfig recorded in a training workdir's config.json."""
+    from mla_moe.config import ModelConfig
 
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise MissingInputError(f"--checkpoint={workdir!r} is not a directory; pass the "
+                                "--workdir of a training run")
+    if not os.path.isfile(path):
+        raise MissingInputError(f"--checkpoint={workdir!r} has no config.json; pass the "
+                                "--workdir of a training run")
+    try:
+        with open(path) as f:
+            model = json.load(f)["model"]
+        return ModelConfig(**model)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path} does not describe a model ({type(e).__name__}: {e}); pass "
+                         "the --workdir of a training run") from None
+
+
+def check_flags() -> None:
+    """The generation flags, before any model is read."""
+    if bool(_HF.value) == bool(_CKPT.value):
+        raise InputError("pass exactly one of --hf=DIR or --checkpoint=DIR")
+    if not _PROMPT.value:
+        raise InputError("pass at least one --prompt")
+    if _MAX_NEW.value < 1:
+        raise InputError(f"--max_new_tokens must be >= 1, got {_MAX_NEW.value}")
+    if _TEMP.value < 0:
+        raise InputError(f"--temperature must be >= 0 (0: greedy), got {_TEMP.value}")
+    if _TOP_K.value < 0:
+        raise InputError(f"--top_k must be >= 0 (0: all tokens), got {_TOP_K.value}")
+    if not 0 < _TOP_P.value <= 1:
+        raise InputError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
+    if _RUNS.value < 1:
+        raise InputError(f"--timed_runs must be >= 1, got {_RUNS.value}")
+    if _STEP.value is not None and _HF.value:
+        raise InputError("--step applies to --checkpoint only")
+    if _SPEC.value and _TEMP.value > 0:
+        raise InputError("--speculative is greedy only (--temperature=0)")
+
+
+def _make_mesh(sizes, config):
     from mla_moe import sharding
+
+    try:
+        return sharding.make_mesh(sizes, config=config)
+    except ValueError as e:  # sizes that do not fit the devices or the model, naming the axis
+        raise InputError(f"--mesh={_MESH.value}: {e}") from None
+
+
+def main(argv):
+    check_flags()
+
     from mla_moe.config import ModelConfig
     from mla_moe.data.tokenizer import load_tokenizer
     from mla_moe.generate import generate
@@ -121,32 +175,40 @@ def main(argv):
     from mla_moe.speculative import speculative_generate
 
     mesh_sizes = parse_mesh(_MESH.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value)  # checked before any weight is read
     mesh = None
     if _HF.value:
         from mla_moe.hf import load_pretrained
 
         if mesh_sizes:  # checked against the model before any weight is read
-            mesh = sharding.make_mesh(mesh_sizes, config=ModelConfig.from_hf(_HF.value))
+            mesh = _make_mesh(mesh_sizes, ModelConfig.from_hf(_HF.value))
         model, source = load_pretrained(_HF.value, mesh=mesh), _HF.value
     else:
+        if mesh_sizes:
+            mesh = _make_mesh(mesh_sizes, _workdir_model_config(_CKPT.value))
         model, step = load_checkpoint(_CKPT.value, _STEP.value)
         source = f"{_CKPT.value} step {step}"
-        if mesh_sizes:
-            mesh = sharding.make_mesh(mesh_sizes, config=model.config)
     config = model.config
-    tokenizer = load_tokenizer(_TOKENIZER.value)
     prompts = [tokenizer.encode(p) for p in _PROMPT.value]
     for text, ids in zip(_PROMPT.value, prompts):
-        if not ids or max(ids) >= config.vocab_size:
-            raise app.UsageError(f"prompt {text!r} encodes to ids outside the model's vocab "
-                                 f"({config.vocab_size})")
+        if not ids:
+            raise InputError(f"--prompt={text!r} encodes to no tokens; give some text")
+        if max(ids) >= config.vocab_size:
+            raise InputError(f"--prompt={text!r} encodes to ids outside the model's vocab "
+                             f"({config.vocab_size}); is --tokenizer={_TOKENIZER.value!r} the "
+                             "one the model was trained with?")
+        if len(ids) + _MAX_NEW.value > config.max_position_embeddings:
+            raise InputError(f"--prompt={text!r} ({len(ids)} tokens) plus --max_new_tokens="
+                             f"{_MAX_NEW.value} exceeds the model's max_position_embeddings="
+                             f"{config.max_position_embeddings}")
     eos = config.eos_token_id if _EOS.value is None else _EOS.value
     eos = None if eos is None or eos < 0 else eos
     sampling = None
     if _TEMP.value > 0:
         sampling = Sampling(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-    if _SPEC.value and sampling is not None:
-        raise app.UsageError("--speculative is greedy only (--temperature=0)")
+    if _SPEC.value and not config.num_nextn_predict_layers:
+        raise InputError(f"--speculative needs MTP modules; {source} has none "
+                         "(num_nextn_predict_layers=0)")
 
     where = "one device" if mesh is None else " x ".join(
         f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "a 1-device mesh"
@@ -176,4 +238,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -8,9 +8,9 @@ Text files give one document each; `.jsonl` files one per line (the `--text_key`
 
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
+from launch import cli
 
 _INPUT = flags.DEFINE_string("input", None, "Glob of text files, or .jsonl file(s).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory of the token store to create.")
@@ -23,16 +23,18 @@ flags.mark_flags_as_required(["input", "output"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mla_moe.data import prepare
+    import os
 
-    try:
-        meta = prepare(_INPUT.value, _OUTPUT.value, _TOKENIZER.value, val_fraction=_VAL.value,
-                       text_key=_TEXT_KEY.value, overwrite=_OVERWRITE.value)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    from mla_moe.data import prepare
+    from mla_moe.errors import ExistingOutputError, InputError
+
+    if not _OUTPUT.value:
+        raise InputError("--output is empty; pass the directory of the token store to create")
+    if os.path.exists(_OUTPUT.value) and not _OVERWRITE.value:  # before reading any input
+        raise ExistingOutputError(f"--output={_OUTPUT.value!r} already exists; choose another "
+                                  "path or pass --overwrite")
+    meta = prepare(_INPUT.value, _OUTPUT.value, _TOKENIZER.value, val_fraction=_VAL.value,
+                   text_key=_TEXT_KEY.value, overwrite=_OVERWRITE.value)
     splits = ", ".join(
         f"{name}: {s['num_tokens']:,} tokens in {s['num_docs']:,} documents"
         for name, s in meta["splits"].items()
@@ -42,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,14 +7,19 @@
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distributed to let
 `jax.distributed.initialize()` auto-detect the platform's cluster. Run again with the same
 --workdir to resume from the latest checkpoint.
+
+Compiled programs are kept in a persistent cache (--compilation_cache, default
+~/.cache/mla_moe/jax), so a second run of the same setup starts without compiling.
 """
 
 from __future__ import annotations
 
-import sys
+import os
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
@@ -29,14 +34,36 @@ _DIST = flags.DEFINE_bool("distributed", False,
                           "Call jax.distributed.initialize() with platform auto-detection.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", "gloo", "Collectives implementation for multi-process CPU runs.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.path.join("~", ".cache", "mla_moe", "jax"),
+    "Directory of the persistent XLA compilation cache ('' disables it).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Keeps compiled programs on disk: a rerun or resume of the same setup skips compiling.
+    Only programs that took a second or more to compile are stored."""
+    import jax
+
+    if not path or jax.config.jax_compilation_cache_dir:  # off, or set by the environment
+        return
+    path = os.path.expanduser(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return  # a read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep stdout to the progress lines
+    from mla_moe.errors import InputError
+
+    if not _WORKDIR.value:
+        raise InputError("--workdir is empty; pass the directory for checkpoints and metrics")
+    if _NPROC.value < 1 or not 0 <= _PID.value < _NPROC.value:
+        raise InputError(f"--process_id={_PID.value} must be in [0, --num_processes="
+                         f"{_NPROC.value})")
     import jax
 
     if _COORD.value or _NPROC.value > 1:
@@ -45,23 +72,16 @@ def main(argv):
         jax.distributed.initialize(_COORD.value or None, _NPROC.value, _PID.value)
     elif _DIST.value:
         jax.distributed.initialize()
+    enable_compilation_cache(_CACHE.value)
 
-    from mla_moe.train import (
-        ConfigError,
-        IncompatibleWorkdirError,
-        NonFiniteLossError,
-        train,
-    )
+    from mla_moe.train import NonFiniteLossError, train
 
     try:
         train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value,
               init_from_hf=_INIT_HF.value)
-    except (ConfigError, IncompatibleWorkdirError, NonFiniteLossError, FileNotFoundError,
-            FileExistsError, ValueError) as e:
-        # One line naming the cause; the traceback adds nothing for bad input.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    except NonFiniteLossError as e:  # an expected stop, not a bug: the message says it all
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,11 +11,15 @@ from mla_moe.counting import matmul_params_per_token
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
-def preset(name):
+def preset_module(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return ModelConfig(**mod.get_config().model.to_dict())
+    return mod
+
+
+def preset(name):
+    return ModelConfig(**preset_module(name).get_config().model.to_dict())
 
 
 @pytest.mark.parametrize(
@@ -115,3 +119,37 @@ def test_flops_per_token_hand_count():
     seq = 10
     attention = 3 * seq * 2 * (5 + 3) * 2  # 3 * T * N * (H + R + V) per layer, 2 layers
     assert flops_per_token(cfg, seq) == 6 * (dense + moe + head) + attention
+
+
+def test_subpackages_are_reachable_from_the_package():
+    import subprocess
+    import sys
+
+    code = ("import mla_moe; print(mla_moe.hf.load_pretrained.__name__, "
+            "mla_moe.train.train.__name__, mla_moe.data.prepare.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["load_pretrained", "train", "prepare"]
+
+
+def test_model_config_from_an_ml_collections_section():
+    import ml_collections
+
+    cfg = preset_module("tiny").get_config()
+    cfg.model.rope_scaling = ml_collections.ConfigDict(
+        dict(type="yarn", factor=4.0, original_max_position_embeddings=512))
+    model = ModelConfig(**cfg.model)
+    assert model.rope_scaling.factor == 4.0
+    assert model.rope_scaling.original_max_position_embeddings == 512
+    assert model.dtype == cfg.model.dtype == "float32"  # every field is in the config section
+
+
+def test_fields_a_saved_config_leaves_out_take_their_defaults():
+    from mla_moe.train.config import incompatible_fields
+
+    saved = {"model": {"hidden_size": 64}}
+    assert incompatible_fields(saved, {"model": {"hidden_size": 64, "moe_impl": "dropless",
+                                                 "n_group": 1}}) == []
+    assert incompatible_fields(saved, {"model": {"hidden_size": 64, "n_group": 2}}) == [
+        "model.n_group: '<absent>' -> 2"]

@@ -91,8 +91,9 @@ def test_prepare_data_cli(tmp_path):
     assert meta["splits"]["val"]["num_docs"] == 5
     again = _run(["launch.prepare_data", f"--input={docs}", f"--output={tmp_path / 'store'}"],
                  timeout=120)
-    assert again.returncode == 1 and cli_output.lines(again.stderr)[0].startswith(
-        "error: token store")
+    errors = cli_output.lines(again.stderr)
+    assert again.returncode == 1 and len(errors) == 1, again.stderr
+    assert errors[0].startswith("error: --output=") and "already exists" in errors[0]
 
 
 def _free_port():

@@ -1,4 +1,12 @@
-"""mla-moe: DeepSeek-style Multi-head Latent Attention and DeepSeekMoE models in JAX."""
+"""mla-moe: DeepSeek-style Multi-head Latent Attention and DeepSeekMoE models in JAX.
+
+The model API is imported here; the subpackages `mla_moe.hf` (HuggingFace checkpoints),
+`mla_moe.data` (tokenizers, token stores, input pipeline) and `mla_moe.train` (the trainer) are
+imported on first use, so `import mla_moe` stays light and `mla_moe.hf.load_pretrained(...)`
+works without a separate import.
+"""
+
+import importlib
 
 from mla_moe.balance import update_expert_bias
 from mla_moe.cache import KVCache, init_cache
@@ -25,6 +33,19 @@ def apply_expert_bias_update(model: DeepSeekModel, router_stats, rate: float) ->
             bias[...] = bias[...].at[idx].set(
                 update_expert_bias(bias[...][idx], stats["tokens_per_expert"], rate)
             )
+
+
+_SUBPACKAGES = ("data", "hf", "train")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"mla_moe.{name}")
+    raise AttributeError(f"module 'mla_moe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBPACKAGES))
 
 
 __all__ = [

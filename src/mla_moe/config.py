@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mla_moe.errors import InputError, MissingInputError
+
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dropless", "capacity")
@@ -21,6 +23,44 @@ ATTENTION_IMPLS = ("xla", "pallas", "auto", "interpret", "tpu_interpret")
 DECODE_FORMS = ("absorbed", "naive")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+def _hf_config_path(source: str | os.PathLike) -> str:
+    path = os.fspath(source)
+    hint = "pass a HuggingFace checkpoint directory (config.json and *.safetensors)"
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
+            raise MissingInputError(f"{path!r} has no config.json; {hint}")
+        return config
+    if not os.path.exists(path):
+        raise MissingInputError(f"{path!r} does not exist; {hint}")
+    return path
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object of config "
+                         "fields")
+    return data
+
+
+def _as_mapping(value) -> Mapping[str, Any] | None:
+    """`value` as a Mapping when it is one or behaves like one (an ml_collections ConfigDict,
+    which is not registered as a Mapping); None otherwise."""
+    if isinstance(value, Mapping):
+        return value
+    if hasattr(value, "to_dict") and hasattr(value, "items") and not isinstance(value, type):
+        return value.to_dict()
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +170,12 @@ class ModelConfig:
 
     # ----------------------------------------------------------------------------------------
     def __post_init__(self):
-        if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        rope = _as_mapping(self.rope_scaling)
+        if rope is not None:
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(rope))
         elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ValueError(f"rope_scaling must be a dict or None, got {self.rope_scaling!r}")
+            raise ValueError(f"rope_scaling must be a mapping (e.g. {{'type': 'yarn', "
+                             f"'factor': 40}}) or None, got {self.rope_scaling!r}")
         if self.q_lora_rank == 0:  # the reference code spells "no q LoRA" as 0
             object.__setattr__(self, "q_lora_rank", None)
         if self.n_routed_experts == 0:
@@ -289,15 +331,29 @@ class ModelConfig:
     # --- HuggingFace interop -----------------------------------------------------------------
     @classmethod
     def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
-        """Builds a config from an HF `config.json` dict, a path to one, or its directory."""
+        """Builds a config from an HF `config.json` dict, a path to one, or its directory.
+
+        A missing or unreadable file, another architecture (its `model_type`), or a bad value
+        raises `mla_moe.errors.InputError` naming the file and the field."""
+        where = "config"
         if not isinstance(source, Mapping):
-            path = os.fspath(source)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                source = json.load(f)
+            where = path = _hf_config_path(source)
+            source = _read_json(path)
         hf = dict(source)
         model_type = hf.get("model_type", "deepseek_v3")
+        if not str(model_type).startswith(HF_MODEL_TYPES):
+            raise InputError(
+                f"{where}: model_type={model_type!r} is not a DeepSeek model; supported: "
+                f"{', '.join(HF_MODEL_TYPES)} (DeepSeek-V2, V2-Lite, V2.5, V3, R1)")
+        try:
+            return cls._from_hf_dict(hf, model_type, overrides)
+        except (ValueError, TypeError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"{where}: {e}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict, model_type: str, overrides: dict) -> ModelConfig:
         if hf.get("num_key_value_heads") not in (None, hf.get("num_attention_heads")):
             raise ValueError(
                 "num_key_value_heads must equal num_attention_heads for MLA, got "

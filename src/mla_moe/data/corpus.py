@@ -18,6 +18,7 @@ import numpy as np
 
 from mla_moe.data import token_store
 from mla_moe.data.tokenizer import load_tokenizer
+from mla_moe.errors import InputError, MissingInputError
 
 DEFAULT_CORPUS_VERSION = 1
 
@@ -27,7 +28,8 @@ def iter_documents(input_pattern: str, text_key: str = "text") -> Iterator[str]:
     line, text under `text_key`). Files are read in sorted order so a store is reproducible."""
     paths = sorted(p for p in glob.glob(input_pattern, recursive=True) if os.path.isfile(p))
     if not paths:
-        raise FileNotFoundError(f"--input={input_pattern!r} matches no files")
+        raise MissingInputError(f"--input={input_pattern!r} matches no files; give a file, "
+                                "a directory glob such as 'dir/**/*.txt', or .jsonl file(s)")
     for path in paths:
         if path.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:
@@ -37,8 +39,9 @@ def iter_documents(input_pattern: str, text_key: str = "text") -> Iterator[str]:
                     try:
                         yield json.loads(line)[text_key]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(
-                            f"{path}:{lineno}: expected a JSON object with a {text_key!r} string"
+                        raise InputError(
+                            f"{path}:{lineno}: expected a JSON object with a {text_key!r} string "
+                            "(set --text_key to the field holding the text)"
                         ) from e
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -49,14 +52,15 @@ def split_documents(docs: list[np.ndarray], val_fraction: float):
     """Every round(1/val_fraction)-th document goes to validation (at least one); a corpus of a
     single document gives its tail instead."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise InputError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     docs = [d for d in docs if d.size]
     if not docs:
-        raise ValueError("the input has no text (every document is empty)")
+        raise InputError("--input has no text (every document is empty)")
     if len(docs) == 1:
         cut = max(1, int(docs[0].size * (1 - val_fraction)))
         if cut >= docs[0].size:
-            raise ValueError("the input is too small to hold out a validation split")
+            raise InputError("--input is too small to hold out a validation split; give "
+                             "more text or a larger --val_fraction")
         return [docs[0][:cut]], [docs[0][cut:]]
     every = max(2, min(round(1 / val_fraction), len(docs)))
     train = [d for i, d in enumerate(docs) if i % every != every - 1]

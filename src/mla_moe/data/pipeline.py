@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from mla_moe.data.token_store import TokenSplit
+from mla_moe.errors import ConfigError, InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +38,11 @@ class PipelineConfig:
 
     def __post_init__(self):
         if self.seq_len <= 0:
-            raise ValueError(f"train.seq_len must be positive, got {self.seq_len}")
+            raise ConfigError(f"train.seq_len must be positive, got {self.seq_len}")
         if self.global_batch <= 0:
-            raise ValueError(f"train.batch_size must be positive, got {self.global_batch}")
+            raise ConfigError(f"train.batch_size must be positive, got {self.global_batch}")
         if self.global_batch % self.process_count:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={self.global_batch} is not divisible by the "
                 f"{self.process_count} processes"
             )
@@ -76,7 +77,7 @@ def train_dataset(split: TokenSplit, cfg: PipelineConfig) -> grain.MapDataset:
     """An endless MapDataset of this process's local batches (reshuffled every epoch)."""
     n = num_windows(split, cfg.seq_len)
     if n < cfg.global_batch:
-        raise ValueError(
+        raise InputError(
             f"the training data has {split.num_tokens} tokens, {n} windows of "
             f"train.seq_len={cfg.seq_len}: fewer than train.batch_size={cfg.global_batch}"
         )
@@ -104,7 +105,7 @@ def eval_batches(split: TokenSplit, cfg: PipelineConfig, num_batches: int) -> li
     around a small split), so every evaluation scores the same tokens."""
     n = num_windows(split, cfg.seq_len)
     if n == 0:
-        raise ValueError(
+        raise InputError(
             f"the validation split has {split.num_tokens} tokens: fewer than "
             f"train.seq_len + 1 = {cfg.seq_len + 1}"
         )

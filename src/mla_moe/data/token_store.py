@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import numpy as np
 import tensorstore as ts
 
+from mla_moe.errors import ExistingOutputError, InputError, MissingInputError
+
 FORMAT = "mla_moe.token_store"
 VERSION = 1
 SPLITS = ("train", "val")
@@ -64,7 +66,9 @@ def write_store(
     """
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"token store {path!r} already exists (pass overwrite=True)")
+        raise ExistingOutputError(
+            f"token store {path!r} already exists; choose another path or pass overwrite=True "
+            "(--overwrite)")
     dtype = token_dtype(vocab_size)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -81,12 +85,12 @@ def write_store(
                 if doc.size == 0:
                     continue
                 if doc.min() < 0 or doc.max() >= vocab_size:
-                    raise ValueError(f"split {name!r}: token ids outside [0, {vocab_size})")
+                    raise InputError(f"split {name!r}: token ids outside [0, {vocab_size})")
                 pieces.append(doc.astype(dtype))
                 starts.append(n)
                 n += doc.size
             if n == 0:
-                raise ValueError(f"split {name!r} has no tokens (empty or missing input?)")
+                raise InputError(f"split {name!r} has no tokens (empty or missing input?)")
             _write_array(os.path.join(tmp, name, "tokens"), np.concatenate(pieces), chunk_tokens)
             _write_array(
                 os.path.join(tmp, name, "doc_starts"), np.asarray(starts, np.int64), chunk_tokens
@@ -106,14 +110,20 @@ def write_store(
 def read_metadata(path: str) -> dict:
     meta_path = os.path.join(path, "metadata.json")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"data.path={path!r} is not a token store (no metadata.json); "
             "create one with `python -m launch.prepare_data`"
         )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"data.path={path!r}: unknown format {meta.get('format')!r}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"data.path={path!r}: {meta_path} is not valid JSON ({e}); recreate "
+                         "the store with `python -m launch.prepare_data`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(f"data.path={path!r}: unknown format {got!r} in {meta_path}; create "
+                         "a token store with `python -m launch.prepare_data`")
     return meta
 
 
@@ -127,13 +137,20 @@ class TokenSplit:
     def __init__(self, path: str, split: str, in_memory_bytes: int = 1 << 30):
         self.meta = read_metadata(path)
         if split not in self.meta["splits"]:
-            raise ValueError(f"data.path={path!r} has no {split!r} split")
+            raise InputError(f"data.path={path!r} has no {split!r} split; recreate it with "
+                             "`python -m launch.prepare_data`")
         info = self.meta["splits"][split]
         self.num_tokens = info["num_tokens"]
         if self.num_tokens == 0:
-            raise ValueError(f"data.path={path!r}: split {split!r} is empty")
+            raise InputError(f"data.path={path!r}: split {split!r} is empty")
         self.vocab_size = self.meta["vocab_size"]
-        tokens = ts.open(_spec(os.path.join(path, split, "tokens")), open=True).result()
+        try:
+            tokens = ts.open(_spec(os.path.join(path, split, "tokens")), open=True).result()
+        except ValueError as e:  # tensorstore: missing or unreadable array
+            raise InputError(
+                f"data.path={path!r}: cannot read split {split!r} "
+                f"({str(e).splitlines()[0] if str(e) else e!r}); recreate the store with "
+                "`python -m launch.prepare_data`") from None
         if self.num_tokens * tokens.dtype.numpy_dtype.itemsize <= in_memory_bytes:
             tokens = tokens.read().result()
         self._tokens = tokens

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from mla_moe.errors import InputError, MissingInputError
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocab 256, no special tokens, needs no file."""
@@ -33,11 +35,15 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
+            raise InputError(
                 f"tokenizer {path!r} needs the `tokenizers` package: pip install tokenizers"
             ) from e
         self.spec = os.path.abspath(path)
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust library raises its own exception type
+            raise InputError(f"tokenizer {path!r} is not a HuggingFace tokenizer.json "
+                             f"({_first_line(e)})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -54,11 +60,15 @@ class SentencePieceTokenizer:
         try:
             import sentencepiece
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
+            raise InputError(
                 f"tokenizer {path!r} needs the `sentencepiece` package: pip install sentencepiece"
             ) from e
         self.spec = os.path.abspath(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise InputError(f"tokenizer {path!r} is not a SentencePiece model "
+                             f"({_first_line(e)})") from None
         self.vocab_size = self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
@@ -73,9 +83,15 @@ def load_tokenizer(spec: str):
     if spec == "byte":
         return ByteTokenizer()
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"tokenizer: no such file {spec!r} (or pass 'byte')")
+        raise MissingInputError(f"tokenizer: no such file {spec!r}; pass 'byte', a "
+                                "tokenizer.json or a SentencePiece .model file")
     if spec.endswith(".json"):
         return HFTokenizer(spec)
     if spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
-    raise ValueError(f"tokenizer: expected 'byte', a tokenizer.json or a .model file, got {spec!r}")
+    raise InputError(f"tokenizer: expected 'byte', a tokenizer.json or a .model file, got {spec!r}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

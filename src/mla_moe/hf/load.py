@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from mla_moe import sharding
 from mla_moe.cache import layer_groups
 from mla_moe.config import ModelConfig
 from mla_moe.decoder import DeepSeekModel
+from mla_moe.errors import InputError, MissingInputError
 from mla_moe.hf.mapping import MTP_READERS, layer_readers
 from mla_moe.hf.safetensors_io import SafetensorsFile
 
@@ -38,12 +38,13 @@ class CheckpointReader:
         if not files:
             pickled = [f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES)]
             if pickled:
-                raise ValueError(
+                raise InputError(
                     f"{path} holds only pickled weights ({', '.join(sorted(pickled)[:3])}); "
                     "they are refused because loading them can run arbitrary code. Convert "
                     "them to safetensors first."
                 )
-            raise FileNotFoundError(f"no *.safetensors files in {path}")
+            raise MissingInputError(f"no *.safetensors files in {path}; convert the weights "
+                                    "to safetensors")
         self._where: dict[str, SafetensorsFile] = {}
         for f in files:
             st = SafetensorsFile(f)
@@ -110,12 +111,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
     slice for each device, so host memory never holds a second copy of the model.
     """
     path = os.fspath(path)
-    reader = CheckpointReader(path)
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
     if dtype is not None:
         config_overrides.update(dtype=dtype, param_dtype=dtype)
-    config = ModelConfig.from_hf(hf_config, **config_overrides)
+    config = ModelConfig.from_hf(path, **config_overrides)  # names a missing/foreign config
+    reader = CheckpointReader(path)
     if config.num_nextn_predict_layers and not _has_mtp(reader, config):
         log.info("checkpoint has no MTP weights: loading without MTP modules")
         config = config.replace(num_nextn_predict_layers=0)
@@ -180,10 +179,11 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
         try:
             value = jax.make_array_from_callback(shape, _sharding(variable, mesh), callback)
         except KeyError as e:
-            raise ValueError(f"{path}: missing tensor {e} (needed for {'.'.join(map(str, path_))})"
-                             ) from None
+            raise InputError(f"{path}: missing tensor {e} (needed for {'.'.join(map(str, path_))})"
+                             "; the weights do not match its config.json") from None
         if value.shape != shape:
-            raise ValueError(f"{'.'.join(map(str, path_))}: loaded shape {value.shape} != {shape}")
+            raise InputError(f"{path}: {'.'.join(map(str, path_))} has shape {value.shape}, its "
+                         f"config.json implies {shape}")
         flat.append((path_, variable.replace(value)))
 
     unexpected = [
@@ -191,7 +191,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=N
         if n not in reader.used and not n.endswith("_scale_inv") and not _IGNORED.search(n)
     ]
     if unexpected:
-        raise ValueError(
-            f"{path}: {len(unexpected)} tensors do not fit the config, e.g. {unexpected[:5]}"
+        raise InputError(
+            f"{path}: {len(unexpected)} tensors do not fit its config.json, e.g. {unexpected[:5]}"
         )
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

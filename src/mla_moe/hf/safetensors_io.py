@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from mla_moe.errors import InputError
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -39,24 +41,24 @@ class SafetensorsFile:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise ValueError(f"{path}: not a safetensors file (truncated header)")
+                raise InputError(f"{path}: not a safetensors file (truncated header)")
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000:
-                raise ValueError(f"{path}: not a safetensors file (header size {n})")
+                raise InputError(f"{path}: not a safetensors file (header size {n})")
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: not a safetensors file ({e})") from None
+                raise InputError(f"{path}: not a safetensors file ({e})") from None
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._data_start = 8 + n
         size = os.path.getsize(path)
         for name, e in header.items():
             if e["dtype"] not in _DTYPES:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+                raise InputError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
             begin, end = e["data_offsets"]
             if self._data_start + end > size:
-                raise ValueError(f"{path}: tensor {name} runs past the end of the file")
+                raise InputError(f"{path}: tensor {name} runs past the end of the file")
 
     def names(self) -> list[str]:
         return list(self._entries)

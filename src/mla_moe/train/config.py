@@ -7,21 +7,26 @@ compiled.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from mla_moe import ModelConfig
+from mla_moe.errors import ConfigError
 
 NAN_POLICIES = ("stop", "skip")
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the field."""
+MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def run_config(model: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
     """Defaults for every run setting; `sections` maps a section name to overrides."""
     c = ml_collections.ConfigDict()
     c.model = model
+    # Every ModelConfig field can be overridden (--config.model.dtype=bfloat16), not only the
+    # ones the config file spells out; fields whose default is None stay unset (no type).
+    for name, default in MODEL_DEFAULTS.items():
+        if name not in c.model and default is not None:
+            c.model[name] = default
     c.seed = 0
     c.train = dict(
         steps=1000,
@@ -150,6 +155,10 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
+            continue
+        # A model field one config leaves out has ModelConfig's default.
+        default = MODEL_DEFAULTS.get(key.removeprefix("model."), "<absent>")
+        if key.startswith("model.") and a.get(key, default) == b.get(key, default):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

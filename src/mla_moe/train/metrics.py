@@ -137,8 +137,22 @@ def progress_line(record: dict, total_steps: int) -> str:
         parts.append(f"MFU {record['mfu'] * 100:.1f}%")
     if "aux_loss" in record:
         parts.append(f"aux {record['aux_loss']:.2e}")
-    loads = [v for k, v in record.items() if k.startswith("expert_load_max/")]
-    means = [v for k, v in record.items() if k.startswith("expert_load_mean/")]
-    if loads and means:
-        parts.append(f"load max/mean {max(a / max(b, 1e-9) for a, b in zip(loads, means)):.2f}")
+    worst = worst_expert_load(record)
+    if worst is not None:
+        parts.append(f"expert load max/mean {worst[1]:.2f} (MoE layer {worst[0]})")
     return " | ".join(parts)
+
+
+def worst_expert_load(record: dict) -> tuple[int, float] | None:
+    """(MoE layer index, its busiest expert's tokens over the mean) for the least balanced
+    layer of a logged record. 1.0 is perfect balance; E/K (4.0 for top-4 of 16 experts) means
+    every token of the layer picks that expert. None without MoE layers."""
+    ratios = []
+    i = 0
+    while f"expert_load_max/{i}" in record and f"expert_load_mean/{i}" in record:
+        ratios.append(record[f"expert_load_max/{i}"] / max(record[f"expert_load_mean/{i}"], 1e-9))
+        i += 1
+    if not ratios:
+        return None
+    layer = int(np.argmax(ratios))
+    return layer, ratios[layer]

@@ -25,6 +25,7 @@ from flax import nnx
 import mla_moe
 from mla_moe import sharding
 from mla_moe.data import PipelineConfig, TokenSplit, default_corpus, eval_batches, train_iterator
+from mla_moe.errors import InputError, MissingInputError
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
 from mla_moe.train import mesh as mesh_lib
@@ -34,7 +35,7 @@ from mla_moe.train import train_step as step_lib
 from mla_moe.train.config import ConfigError
 
 
-class IncompatibleWorkdirError(RuntimeError):
+class IncompatibleWorkdirError(InputError):
     """The workdir holds checkpoints of a run this config cannot continue."""
 
 
@@ -100,12 +101,27 @@ def _stop_requested(flag: bool) -> bool:
 
 
 def _check_workdir(workdir: str, config) -> None:
-    """Refuses (before writing anything) a workdir whose run this config cannot continue."""
+    """Refuses (before writing anything) a workdir that is not a directory we can write, or
+    whose run this config cannot continue."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise InputError(f"--workdir={workdir!r} is a file, not a directory; pass a new or "
+                         "existing directory")
+    parent = workdir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--workdir={workdir!r}: {parent!r} is not writable; pass a directory "
+                         "you can write to")
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IncompatibleWorkdirError(
+            f"{path} is not valid JSON ({e}); this is not a training workdir we wrote: use a "
+            "new --workdir") from None
     diffs = config_lib.incompatible_fields(saved, _config_json(config))
     if diffs:
         raise IncompatibleWorkdirError(
@@ -132,7 +148,8 @@ def _resolve_data(config) -> str:
     if not path:
         return default_corpus()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data.path={path!r} does not exist")
+        raise MissingInputError(f"data.path={path!r} does not exist; pass a token store from "
+                                "`python -m launch.prepare_data`, or '' for the default corpus")
     return path
 
 
@@ -157,7 +174,10 @@ def run_mesh(config, devices=None):
     compile-only devices of another machine) and activates it with the config's rules
     (`config.mesh.rules`). Yields (ModelConfig, mesh); fails before compiling on bad input."""
     cfg = config_lib.validate(config)
-    mesh = mesh_lib.make_mesh(config.mesh, devices, config=cfg)
+    try:
+        mesh = mesh_lib.make_mesh(config.mesh, devices, config=cfg)
+    except ValueError as e:  # sizes that do not fit the devices or the model, naming the axis
+        raise ConfigError(str(e)) from None
     rules = config.mesh.get("rules") if hasattr(config.mesh, "get") else None
     with sharding.use_mesh(mesh, rules.to_dict() if hasattr(rules, "to_dict") else rules):
         yield cfg, mesh
@@ -194,6 +214,10 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
         built.tx, built.abstract_state, built.state_sh, built.batch_sh)
     target = built.state_spec()
 
+    hf_state = None
+    if init_from_hf and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        # A fresh run reads (and checks) the weights before anything is written.
+        hf_state = _init_from_hf(init_from_hf, cfg, tx, abstract_state, state_sh)
     os.makedirs(workdir, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
     writer = metrics_lib.MetricWriter(workdir, is_main, config.log.tensorboard)
@@ -205,7 +229,9 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
         logging.info("resumed from checkpoint step %d", latest)
         print(f"resuming from step {latest} ({ckpt.directory})", flush=True)
     else:
-        if init_from_hf:
+        if hf_state is not None:
+            state = hf_state
+        elif init_from_hf:
             state = _init_from_hf(init_from_hf, cfg, tx, abstract_state, state_sh)
         else:
             state = built.init_fn()
