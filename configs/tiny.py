@@ -35,16 +35,8 @@ def model_config() -> ml_collections.ConfigDict:
             bos_token_id=None,
             eos_token_id=None,
             aux_loss_alpha=0.0,
-            # V3 balancing, set for a 150-step run. V3's bias rate (0.001 a step) is meant for
-            # hundreds of thousands of steps; here Adam at lr 3e-3 drives one expert's router
-            # logits up within ten steps, until every token of a layer picks it (max/mean load
-            # 4.0), and 0.001 a step would need about a thousand steps to undo that. At 0.01 the
-            # biases close the gap within the run (max/mean <= 1.5 in every layer by step 150)
-            # while flipping the choice of few tokens per step. Higher rates (0.02-0.05) only
-            # make the routing oscillate; a larger sequence-wise coefficient (0.01-0.1) slows
-            # the collapse but leaves layers near 2 by the end, so it stays small.
-            seq_balance_alpha=0.001,
-            expert_bias_update_rate=0.01,
+            seq_balance_alpha=0.0001,
+            expert_bias_update_rate=0.001,
             mtp_loss_weight=0.3,
         )
     )
