@@ -164,12 +164,12 @@ def _check_shapes(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B):
     dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
                                 kv_latent_BSC=kv_latent_BSC, k_pe_BSR=k_pe_BSR,
                                 lengths_B=lengths_B)
-    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-        raise ValueError(f"lengths_B must be integer, got {lengths_B.dtype}")
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "causal", "implementation", "block_sizes"))
+_STATIC = ("sm_scale", "causal", "implementation", "block_sizes")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengths_B,
                      sm_scale: float, causal: bool = True, implementation: str | None = None,
                      block_sizes: BlockSizes | None = None):
@@ -188,16 +188,46 @@ def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengt
       out_BTNC (still to be multiplied by W_UV), in q_latent's dtype.
     """
     _check_shapes(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B)
+    return _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B,
+                             sm_scale, causal, implementation, block_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def latent_attention_cache(q_latent_BTNC, q_pe_BTNR, cache_BSK, *, lengths_B, sm_scale: float,
+                           causal: bool = True, implementation: str | None = None,
+                           block_sizes: BlockSizes | None = None):
+    """`latent_attention` over the packed cache the model keeps: [B, S, C + R], the latent
+    c_KV first, then the rope key. The TPU kernel reads it in place; the other
+    implementations split it into its two parts first (a copy)."""
+    c = q_latent_BTNC.shape[-1]
+    dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
+                                cache_BSK=cache_BSK, lengths_B=lengths_B)
+    if cache_BSK.shape[-1] != c + q_pe_BTNR.shape[-1]:
+        raise ValueError(f"cache_BSK has K={cache_BSK.shape[-1]}, expected C + R = "
+                         f"{c} + {q_pe_BTNR.shape[-1]}")
+    if dispatch.resolve(implementation) in ("tpu", "tpu_interpret"):
+        return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK, None, lengths_B,
+                                 sm_scale, causal, implementation, block_sizes)
+    return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK[..., :c], cache_BSK[..., c:],
+                             lengths_B, sm_scale, causal, implementation, block_sizes)
+
+
+def _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR, lengths_B, sm_scale, causal,
+                      implementation, block_sizes):
+    """The decode attention; k_pe_BSR=None: kv_BSC is the packed [B, S, C + R] cache (TPU)."""
+    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+        raise ValueError(f"lengths_B must be integer, got {lengths_B.dtype}")
     impl = dispatch.resolve(implementation)
     bs = block_sizes or BlockSizes.get_default(impl)
     lengths_B = lengths_B.astype(jnp.int32)
     if impl == "xla":
-        return latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR,
+        return latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR,
                                           lengths_B=lengths_B, sm_scale=sm_scale,
                                           causal=causal, block_kv=bs.block_kv_xla)
     backend = dispatch.KernelBackend(impl)
     b, t, n, c = q_latent_BTNC.shape
-    s, r = kv_latent_BSC.shape[1], k_pe_BSR.shape[2]
+    s, r = kv_BSC.shape[1], q_pe_BTNR.shape[-1]
+    packed = k_pe_BSR is None
     m = t * n
     bk = dispatch.fit_block(bs.block_kv, s)
     rows = dispatch.fit_block(bs.block_rows, m)
@@ -217,8 +247,11 @@ def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengt
     q_lat_BMC = pad(q_latent_BTNC.reshape(b, m, c), m, m_pad, c, c_pad)
     q_pe_BMR = pad(q_pe_BTNR.reshape(b, m, r), m, m_pad, r, r_pad)
     # Padding the cache copies it: allocate caches with S a multiple of block_kv.
-    kv_BSC = pad(kv_latent_BSC, s, s_pad, c, c_pad)
-    k_pe_BSR = pad(k_pe_BSR, s, s_pad, r, r_pad)
+    if packed:
+        kv_BSC = pad(kv_BSC, s, s_pad, c + r, c + r)
+    else:
+        kv_BSC = pad(kv_BSC, s, s_pad, c, c_pad)
+        k_pe_BSR = pad(k_pe_BSR, s, s_pad, r, r_pad)
     row_t_M1 = jnp.minimum(jnp.arange(m_pad, dtype=jnp.int32) // n, t - 1)[:, None]
 
     num_kv, row_blocks = s_pad // bk, m_pad // rows

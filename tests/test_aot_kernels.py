@@ -60,6 +60,18 @@ def test_tpu_vmem_does_not_grow_with_the_sequence(target):
             assert b[name] <= SEQUENCE_GROWTH * a[name], (target, name, a[name], b[name])
 
 
+@pytest.mark.parametrize("target", TPU_TARGETS)
+def test_tpu_decode_reads_the_cache_in_place(target):
+    """The decode step's temporaries are the f32 split partials (at most two splits), not a
+    relayout copy of the cache: the kernel reads the packed cache as XLA:TPU lays it out."""
+    for case, shape in DECODE.items():
+        result = _tpu(target, "latent", case)
+        cache_bytes = shape["b"] * shape["s"] * (512 + 64) * 2
+        partials_bytes = 2 * shape["b"] * shape["t"] * 128 * (512 + 1) * 4
+        assert result["temp_bytes"] < partials_bytes + cache_bytes // 50, (
+            target, case, result["temp_bytes"], cache_bytes)
+
+
 @pytest.mark.parametrize("target", GPU_TARGETS)
 def test_gpu_kernels_compile_within_shared_memory(target):
     limit = aot.shared_memory_limit_bytes(targets.parse_target(target).chip)
