@@ -102,8 +102,18 @@ class _Static:
     num_kv: int
 
 
-def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref, *,
-            st: _Static):
+def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: _Static):
+    c, r = q_lat_ref.shape[1], q_pe_ref.shape[1]
+    if len(refs) == 3:  # the packed [S, C + R] cache: latent columns first, then rope
+        cache_ref, o_ref, lse_ref = refs
+
+        def read(ks):
+            return cache_ref[ks, pl.ds(0, c)], cache_ref[ks, pl.ds(c, r)]
+    else:
+        kv_ref, k_pe_ref, o_ref, lse_ref = refs
+
+        def read(ks):
+            return kv_ref[ks, :], k_pe_ref[ks, :]
     b, p = pl.program_id(2), pl.program_id(1)
     bk = st.block_kv
     length = lengths_ref[b]
@@ -122,7 +132,7 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
     def body(j, carry, masked):
         acc_MC, m_M1, l_M1 = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        kv_KC, k_pe_KR = kv_ref[ks, :], k_pe_ref[ks, :]
+        kv_KC, k_pe_KR = read(ks)
         if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
             valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + j * bk < length
             kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
@@ -197,15 +207,18 @@ def latent_attention_cache(q_latent_BTNC, q_pe_BTNR, cache_BSK, *, lengths_B, sm
                            causal: bool = True, implementation: str | None = None,
                            block_sizes: BlockSizes | None = None):
     """`latent_attention` over the packed cache the model keeps: [B, S, C + R], the latent
-    c_KV first, then the rope key. The TPU kernel reads it in place; the other
-    implementations split it into its two parts first (a copy)."""
+    c_KV first, then the rope key. The kernels read it in place (on GPU when C and R are
+    powers of two >= 16, as in DeepSeek's 512 + 64; otherwise its two parts are split and
+    padded first, a copy); implementation="xla" slices it."""
     c = q_latent_BTNC.shape[-1]
     dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
                                 cache_BSK=cache_BSK, lengths_B=lengths_B)
     if cache_BSK.shape[-1] != c + q_pe_BTNR.shape[-1]:
         raise ValueError(f"cache_BSK has K={cache_BSK.shape[-1]}, expected C + R = "
                          f"{c} + {q_pe_BTNR.shape[-1]}")
-    if dispatch.resolve(implementation) in ("tpu", "tpu_interpret"):
+    impl = dispatch.resolve(implementation)
+    pow2 = all(d == dispatch.next_pow2(d) >= 16 for d in (c, q_pe_BTNR.shape[-1]))
+    if impl in ("tpu", "tpu_interpret", "interpret") or (impl == "gpu" and pow2):
         return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK, None, lengths_B,
                                  sm_scale, causal, implementation, block_sizes)
     return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK[..., :c], cache_BSK[..., c:],
@@ -214,7 +227,7 @@ def latent_attention_cache(q_latent_BTNC, q_pe_BTNR, cache_BSK, *, lengths_B, sm
 
 def _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR, lengths_B, sm_scale, causal,
                       implementation, block_sizes):
-    """The decode attention; k_pe_BSR=None: kv_BSC is the packed [B, S, C + R] cache (TPU)."""
+    """The decode attention; k_pe_BSR=None: kv_BSC is the packed [B, S, C + R] cache."""
     if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
         raise ValueError(f"lengths_B must be integer, got {lengths_B.dtype}")
     impl = dispatch.resolve(implementation)
@@ -279,6 +292,7 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
     cache slice through L2."""
     b, m_pad, c_pad = q_lat_BMC.shape
     r_pad, s_pad = q_pe_BMR.shape[-1], kv_BSC.shape[1]
+    cache = (kv_BSC,) if k_pe_BSR is None else (kv_BSC, k_pe_BSR)
 
     def spec(shape, index):  # index takes (b, p, i); the grid is (row blocks, splits, b)
         return pl.BlockSpec(shape, lambda g0, g1, g2: index(g2, g1, g0))
@@ -293,9 +307,7 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
             spec((rows, 1), lambda b_, p, i: (i, 0)),
             spec((None, rows, c_pad), lambda b_, p, i: (b_, i, 0)),
             spec((None, rows, r_pad), lambda b_, p, i: (b_, i, 0)),
-            spec((None, s_pad, c_pad), lambda b_, p, i: (b_, 0, 0)),
-            spec((None, s_pad, r_pad), lambda b_, p, i: (b_, 0, 0)),
-        ],
+        ] + [spec((None, s_pad, x.shape[-1]), lambda b_, p, i: (b_, 0, 0)) for x in cache],
         out_specs=[spec((None, None, rows, c_pad), lambda b_, p, i: (b_, p, i, 0)),
                    spec((None, None, rows, 1), lambda b_, p, i: (b_, p, i, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, splits, m_pad, c_pad), jnp.float32),
@@ -303,7 +315,7 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
         interpret=backend.interpret(), name="latent_attention_decode",
         compiler_params=backend.compiler_params(3, num_warps=bs.num_warps,
                                                 num_stages=bs.num_stages),
-    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)
+    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, *cache)
 
 
 def combine_splits(o_BPMC, lse_BPM1):

@@ -82,3 +82,6 @@ def test_gpu_kernels_compile_within_shared_memory(target):
         # forward, dq and dk/dv; or the decode kernel
         assert len(result["shared_memory"]) == (3 if call["kind"] == "mla" else 1), result
         assert max(result["shared_memory"]) <= limit, (call, result["shared_memory"], limit)
+        if call["kind"] == "latent" and call["s"] >= 32768:  # the packed cache read in place
+            cache_bytes = call["b"] * call["s"] * (512 + 64) * 2
+            assert result["temp_bytes"] < cache_bytes // 20, (call, result["temp_bytes"])
