@@ -303,7 +303,7 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
         functools.partial(_kernel, st=st),
         grid=(m_pad // rows, splits, b),
         in_specs=[
-            backend.smem_spec(),
+            pl.BlockSpec(memory_space=None),  # the lengths, read whole as scalars
             spec((rows, 1), lambda b_, p, i: (i, 0)),
             spec((None, rows, c_pad), lambda b_, p, i: (b_, i, 0)),
             spec((None, rows, r_pad), lambda b_, p, i: (b_, i, 0)),
@@ -313,7 +313,7 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
         out_shape=[jax.ShapeDtypeStruct((b, splits, m_pad, c_pad), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, m_pad, 1), jnp.float32)],
         interpret=backend.interpret(), name="latent_attention_decode",
-        compiler_params=backend.compiler_params(3, num_warps=bs.num_warps,
+        compiler_params=backend.compiler_params(num_warps=bs.num_warps,
                                                 num_stages=bs.num_stages),
     )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, *cache)
 
