@@ -92,17 +92,7 @@ TPU_BLOCKS = {"": dict(block_kv=512, block_rows=256)}
 GPU_BLOCKS = {"": dict(block_kv=32, block_rows=32, num_stages=2)}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    sm_scale: float
-    causal: bool
-    t_len: int
-    block_kv: int
-    blocks_per_split: int
-    num_kv: int
-
-
-def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: _Static):
+def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: latent_tpu.Static):
     c, r = q_lat_ref.shape[1], q_pe_ref.shape[1]
     if len(refs) == 3:  # the packed [S, C + R] cache: latent columns first, then rope
         cache_ref, o_ref, lse_ref = refs
@@ -297,7 +287,7 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
     def spec(shape, index):  # index takes (b, p, i); the grid is (row blocks, splits, b)
         return pl.BlockSpec(shape, lambda g0, g1, g2: index(g2, g1, g0))
 
-    st = _Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t, block_kv=bk,
+    st = latent_tpu.Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t, block_kv=bk,
                  blocks_per_split=per_split, num_kv=num_kv)
     return pl.pallas_call(
         functools.partial(_kernel, st=st),

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import kernel_dot
+from pallas_kernels.dispatch import kernel_dot, online_softmax_step
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
@@ -33,6 +33,8 @@ _NN = (((1,), (0,)), ((), ()))
 
 @dataclasses.dataclass(frozen=True)
 class Static:
+    """What the decode kernels (TPU and portable) know statically."""
+
     sm_scale: float
     causal: bool
     t_len: int
@@ -86,12 +88,7 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: Static):
                 jnp.zeros((rows, 1), jnp.int32) + (length - 1))
             col_MK = lax.broadcasted_iota(jnp.int32, s_MK.shape, 1) + block * bk
             s_MK = jnp.where(col_MK <= limit_M1, s_MK, -jnp.inf)
-        m_M1 = m_ref[...]
-        m_new = jnp.maximum(m_M1, jnp.max(s_MK, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha_M1 = jnp.exp(m_M1 - m_safe)
-        p_MK = jnp.exp(s_MK - m_safe)
-        l_ref[...] = alpha_M1 * l_ref[...] + jnp.sum(p_MK, axis=1, keepdims=True)
+        m_new, alpha_M1, p_MK, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_MK)
         acc_ref[...] = alpha_M1 * acc_ref[...] + kernel_dot(
             p_MK.astype(kv.dtype), kv, _NT if kv_slot_minor else _NN)
         m_ref[...] = m_new
