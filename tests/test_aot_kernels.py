@@ -83,6 +83,9 @@ def test_gpu_kernels_compile_within_shared_memory(target):
         # forward, dq and dk/dv; or the decode kernel
         assert len(result["shared_memory"]) == (3 if call["kind"] == "mla" else 1), result
         assert max(result["shared_memory"]) <= limit, (call, result["shared_memory"], limit)
-        if call["kind"] == "latent" and call["s"] >= 32768:  # the packed cache read in place
+        if call["kind"] == "latent":  # the packed cache is read in place, not copied
             cache_bytes = call["b"] * call["s"] * (512 + 64) * 2
-            assert result["temp_bytes"] < cache_bytes // 20, (call, result["temp_bytes"])
+            # f32 split partials: ~264 programs of 32 rows, or one split of all B * T * N rows
+            partials_bytes = max(264 * 32, call["b"] * call["t"] * 128) * (512 + 1) * 4
+            assert result["temp_bytes"] < partials_bytes + cache_bytes // 50, (
+                call, result["temp_bytes"], cache_bytes)

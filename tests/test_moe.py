@@ -70,7 +70,13 @@ def test_expert_paths_equal_the_loop_reference(name, impl):
     y_fast, y_slow, g_fast, g_slow, stats = run(moe, x)
     chex.assert_shape(y_fast, x.shape)
     np.testing.assert_allclose(y_fast, y_slow, rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(g_fast, g_slow, rtol=1e-4, atol=1e-5)
+    # Per leaf, atol scaled to the leaf's largest |gradient|: with routed_scaling_factor=16
+    # terms of ~1 cancel to ~1e-2, so an absolute 1e-5 is below f32 rounding of the sum
+    # (measured error: at most 2.3e-6 of the leaf's max, with and without AVX-512).
+    for fast_leaf, slow_leaf in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow),
+                                    strict=True):
+        scale = float(jnp.max(jnp.abs(slow_leaf)))
+        chex.assert_trees_all_close(fast_leaf, slow_leaf, rtol=1e-4, atol=2e-5 * scale)
     assert float(stats["dropped_fraction"]) == 0.0
     assert float(stats["tokens_per_expert"].sum()) == 2 * 11 * moe.config.num_experts_per_tok
 
