@@ -4,7 +4,7 @@ On a TPU: the same checks and timings as bench/kernels_gpu.py (kernel vs the XLA
 decode bandwidth and flash TFLOP/s against the chip's copy bandwidth and matmul peak).
 
 Anywhere else (--compile_only, the default without a TPU): compiles every kernel for TPU v4,
-v5e, v5p, v6e and for H100 / H200 at DeepSeek-V3 shapes with the real compilers (libtpu,
+v5e, v5p, v6e and for A100 / H100 / H200 at DeepSeek-V3 shapes with the real compilers (libtpu,
 XLA:GPU + Triton; nothing runs) and prints, per target x kernel x shape, whether it compiled
 and its on-chip footprint against the target's limit: scoped VMEM for the TPU kernels,
 shared memory per block for the Triton ones. No speed is read from these compiles.
@@ -28,8 +28,8 @@ if "--compile_only" in sys.argv or __name__ != "__main__":
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TARGETS = ["tpu:v4:2x2x1", "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2", "gpu:h100:1x1x1",
-           "gpu:h200:1x1x1"]
+TARGETS = ["tpu:v4:2x2x1", "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2", "gpu:a100:1x1x1",
+           "gpu:h100:1x1x1", "gpu:h200:1x1x1"]
 TRAIN = [dict(b=1, t=4096, n=128, segments=True), dict(b=1, t=16384, n=16),
          dict(b=1, t=65536, n=16)]
 DECODE = [dict(b=1, t=1, s=163840), dict(b=64, t=1, s=32768), dict(b=256, t=2, s=4096)]

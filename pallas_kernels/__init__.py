@@ -1,14 +1,15 @@
 """Pallas kernels for DeepSeek-style MLA attention.
 
 mla_attention: training / prefill flash attention with a shared rope key (forward + backward).
-latent_attention: absorbed-MLA decode over the latent cache (split-KV, forward only).
+latent_attention: absorbed-MLA decode over the latent cache (split-KV, forward only);
+  latent_attention_cache takes the model's packed [B, S, C + R] cache, read in place on TPU.
 Each has a chunked pure-XLA `*_reference` (implementation="xla") and a dense `*_naive` oracle.
 See `pallas_kernels.dispatch` for how `implementation` is resolved.
 """
 
 from pallas_kernels.dispatch import IMPLEMENTATIONS, resolve
 from pallas_kernels.latent_attention import BlockSizes as LatentBlockSizes
-from pallas_kernels.latent_attention import latent_attention
+from pallas_kernels.latent_attention import latent_attention, latent_attention_cache
 from pallas_kernels.latent_attention_reference import (
     latent_attention_naive,
     latent_attention_reference,
@@ -22,6 +23,7 @@ __all__ = [
     "LatentBlockSizes",
     "MLABlockSizes",
     "latent_attention",
+    "latent_attention_cache",
     "latent_attention_naive",
     "latent_attention_reference",
     "mla_attention",

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import targets
-from pallas_kernels.latent_attention import latent_attention
+from pallas_kernels.latent_attention import latent_attention_cache
 from pallas_kernels.mla_attention import mla_attention
 
 _MIB = 1 << 20
@@ -82,13 +82,14 @@ def compile_mla_attention(target, *, b: int, t: int, n: int, segments: bool = Fa
 
 def compile_latent_attention(target, *, b: int, t: int, s: int, dtype=jnp.bfloat16,
                              n=LATENT_DIMS["n"], c=LATENT_DIMS["c"], r=LATENT_DIMS["r"]):
-    """One absorbed decode step (`latent_attention`, T queries over S slots) for `target`."""
+    """One absorbed decode step (`latent_attention_cache`: T queries over the model's packed
+    [B, S, C + R] cache) for `target`."""
 
-    def decode(q_latent, q_pe, kv, k_pe, lengths):
-        return latent_attention(q_latent, q_pe, kv, k_pe, lengths_B=lengths, sm_scale=0.1)
+    def decode(q_latent, q_pe, cache, lengths):
+        return latent_attention_cache(q_latent, q_pe, cache, lengths_B=lengths, sm_scale=0.1)
 
     return _compile(target, decode, [((b, t, n, c), dtype), ((b, t, n, r), dtype),
-                                     ((b, s, c), dtype), ((b, s, r), dtype), ((b,), jnp.int32)])
+                                     ((b, s, c + r), dtype), ((b,), jnp.int32)])
 
 
 def tpu_vmem_bytes(compiled) -> dict[str, int]:
@@ -135,7 +136,9 @@ def run_call(kind: str, target: str, **shape) -> dict:
         compiled = compile_fn(target, **shape)
     except Exception as e:  # noqa: BLE001 - the compiler's verdict is what is reported
         return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
-    out = {"ok": True, "error": ""}
+    memory = compiled.memory_analysis()
+    out = {"ok": True, "error": "", "argument_bytes": memory.argument_size_in_bytes,
+           "temp_bytes": memory.temp_size_in_bytes}
     if target.startswith("tpu"):
         out["vmem"] = tpu_vmem_bytes(compiled)
     return out

@@ -7,15 +7,20 @@
                   of the mesh in effect (`jax.set_mesh`, also an abstract mesh of compile-only
                   devices), else `jax.default_backend()`: see `target_platform`.
   "xla"           the chunked pure-jnp reference (`*_reference`), no Pallas.
-  "gpu"           the Pallas kernel lowered through Triton (triton.CompilerParams).
-  "tpu"           the same kernel family lowered through Mosaic TPU, head-major layouts.
+  "gpu"           the portable kernels lowered through Triton (triton.CompilerParams).
+  "tpu"           the TPU kernels (Mosaic): K/V streamed along a grid axis, VMEM scratch.
   "interpret"     the GPU-layout kernel run by Pallas' generic interpreter (`interpret=True`).
   "tpu_interpret" the TPU-layout kernel run by the TPU interpreter (`pltpu.InterpretParams`),
                   which also simulates SMEM/VMEM placement.
 
-The kernels are one portable family: grid + BlockSpecs + `lax.fori_loop` inside the kernel,
-no scratch buffers, no semaphores, no backend primitives. What differs by backend is only how
-operands are laid out and tiled (see `KernelBackend`).
+Two kernel families share their masking and block arithmetic:
+  portable (GPU, "interpret"): one program per query block loops over K/V with
+    `lax.fori_loop`; no scratch, no backend primitives (`mla_attention_kernels.py`, the
+    portable body in `latent_attention.py`).
+  TPU ("tpu", "tpu_interpret"): K/V walk the innermost grid axis, the softmax statistics and
+    accumulators live in VMEM scratch, so VMEM does not grow with the sequence
+    (`mla_attention_tpu.py`, `latent_attention_tpu.py`).
+Block sizes are chosen per device kind (`per_device`) from `target_device_kind()`.
 """
 
 from __future__ import annotations
@@ -41,16 +46,16 @@ except ImportError:  # pragma: no cover - depends on the jax build
 
 @dataclasses.dataclass(frozen=True)
 class KernelBackend:
-    """How a portable kernel is laid out for one implementation.
+    """How the kernels are laid out for one implementation.
 
     Attributes:
       name: one of "gpu", "tpu", "interpret", "tpu_interpret".
-      head_major: per-head operands are transposed to [B, N, T, *] so that a block's two minor
-        dims are (rows, head_dim), which Mosaic TPU tiles as (sublane, lane). The GPU layout
-        keeps [B, T, N, *] and squeezes N in the BlockSpec (a strided load, no copy).
+      head_major: the TPU kernels; per-head operands are transposed to [B, N, T, *] so that a
+        block's two minor dims are (rows, head_dim), which Mosaic TPU tiles as (sublane, lane).
+        The portable kernels keep [B, T, N, *] and squeeze N in the BlockSpec (a strided load,
+        no copy).
       pow2_tiles: Triton needs every loaded tile dim to be a power of two (>= 16 for dots), so
         head dims are zero-padded up to one when they are not.
-      smem_scalars: per-sequence scalars (decode lengths) live in SMEM on TPU.
     """
 
     name: str
@@ -63,10 +68,6 @@ class KernelBackend:
     def pow2_tiles(self) -> bool:
         return self.name == "gpu"
 
-    @property
-    def smem_scalars(self) -> bool:
-        return self.name in ("tpu", "tpu_interpret")
-
     def interpret(self) -> Any:
         if self.name == "interpret":
             return True
@@ -74,25 +75,13 @@ class KernelBackend:
             return _require(_pltpu, "tpu").InterpretParams()
         return False
 
-    def compiler_params(self, num_grid_dims: int, *, num_warps: int = 4, num_stages: int = 2):
+    def compiler_params(self, *, num_warps: int = 4, num_stages: int = 2):
+        """Triton's launch parameters for the portable kernels on GPU; None elsewhere."""
         if self.name == "gpu":
             return _require(_pl_triton, "gpu").CompilerParams(
                 num_warps=num_warps, num_stages=num_stages
             )
-        if self.name == "tpu":
-            # Every grid axis is independent: no scratch is carried across grid steps.
-            return _require(_pltpu, "tpu").CompilerParams(
-                dimension_semantics=("parallel",) * num_grid_dims
-            )
         return None
-
-    def smem_spec(self):
-        """BlockSpec for a small int32 array read whole as scalars (decode lengths)."""
-        from jax.experimental import pallas as pl
-
-        if self.smem_scalars:
-            return pl.BlockSpec(memory_space=_require(_pltpu, "tpu").SMEM)
-        return pl.BlockSpec(memory_space=None)
 
 
 def _require(module, name):

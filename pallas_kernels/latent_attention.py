@@ -92,18 +92,18 @@ TPU_BLOCKS = {"": dict(block_kv=512, block_rows=256)}
 GPU_BLOCKS = {"": dict(block_kv=32, block_rows=32, num_stages=2)}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    sm_scale: float
-    causal: bool
-    t_len: int
-    block_kv: int
-    blocks_per_split: int
-    num_kv: int
+def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: latent_tpu.Static):
+    c, r = q_lat_ref.shape[1], q_pe_ref.shape[1]
+    if len(refs) == 3:  # the packed [S, C + R] cache: latent columns first, then rope
+        cache_ref, o_ref, lse_ref = refs
 
+        def read(ks):
+            return cache_ref[ks, pl.ds(0, c)], cache_ref[ks, pl.ds(c, r)]
+    else:
+        kv_ref, k_pe_ref, o_ref, lse_ref = refs
 
-def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref, *,
-            st: _Static):
+        def read(ks):
+            return kv_ref[ks, :], k_pe_ref[ks, :]
     b, p = pl.program_id(2), pl.program_id(1)
     bk = st.block_kv
     length = lengths_ref[b]
@@ -122,7 +122,7 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
     def body(j, carry, masked):
         acc_MC, m_M1, l_M1 = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        kv_KC, k_pe_KR = kv_ref[ks, :], k_pe_ref[ks, :]
+        kv_KC, k_pe_KR = read(ks)
         if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
             valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + j * bk < length
             kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
@@ -164,12 +164,12 @@ def _check_shapes(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B):
     dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
                                 kv_latent_BSC=kv_latent_BSC, k_pe_BSR=k_pe_BSR,
                                 lengths_B=lengths_B)
-    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-        raise ValueError(f"lengths_B must be integer, got {lengths_B.dtype}")
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "causal", "implementation", "block_sizes"))
+_STATIC = ("sm_scale", "causal", "implementation", "block_sizes")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengths_B,
                      sm_scale: float, causal: bool = True, implementation: str | None = None,
                      block_sizes: BlockSizes | None = None):
@@ -188,16 +188,49 @@ def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengt
       out_BTNC (still to be multiplied by W_UV), in q_latent's dtype.
     """
     _check_shapes(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B)
+    return _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, lengths_B,
+                             sm_scale, causal, implementation, block_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def latent_attention_cache(q_latent_BTNC, q_pe_BTNR, cache_BSK, *, lengths_B, sm_scale: float,
+                           causal: bool = True, implementation: str | None = None,
+                           block_sizes: BlockSizes | None = None):
+    """`latent_attention` over the packed cache the model keeps: [B, S, C + R], the latent
+    c_KV first, then the rope key. The kernels read it in place (on GPU when C and R are
+    powers of two >= 16, as in DeepSeek's 512 + 64; otherwise its two parts are split and
+    padded first, a copy); implementation="xla" slices it."""
+    c = q_latent_BTNC.shape[-1]
+    dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
+                                cache_BSK=cache_BSK, lengths_B=lengths_B)
+    if cache_BSK.shape[-1] != c + q_pe_BTNR.shape[-1]:
+        raise ValueError(f"cache_BSK has K={cache_BSK.shape[-1]}, expected C + R = "
+                         f"{c} + {q_pe_BTNR.shape[-1]}")
+    impl = dispatch.resolve(implementation)
+    pow2 = all(d == dispatch.next_pow2(d) >= 16 for d in (c, q_pe_BTNR.shape[-1]))
+    if impl in ("tpu", "tpu_interpret", "interpret") or (impl == "gpu" and pow2):
+        return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK, None, lengths_B,
+                                 sm_scale, causal, implementation, block_sizes)
+    return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK[..., :c], cache_BSK[..., c:],
+                             lengths_B, sm_scale, causal, implementation, block_sizes)
+
+
+def _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR, lengths_B, sm_scale, causal,
+                      implementation, block_sizes):
+    """The decode attention; k_pe_BSR=None: kv_BSC is the packed [B, S, C + R] cache."""
+    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+        raise ValueError(f"lengths_B must be integer, got {lengths_B.dtype}")
     impl = dispatch.resolve(implementation)
     bs = block_sizes or BlockSizes.get_default(impl)
     lengths_B = lengths_B.astype(jnp.int32)
     if impl == "xla":
-        return latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR,
+        return latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR,
                                           lengths_B=lengths_B, sm_scale=sm_scale,
                                           causal=causal, block_kv=bs.block_kv_xla)
     backend = dispatch.KernelBackend(impl)
     b, t, n, c = q_latent_BTNC.shape
-    s, r = kv_latent_BSC.shape[1], k_pe_BSR.shape[2]
+    s, r = kv_BSC.shape[1], q_pe_BTNR.shape[-1]
+    packed = k_pe_BSR is None
     m = t * n
     bk = dispatch.fit_block(bs.block_kv, s)
     rows = dispatch.fit_block(bs.block_rows, m)
@@ -217,8 +250,11 @@ def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengt
     q_lat_BMC = pad(q_latent_BTNC.reshape(b, m, c), m, m_pad, c, c_pad)
     q_pe_BMR = pad(q_pe_BTNR.reshape(b, m, r), m, m_pad, r, r_pad)
     # Padding the cache copies it: allocate caches with S a multiple of block_kv.
-    kv_BSC = pad(kv_latent_BSC, s, s_pad, c, c_pad)
-    k_pe_BSR = pad(k_pe_BSR, s, s_pad, r, r_pad)
+    if packed:
+        kv_BSC = pad(kv_BSC, s, s_pad, c + r, c + r)
+    else:
+        kv_BSC = pad(kv_BSC, s, s_pad, c, c_pad)
+        k_pe_BSR = pad(k_pe_BSR, s, s_pad, r, r_pad)
     row_t_M1 = jnp.minimum(jnp.arange(m_pad, dtype=jnp.int32) // n, t - 1)[:, None]
 
     num_kv, row_blocks = s_pad // bk, m_pad // rows
@@ -246,31 +282,30 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
     cache slice through L2."""
     b, m_pad, c_pad = q_lat_BMC.shape
     r_pad, s_pad = q_pe_BMR.shape[-1], kv_BSC.shape[1]
+    cache = (kv_BSC,) if k_pe_BSR is None else (kv_BSC, k_pe_BSR)
 
     def spec(shape, index):  # index takes (b, p, i); the grid is (row blocks, splits, b)
         return pl.BlockSpec(shape, lambda g0, g1, g2: index(g2, g1, g0))
 
-    st = _Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t, block_kv=bk,
+    st = latent_tpu.Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t, block_kv=bk,
                  blocks_per_split=per_split, num_kv=num_kv)
     return pl.pallas_call(
         functools.partial(_kernel, st=st),
         grid=(m_pad // rows, splits, b),
         in_specs=[
-            backend.smem_spec(),
+            pl.BlockSpec(memory_space=None),  # the lengths, read whole as scalars
             spec((rows, 1), lambda b_, p, i: (i, 0)),
             spec((None, rows, c_pad), lambda b_, p, i: (b_, i, 0)),
             spec((None, rows, r_pad), lambda b_, p, i: (b_, i, 0)),
-            spec((None, s_pad, c_pad), lambda b_, p, i: (b_, 0, 0)),
-            spec((None, s_pad, r_pad), lambda b_, p, i: (b_, 0, 0)),
-        ],
+        ] + [spec((None, s_pad, x.shape[-1]), lambda b_, p, i: (b_, 0, 0)) for x in cache],
         out_specs=[spec((None, None, rows, c_pad), lambda b_, p, i: (b_, p, i, 0)),
                    spec((None, None, rows, 1), lambda b_, p, i: (b_, p, i, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, splits, m_pad, c_pad), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, m_pad, 1), jnp.float32)],
         interpret=backend.interpret(), name="latent_attention_decode",
-        compiler_params=backend.compiler_params(3, num_warps=bs.num_warps,
+        compiler_params=backend.compiler_params(num_warps=bs.num_warps,
                                                 num_stages=bs.num_stages),
-    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)
+    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, *cache)
 
 
 def combine_splits(o_BPMC, lse_BPM1):

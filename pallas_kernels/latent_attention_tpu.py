@@ -4,7 +4,7 @@ Legend: B batch, M = T * N query rows, C kv latent rank, R rope dim, P cache spl
 K cache slots per block.
 
 Grid (B, P, M / rows, blocks per split): the innermost axis walks split p's cache blocks;
-Pallas double-buffers one [K, C] latent block and one [K, R] rope block into VMEM at a time,
+Pallas double-buffers one block of K slots of the latent and rope cache into VMEM at a time,
 and the running max, sum and [rows, C] accumulator live in VMEM scratch across those steps.
 VMEM use depends on the block sizes alone, not on the cache length S.
 
@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import kernel_dot
+from pallas_kernels.dispatch import kernel_dot, online_softmax_step
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
@@ -33,6 +33,8 @@ _NN = (((1,), (0,)), ((), ()))
 
 @dataclasses.dataclass(frozen=True)
 class Static:
+    """What the decode kernels (TPU and portable) know statically."""
+
     sm_scale: float
     causal: bool
     t_len: int
@@ -50,8 +52,14 @@ def _last_block(length, st: Static):
     return jnp.clip(_ceil_div(length, st.block_kv) - 1, 0, st.num_kv - 1)
 
 
-def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref,
-            acc_ref, m_ref, l_ref, *, st: Static):
+def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: Static):
+    c = q_lat_ref.shape[1]
+    if len(refs) == 6:  # one [C + R, K] block of the packed cache, slot-minor
+        cache_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
+        kv_ref, k_pe_ref = cache_ref.at[:c, :], cache_ref.at[c:, :]
+    else:  # a [K, C] latent block and a [R, K] rope block
+        kv_ref, k_pe_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
+    kv_slot_minor = len(refs) == 6
     b, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(3)
     bk = st.block_kv
     length = lengths_ref[b]
@@ -65,27 +73,24 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
     def run(masked: bool):
-        kv_KC, k_pe_KR = kv_ref[...], k_pe_ref[...]
+        kv, k_pe_RK = kv_ref[...], k_pe_ref[...]  # kv: [C, K] (slot-minor) or [K, C]
         if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
-            valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + block * bk < length
-            kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
-            k_pe_KR = jnp.where(valid_K1, k_pe_KR, jnp.zeros((), k_pe_KR.dtype))
-        s_MK = kernel_dot(q_lat_ref[...], kv_KC, _NT)
-        s_MK += kernel_dot(q_pe_ref[...], k_pe_KR, _NT)
+            slot_1K = lax.broadcasted_iota(jnp.int32, (1, bk), 1) + block * bk
+            k_pe_RK = jnp.where(slot_1K < length, k_pe_RK, jnp.zeros((), k_pe_RK.dtype))
+            slot = slot_1K if kv_slot_minor else (
+                lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + block * bk)
+            kv = jnp.where(slot < length, kv, jnp.zeros((), kv.dtype))
+        s_MK = kernel_dot(q_lat_ref[...], kv, _NN if kv_slot_minor else _NT)
+        s_MK += kernel_dot(q_pe_ref[...], k_pe_RK, _NN)
         s_MK *= st.sm_scale
         if masked:
             limit_M1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
                 jnp.zeros((rows, 1), jnp.int32) + (length - 1))
             col_MK = lax.broadcasted_iota(jnp.int32, s_MK.shape, 1) + block * bk
             s_MK = jnp.where(col_MK <= limit_M1, s_MK, -jnp.inf)
-        m_M1 = m_ref[...]
-        m_new = jnp.maximum(m_M1, jnp.max(s_MK, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha_M1 = jnp.exp(m_M1 - m_safe)
-        p_MK = jnp.exp(s_MK - m_safe)
-        l_ref[...] = alpha_M1 * l_ref[...] + jnp.sum(p_MK, axis=1, keepdims=True)
+        m_new, alpha_M1, p_MK, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_MK)
         acc_ref[...] = alpha_M1 * acc_ref[...] + kernel_dot(
-            p_MK.astype(kv_KC.dtype), kv_KC, _NN)
+            p_MK.astype(kv.dtype), kv, _NT if kv_slot_minor else _NN)
         m_ref[...] = m_new
 
     # Blocks every row sees entirely need no mask (the common case for T = 1).
@@ -105,15 +110,26 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref
 
 
 def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_t_M1,
-                  q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR):
-    """Split partials (o [B, P, M, C] f32, lse [B, P, M, 1] f32) of the decode attention."""
+                  q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR=None):
+    """Split partials (o [B, P, M, C] f32, lse [B, P, M, 1] f32) of the decode attention.
+
+    The cache is either `kv_BSC` and `k_pe_BSR`, or (k_pe_BSR=None) the packed [B, S, C + R]
+    array. XLA:TPU lays out an array whose minor dim is not a multiple of 128 (C + R = 576,
+    R = 64) slot-minor, so the kernel reads those as [B, C + R, S] / [B, R, S]: the transpose
+    is then a free relabelling of the same bytes, where a [K, C + R] block would make XLA copy
+    the whole cache into row-major order first, every step."""
     b, m, c = q_lat_BMC.shape
     r = q_pe_BMR.shape[-1]
     bk = st.block_kv
 
-    def kv_index(b_, p, i, j, lengths_ref):
-        block = jnp.minimum(p * st.blocks_per_split + j, _last_block(lengths_ref[b_], st))
-        return b_, block, 0
+    def kv_block(b_, p, j, lengths_ref):
+        return jnp.minimum(p * st.blocks_per_split + j, _last_block(lengths_ref[b_], st))
+
+    def slots_minor(b_, p, i, j, lengths_ref):  # [B, D, S] blocks of [D, K]
+        return b_, 0, kv_block(b_, p, j, lengths_ref)
+
+    def slots_major(b_, p, i, j, lengths_ref):  # [B, S, D] blocks of [K, D]
+        return b_, kv_block(b_, p, j, lengths_ref), 0
 
     def row_index(b_, p, i, j, lengths_ref):
         return b_, i, 0
@@ -121,6 +137,13 @@ def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_
     def out_index(b_, p, i, j, lengths_ref):
         return b_, p, i, 0
 
+    if k_pe_BSR is None:
+        cache = (jnp.swapaxes(kv_BSC, 1, 2),)
+        cache_specs = [pl.BlockSpec((None, c + r, bk), slots_minor)]
+    else:
+        cache = (kv_BSC, jnp.swapaxes(k_pe_BSR, 1, 2))
+        cache_specs = [pl.BlockSpec((None, bk, c), slots_major),
+                       pl.BlockSpec((None, r, bk), slots_minor)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, splits, m // rows, st.blocks_per_split),
@@ -128,9 +151,7 @@ def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_
             pl.BlockSpec((rows, 1), lambda b_, p, i, j, lengths_ref: (i, 0)),
             pl.BlockSpec((None, rows, c), row_index),
             pl.BlockSpec((None, rows, r), row_index),
-            pl.BlockSpec((None, bk, c), kv_index),
-            pl.BlockSpec((None, bk, r), kv_index),
-        ],
+        ] + cache_specs,
         out_specs=[pl.BlockSpec((None, None, rows, c), out_index),
                    pl.BlockSpec((None, None, rows, 1), out_index)],
         scratch_shapes=[pltpu.VMEM((rows, c), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
@@ -144,4 +165,4 @@ def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_
         interpret=interpret, name="latent_attention_decode",
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)
+    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, *cache)

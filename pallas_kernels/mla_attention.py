@@ -155,7 +155,7 @@ def _forward(cfg: _Config, q_nope, q_pe, k_nope, k_pe, v, segs):
                           block_axis=axis),
         grid=grid, in_specs=in_specs, out_specs=[head(bq, dv, True), stats(bq, True)],
         out_shape=out_shape, interpret=be.interpret(), name="mla_attention_fwd",
-        compiler_params=be.compiler_params(3, num_warps=bs.num_warps_fwd,
+        compiler_params=be.compiler_params(num_warps=bs.num_warps_fwd,
                                            num_stages=bs.num_stages),
     )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v)
     return out, lse
@@ -174,7 +174,7 @@ def _backward(cfg: _Config, res, do):
                                               be.interpret(), *args)
         return dq_nope, dq_pe, dk_nope, dk_pe, dv_, None
     seg_args = tuple(segs or ())
-    cp = be.compiler_params(3, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages)
+    cp = be.compiler_params(num_warps=bs.num_warps_bwd, num_stages=bs.num_stages)
 
     bq, bk = bs.block_q_dq, bs.block_kv_dq
     grid, axis, unpack = _grid(b, n, t // bq)

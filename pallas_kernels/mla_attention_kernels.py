@@ -1,4 +1,6 @@
-"""Kernel bodies of the MLA flash attention (forward, dq, dk/dv).
+"""Kernel bodies of the MLA flash attention (forward, dq, dk/dv): the portable family (GPU via
+Triton, and Pallas' generic interpreter), plus the masking and causal block ranges that the
+TPU kernels (`mla_attention_tpu.py`) share.
 
 Legend: B batch, T query len, S key len, N heads, H qk nope head dim, R rope dim, V value dim.
 Inside a kernel every ref is 2-D (rows, dim) whatever the HBM layout; `mla_attention.py`

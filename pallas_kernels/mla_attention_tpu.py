@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.dispatch import online_softmax_step
 from pallas_kernels.mla_attention_kernels import (
     _NN,
     _NT,
@@ -68,14 +69,45 @@ def _masked_scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR, q_start, k_start, 
     return s_QK if mask is None else jnp.where(mask, s_QK, -jnp.inf)
 
 
-def _when_visible(g: Geometry, full, partial, run):
-    """Runs `run(causal_mask)` on the blocks that need it: unmasked where every pair is visible
-    (`full`), masked where only some are (`partial`); nothing elsewhere."""
+def _probs_and_dscores(g, refs, q_start, k_start, causal_mask):
+    """Backward: the recomputed probabilities p and the score gradient ds (before sm_scale)
+    of one (query block, key block) pair; `refs` holds the blocks' refs by name."""
+    q_nope_QH = refs["q_nope"][...]
+    s_QK = _masked_scores(
+        g, q_nope_QH, refs["q_pe"][...], refs["k_nope"][...], refs["k_pe"][...], q_start,
+        k_start, refs["q_seg"][...] if g.has_segments else None,
+        refs["kv_seg"][...] if g.has_segments else None, causal_mask)
+    p_QK = jnp.exp(s_QK - refs["lse"][...])
+    dp_QK = _dot(refs["do"][...], refs["v"][...], _NT)
+    ds_QK = (p_QK * (dp_QK - refs["delta"][...])).astype(q_nope_QH.dtype)
+    return p_QK, ds_QK
+
+
+def _backward_refs(q_seg_ref, kv_seg_ref, refs):
+    names = ("q_nope", "q_pe", "k_nope", "k_pe", "v", "do", "lse", "delta")
+    return dict(zip(names, refs[:8], strict=True), q_seg=q_seg_ref, kv_seg=kv_seg_ref)
+
+
+def _each_kv_block(g: Geometry, i, j, block_q: int, block_kv: int, num_kv: int, run):
+    """Query-major kernels: runs `run(causal_mask)` for key block j of query block i, without
+    the mask where every pair is visible and with it where only some are; nothing where none
+    is."""
     if not g.causal:
         run(False)
         return
-    pl.when(full)(lambda: run(False))
-    pl.when(partial)(lambda: run(True))
+    n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
+    pl.when(j < n_full)(lambda: run(False))
+    pl.when(jnp.logical_and(j >= n_full, j < hi))(lambda: run(True))
+
+
+def _each_q_block(g: Geometry, j, i, block_q: int, block_kv: int, num_q: int, run):
+    """Key-major kernel: the same for query block i of key block j."""
+    if not g.causal:
+        run(False)
+        return
+    lo, mid = causal_q_range(g, j, block_q, block_kv, num_q)
+    pl.when(i >= mid)(lambda: run(False))
+    pl.when(jnp.logical_and(i >= lo, i < mid))(lambda: run(True))
 
 
 def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
@@ -95,21 +127,12 @@ def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
             g, q_nope_ref[...], q_pe_ref[...], k_nope_ref[...], k_pe_ref[...], i * block_q,
             j * block_kv, q_seg_ref[...] if g.has_segments else None,
             kv_seg_ref[...] if g.has_segments else None, causal_mask)
-        m_Q1 = m_ref[...]
-        m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha_Q1 = jnp.exp(m_Q1 - m_safe)
-        p_QK = jnp.exp(s_QK - m_safe)
-        l_ref[...] = alpha_Q1 * l_ref[...] + jnp.sum(p_QK, axis=1, keepdims=True)
+        m_new, alpha_Q1, p_QK, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_QK)
         v_KV = v_ref[...]
         acc_ref[...] = alpha_Q1 * acc_ref[...] + _dot(p_QK.astype(v_KV.dtype), v_KV, _NN)
         m_ref[...] = m_new
 
-    if g.causal:
-        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
-        _when_visible(g, j < n_full, jnp.logical_and(j >= n_full, j < hi), run)
-    else:
-        run(False)
+    _each_kv_block(g, i, j, block_q, block_kv, num_kv, run)
 
     @pl.when(j == num_kv - 1)
     def _finish():
@@ -131,23 +154,14 @@ def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
         dq_nope_acc[...] = jnp.zeros(dq_nope_acc.shape, jnp.float32)
         dq_pe_acc[...] = jnp.zeros(dq_pe_acc.shape, jnp.float32)
 
-    def run(causal_mask):
-        k_nope_KH, k_pe_KR = k_nope_ref[...], k_pe_ref[...]
-        s_QK = _masked_scores(
-            g, q_nope_ref[...], q_pe_ref[...], k_nope_KH, k_pe_KR, i * block_q, j * block_kv,
-            q_seg_ref[...] if g.has_segments else None,
-            kv_seg_ref[...] if g.has_segments else None, causal_mask)
-        p_QK = jnp.exp(s_QK - lse_ref[...])
-        dp_QK = _dot(do_ref[...], v_ref[...], _NT)
-        ds_QK = (p_QK * (dp_QK - delta_ref[...])).astype(k_nope_KH.dtype)
-        dq_nope_acc[...] += _dot(ds_QK, k_nope_KH, _NN)
-        dq_pe_acc[...] += _dot(ds_QK, k_pe_KR, _NN)
+    blocks = _backward_refs(q_seg_ref, kv_seg_ref, refs)
 
-    if g.causal:
-        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
-        _when_visible(g, j < n_full, jnp.logical_and(j >= n_full, j < hi), run)
-    else:
-        run(False)
+    def run(causal_mask):
+        _, ds_QK = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
+        dq_nope_acc[...] += _dot(ds_QK, k_nope_ref[...], _NN)
+        dq_pe_acc[...] += _dot(ds_QK, k_pe_ref[...], _NN)
+
+    _each_kv_block(g, i, j, block_q, block_kv, num_kv, run)
 
     @pl.when(j == num_kv - 1)
     def _finish():
@@ -171,24 +185,16 @@ def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
         dk_nope_acc[...] = jnp.zeros(dk_nope_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    def run(causal_mask):
-        q_nope_QH, q_pe_QR, do_QV = q_nope_ref[...], q_pe_ref[...], do_ref[...]
-        s_QK = _masked_scores(
-            g, q_nope_QH, q_pe_QR, k_nope_ref[...], k_pe_ref[...], i * block_q, j * block_kv,
-            q_seg_ref[...] if g.has_segments else None,
-            kv_seg_ref[...] if g.has_segments else None, causal_mask)
-        p_QK = jnp.exp(s_QK - lse_ref[...])
-        dv_acc[...] += _dot(p_QK.astype(do_QV.dtype), do_QV, _TN)
-        dp_QK = _dot(do_QV, v_ref[...], _NT)
-        ds_QK = (p_QK * (dp_QK - delta_ref[...])).astype(q_nope_QH.dtype)
-        dk_nope_acc[...] += _dot(ds_QK, q_nope_QH, _TN)
-        dk_pe_acc[...] += _dot(ds_QK, q_pe_QR, _TN)
+    blocks = _backward_refs(q_seg_ref, kv_seg_ref, refs)
 
-    if g.causal:
-        lo, mid = causal_q_range(g, j, block_q, block_kv, num_q)
-        _when_visible(g, i >= mid, jnp.logical_and(i >= lo, i < mid), run)
-    else:
-        run(False)
+    def run(causal_mask):
+        p_QK, ds_QK = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
+        do_QV = do_ref[...]
+        dv_acc[...] += _dot(p_QK.astype(do_QV.dtype), do_QV, _TN)
+        dk_nope_acc[...] += _dot(ds_QK, q_nope_ref[...], _TN)
+        dk_pe_acc[...] += _dot(ds_QK, q_pe_ref[...], _TN)
+
+    _each_q_block(g, j, i, block_q, block_kv, num_q, run)
 
     @pl.when(i == num_q - 1)
     def _finish_head():

@@ -16,7 +16,9 @@ import dataclasses
 import functools
 from importlib import resources
 
-GPU_TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
+# H100 / H200 (sm_90a) from XLA's target specs; A100 (sm_80) is the H100 file with the
+# A100-SXM4-80GB's published figures (SMs, shared memory, HBM, bandwidth, L2, clock).
+GPU_TARGETS = {"a100": "a100_sxm_80.txtpb", "h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 
 _GIB = 1 << 30

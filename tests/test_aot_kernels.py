@@ -1,10 +1,11 @@
 """The kernels compile for real TPUs and GPUs, at DeepSeek-V3 shapes, on the real compilers.
 
-libtpu (XLA:TPU + Mosaic) and the CUDA plugin (XLA:GPU + Triton, sm_90a) compile for
-compile-only devices (`pallas_kernels.targets`); nothing runs. Training: `mla_attention`
-forward + backward, H = V = 128, R = 64, N = 128 (16 for a tensor-sharded slice), T = S from
-1K to 64K. Decode: `latent_attention` over a 512 + 64 latent cache, N = 128, T = 1 and 2,
-caches from 1K to 163,840 slots (V3's maximum), batch 1 to 256.
+libtpu (XLA:TPU + Mosaic) and the CUDA plugin (XLA:GPU + Triton; A100 sm_80, H100 and H200
+sm_90a) compile for compile-only devices (`pallas_kernels.targets`); nothing runs.
+Training: `mla_attention` forward + backward, H = V = 128, R = 64, N = 128 (16 for a
+tensor-sharded slice), T = S from 1K to 64K. Decode: `latent_attention_cache` over the packed
+512 + 64 latent cache, N = 128, T = 1 and 2, caches from 1K to 163,840 slots (V3's maximum),
+batch 1 to 256.
 
 Every TPU kernel must stay within half of its target's scoped VMEM limit, and, since K/V
 stream block by block, its VMEM must not grow with the sequence: 4x more keys may cost at
@@ -20,7 +21,7 @@ import pytest
 from pallas_kernels import aot, targets
 
 TPU_TARGETS = ["tpu:v4:2x2x1", "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2"]
-GPU_TARGETS = ["gpu:h100:1x1x1", "gpu:h200:1x1x1"]
+GPU_TARGETS = ["gpu:a100:1x1x1", "gpu:h100:1x1x1", "gpu:h200:1x1x1"]
 TRAIN = {"N128-1K-packed": dict(b=1, t=1024, n=128, segments=True),
          "N16-16K": dict(b=1, t=16384, n=16), "N16-64K": dict(b=1, t=65536, n=16)}
 DECODE = {"B1-T1-S160K": dict(b=1, t=1, s=163840), "B256-T2-S4K": dict(b=256, t=2, s=4096),
@@ -60,6 +61,18 @@ def test_tpu_vmem_does_not_grow_with_the_sequence(target):
             assert b[name] <= SEQUENCE_GROWTH * a[name], (target, name, a[name], b[name])
 
 
+@pytest.mark.parametrize("target", TPU_TARGETS)
+def test_tpu_decode_reads_the_cache_in_place(target):
+    """The decode step's temporaries are the f32 split partials (at most two splits), not a
+    relayout copy of the cache: the kernel reads the packed cache as XLA:TPU lays it out."""
+    for case, shape in DECODE.items():
+        result = _tpu(target, "latent", case)
+        cache_bytes = shape["b"] * shape["s"] * (512 + 64) * 2
+        partials_bytes = 2 * shape["b"] * shape["t"] * 128 * (512 + 1) * 4
+        assert result["temp_bytes"] < partials_bytes + cache_bytes // 50, (
+            target, case, result["temp_bytes"], cache_bytes)
+
+
 @pytest.mark.parametrize("target", GPU_TARGETS)
 def test_gpu_kernels_compile_within_shared_memory(target):
     limit = aot.shared_memory_limit_bytes(targets.parse_target(target).chip)
@@ -70,3 +83,6 @@ def test_gpu_kernels_compile_within_shared_memory(target):
         # forward, dq and dk/dv; or the decode kernel
         assert len(result["shared_memory"]) == (3 if call["kind"] == "mla" else 1), result
         assert max(result["shared_memory"]) <= limit, (call, result["shared_memory"], limit)
+        if call["kind"] == "latent" and call["s"] >= 32768:  # the packed cache read in place
+            cache_bytes = call["b"] * call["s"] * (512 + 64) * 2
+            assert result["temp_bytes"] < cache_bytes // 20, (call, result["temp_bytes"])

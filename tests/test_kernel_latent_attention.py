@@ -15,6 +15,7 @@ import pytest
 from pallas_kernels import (
     LatentBlockSizes,
     latent_attention,
+    latent_attention_cache,
     latent_attention_naive,
     latent_attention_reference,
 )
@@ -165,3 +166,15 @@ def test_bad_shapes_name_the_dim(which, shape, message):
 def test_block_sizes_validate(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LatentBlockSizes(**kwargs)
+
+
+@pytest.mark.parametrize("implementation", ["tpu_interpret", "interpret"])
+def test_packed_cache_equals_the_two_arrays(implementation):
+    """latent_attention_cache over [B, S, C + R] (read in place on TPU) = latent_attention."""
+    args, lengths_B = _inputs(12, RAGGED, 2, 80, jnp.float32)
+    q_lat, q_pe, kv, k_pe = args
+    kw = dict(sm_scale=SM_SCALE, block_sizes=SMALL_BLOCKS, implementation=implementation)
+    packed = _run(lambda a, l: latent_attention_cache(  # noqa: E731
+        a[0], a[1], jnp.concatenate([a[2], a[3]], axis=-1), lengths_B=l, **kw), args, lengths_B)
+    split = _run(lambda a, l: latent_attention(*a, lengths_B=l, **kw), args, lengths_B)
+    _assert_close(packed, split, jnp.float32)  # same math; the TPU form multiplies slot-minor

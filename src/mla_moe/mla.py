@@ -197,15 +197,14 @@ class MLA(nnx.Module):
             if cache_BSK is not None and kernel:
                 import pallas_kernels
 
-                def attend(q_latent, q_pe, kv, k_pe, lengths):
-                    return pallas_kernels.latent_attention(
-                        q_latent, q_pe, kv, k_pe, lengths_B=lengths + t, sm_scale=scale,
+                def attend(q_latent, q_pe, kv, lengths):  # kv: the packed [B, S, C + R]
+                    return pallas_kernels.latent_attention_cache(
+                        q_latent, q_pe, kv, lengths_B=lengths + t, sm_scale=scale,
                         causal=True, implementation=kernel)
 
                 o_latent_BTNC = _on_shards(
-                    attend, (q_latent_BTNC, q_pe_BTNR, kv_BSK[..., : c.kv_lora_rank],
-                             kv_BSK[..., c.kv_lora_rank :], lengths_B),
-                    (_HEADS, _HEADS, _SHARED, _SHARED, ("batch",)), _HEADS)
+                    attend, (q_latent_BTNC, q_pe_BTNR, kv_BSK, lengths_B),
+                    (_HEADS, _HEADS, _SHARED, ("batch",)), _HEADS)
             else:
                 o_latent_BTNC = attn.absorbed_attention(q_latent_BTNC, q_pe_BTNR, segments,
                                                         scale)
