@@ -218,16 +218,26 @@ def make_mesh(mesh_cfg, devices=None, *, config=None) -> jax.sharding.Mesh:
     """A `(data, fsdp, expert, tensor)` mesh over `devices` (default: all, every process).
 
     mesh_cfg: a mapping or object with integer `data`, `fsdp`, `expert`, `tensor` (-1 = the
-    rest). With `config` (a ModelConfig) the sharded dimensions are checked too. Axes are
-    `Auto`: jitted functions state their in/out shardings, the compiler propagates the rest.
+    rest) and optionally `dcn_data`, `dcn_fsdp` (default 1): how many ways those two axes
+    extend across slices (`multislice.py`; the other sizes are then per slice). With `config`
+    (a ModelConfig) the sharded dimensions are checked too. Axes are `Auto`: jitted functions
+    state their in/out shardings, the compiler propagates the rest.
     """
+    from mla_moe import multislice
+
     devices = jax.devices() if devices is None else list(devices)
-    sizes = mesh_shape(mesh_cfg, len(devices))
+    dcn = multislice.dcn_shape(mesh_cfg)
+    granules = multislice.check_granules(dcn, devices)
+    sizes = mesh_shape(mesh_cfg, len(devices) // math.prod(dcn.values()))
+    sizes = {a: n * dcn.get(a, 1) for a, n in sizes.items()}
     if config is not None:
         validate_mesh(sizes, config)
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                         devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * 4
+    if granules is None:  # one slice: jax's topology-aware mesh, as ever
+        shape = tuple(sizes[a] for a in MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    return jax.sharding.Mesh(multislice.hybrid_devices(sizes, dcn, devices, granules),
+                             MESH_AXES, axis_types=axis_types)
 
 
 def active_mesh():

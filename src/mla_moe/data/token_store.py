@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import numpy as np
 import tensorstore as ts
 
+from mla_moe import paths
 from mla_moe.errors import ExistingOutputError, InputError, MissingInputError
 
 FORMAT = "mla_moe.token_store"
@@ -36,8 +37,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size={vocab_size} does not fit in uint32")
 
 
-def _spec(path: str) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+def _spec(path) -> dict:
+    """The zarr3 array at `path` (local, or a gs:// URL: `paths.kvstore`)."""
+    return {"driver": "zarr3", "kvstore": paths.kvstore(path)}
 
 
 def _write_array(path: str, array: np.ndarray, chunk: int) -> None:
@@ -108,15 +110,14 @@ def write_store(
 
 
 def read_metadata(path: str) -> dict:
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.isfile(meta_path):
+    meta_path = paths.resolve(path) / "metadata.json"
+    if not meta_path.is_file():
         raise MissingInputError(
             f"data.path={path!r} is not a token store (no metadata.json); "
             "create one with `python -m launch.prepare_data`"
         )
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"data.path={path!r}: {meta_path} is not valid JSON ({e}); recreate "
                          "the store with `python -m launch.prepare_data`") from None
@@ -145,7 +146,7 @@ class TokenSplit:
             raise InputError(f"data.path={path!r}: split {split!r} is empty")
         self.vocab_size = self.meta["vocab_size"]
         try:
-            tokens = ts.open(_spec(os.path.join(path, split, "tokens")), open=True).result()
+            tokens = ts.open(_spec(paths.resolve(path) / split / "tokens"), open=True).result()
         except ValueError as e:  # tensorstore: missing or unreadable array
             raise InputError(
                 f"data.path={path!r}: cannot read split {split!r} "
@@ -155,7 +156,7 @@ class TokenSplit:
             tokens = tokens.read().result()
         self._tokens = tokens
         self.doc_starts = (
-            ts.open(_spec(os.path.join(path, split, "doc_starts")), open=True)
+            ts.open(_spec(paths.resolve(path) / split / "doc_starts"), open=True)
             .result().read().result()
         )
 

@@ -65,6 +65,8 @@ class Report:
     temp_bytes: int = 0
     compile_s: float = 0.0
     collectives: dict = dataclasses.field(default_factory=dict)
+    # Across slices (multislice TPU targets): {"ALL_REDUCE/SUM": {count, bytes, ops}, ...}
+    dcn_collectives: dict = dataclasses.field(default_factory=dict)
     model_flops_per_step: float = 0.0
     out_of_memory: str = ""  # the compiler's message when it ran out of memory
 
@@ -110,6 +112,11 @@ class Report:
                 if row["ops"]:
                     lines.append(f"  {kind:<20}{row['ops']:>6}{row['count']:>8}"
                                  f"{row['bytes'] / GIB:>10.3f}")
+        if self.dcn_collectives:
+            lines.append("across slices (DCN), per step, per device:")
+            for kind, row in self.dcn_collectives.items():
+                lines.append(f"  {kind:<20}{row['ops']:>6}{row['count']:>8}"
+                             f"{row['bytes'] / GIB:>10.3f}")
         lines.append(f"model FLOPs per step: {self.model_flops_per_step:.3e} "
                      f"({self.model_flops_per_step / self.num_devices:.3e} per device)")
         return "\n".join(lines)
@@ -177,7 +184,9 @@ def _compile(lowerable, args, report: Report):
             + mem.temp_size_in_bytes)
     report.per_device_bytes = max(held, getattr(mem, "peak_memory_in_bytes", 0) or 0)
     report.fits = report.per_device_bytes <= report.hbm_bytes
-    report.collectives = hlo_collectives.collectives(compiled.as_text())
+    hlo = compiled.as_text()
+    report.collectives = hlo_collectives.collectives(hlo)
+    report.dcn_collectives = hlo_collectives.dcn_collectives(hlo)
     return compiled
 
 

@@ -11,11 +11,11 @@ complete), so a process killed mid-save leaves the previous checkpoint as the la
 
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_ckpt
+
+from mla_moe import paths
 
 STATE, DATA = "state", "data"
 
@@ -56,10 +56,10 @@ class Checkpointer:
             read_only=read_only,
             cleanup_tmp_directories=not read_only,
         )
-        self.directory = os.path.abspath(directory)
+        self.directory = str(paths.resolve(directory))  # local or gs://
         # Handlers named up front so that metadata can be read before any save/restore call.
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
+            paths.resolve(directory), options=options,
             item_handlers={STATE: ocp.StandardCheckpointHandler(),
                            DATA: grain_ckpt.CheckpointHandler()},
         )

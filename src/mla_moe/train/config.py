@@ -63,7 +63,8 @@ def run_config(model: ml_collections.ConfigDict, **sections) -> ml_collections.C
         tensorboard=True,
         peak_tflops=0.0,  # per device; 0 = known accelerator peak, or a matmul timed on CPU
     )
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    # data/fsdp/expert/tensor: per slice; dcn_data/dcn_fsdp: across slices (multislice.py).
+    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1)
     for name, values in sections.items():
         c[name].update(values)
     return c

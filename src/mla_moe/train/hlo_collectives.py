@@ -10,6 +10,9 @@ links.
 
     table = collectives(compiled.as_text())
     table["all-gather"] -> {"count": 183, "bytes": 2.1e10, "ops": 3}
+
+Across TPU slices (multislice), `dcn_collectives` reads the transfers XLA hands to the
+data-center network.
 """
 
 from __future__ import annotations
@@ -85,9 +88,8 @@ def _kind(opcode: str) -> str | None:
     return base if base in KINDS else None
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
-    """{kind: {"count": runs per step, "bytes": bytes per device per step, "ops": ops in the
-    text}} for every collective kind (zeros where absent)."""
+def _computations(hlo_text: str) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
+    """The module's computations (name, lines) and how many times each runs per execution."""
     comps: list[tuple[str, list[str]]] = []
     entry = None
     current = None
@@ -121,6 +123,13 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
                 for callee in re.findall(r"[\w.\-]+", targets):
                     if callee in mult:
                         mult[callee] += m * times
+    return comps, mult
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{kind: {"count": runs per step, "bytes": bytes per device per step, "ops": ops in the
+    text}} for every collective kind (zeros where absent)."""
+    comps, mult = _computations(hlo_text)
     table = {k: {"count": 0, "bytes": 0.0, "ops": 0} for k in KINDS}
     for name, lines in comps:
         m = mult.get(name, 0)
@@ -136,4 +145,37 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             row["ops"] += 1
             row["count"] += m
             row["bytes"] += m * _result_bytes(kind, opcode, result)
+    return table
+
+
+_DCN_TYPE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_DCN_OP = re.compile(r'_xla_megascale_reduce_operation="(\w+)"')
+
+
+def dcn_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """The collectives that cross TPU slices, over the data-center network.
+
+    A multislice TPU program keeps its in-slice collectives as HLO ops whose replica groups
+    name one slice's devices; each cross-slice one becomes a host-transfer `send` (with its
+    `recv`) tagged `_xla_megascale_transfer_type` (e.g. "ALL_REDUCE") and, for reductions,
+    `_xla_megascale_reduce_operation` ("SUM"). Returns {"ALL_REDUCE/SUM": {"count", "bytes",
+    "ops"}, ...}: runs per step, bytes sent per device per step, sends in the text."""
+    comps, mult = _computations(hlo_text)
+    table: dict[str, dict[str, float]] = {}
+    for name, lines in comps:
+        m = mult.get(name, 0)
+        for line in lines:
+            if "=" not in line or " send(" not in line:
+                continue
+            kind = _DCN_TYPE.search(line)
+            if kind is None:
+                continue
+            op = _DCN_OP.search(line)
+            key = kind.group(1) + (f"/{op.group(1)}" if op else "")
+            result, _ = _split_result(line.split("=", 1)[1].strip())
+            arrays = _ARRAY.findall(result)
+            row = table.setdefault(key, {"count": 0, "bytes": 0.0, "ops": 0})
+            row["ops"] += 1
+            row["count"] += m
+            row["bytes"] += m * (_array_bytes(*arrays[0]) if arrays else 0.0)
     return table

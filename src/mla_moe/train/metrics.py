@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mla_moe import paths
 
 # Dense bf16 peak FLOP/s per device (vendor figures).
 KNOWN_PEAKS = {
@@ -73,9 +74,10 @@ def _scalars(metrics: dict) -> dict[str, float]:
 class MetricWriter:
     """Writes logged steps; only process 0 writes (`enabled`)."""
 
-    def __init__(self, workdir: str, enabled: bool, tensorboard: bool = True):
+    def __init__(self, workdir, enabled: bool, tensorboard: bool = True):
+        workdir = paths.resolve(workdir)  # local or gs://
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir / "metrics.jsonl"
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -83,14 +85,13 @@ class MetricWriter:
             except ImportError:  # optional dependency
                 print("tensorboardX not installed: no TensorBoard events", file=sys.stderr)
             else:
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (written by a run that was killed before saving them)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not self.path.exists():
             return
-        with open(self.path) as f:
-            lines = [ln for ln in f if ln.strip()]
+        lines = [ln + "\n" for ln in self.path.read_text().splitlines() if ln.strip()]
         kept = []
         for ln in lines:
             try:
@@ -98,17 +99,21 @@ class MetricWriter:
                     kept.append(ln)
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut short by a hard kill
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, metrics: dict) -> dict:
         record = {"step": int(step), **_scalars(metrics)}
         if not self.enabled:
             return record
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if paths.is_url(self.path):  # object stores have no append: rewrite the object
+            before = self.path.read_text() if self.path.exists() else ""
+            self.path.write_text(before + line)
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):

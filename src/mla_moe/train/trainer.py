@@ -23,7 +23,7 @@ from absl import logging
 from flax import nnx
 
 import mla_moe
-from mla_moe import sharding
+from mla_moe import paths, sharding
 from mla_moe.data import PipelineConfig, TokenSplit, default_corpus, eval_batches, train_iterator
 from mla_moe.errors import InputError, MissingInputError
 from mla_moe.train import checkpoint as ckpt_lib
@@ -100,24 +100,24 @@ def _stop_requested(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _check_workdir(workdir: str, config) -> None:
+def _check_workdir(workdir, config) -> None:
     """Refuses (before writing anything) a workdir that is not a directory we can write, or
-    whose run this config cannot continue."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise InputError(f"--workdir={workdir!r} is a file, not a directory; pass a new or "
+    whose run this config cannot continue. `workdir`: an epath.Path (local or gs://)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir={str(workdir)!r} is a file, not a directory; pass a new or "
                          "existing directory")
-    parent = workdir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--workdir={workdir!r}: {parent!r} is not writable; pass a directory "
-                         "you can write to")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not paths.is_url(workdir):  # a bucket's permissions show at the first write
+        parent = str(workdir)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"--workdir={str(workdir)!r}: {parent!r} is not writable; pass a "
+                             "directory you can write to")
+    path = workdir / "config.json"
+    if not path.exists():
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IncompatibleWorkdirError(
             f"{path} is not valid JSON ({e}); this is not a training workdir we wrote: use a "
@@ -147,7 +147,7 @@ def _resolve_data(config) -> str:
     path = config.data.path
     if not path:
         return default_corpus()
-    if not os.path.exists(path):
+    if not paths.resolve(path).exists():
         raise MissingInputError(f"data.path={path!r} does not exist; pass a token store from "
                                 "`python -m launch.prepare_data`, or '' for the default corpus")
     return path
@@ -186,7 +186,7 @@ def run_mesh(config, devices=None):
 def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) -> TrainResult:
     # ---- checks that need no compilation -------------------------------------------------
     profile = parse_profile_steps(profile_steps)
-    workdir = os.path.abspath(workdir)
+    workdir = paths.resolve(workdir)
     _check_workdir(workdir, config)
     config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), jax.process_count())
     data_path = _resolve_data(config)
@@ -215,11 +215,11 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
     target = built.state_spec()
 
     hf_state = None
-    if init_from_hf and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if init_from_hf and not (workdir / "checkpoints").is_dir():
         # A fresh run reads (and checks) the weights before anything is written.
         hf_state = _init_from_hf(init_from_hf, cfg, tx, abstract_state, state_sh)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
     writer = metrics_lib.MetricWriter(workdir, is_main, config.log.tensorboard)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -236,8 +236,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
         else:
             state = built.init_fn()
         if is_main:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                json.dump(_config_json(config), f, indent=2)
+            (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2))
     step = int(jax.device_get(state["step"]))
 
     step_fn, eval_fn = built.step_fn, built.eval_fn
@@ -286,7 +285,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
         with _StopSignal() as stop:
             while step < t.steps:
                 if profile and step + 1 == profile[0] and is_main:
-                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                    jax.profiler.start_trace(str(workdir / "profile"))
                     profiling = True
                 batch = mesh_lib.global_batch(next(data_iter), batch_sh)
                 t0 = time.perf_counter()

@@ -1,0 +1,26 @@
+"""One process of a two-process CPU run for the preemption tests:
+
+    python tests/preempt_worker.py PORT PROCESS_ID STORE WORKDIR STEPS SIGTERM_STEP SIGTERM_PID
+
+trains the micro config with `jax.distributed` over gloo, sending itself SIGTERM after step
+SIGTERM_STEP when its process id is SIGTERM_PID (-1: never), as a preempted host would get."""
+
+import sys
+
+import jax
+
+
+def main(port, pid, store, workdir, steps, sigterm_step, sigterm_pid):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(pid))
+    from mla_moe.train import train
+    from mla_moe.train.testing import micro_config, sigterm_at
+
+    hooks = (sigterm_at(int(sigterm_step)),) if int(sigterm_pid) == int(pid) else ()
+    config = micro_config(store, train=dict(steps=int(steps)), log=dict(tensorboard=False))
+    result = train(config, workdir, hooks=hooks)
+    print(f"process {pid}: step {result.step} preempted {result.preempted}", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
