@@ -260,7 +260,9 @@ def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
     recv_R1 = jax.lax.ragged_all_to_all(
         es_M1, jnp.full((recv_rows, 1), e_local, jnp.int32), in_off_P, send_P, out_off_P,
         recv_P, axis_name="expert")
-    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w)
+    # Back in the activation dtype: the receive buffer's f32 copies (outputs, their return
+    # trip and its transpose) were the largest temporaries of V3's train step.
+    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w).astype(x_TD.dtype)
     # Reverse: my received chunk from source s starts at out_off[s -> me] and goes back to
     # offset in_off[s -> me] of s's send buffer; the dropped rows stay zero there.
     back_in_off_P = out_off_SP[:, me]
