@@ -7,6 +7,10 @@ time x collective bytes.
     python bench/aot_pods.py --rows v2_lite_tpu --no-write
     python bench/aot_pods.py --set model.attention_impl=xla   # an override for every row
 
+Each row's report is kept in bench/aot_pods.json as soon as it is compiled, and the table is
+made of this run's rows plus the kept rows compiled with the same `--set` overrides: the V3
+rows can be compiled one at a time.
+
 Rows use the presets' own settings (attention_impl=auto: the Pallas kernels on TPU and GPU;
 their remat policy); only the mesh and the batch are set per row.
 """
@@ -22,6 +26,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
+# Every row's last report, so that rows compiled in separate runs make one table.
+REPORTS = os.path.join(ROOT, "bench", "aot_pods.json")
 TITLE = "## Will it fit? (`python bench/aot_pods.py`, ahead-of-time compiles from a CPU host)"
 
 # name: (preset, target, mesh, sequences per chip, seq_len, HBM fraction the peak must stay under)
@@ -59,7 +65,16 @@ def run_row(name: str, overrides: list[str], timeout: int) -> dict:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
             return dict(name=name, error=tail[0][:200])
         with open(out) as f:
-            return dict(name=name, **json.load(f))
+            report = json.load(f)
+        report.pop("out_of_memory", None)  # the compiler's full message: long
+        return dict(name=name, overrides=overrides, **report)
+
+
+def load_reports() -> dict:
+    if not os.path.exists(REPORTS):
+        return {}
+    with open(REPORTS) as f:
+        return json.load(f)
 
 
 def table(results: list[dict], overrides: list[str]) -> str:
@@ -117,7 +132,17 @@ def main():
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per row")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args()
-    results = [run_row(name, args.set, args.timeout) for name in args.rows]
+    saved = {} if args.no_write else load_reports()
+    fresh = {}
+    for name in args.rows:
+        fresh[name] = run_row(name, args.set, args.timeout)
+        if not args.no_write:  # keep each row as soon as it is compiled
+            with open(REPORTS, "w") as f:
+                json.dump({**saved, **fresh}, f, indent=1)
+    # This run's rows, plus the rows that earlier runs compiled with the same overrides.
+    saved = {n: r for n, r in saved.items() if r.get("overrides", []) == args.set}
+    reports = {**saved, **fresh}
+    results = [reports[n] for n in ROWS if n in reports]
     section = table(results, args.set)
     print(section)
     if not args.no_write:

@@ -248,13 +248,20 @@ def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
     x_MD = jnp.broadcast_to(x_TD[:, None, :], (t, k, d)).reshape(t * k, d)
     x_PD = permute_rows(x_MD, lay.src_P, lay.dest_M)
 
+    # Products come out in the activation dtype (the MXU accumulates in f32 regardless): f32
+    # [rows, D] outputs and their cotangents were the largest buffers of an expert-parallel
+    # V3 step. SiLU and the gating product run in f32.
     def rdot(a, w):
-        return jax.lax.ragged_dot(a, w, lay.sizes_E, preferred_element_type=jnp.float32)
+        return jax.lax.ragged_dot(a, w, lay.sizes_E, preferred_element_type=x_PD.dtype)
 
-    h_PF = jax.nn.silu(rdot(x_PD, gate_EDF)) * rdot(x_PD, up_EDF)
+    f32 = jnp.float32
+    h_PF = jax.nn.silu(rdot(x_PD, gate_EDF).astype(f32)) * rdot(x_PD, up_EDF).astype(f32)
     y_PD = rdot(h_PF.astype(x_PD.dtype), down_EFD)
     y_TKD = permute_rows(y_PD, lay.dest_M, lay.src_P).reshape(t, k, d)
-    return jnp.einsum("TKD,TK->TD", y_TKD, weights_M.reshape(t, k))
+    if k == 1:  # elementwise, so that XLA fuses it with the producer and any later cast
+        return y_TKD[:, 0].astype(f32) * weights_M[:, None]
+    return jnp.einsum("TKD,TK->TD", y_TKD, weights_M.reshape(t, k),
+                      preferred_element_type=f32)
 
 
 def default_implementation() -> str:

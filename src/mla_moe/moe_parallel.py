@@ -21,8 +21,13 @@ Dispatch (`config.moe_dispatch`):
   shard) pair, assignments are ranked by router score s (highest first, ties by token then
   slot k order) and those ranked >= X are dropped: they contribute nothing (the token keeps
   its other experts, the shared experts and the residual).
-- ragged_all_to_all: dropless with variable sizes via `lax.ragged_all_to_all` (TPU/GPU);
-  receive buffers are sized for the worst case EP * T * min(K, E/EP). XLA:CPU lacks the op, so
+- ragged_all_to_all: variable sizes via `lax.ragged_all_to_all` (TPU/GPU). With
+  `dispatch_capacity_factor=None` it is dropless and the receive buffer is sized for the worst
+  case, R = EP * T * min(K, E/EP) rows (at V3 on 512 chips, 8192 tokens per chip: 512K rows,
+  7 GiB in bf16 and 14 GiB for the f32 expert outputs, per layer). Otherwise R =
+  min(worst case, ceil(dispatch_capacity_factor * T*K)), the same total as the all_to_all's EP
+  buffers of X rows but shared by the sources: source s's chunk lands after those of sources
+  < s, and the rows past R are dropped (each source sends its best-scoring assignments first). XLA:CPU lacks the op, so
   on CPU this falls back to the dropless all_to_all path (logged once).
 - allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
   them, `psum_scatter` back. No drops; good for small EP.
@@ -149,6 +154,15 @@ def dispatch_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
     return max(1, min(most, math.ceil(config.dispatch_capacity_factor * tokens * k / ep)))
 
 
+def ragged_receive_rows(tokens: int, config: ModelConfig, ep: int) -> int:
+    """R: receive buffer rows of the ragged dispatch for `tokens` tokens per source shard."""
+    k, e = config.num_experts_per_tok, config.n_routed_experts
+    most = ep * tokens * min(k, e // ep)
+    if config.dispatch_capacity_factor is None:
+        return most
+    return max(1, min(most, math.ceil(config.dispatch_capacity_factor * tokens * k)))
+
+
 def _local_experts(x_MD, e_M, gate_EDF, up_EDF, down_EFD):
     """SwiGLU of each row by its local expert e_M (== E marks an empty row -> zeros): [M, D] f32.
 
@@ -217,44 +231,49 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather):
     return y_TD, jnp.zeros((), jnp.float32)
 
 
-def _ragged(x_TD, experts_TK, weights_TK, w, ep):
-    """Dropless variable-size dispatch with `lax.ragged_all_to_all` (TPU/GPU only)."""
+def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
+    """Variable-size dispatch with `lax.ragged_all_to_all` (TPU/GPU only) into `recv_rows`
+    receive rows; assignments past them are dropped. Returns (y_TD, dropped)."""
     t, k = experts_TK.shape
     e_local = w[0].shape[0]
     d = x_TD.shape[-1]
     m = t * k
-    recv_rows = ep * t * min(k, e_local)
     flat_M = experts_TK.reshape(-1)
     dest_M = flat_M // e_local
-    order_M = jnp.argsort(dest_M, stable=True)
+    order_M = jnp.lexsort((-affinity_TK.reshape(-1), dest_M))  # by dest, then best first
     xs_MD = x_TD[order_M // k]
     es_M1 = (flat_M % e_local)[order_M].astype(jnp.int32)[:, None]
-    send_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
-    in_off_P = jnp.cumsum(send_P) - send_P
-    # sizes_SP[s, p]: rows shard s sends to shard p (every shard's row of the matrix).
-    sizes_SP = jax.lax.all_gather(send_P, "expert", axis=0, tiled=False)
+    want_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
+    in_off_P = jnp.cumsum(want_P) - want_P
+    # want_SP[s, p]: rows shard s has for shard p (every shard's row of the matrix).
+    want_SP = jax.lax.all_gather(want_P, "expert", axis=0, tiled=False)
+    # Receiver p stacks the chunks of sources 0, 1, ...; what passes its last row is dropped.
+    start_SP = jnp.cumsum(want_SP, axis=0) - want_SP
+    sizes_SP = jnp.clip(recv_rows - start_SP, 0, want_SP).astype(jnp.int32)
+    out_off_SP = jnp.minimum(start_SP, recv_rows).astype(jnp.int32)
     me = jax.lax.axis_index("expert")
+    send_P, out_off_P = sizes_SP[me], out_off_SP[me]
     recv_P = sizes_SP[:, me]
-    # Where my chunk lands in receiver p: after the chunks of the sources before me.
-    below_SP = jnp.arange(ep)[:, None] < me
-    out_off_P = jnp.sum(jnp.where(below_SP, sizes_SP, 0), axis=0).astype(jnp.int32)
     recv_RD = jax.lax.ragged_all_to_all(
         xs_MD, jnp.zeros((recv_rows, d), x_TD.dtype), in_off_P, send_P, out_off_P, recv_P,
         axis_name="expert")
     recv_R1 = jax.lax.ragged_all_to_all(
         es_M1, jnp.full((recv_rows, 1), e_local, jnp.int32), in_off_P, send_P, out_off_P,
         recv_P, axis_name="expert")
-    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w)
-    # Reverse: my received chunk from source s starts at sum_{s' < s} recv[s'] and goes back
-    # to offset in_off[s -> me] of s's send buffer.
-    back_in_off_P = (jnp.cumsum(recv_P) - recv_P).astype(jnp.int32)
+    # Back in the activation dtype: the receive buffer's f32 copies (outputs, their return
+    # trip and its transpose) were the largest temporaries of V3's train step.
+    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w).astype(x_TD.dtype)
+    # Reverse: my received chunk from source s starts at out_off[s -> me] and goes back to
+    # offset in_off[s -> me] of s's send buffer; the dropped rows stay zero there.
+    back_in_off_P = out_off_SP[:, me]
     in_off_SP = jax.lax.all_gather(in_off_P, "expert", axis=0, tiled=False)
     back_out_off_P = in_off_SP[:, me]
     ys_MD = jax.lax.ragged_all_to_all(
         y_RD, jnp.zeros((m, d), y_RD.dtype), back_in_off_P, recv_P, back_out_off_P, send_P,
         axis_name="expert")
     y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)
-    return _combine(y_MD, weights_TK), jnp.zeros((), jnp.float32)
+    dropped = (m - send_P.sum()).astype(jnp.float32)
+    return _combine(y_MD, weights_TK), dropped
 
 
 def _token_axes(mesh, tokens: int, rules) -> tuple[tuple[str, ...], bool]:
@@ -307,7 +326,8 @@ def routed_experts(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, 
         if kind == "allgather":
             y_TD, dropped = _allgather(x_TD, experts_TK, weights_TK, w, ep, split_over_expert)
         elif kind == "ragged_all_to_all" and ep > 1:
-            y_TD, dropped = _ragged(x_TD, experts_TK, weights_TK, w, ep)
+            y_TD, dropped = _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep,
+                                    ragged_receive_rows(t_shard, config, ep))
         else:
             if kind == "all_to_all":
                 capacity = dispatch_capacity(t_shard, config, ep)
