@@ -27,8 +27,9 @@ Dispatch (`config.moe_dispatch`):
   7 GiB in bf16 and 14 GiB for the f32 expert outputs, per layer). Otherwise R =
   min(worst case, ceil(dispatch_capacity_factor * T*K)), the same total as the all_to_all's EP
   buffers of X rows but shared by the sources: source s's chunk lands after those of sources
-  < s, and the rows past R are dropped (each source sends its best-scoring assignments first). XLA:CPU lacks the op, so
-  on CPU this falls back to the dropless all_to_all path (logged once).
+  < s, and the rows past R are dropped (each source sends its best-scoring assignments
+  first). XLA:CPU lacks the op, so on CPU this falls back to the dropless all_to_all path
+  (logged once).
 - allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
   them, `psum_scatter` back. No drops; good for small EP.
 - auto: on TPU/GPU, allgather for EP <= max(2, K) (it receives EP x the shard's tokens where
