@@ -44,7 +44,7 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_hf_tokenizer_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")  # optional dependency
+    import tokenizers  # installed with the test extra (transformers needs it)
     from tokenizers import models, pre_tokenizers
 
     vocab = {"[UNK]": 0, "hello": 1, "world": 2, "again": 3}

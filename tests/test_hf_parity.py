@@ -7,6 +7,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+import transformers  # a test dependency: missing, the module fails, not skips
 from flax import nnx
 from hf_models import HF_CONFIGS, hf_logits, make_hf_model
 
@@ -15,7 +16,6 @@ from mla_moe.hf import load_pretrained, save_pretrained
 from mla_moe.hf.load import dequantize_fp8
 from mla_moe.hf.safetensors_io import SafetensorsFile, write_safetensors
 
-transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 
