@@ -85,7 +85,10 @@ def table(results: list[dict], overrides: list[str]) -> str:
         "moments); peak = arguments + unaliased outputs + temporaries as the compiler assigns "
         "them. Collective GiB: the bytes per chip of every all-gather, reduce-scatter, "
         "all-reduce, all-to-all and collective-permute run in one step (ops in the layer scan "
-        "counted once per layer). Compile times on a 2-core host."
+        "counted once per layer); a ragged all-to-all (the MoE dispatch and combine) counts "
+        "the smaller of its input and its receive buffer, an upper bound on what it sends, "
+        "exact for a balanced routing, not the receive buffer sized for the worst case. "
+        "Compile times on a 2-core host."
         + (f" Overrides for every row: `{' '.join(overrides)}`." if overrides else ""), "",
         "| preset | target | mesh | tokens/chip | state GiB | peak GiB | HBM GiB | peak/HBM "
         "| fits | compile s | collective GiB |",
