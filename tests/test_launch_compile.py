@@ -176,7 +176,9 @@ ENTRY %main (a: bf16[64,128]) -> bf16[64,128] {
   %dispatch = bf16[128,128]{1,0:T(8,128)(2,1)} ragged-all-to-all(%a, %buf, %o, %o, %o, /*index=5*/%o), channel_id=1, replica_groups={{0,1}}
   %back = bf16[64,128]{1,0} broadcast(%z), dimensions={}
   %combine = bf16[64,128]{1,0} ragged-all-to-all(%dispatch, %back, %o, %o, %o, %o), channel_id=2
-  ROOT %inline = f32[16,4]{1,0} ragged-all-to-all(f32[8,4]{1,0} %x, f32[16,4]{1,0} %y, s32[2]{0} %o1, s32[2]{0} %o2, s32[2]{0} %o3, s32[2]{0} %o4)
+  %inline = f32[16,4]{1,0} ragged-all-to-all(f32[8,4]{1,0} %x, f32[16,4]{1,0} %y, s32[2]{0} %o1, s32[2]{0} %o2, s32[2]{0} %o3, s32[2]{0} %o4)
+  %start = ((bf16[256,8]{1,0}, bf16[32,8]{1,0}, s64[8]{0}, s64[8]{0}, s64[8]{0}, /*index=5*/s64[8]{0}), bf16[32,8]{1,0}) ragged-all-to-all-start(%g, %h, %o, %o, %o, /*index=5*/%o), channel_id=3
+  ROOT %done = bf16[32,8]{1,0} ragged-all-to-all-done(%start)
 }
 """
 
@@ -184,8 +186,10 @@ ENTRY %main (a: bf16[64,128]) -> bf16[64,128] {
 def test_ragged_all_to_all_counts_bytes_sent_not_the_receive_buffer():
     row = hlo_collectives.collectives(_RAGGED)["ragged-all-to-all"]
     # dispatch: the 64-row input (not the 128-row buffer); combine: the 64-row result (not the
-    # 128-row input); inline operand types: the 8-row input.
-    assert row == {"count": 3, "bytes": 64 * 128 * 2.0 * 2 + 8 * 4 * 4.0, "ops": 3}
+    # 128-row input); inline operand types: the 8-row input; the async form (GPU), whose
+    # result is ((operands), output): the 32-row output, not the 256-row input.
+    assert row == {"count": 4, "bytes": 64 * 128 * 2.0 * 2 + 8 * 4 * 4.0 + 32 * 8 * 2.0,
+                   "ops": 4}
 
 
 @pytest.mark.parametrize("message, want", [

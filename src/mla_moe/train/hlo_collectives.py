@@ -159,6 +159,18 @@ def _first_operand_bytes(line: str, opcode: str, types: dict[str, str]) -> float
     return float(sum(_array_bytes(*a) for a in arrays)) if arrays else None
 
 
+def _ragged_bytes(line: str, opcode: str, result: str, types: dict[str, str]) -> float:
+    """min(input operand, receive buffer) of a ragged all-to-all. The async form (GPU) returns
+    ((input, output, offsets and sizes...), output); the sync form (TPU) the output."""
+    arrays = [_array_bytes(d, s) for d, s in _ARRAY.findall(result)]
+    if not arrays:
+        return 0.0
+    if opcode.endswith("-start"):
+        return float(min(arrays[0], arrays[-1]))
+    sent = _first_operand_bytes(line, opcode, types)
+    return float(sum(arrays) if sent is None else min(sum(arrays), sent))
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     """{kind: {"count": runs per step, "bytes": bytes per device per step, "ops": ops in the
     text}} for every collective kind (zeros where absent). Ragged all-to-alls count the
@@ -179,11 +191,10 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             row = table[kind]
             row["ops"] += 1
             row["count"] += m
-            nbytes = _result_bytes(kind, opcode, result)
             if kind == "ragged-all-to-all":
-                sent = _first_operand_bytes(line, opcode, types)
-                if sent is not None:
-                    nbytes = min(nbytes, sent)
+                nbytes = _ragged_bytes(line, opcode, result, types)
+            else:
+                nbytes = _result_bytes(kind, opcode, result)
             row["bytes"] += m * nbytes
     return table
 
