@@ -39,7 +39,7 @@ ROWS = {
     "v3_tpu": ("deepseek_v3", "tpu:v5p:8x8x8", dict(fsdp=64, expert=8), 2, 4096, 0.9),
     "v3_h200": ("deepseek_v3", "gpu:h200:1x32x8", dict(fsdp=32, expert=8), 1, 4096, 1.0),
     # The most whole sequences of 4096 per v5p chip that V3 fits (under HBM, not under 90%;
-    # 6 x 4096 needs 111.5 GiB, 8 x 4096 112.3 GiB).
+    # 5 x 4096 needs 113.4 GiB, 6 x 4096 111.5 GiB, 8 x 4096 112.3 GiB).
     "v3_tpu_max": ("deepseek_v3", "tpu:v5p:8x8x8", dict(fsdp=64, expert=8), 4, 4096, 1.0),
 }
 
