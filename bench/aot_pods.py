@@ -38,6 +38,9 @@ ROWS = {
     "v2_tpu": ("deepseek_v2", "tpu:v5p:4x4x8", dict(fsdp=16, expert=8), 2, 4096, 1.0),
     "v3_tpu": ("deepseek_v3", "tpu:v5p:8x8x8", dict(fsdp=64, expert=8), 2, 4096, 0.9),
     "v3_h200": ("deepseek_v3", "gpu:h200:1x32x8", dict(fsdp=32, expert=8), 1, 4096, 1.0),
+    # The most whole sequences of 4096 per v5p chip that V3 fits (under HBM, not under 90%;
+    # 5 x 4096 needs 113.4 GiB, 6 x 4096 111.5 GiB, 8 x 4096 112.3 GiB).
+    "v3_tpu_max": ("deepseek_v3", "tpu:v5p:8x8x8", dict(fsdp=64, expert=8), 4, 4096, 1.0),
 }
 
 
@@ -85,7 +88,14 @@ def table(results: list[dict], overrides: list[str]) -> str:
         "moments); peak = arguments + unaliased outputs + temporaries as the compiler assigns "
         "them. Collective GiB: the bytes per chip of every all-gather, reduce-scatter, "
         "all-reduce, all-to-all and collective-permute run in one step (ops in the layer scan "
-        "counted once per layer). Compile times on a 2-core host."
+        "counted once per layer); a ragged all-to-all (the MoE dispatch and combine) counts "
+        "the smaller of its input and its receive buffer, an upper bound on what it sends, "
+        "exact for a balanced routing, not the receive buffer sized for the worst case. "
+        "Compile times on a 2-core host. The last V3 row is the most whole 4096-token "
+        "sequences per v5p chip found to compile within HBM. Near the limit the compiler's "
+        "peak stops growing with the tokens (V3: 93.0 GiB at 3 x 4096, 90.0 GiB at 4 x 4096): "
+        "it schedules (and may rematerialise) to fit the HBM it is given, so such a row leaves "
+        "no margin and may run slower per token than its FLOPs say."
         + (f" Overrides for every row: `{' '.join(overrides)}`." if overrides else ""), "",
         "| preset | target | mesh | tokens/chip | state GiB | peak GiB | HBM GiB | peak/HBM "
         "| fits | compile s | collective GiB |",

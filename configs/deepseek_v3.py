@@ -54,10 +54,16 @@ def get_config() -> ml_collections.ConfigDict:
     from mla_moe.train.config import run_config
 
     model = model_config()
-    # Per layer, only its input and attention output survive the forward pass; "dots" would
-    # also keep every projection and expert matmul output (V2-Lite at 4 x 4096 tokens per
-    # H100: 97 GiB of temporaries against 31 GiB).
-    model.remat_policy = "save_attention_out"
+    # Per layer, only its input survives the forward pass ("full"). "save_attention_out" (V2,
+    # V2-Lite) also keeps each layer's attention output, [tokens, 7168] bf16 per layer: 6.3 GiB
+    # per chip at 2 x 4096 tokens over the 58 MoE layers, 93% of a v5p's HBM in all. Recomputing it
+    # costs only the output projection once more: the backward recomputes the attention's
+    # inside (projections, the kernel's forward) under either policy, to differentiate it.
+    # That is 2 x 128 x 128 x 7168 FLOPs per token per layer, 14.3 GFLOPs per token over 61
+    # layers: 5.7% of the model FLOPs (6N + attention, 250 GFLOPs per token at 4096), 4.5% of
+    # what the step runs. "dots" would also keep every projection and expert matmul output
+    # (V2-Lite at 4 x 4096 tokens per H100: 97 GiB of temporaries against 31 GiB).
+    model.remat_policy = "full"
     # Expert parallelism 8 with top-8: the allgather dispatch that "auto" picks would run the
     # grouped matmuls over every assignment of the 8 gathered shards (EP*T*K rows, 14 GiB of
     # f32 expert outputs per layer at 8192 tokens per chip). The ragged all-to-all receives

@@ -164,6 +164,34 @@ def test_collectives_count_loop_iterations():
     assert table["all-to-all"]["count"] == 0
 
 
+# The MoE dispatch and combine as compiled TPU modules print them: operands by name only, the
+# receive buffer sized at twice the balanced share (dispatch) or at the rows sent (combine).
+_RAGGED = """\
+HloModule m
+
+ENTRY %main (a: bf16[64,128]) -> bf16[64,128] {
+  %a = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %buf = bf16[128,128]{1,0} broadcast(%z), dimensions={}
+  %o = s32[8]{0} parameter(1)
+  %dispatch = bf16[128,128]{1,0:T(8,128)(2,1)} ragged-all-to-all(%a, %buf, %o, %o, %o, /*index=5*/%o), channel_id=1, replica_groups={{0,1}}
+  %back = bf16[64,128]{1,0} broadcast(%z), dimensions={}
+  %combine = bf16[64,128]{1,0} ragged-all-to-all(%dispatch, %back, %o, %o, %o, %o), channel_id=2
+  %inline = f32[16,4]{1,0} ragged-all-to-all(f32[8,4]{1,0} %x, f32[16,4]{1,0} %y, s32[2]{0} %o1, s32[2]{0} %o2, s32[2]{0} %o3, s32[2]{0} %o4)
+  %start = ((bf16[256,8]{1,0}, bf16[32,8]{1,0}, s64[8]{0}, s64[8]{0}, s64[8]{0}, /*index=5*/s64[8]{0}), bf16[32,8]{1,0}) ragged-all-to-all-start(%g, %h, %o, %o, %o, /*index=5*/%o), channel_id=3
+  ROOT %done = bf16[32,8]{1,0} ragged-all-to-all-done(%start)
+}
+"""
+
+
+def test_ragged_all_to_all_counts_bytes_sent_not_the_receive_buffer():
+    row = hlo_collectives.collectives(_RAGGED)["ragged-all-to-all"]
+    # dispatch: the 64-row input (not the 128-row buffer); combine: the 64-row result (not the
+    # 128-row input); inline operand types: the 8-row input; the async form (GPU), whose
+    # result is ((operands), output): the 32-row output, not the 256-row input.
+    assert row == {"count": 4, "bytes": 64 * 128 * 2.0 * 2 + 8 * 4 * 4.0 + 32 * 8 * 2.0,
+                   "ops": 4}
+
+
 @pytest.mark.parametrize("message, want", [
     ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 105.93G of 95.74G hbm.",
      (int(105.93 * 2**30), int(95.74 * 2**30), "hbm")),

@@ -5,8 +5,13 @@ Counts are per execution of the program, not per line of text: an op inside the 
 `while` body counts once per iteration (the loop's `known_trip_count`, else the constant bound
 of its `i < N` condition), an op in a called computation once per call. Bytes are the op's
 result per device (for an all-gather, the gathered array; for an all-reduce, the reduced
-array; for a ragged all-to-all, its output buffer), the usual proxy for what crosses the
-links.
+array), the usual proxy for what crosses the links. A ragged all-to-all is the exception: its
+result is a preallocated receive buffer sized for the worst case (the MoE dispatch sizes it at
+`dispatch_capacity_factor` x the balanced share), and what it sends is only known at run time
+(`send_sizes`), at most its input operand. It counts as the smaller of the input operand and
+the receive buffer: an upper bound on the bytes sent, exact for a balanced routing with no
+dropped rows (dispatch: every row of the input is sent; combine: every row of the smaller
+result comes back).
 
     table = collectives(compiled.as_text())
     table["all-gather"] -> {"count": 183, "bytes": 2.1e10, "ops": 3}
@@ -126,10 +131,52 @@ def _computations(hlo_text: str) -> tuple[list[tuple[str, list[str]]], dict[str,
     return comps, mult
 
 
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+
+
+def _result_types(comps) -> dict[str, str]:
+    """{instruction name: its result type} over the module (names are unique in a module)."""
+    types = {}
+    for _, lines in comps:
+        for line in lines:
+            m = _NAME.match(line)
+            if m:
+                types[m.group(1)] = _split_result(line.split("=", 1)[1].strip())[0]
+    return types
+
+
+def _first_operand_bytes(line: str, opcode: str, types: dict[str, str]) -> float | None:
+    """Bytes of an op's first operand: its type printed inline (`bf16[8,4]{1,0} %x`) or, as in
+    compiled TPU modules, the result type of the instruction it names."""
+    args = line.split(opcode + "(", 1)
+    if len(args) < 2:
+        return None
+    inline = _ARRAY.match(args[1].lstrip())
+    if inline:
+        return _array_bytes(*inline.groups())
+    name = re.match(r"\s*%?([\w.\-]*)", args[1]).group(1)
+    arrays = _ARRAY.findall(types.get(name, ""))
+    return float(sum(_array_bytes(*a) for a in arrays)) if arrays else None
+
+
+def _ragged_bytes(line: str, opcode: str, result: str, types: dict[str, str]) -> float:
+    """min(input operand, receive buffer) of a ragged all-to-all. The async form (GPU) returns
+    ((input, output, offsets and sizes...), output); the sync form (TPU) the output."""
+    arrays = [_array_bytes(d, s) for d, s in _ARRAY.findall(result)]
+    if not arrays:
+        return 0.0
+    if opcode.endswith("-start"):
+        return float(min(arrays[0], arrays[-1]))
+    sent = _first_operand_bytes(line, opcode, types)
+    return float(sum(arrays) if sent is None else min(sum(arrays), sent))
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     """{kind: {"count": runs per step, "bytes": bytes per device per step, "ops": ops in the
-    text}} for every collective kind (zeros where absent)."""
+    text}} for every collective kind (zeros where absent). Ragged all-to-alls count the
+    smaller of their input operand and receive buffer (see the module's docstring)."""
     comps, mult = _computations(hlo_text)
+    types = _result_types(comps)
     table = {k: {"count": 0, "bytes": 0.0, "ops": 0} for k in KINDS}
     for name, lines in comps:
         m = mult.get(name, 0)
@@ -144,7 +191,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             row = table[kind]
             row["ops"] += 1
             row["count"] += m
-            row["bytes"] += m * _result_bytes(kind, opcode, result)
+            if kind == "ragged-all-to-all":
+                nbytes = _ragged_bytes(line, opcode, result, types)
+            else:
+                nbytes = _result_bytes(kind, opcode, result)
+            row["bytes"] += m * nbytes
     return table
 
 
