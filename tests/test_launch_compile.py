@@ -180,7 +180,7 @@ ENTRY %main (a: bf16[64,128]) -> bf16[64,128] {
   %start = ((bf16[256,8]{1,0}, bf16[32,8]{1,0}, s64[8]{0}, s64[8]{0}, s64[8]{0}, /*index=5*/s64[8]{0}), bf16[32,8]{1,0}) ragged-all-to-all-start(%g, %h, %o, %o, %o, /*index=5*/%o), channel_id=3
   ROOT %done = bf16[32,8]{1,0} ragged-all-to-all-done(%start)
 }
-"""
+"""  # noqa: E501 - HLO instructions are one line each
 
 
 def test_ragged_all_to_all_counts_bytes_sent_not_the_receive_buffer():
