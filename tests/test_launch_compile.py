@@ -110,6 +110,19 @@ def test_out_of_memory_is_a_result(tmp_path):
     assert JSON_KEYS <= set(report)
 
 
+def test_decode_step_compiles_with_the_latent_kernel(tmp_path):
+    """--what=decode: the absorbed decode step at a given cache length on fsdp x expert, with
+    the Pallas latent kernel (a Mosaic call) reading the cache."""
+    proc, report = _launch("--what=decode", "--cache_length=256",
+                           "--config.model.attention_impl=auto", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert report["fits"] and JSON_KEYS <= set(report)
+    assert "decode step" in proc.stdout and "cache 256 tokens" in proc.stdout
+    _, compiled = aot.compile_decode(_tiny(attention_impl="auto"),
+                                     targets.devices("tpu:v5p:2x2x1"), cache_length=256)
+    assert "latent_attention_decode" in compiled.as_text()
+
+
 def test_bad_target_is_one_line(tmp_path):
     proc, report = _launch("--target=tpu:v9:2x2x1", tmp_path=tmp_path)
     assert proc.returncode == 1 and report is None
