@@ -23,24 +23,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from mla_moe.sharding import MESH_AXES, config_value
+
 DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
-
-
-def _get(cfg, name, default):
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    try:
-        return cfg[name] if name in cfg else default  # ml_collections.ConfigDict
-    except TypeError:
-        return getattr(cfg, name, default)
 
 
 def dcn_shape(mesh_cfg) -> dict[str, int]:
     """{"data": mesh.dcn_data, "fsdp": mesh.dcn_fsdp}, each a positive integer (default 1)."""
     out = {}
     for axis, field in DCN_FIELDS.items():
-        v = _get(mesh_cfg, field, 1)
+        v = config_value(mesh_cfg, field, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"mesh.{field} must be a positive integer, got {v!r}")
         out[axis] = v

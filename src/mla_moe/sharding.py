@@ -148,7 +148,8 @@ def use_mesh(mesh: jax.sharding.Mesh, rules: Rules | Mapping[str, Any] | None = 
 
 
 # --- the mesh ---------------------------------------------------------------------------------
-def _cfg_get(cfg, name, default=None):
+def config_value(cfg, name, default=None):
+    """`cfg.name` of a mapping, ml_collections ConfigDict or object; `default` if absent."""
     if isinstance(cfg, Mapping):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
@@ -158,7 +159,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
     """Resolves `mesh.{data,fsdp,expert,tensor}` (-1: the remaining devices; missing: 1)."""
     sizes = {}
     for a in MESH_AXES:
-        v = _cfg_get(mesh_cfg, a, 1)
+        v = config_value(mesh_cfg, a, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v == 0 or v < -1:
             raise ValueError(f"mesh.{a} must be a positive integer or -1, got {v!r}")
         sizes[a] = v
