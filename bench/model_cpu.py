@@ -34,6 +34,23 @@ CONFIG = dict(
 )
 
 
+def jax_step(model):
+    """(step, params): step(params, tokens_BT) -> (mean next-token loss, its gradient), the
+    forward+backward that is timed here (bench/profile_cpu.py profiles the same function)."""
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def step(params, tokens_BT):
+        def loss(params):
+            out = nnx.merge(graphdef, params)(tokens_BT)
+            with jax.named_scope("loss"):
+                s, n = cross_entropy(out.logits[:, :-1], tokens_BT[:, 1:])
+                return s / n
+        return jax.value_and_grad(loss)(params)
+
+    return step, params
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -56,15 +73,7 @@ def main():
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
     tokens_j = jnp.asarray(tokens)
     tokens_t = torch.as_tensor(tokens)
-    graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def ours_step(params, tokens):
-        def loss(params):
-            out = nnx.merge(graphdef, params)(tokens)
-            s, n = cross_entropy(out.logits[:, :-1], tokens[:, 1:])
-            return s / n
-        return jax.value_and_grad(loss)(params)
+    ours_step, params = jax_step(model)
 
     def ours():
         jax.block_until_ready(ours_step(params, tokens_j))

@@ -54,13 +54,16 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None, lengths_B=None,
                  form=None):
-        a_BTD, cache_BSK = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
-                                     cache_BSK, lengths_B, form)
+        with jax.named_scope("attention"):
+            a_BTD, cache_BSK = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
+                                         cache_BSK, lengths_B, form)
         x_BTD = x_BTD + checkpoint_name(a_BTD, "attention_out")
         if isinstance(self.ffn, MoE):
-            f_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+            with jax.named_scope("moe"):
+                f_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
         else:
-            f_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
+            with jax.named_scope("mlp"):
+                f_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
         return constrain(x_BTD + f_BTD, ACT_BTD), cache_BSK, stats
 
 
@@ -151,8 +154,10 @@ class DeepSeekModel(nnx.Module):
         model.groups = nnx.List(groups)
         return model
 
-    def _run_group(self, group, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
-                   form):
+    def _run_group(self, group, first, x_BTD, positions_BT, segment_ids_BT, cache_group,
+                   lengths_B, form):
+        """Runs the layers first, first + 1, ... of one group, each under the name scope
+        `layer_<index>` (`layers_<first>_<last>` for a scan), which profiles show."""
         c = self.config
         if isinstance(group, nnx.List):  # unstacked (see `unstacked`)
             n = len(group)
@@ -174,7 +179,8 @@ class DeepSeekModel(nnx.Module):
                     x, _, stats = body(x, layer_state, None)
                     return x, stats
 
-                x_BTD, stats = jax.lax.scan(step, x_BTD, state)
+                with jax.named_scope(f"layers_{first}_{first + n - 1}"):
+                    x_BTD, stats = jax.lax.scan(step, x_BTD, state)
                 return x_BTD, None, [_slice(stats, i) for i in range(n)]
 
             def run_layer(i, x, cache_l):
@@ -185,7 +191,8 @@ class DeepSeekModel(nnx.Module):
         caches, stats = [], []
         for i in range(n):
             cache_l = None if cache_group is None else cache_group[i]
-            x_BTD, cache_l, s = run_layer(i, x_BTD, cache_l)
+            with jax.named_scope(f"layer_{first + i}"):
+                x_BTD, cache_l, s = run_layer(i, x_BTD, cache_l)
             caches.append(cache_l)
             stats.append(s)
         return x_BTD, (None if cache_group is None else tuple(caches)), stats
@@ -218,21 +225,23 @@ class DeepSeekModel(nnx.Module):
         if positions_BT is None:
             start = jnp.zeros((b,), jnp.int32) if cache is None else lengths_B
             positions_BT = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        x_BTD = self.embed(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
+        with jax.named_scope("embed"):
+            x_BTD = self.embed(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
         router_stats: list[dict[str, Any]] = []
         new_latents = []
         first = 0
         for group, (_, n) in zip(self.groups, layer_groups(self.config), strict=True):
             cache_group = None if cache is None else cache.latents[first : first + n]
             x_BTD, cache_group, stats = self._run_group(
-                group, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
+                group, first, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
                 attention_form,
             )
             new_latents.extend(cache_group or ())
             router_stats.extend(s for s in stats if s)
             first += n
         h_BTD = x_BTD
-        logits_BTV = self.logits(h_BTD)
+        with jax.named_scope("head"):
+            logits_BTV = self.logits(h_BTD)
 
         mtp_logits = None
         if self.mtp and cache is None:
@@ -240,10 +249,12 @@ class DeepSeekModel(nnx.Module):
             for k, block in enumerate(self.mtp, start=1):
                 # Module k sees token i+k at position i (zeros past the end; masked in the loss).
                 shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
-                h_k, _, stats = block(h_k, self.embed(shifted_BT), positions_BT, segment_ids_BT)
+                with jax.named_scope(f"mtp_{k}"):
+                    h_k, _, stats = block(h_k, self.embed(shifted_BT), positions_BT,
+                                          segment_ids_BT)
+                    per_module.append(self.logits(h_k, block.norm))
                 if stats:
                     router_stats.append(stats)
-                per_module.append(self.logits(h_k, block.norm))
             mtp_logits = jnp.stack(per_module)
 
         aux_loss = sum((s["aux_loss"] for s in router_stats), jnp.zeros((), jnp.float32))
