@@ -352,6 +352,8 @@ def main():
                     "this TPU topology, e.g. v5p:2x2x1 (compile only, libtpu)")
     ap.add_argument("--list", default="", choices=("",) + CATEGORIES,
                     help="also list the slowest instructions of this category")
+    ap.add_argument("--where", default="", help="list only instructions whose 'where' label "
+                    "contains this, e.g. 'layer_1/attention fwd'")
     ap.add_argument("--hlo_out", default="", help="write the CPU step's optimized HLO here")
     args = ap.parse_args()
 
@@ -421,15 +423,17 @@ def main():
     mm_flops = sum(matmul_flops(instrs[n], instrs, comps) * calls[n] for n, _ in mm)
     print(f"\nmatmuls: {mm_flops / args.steps / 1e9:.2f} GFLOP/step at "
           f"{mm_flops / sum(t for _, t in mm):.0f} GFLOP/s of their own time")
-    if args.list:
-        print(f"\n| {args.list} instructions | where | ms/step | calls/step | shape | op_name |"
-              "\n|---|---|---|---|---|---|")
+    if args.list or args.where:
+        print(f"\n| {args.list or 'all'} instructions in '{args.where or 'all'}' | category | "
+              "where | ms/step | calls/step | shape | op_name |\n|---|---|---|---|---|---|---|")
         rows = [(n, t) for n, t in ns.items() if n != "runtime"
-                and category(instrs[n], instrs, comps, conditions) == args.list]
+                and args.list in ("", category(instrs[n], instrs, comps, conditions))
+                and args.where in where(instrs[n])]
         for name, t in sorted(rows, key=lambda kv: -kv[1])[:args.top]:
             ins = instrs[name]
-            print(f"| {name} | {where(ins)} | {t * per_step:.1f} | {calls[name] / args.steps:g} "
-                  f"| {list(ins.dims)} | {ins.op_name.split('/', 1)[-1]} |")
+            print(f"| {name} | {category(ins, instrs, comps, conditions)} | {where(ins)} | "
+                  f"{t * per_step:.1f} | {calls[name] / args.steps:g} | {list(ins.dims)} | "
+                  f"{ins.op_name.split('/', 1)[-1]} |")
     if args.tpu:
         tpu = count_table(tpu_text(args.tpu))
         cpu_tiny = counts if args.case == "tiny" else count_table(tiny_step().compiled.as_text())

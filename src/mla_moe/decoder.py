@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mla_moe.cache import KVCache, layer_groups
 from mla_moe.config import ModelConfig
-from mla_moe.layers import RMSNorm, SwiGLU, dtype_of, param
+from mla_moe.layers import RMSNorm, SwiGLU, dense, dtype_of, param
 from mla_moe.mla import MLA
 from mla_moe.moe import MoE
 from mla_moe.sharding import constrain
@@ -93,7 +93,7 @@ class MTPBlock(nnx.Module):
     def __call__(self, h_BTD, emb_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None,
                  lengths_B=None, form=None):
         x_BT2D = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
-        x_BTD = jnp.einsum("BTE,ED->BTD", x_BT2D, self.eh_proj_2DD[...].astype(h_BTD.dtype))
+        x_BTD = dense(x_BT2D, self.eh_proj_2DD[...].astype(h_BTD.dtype))
         return self.layer(x_BTD, positions_BT, segment_ids_BT, cache_BSK, lengths_B, form)
 
 
@@ -133,8 +133,7 @@ class DeepSeekModel(nnx.Module):
         """OutHead: head(norm(h)) in float32 (norm defaults to the final norm)."""
         x_BTD = (norm or self.norm)(h_BTD)
         w_DV = self.embed_VD[...].T if self.head_DV is None else self.head_DV[...]
-        return jnp.einsum("BTD,DV->BTV", x_BTD, w_DV.astype(x_BTD.dtype),
-                          preferred_element_type=jnp.float32)
+        return dense(x_BTD, w_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
 
     def unstacked(self) -> DeepSeekModel:
         """The same model for inference, each layer group split into per-layer modules (one

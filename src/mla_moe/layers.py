@@ -7,6 +7,8 @@ Q q latent rank, E experts, K top-k, F ffn hidden, G expert groups, X expert cap
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,6 +50,23 @@ def param(
     return nnx.Param(init, out_sharding=axes, eager_sharding=False)
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, **dot_kwargs) -> jax.Array:
+    """x [..., I...] times w [I..., O...] -> [..., O...], contracting the last `contract` axes
+    of x with the first `contract` of w: `dense(x_BTD, w_DF)` is einsum 'BTD,DF->BTF' and
+    `dense(o_BTNV, w_NVD, 2)` is 'BTNV,NVD->BTD'.
+
+    It runs as one [tokens, I] x [I, O] matrix product. The weight gradient then contracts one
+    token axis, which XLA:CPU feeds to its matrix product as is; with the two axes B and T it
+    first copied a transposed [B*T, O] operand, the largest copies of the CPU train step
+    (bench/profile_cpu.py). On TPU and GPU the reshapes are free."""
+    inner = w.shape[:contract]
+    if x.shape[x.ndim - contract:] != inner:
+        raise ValueError(f"dense: x {x.shape} does not end with w's leading {inner}")
+    k = math.prod(inner)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), **dot_kwargs)
+    return y.reshape(*x.shape[: x.ndim - contract], *w.shape[contract:])
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """HF-exact RMSNorm: normalise in float32, cast back, then scale."""
     x32 = x.astype(jnp.float32)
@@ -76,6 +95,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dt = x_BTD.dtype
-        g_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
-        u_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(g_BTF) * u_BTF, self.down_FD[...].astype(dt))
+        g_BTF = dense(x_BTD, self.gate_DF[...].astype(dt))
+        u_BTF = dense(x_BTD, self.up_DF[...].astype(dt))
+        return dense(jax.nn.silu(g_BTF) * u_BTF, self.down_FD[...].astype(dt))

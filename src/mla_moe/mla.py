@@ -15,7 +15,7 @@ from flax import nnx
 from mla_moe import attention as attn
 from mla_moe import fp8_cache, sharding
 from mla_moe.config import ModelConfig
-from mla_moe.layers import RMSNorm, param, rms_norm
+from mla_moe.layers import RMSNorm, dense, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
 from mla_moe.sharding import constrain
 from pallas_kernels.dispatch import target_platform
@@ -95,10 +95,10 @@ class MLA(nnx.Module):
     def queries(self, x_BTD, positions_BT):
         c, dt = self.config, x_BTD.dtype
         if c.q_lora_rank is None:
-            q_BTNA = jnp.einsum("BTD,DNA->BTNA", x_BTD, self.wq_DNA[...].astype(dt))
+            q_BTNA = dense(x_BTD, self.wq_DNA[...].astype(dt))
         else:
-            cq_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.wq_a_DQ[...].astype(dt)))
-            q_BTNA = jnp.einsum("BTQ,QNA->BTNA", cq_BTQ, self.wq_b_QNA[...].astype(dt))
+            cq_BTQ = self.q_norm(dense(x_BTD, self.wq_a_DQ[...].astype(dt)))
+            q_BTNA = dense(cq_BTQ, self.wq_b_QNA[...].astype(dt))
         q_nope_BTNH = q_BTNA[..., : c.qk_nope_head_dim]
         q_pe_BTNR = apply_rope(q_BTNA[..., c.qk_nope_head_dim :], positions_BT, c)
         return q_nope_BTNH, q_pe_BTNR
@@ -106,7 +106,7 @@ class MLA(nnx.Module):
     def latent(self, x_BTD, positions_BT):
         """The per-token cache entry [c_KV (normed); k_pe (roped)]: [B, T, C + R]."""
         c, dt = self.config, x_BTD.dtype
-        kv_BTK = jnp.einsum("BTD,DK->BTK", x_BTD, self.wkv_a_DK[...].astype(dt))
+        kv_BTK = dense(x_BTD, self.wkv_a_DK[...].astype(dt))
         c_BTC = rms_norm(kv_BTK[..., : c.kv_lora_rank], self.kv_norm.weight[...], LATENT_NORM_EPS)
         k_pe_BTR = apply_rope(kv_BTK[..., c.kv_lora_rank :], positions_BT, c)
         return jnp.concatenate([c_BTC, k_pe_BTR], axis=-1)
@@ -173,8 +173,8 @@ class MLA(nnx.Module):
 
         if form == "naive":
             c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
-            k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", c_BSC, wk_b)
-            v_BSNV = jnp.einsum("BSC,CNV->BSNV", c_BSC, wv_b)
+            k_nope_BSNH = dense(c_BSC, wk_b)
+            v_BSNV = dense(c_BSC, wv_b)
             if cache_BSK is None and kernel:
                 import pallas_kernels  # the second package of this repository
 
@@ -215,6 +215,6 @@ class MLA(nnx.Module):
             new_BTW = _after(new_BTW, o_latent_BTNC)
             cache_BSK = write(cache_BSK)
         o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
-        out_BTD = jnp.einsum("BTNV,NVD->BTD", o_BTNV.astype(dt), self.wo_NVD[...].astype(dt))
+        out_BTD = dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
         return out_BTD, cache_BSK
 
