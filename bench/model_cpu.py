@@ -44,7 +44,11 @@ def jax_step(model):
         def loss(params):
             out = nnx.merge(graphdef, params)(tokens_BT)
             with jax.named_scope("loss"):
-                s, n = cross_entropy(out.logits[:, :-1], tokens_BT[:, 1:])
+                # Position t predicts token t + 1; the last position has no target (weight 0),
+                # as in the trainer and in transformers' loss (which pads the labels).
+                targets_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
+                weights_BT = jnp.ones(tokens_BT.shape).at[:, -1].set(0.0)
+                s, n = cross_entropy(out.logits, targets_BT, weights_BT)
                 return s / n
         return jax.value_and_grad(loss)(params)
 

