@@ -45,8 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_moe.train import metrics
+
 CATEGORIES = ("matmul", "elementwise", "copy/transpose", "reduce", "scatter/gather", "sort",
-              "loop control", "runtime", "other")
+              "loop control", "async copy", "runtime", "other")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _MATMUL = {"dot", "convolution"}
 _SCATTER_GATHER = {"scatter", "gather", "dynamic-slice", "dynamic-update-slice"}
 _REDUCE = {"reduce", "reduce-window"}
@@ -54,6 +58,7 @@ _TRANSPOSE = {"transpose", "copy"}
 _MOVE = {"slice", "concatenate", "pad", "broadcast", "reshape", "bitcast", "parameter",
          "constant", "tuple", "get-tuple-element", "iota", "reverse", "transpose", "copy"}
 _CONTROL = {"while", "conditional", "call"}
+_ASYNC_COPY = {"copy-start", "copy-done"}  # XLA:TPU's prefetches between memory spaces
 _OTHER = {"rng-bit-generator", "rng", "custom-call", "infeed", "outfeed", "after-all",
           "partition-id", "replica-id", "all-reduce", "all-gather", "all-to-all",
           "collective-permute", "reduce-scatter", "send", "recv", "copy-start", "copy-done"}
@@ -77,6 +82,7 @@ class Instr:
     called: tuple[str, ...]
     op_name: str
     dims: tuple[int, ...]  # of an array result (empty for a tuple)
+    nbytes: int  # of the result (all arrays of a tuple)
     text: str  # `opcode(operands), attributes`
 
 
@@ -119,8 +125,11 @@ def parse_hlo(text: str) -> tuple[dict[str, Instr], dict[str, list[str]], set[st
         on = _OP_NAME.search(body)
         shape = re.match(r"\w+\[([\d,]*)\]", rest)
         dims = tuple(int(x) for x in shape.group(1).split(",") if x) if shape else ()
+        type_text = rest[: len(rest) - len(body)]
+        nbytes = sum(_BYTES.get(t, 4) * math.prod(int(x) for x in d.split(",") if x)
+                     for t, d in re.findall(r"(\w+)\[([\d,]*)\]", type_text))
         instrs[name] = Instr(name, op.group(1), comp, tuple(called), on.group(1) if on else "",
-                             dims, body)
+                             dims, nbytes, body)
         comps[comp].append(name)
     return instrs, comps, conditions
 
@@ -141,6 +150,8 @@ def _fused_opcodes(instr: Instr, instrs, comps) -> set[str]:
 def category(instr: Instr, instrs, comps, conditions) -> str:
     if instr.computation in conditions or instr.opcode in _CONTROL:
         return "loop control"
+    if instr.opcode in _ASYNC_COPY:
+        return "async copy"
     ops = _fused_opcodes(instr, instrs, comps) if instr.opcode == "fusion" else {instr.opcode}
     if ops & _MATMUL:
         return "matmul"
@@ -326,21 +337,26 @@ def tpu_text(topology: str) -> str:
 
 
 # --- tables -------------------------------------------------------------------------------------
-def count_table(text: str) -> dict[str, collections.Counter]:
-    """Instructions per category in an optimized HLO module (fusions counted once, their
-    fused ops not; loop bodies counted once), excluding parameters, tuples and constants."""
+def count_table(text: str) -> tuple[collections.Counter, collections.Counter]:
+    """(instructions, bytes written) per category in an optimized HLO module: fusions count
+    once (their fused ops not), loop bodies once; parameters, tuples, constants, bitcasts and
+    copy-done (its copy-start counts) are left out. Nothing is timed: this is what compares a
+    CPU program with a TPU one."""
     instrs, comps, conditions = parse_hlo(text)
     fused = set()
     for ins in instrs.values():
         if ins.opcode == "fusion":
             fused.update(ins.called)
-    counts = collections.Counter()
+    counts, nbytes = collections.Counter(), collections.Counter()
     for ins in instrs.values():
         if ins.computation in fused or ins.opcode in (
-                "parameter", "tuple", "get-tuple-element", "constant", "bitcast"):
+                "parameter", "tuple", "get-tuple-element", "constant", "bitcast", "copy-done"):
             continue
-        counts[category(ins, instrs, comps, conditions)] += 1
-    return counts
+        cat = category(ins, instrs, comps, conditions)
+        counts[cat] += 1
+        if cat != "loop control":
+            nbytes[cat] += ins.nbytes
+    return counts, nbytes
 
 
 def main():
@@ -370,6 +386,7 @@ def main():
         step.run()
         untraced.append(time.perf_counter() - t0)
     ns, calls, walls = trace_step(step.run, args.steps, set(instrs))
+    peak = max(metrics.measure_matmul_flops(2048, 5, jnp.float32) for _ in range(2))
 
     by_cat, by_where, by_where_cat = (collections.Counter(), collections.Counter(),
                                       collections.defaultdict(collections.Counter))
@@ -390,7 +407,7 @@ def main():
           f"(median of 3), {statistics.median(walls) * 1e3:.0f} ms traced; busy thread time "
           f"{total * per_step:.0f} ms/step over {os.cpu_count()} CPUs; "
           f"{len(instrs)} HLO instructions; jax {jax.__version__}")
-    counts = count_table(text)
+    counts, _ = count_table(text)
     print("\n| category | ms/step | share | HLO ops |\n|---|---|---|---|")
     for cat in CATEGORIES:
         if by_cat[cat] or counts[cat]:
@@ -421,8 +438,11 @@ def main():
         print(f"| {name} | {dot_form(ins, instrs, comps)} | {t * per_step:.1f} | "
               f"{calls[name] / args.steps:g} | {flops / t:.0f} |")
     mm_flops = sum(matmul_flops(instrs[n], instrs, comps) * calls[n] for n, _ in mm)
-    print(f"\nmatmuls: {mm_flops / args.steps / 1e9:.2f} GFLOP/step at "
-          f"{mm_flops / sum(t for _, t in mm):.0f} GFLOP/s of their own time")
+    rate = mm_flops / sum(t for _, t in mm) * 1e9
+    print(f"\nmatmuls: {mm_flops / args.steps / 1e9:.2f} GFLOP/step at {rate / 1e9:.0f} GFLOP/s "
+          f"of their own time, {rate / peak:.2f} of the f32 peak ({peak / 1e9:.0f} GFLOP/s, a "
+          f"2048^3 jnp.dot timed in this run); the step's matmul FLOPs over its wall time: "
+          f"{mm_flops / args.steps / wall / peak:.3f} of the peak")
     if args.list or args.where:
         print(f"\n| {args.list or 'all'} instructions in '{args.where or 'all'}' | category | "
               "where | ms/step | calls/step | shape | op_name |\n|---|---|---|---|---|---|---|")
@@ -435,12 +455,15 @@ def main():
                   f"{t * per_step:.1f} | {calls[name] / args.steps:g} | {list(ins.dims)} | "
                   f"{ins.op_name.split('/', 1)[-1]} |")
     if args.tpu:
-        tpu = count_table(tpu_text(args.tpu))
-        cpu_tiny = counts if args.case == "tiny" else count_table(tiny_step().compiled.as_text())
-        print(f"\n| tiny step: HLO ops per category | CPU | TPU {args.tpu} |\n|---|---|---|")
+        tpu, tpu_bytes = count_table(tpu_text(args.tpu))
+        cpu, cpu_bytes = count_table(text if args.case == "tiny"
+                                     else tiny_step().compiled.as_text())
+        print(f"\n| tiny train step, optimized HLO | CPU ops | CPU MB written | TPU {args.tpu} "
+              "ops | TPU MB written per chip |\n|---|---|---|---|---|")
         for cat in CATEGORIES:
-            if cpu_tiny[cat] or tpu[cat]:
-                print(f"| {cat} | {cpu_tiny[cat]} | {tpu[cat]} |")
+            if cpu[cat] or tpu[cat]:
+                print(f"| {cat} | {cpu[cat]} | {cpu_bytes[cat] / 1e6:.1f} | {tpu[cat]} | "
+                      f"{tpu_bytes[cat] / 1e6:.1f} |")
 
 
 if __name__ == "__main__":
