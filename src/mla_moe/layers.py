@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe.config import ModelConfig
+from pallas_kernels.dispatch import target_platform
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -55,16 +56,23 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, **dot_kwargs) -> jax.Ar
     of x with the first `contract` of w: `dense(x_BTD, w_DF)` is einsum 'BTD,DF->BTF' and
     `dense(o_BTNV, w_NVD, 2)` is 'BTNV,NVD->BTD'.
 
-    It runs as one [tokens, I] x [I, O] matrix product. The weight gradient then contracts one
-    token axis, which XLA:CPU feeds to its matrix product as is; with the two axes B and T it
-    first copied a transposed [B*T, O] operand, the largest copies of the CPU train step
-    (bench/profile_cpu.py). On TPU and GPU the reshapes are free."""
+    The token axes of x are merged into one, so that the weight gradient contracts a single
+    axis: with the two axes B and T, XLA:CPU's dot canonicalisation copied a transposed
+    [B*T, O] operand, the largest copies of the CPU train step (bench/profile_cpu.py). On CPU
+    the product is one [tokens, I] x [I, O] matrix product (merging minor axes is free in
+    row-major layouts; with several output axes, jax's gradient would again transpose an
+    activation). On TPU and GPU only the major token axes are merged: merging minor axes
+    such as N and H relayouts the tiled arrays there (a backend choice made only here)."""
     inner = w.shape[:contract]
-    if x.shape[x.ndim - contract:] != inner:
+    lead = x.shape[: x.ndim - contract]
+    if x.shape[len(lead):] != inner:
         raise ValueError(f"dense: x {x.shape} does not end with w's leading {inner}")
-    k = math.prod(inner)
-    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), **dot_kwargs)
-    return y.reshape(*x.shape[: x.ndim - contract], *w.shape[contract:])
+    if target_platform() == "cpu":
+        k = math.prod(inner)
+        y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), **dot_kwargs)
+    else:
+        y = jnp.tensordot(x.reshape(-1, *inner), w, axes=contract, **dot_kwargs)
+    return y.reshape(*lead, *w.shape[contract:])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
