@@ -380,11 +380,12 @@ def main():
             f.write(text)
     instrs, comps, conditions = parse_hlo(text)
     step.run()  # warm up
-    untraced = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    untraced, cpu = [], []
+    for _ in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
         step.run()
         untraced.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     ns, calls, walls = trace_step(step.run, args.steps, set(instrs))
     peak = max(metrics.measure_matmul_flops(2048, 5, jnp.float32) for _ in range(2))
 
@@ -403,8 +404,10 @@ def main():
     per_step = 1e-6 / args.steps  # ns summed over the steps -> ms per step
     wall = statistics.median(untraced)
 
-    print(f"\n{args.case}: {step.tokens} tokens/step; step {wall * 1e3:.0f} ms untraced "
-          f"(median of 3), {statistics.median(walls) * 1e3:.0f} ms traced; busy thread time "
+    print(f"\n{args.case}: {step.tokens} tokens/step; untraced step {wall * 1e3:.0f} ms wall, "
+          f"{statistics.median(cpu) * 1e3:.0f} ms process CPU time (medians of {args.steps}; "
+          f"CPU time is the steadier figure on a shared machine), "
+          f"{statistics.median(walls) * 1e3:.0f} ms traced; busy thread time "
           f"{total * per_step:.0f} ms/step over {os.cpu_count()} CPUs; "
           f"{len(instrs)} HLO instructions; jax {jax.__version__}")
     counts, _ = count_table(text)
