@@ -9,7 +9,7 @@ from flax import nnx
 from model_configs import small_config
 
 from mla_moe import DeepSeekModel
-from mla_moe.cache import layer_groups
+from mla_moe.decoder import layer_groups
 from mla_moe.losses import cross_entropy, mtp_loss
 
 

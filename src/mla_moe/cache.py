@@ -32,18 +32,6 @@ class KVCache:
         return x.shape[-1] * x.dtype.itemsize
 
 
-def layer_groups(config: ModelConfig) -> list[tuple[bool, int]]:
-    """Runs of consecutive identical layers: [(is_moe, count), ...]."""
-    groups: list[tuple[bool, int]] = []
-    for i in range(config.num_hidden_layers):
-        moe = config.is_moe_layer(i)
-        if groups and groups[-1][0] == moe:
-            groups[-1] = (moe, groups[-1][1] + 1)
-        else:
-            groups.append((moe, 1))
-    return groups
-
-
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_length` tokens."""
     if max_length > config.max_position_embeddings:

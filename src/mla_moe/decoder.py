@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mla_moe.cache import KVCache, layer_groups
+from mla_moe.cache import KVCache
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, SwiGLU, dtype_of, param
 from mla_moe.mla import MLA
@@ -31,6 +31,19 @@ _REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
+
+
+def layer_groups(config: ModelConfig) -> list[tuple[bool, int]]:
+    """Runs of consecutive identical layers: [(is_moe, count), ...]; each is one stacked group
+    of `DeepSeekModel.groups`."""
+    groups: list[tuple[bool, int]] = []
+    for i in range(config.num_hidden_layers):
+        moe = config.is_moe_layer(i)
+        if groups and groups[-1][0] == moe:
+            groups[-1] = (moe, groups[-1][1] + 1)
+        else:
+            groups.append((moe, 1))
+    return groups
 
 
 @flax.struct.dataclass

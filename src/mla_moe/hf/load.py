@@ -14,9 +14,8 @@ import numpy as np
 from flax import nnx
 
 from mla_moe import sharding
-from mla_moe.cache import layer_groups
 from mla_moe.config import ModelConfig
-from mla_moe.decoder import DeepSeekModel
+from mla_moe.decoder import DeepSeekModel, layer_groups
 from mla_moe.errors import InputError, MissingInputError
 from mla_moe.hf.mapping import MTP_READERS, layer_readers
 from mla_moe.hf.safetensors_io import SafetensorsFile
