@@ -34,7 +34,7 @@ def main(argv):
     else:
         from flax import nnx
 
-        from launch.generate import load_checkpoint
+        from mla_moe.train.checkpoint import load_checkpoint
 
         model, step = load_checkpoint(_CKPT.value, _STEP.value)
         if _DTYPE.value is not None:

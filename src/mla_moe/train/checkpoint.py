@@ -3,7 +3,8 @@
 The train state is stored as a flat dict `{"params.groups.1.ffn...": array}` so that a
 checkpoint is plain named arrays: restoring needs only the abstract state of the current run
 (its shapes and, per leaf, the target `NamedSharding`), which is how a checkpoint saved on one
-mesh is restored onto another.
+mesh is restored onto another. `load_checkpoint` reads the model alone back from a workdir
+(for generation and export).
 
 Saves are asynchronous and atomic (Orbax writes into a temporary directory and renames it when
 complete), so a process killed mid-save leaves the previous checkpoint as the latest one.
@@ -11,11 +12,19 @@ complete), so a process killed mid-save leaves the previous checkpoint as the la
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from grain import checkpoint as grain_ckpt
 
-from mla_moe import paths
+from mla_moe import paths, sharding
+from mla_moe.config import ModelConfig
+from mla_moe.decoder import DeepSeekModel
+from mla_moe.errors import InputError, MissingInputError
 
 STATE, DATA = "state", "data"
 
@@ -97,3 +106,68 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> tuple[DeepSeekModel, int]:
+    """(model, step): the model of a training workdir, its `config.json` and the parameters
+    (and non-Param model state) of checkpoint `step` (latest by default), on one device; the
+    optimizer state is not read."""
+    config = workdir_model_config(workdir)
+    options = ml_collections.ConfigDict(
+        {"max_to_keep": 1, "keep_every_steps": 0, "async_save": False})
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise MissingInputError(f"--checkpoint={workdir!r} has no checkpoints/ directory; pass "
+                                "the --workdir of a training run")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), options, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise MissingInputError(f"--checkpoint={workdir!r} has no checkpoint yet; train until "
+                                "the first save (checkpoint.every_steps)")
+    if step is not None and step not in steps:
+        raise InputError(f"--step={step}: {workdir!r} has checkpoints at steps {steps}")
+    step = max(steps) if step is None else step
+    abstract = sharding.abstract_model(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
+    graphdef, params, extra = nnx.split(abstract, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          {"params": params, "extra": extra})
+    state = _restore_model_state(ckpt, step, target, workdir)
+    ckpt.close()
+    return nnx.merge(graphdef, state["params"], state["extra"]), step
+
+
+def _restore_model_state(ckpt: Checkpointer, step: int, target: dict, workdir: str) -> dict:
+    """The part of checkpoint `step`'s train state that `target` (abstract arrays) names."""
+    flat = flatten_state(target)
+    # The train state also holds the step and the optimizer state: the Checkpointer's handler
+    # restores whole trees only, so those are read too (as saved) and dropped.
+    meta = ckpt.manager.item_metadata(step)[STATE]
+    meta = getattr(meta, "tree", meta)
+    missing = sorted(set(flat) - set(meta))
+    if missing:
+        raise InputError(f"{workdir} step {step} does not hold the model of its config.json "
+                         f"(e.g. {missing[:3]}); was the workdir reused?")
+    device = jax.tree.leaves(target)[0].sharding
+    whole = {k: flat.get(k) or jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=device)
+             for k, v in meta.items()}
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(whole)}))
+    return unflatten_state(target, {k: restored[STATE][k] for k in flat})
+
+
+def workdir_model_config(workdir: str) -> ModelConfig:
+    """The ModelConfig recorded in a training workdir's config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise MissingInputError(f"--checkpoint={workdir!r} is not a directory; pass the "
+                                "--workdir of a training run")
+    if not os.path.isfile(path):
+        raise MissingInputError(f"--checkpoint={workdir!r} has no config.json; pass the "
+                                "--workdir of a training run")
+    try:
+        with open(path) as f:
+            model = json.load(f)["model"]
+        return ModelConfig(**model)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path} does not describe a model ({type(e).__name__}: {e}); pass "
+                         "the --workdir of a training run") from None
