@@ -97,7 +97,7 @@ def main(argv):
 
     from mla_moe.config import ModelConfig
     from mla_moe.data.tokenizer import load_tokenizer
-    from mla_moe.generate import generate
+    from mla_moe.generation import generate
     from mla_moe.sampling import Sampling
     from mla_moe.speculative import speculative_generate
     from mla_moe.train.checkpoint import load_checkpoint, workdir_model_config

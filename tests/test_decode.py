@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import mla_moe
-from mla_moe.generate import decode_step, pad_prompts, prefill, prompt_bucket
+from mla_moe.generation import decode_step, pad_prompts, prefill, prompt_bucket
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
@@ -124,7 +124,7 @@ def test_generate_matches_reference_greedy(form):
 
 
 def test_generate_no_recompile_within_bucket_and_eos():
-    from mla_moe.generate import _decode_loop, _prefill_chunk
+    from mla_moe.generation import _decode_loop, _prefill_chunk
 
     model = tiny_model()
     first = mla_moe.generate(model, PROMPTS, max_new_tokens=10)
@@ -170,3 +170,20 @@ def test_unstacked_model_equals_stacked():
     for x, y in zip(sa.cache.latents, sb.cache.latents, strict=True):
         np.testing.assert_array_equal(x, y)
     assert model.groups[1].attn.wkv_a_DK.shape[0] == 2  # still stacked
+
+
+def test_absorbed_decode_step_updates_the_cache_in_place():
+    """The compiled decode step writes each layer's donated cache in place: its temporaries
+    are well under one layer's cache (a copy of the cache would not fit in them), and the
+    whole cache is aliased from input to output. This pins the write's ordering after the
+    attention's read of the cache (`cache.write_entries(after=...)`)."""
+    model = tiny_model(max_position_embeddings=4096)
+    graphdef, state = nnx.split(model.unstacked())
+    b, s = 4, 4096
+    cache = jax.eval_shape(lambda: mla_moe.init_cache(model.config, b, s))
+    tokens_BT = jax.ShapeDtypeStruct((b, 1), jnp.int32)
+    compiled = decode_step.lower(graphdef, state, tokens_BT, cache, form="absorbed").compile()
+    memory = compiled.memory_analysis()
+    layer_bytes = cache.latents[0].size * cache.latents[0].dtype.itemsize
+    assert memory.temp_size_in_bytes < layer_bytes / 2, (memory.temp_size_in_bytes, layer_bytes)
+    assert memory.alias_size_in_bytes >= layer_bytes * len(cache.latents)

@@ -152,3 +152,34 @@ def test_segments_are_isolated(model_and_tokens):
     assert float(jnp.abs(a[:, 5:] - b[:, 5:]).max()) > 1e-3
     alone, _ = _forward(model, tokens[:, 5:])
     np.testing.assert_allclose(a[:, 5:], alone, atol=1e-4, rtol=0)
+
+
+def test_positions_default_to_arange_and_continue_the_cache():
+    cfg = small_config()
+    mla = MLA(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, cfg.hidden_size))
+    explicit, _ = mla(x, jnp.broadcast_to(jnp.arange(5), (2, 5)))
+    np.testing.assert_array_equal(mla(x)[0], explicit)
+    cache_BSK = jnp.zeros((2, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+    lengths_B = jnp.array([3, 7])
+    pos_BT = lengths_B[:, None] + jnp.arange(5)[None, :]
+    want, want_cache = mla(x, pos_BT, cache_BSK=cache_BSK, lengths_B=lengths_B)
+    got, got_cache = mla(x, cache_BSK=cache_BSK, lengths_B=lengths_B)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_cache, want_cache)
+
+
+def test_cache_write_is_one_scatter_whatever_the_batch():
+    """The T new entries of every row go in with one op: the traced step does not grow with
+    the batch, and each row's entries land at its own length."""
+    from mla_moe.cache import write_entries
+
+    def eqns(b):
+        cache_BSW, new_BTW = jnp.zeros((b, 16, 3)), jnp.ones((b, 2, 3))
+        jaxpr = jax.make_jaxpr(write_entries)(cache_BSW, new_BTW, jnp.zeros((b,), jnp.int32))
+        return [e.primitive.name for e in jaxpr.eqns]
+
+    assert eqns(1) == eqns(8)
+    assert eqns(8).count("scatter") == 1
+    cache_BSW = write_entries(jnp.zeros((2, 6, 1)), jnp.ones((2, 2, 1)), jnp.array([1, 3]))
+    np.testing.assert_array_equal(cache_BSW[..., 0], [[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]])

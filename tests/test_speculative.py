@@ -12,7 +12,7 @@ from flax import nnx
 from test_decode import PROMPTS, full_forward, tiny_model
 
 import mla_moe
-from mla_moe.speculative import _mtp_logits, init_mtp_cache, speculative_generate
+from mla_moe.speculative import _mtp_logits, speculative_generate
 
 MAX_NEW = 12
 
@@ -67,7 +67,7 @@ def test_mtp_cache_matches_full_forward():
     _, full_hidden, full_mtp = full_forward(model, [seq])
     mtp_full_TV = full_mtp[0, 0]  # position i predicts token i + 2
     hidden_BTD = full_hidden[:1, :n]  # cached prefill hidden == this (test_decode.py)
-    mcache = init_mtp_cache(model.config, 1, 32)
+    mcache = mla_moe.init_cache(model.config, 1, 32, mtp=True)
     nxt = jnp.asarray([seq[1:] + [0]])
     logits, mcache = _mtp_step(graphdef, state, hidden_BTD[:, :first], nxt[:, :first], mcache,
                                "naive")

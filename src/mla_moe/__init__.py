@@ -13,7 +13,7 @@ from mla_moe.cache import KVCache, init_cache
 from mla_moe.config import ModelConfig, RopeScaling
 from mla_moe.counting import flops_per_token, param_count
 from mla_moe.decoder import DeepSeekModel, ModelOutput
-from mla_moe.generate import generate
+from mla_moe.generation import generate
 from mla_moe.router import ExpertBias
 
 

@@ -6,10 +6,11 @@ all bitcast to bytes: 512 + 16 + 128 = 656 B for DeepSeek's C = 512, R = 64 (bf1
 The rope key stays in bf16 because its entries carry position information that a shared
 per-block scale would blur.
 
-A packed cache is a plain `KVCache` whose latents are uint8 `[B, S, W]` per layer: the decoder
-passes them like any cache, and MLA quantises on write / dequantises on read when it sees a
-uint8 cache (mla.py). Dequantising the whole cache to the compute dtype on every read is
-what the XLA path does; a fused kernel would dequantise block by block in registers.
+A packed cache is a plain `KVCache` whose latents are uint8 `[B, S, W]` per layer
+(`init_cache(..., fp8=True)`): the decoder passes them like any cache, and the cache's
+`LatentCodec` quantises on write / dequantises on read when it sees a uint8 cache (cache.py).
+Dequantising the whole cache to the compute dtype on every read is what the XLA path does; a
+fused kernel would dequantise block by block in registers.
 
 Legend: B batch, T tokens, S cache slots, C kv latent rank, R rope dim, W packed bytes,
 G scale blocks.
@@ -20,15 +21,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mla_moe.cache import KVCache
-from mla_moe.config import ModelConfig
-
 SCALE_BLOCK = 128
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _TINY = 1e-12  # scale floor so an all-zero block quantises to zeros, not NaN
 
 
 def num_scale_blocks(kv_lora_rank: int) -> int:
+    """G, the float32 scales per token: one per 128 latent values."""
     return -(-kv_lora_rank // SCALE_BLOCK)
 
 
@@ -52,6 +51,7 @@ def quantize(c_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def dequantize(q_BTC: jax.Array, scale_BTG: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """The inverse of `quantize`: value * scale per block, [..., C] in `dtype`."""
     c = q_BTC.shape[-1]
     g = scale_BTG.shape[-1]
     pad = g * SCALE_BLOCK - c
@@ -86,20 +86,3 @@ def unpack(packed_BSW: jax.Array, kv_lora_rank: int, dtype=jnp.float32) -> jax.A
     scale = _from_bytes(packed_BSW[..., c : c + 4 * g], jnp.float32)
     rope = _from_bytes(packed_BSW[..., c + 4 * g :], jnp.bfloat16)
     return jnp.concatenate([dequantize(q, scale, dtype), rope.astype(dtype)], axis=-1)
-
-
-def is_packed(cache: KVCache) -> bool:
-    return cache.latents[0].dtype == jnp.uint8
-
-
-def init_fp8_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
-    """An empty packed FP8 cache; same contract as `mla_moe.init_cache`."""
-    if max_length > config.max_position_embeddings:
-        raise ValueError(
-            f"max_length={max_length} exceeds max_position_embeddings="
-            f"{config.max_position_embeddings}"
-        )
-    width = packed_width(config.kv_lora_rank, config.qk_rope_head_dim)
-    latents = tuple(jnp.zeros((batch, max_length, width), jnp.uint8)
-                    for _ in range(config.num_hidden_layers))
-    return KVCache(latents=latents, lengths_B=jnp.zeros((batch,), jnp.int32))

@@ -27,6 +27,9 @@ Typical use:
     with use_mesh(mesh):                       # jax.set_mesh + the rules
         model = init_sharded(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)), mesh)
         step = jax.jit(train_step, in_shardings=(state_shardings(state, mesh), ...))
+
+For inference, `on_mesh(model, mesh)` places a model's weights by the same rules and
+`place_cache(cache, mesh)` splits a latent cache over the batch axes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import contextlib
 import contextvars
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -372,6 +375,43 @@ def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules | None
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
+
+
+@contextlib.contextmanager
+def on_mesh(model: nnx.Module, mesh=None, rules: Rules | Mapping[str, Any] | None = None
+            ) -> Iterator[nnx.Module]:
+    """Activates `mesh` (and the sharding `rules`) for the block and yields `model` with its
+    state placed on it by the rules; a no-op yielding `model` when mesh is None. Weights
+    already on the mesh (e.g. `load_pretrained(..., mesh=mesh)`) are not copied."""
+    if mesh is None:
+        yield model
+        return
+    with use_mesh(mesh, rules):
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, state_shardings(state, mesh))
+        yield nnx.merge(graphdef, state)
+
+
+_CACHE_NAMES = {3: ("batch", "length", None), 1: ("batch",)}  # latents [B, S, W], lengths [B]
+
+
+def cache_shardings(cache, mesh):
+    """The NamedShardings of a (concrete or abstract) latent cache on `mesh`: its batch
+    dimension split by the `batch` rule where the mesh axes divide it, else replicated. MLA's
+    cache has no head dimension, so tensor-parallel ranks each hold their rows' whole cache."""
+
+    def one(x):
+        spec = logical_to_spec(_CACHE_NAMES[x.ndim], x.shape, mesh, strict=False)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, cache)
+
+
+def place_cache(cache, mesh=None):
+    """A latent cache (`KVCache`) placed by `cache_shardings`; unchanged when mesh is None."""
+    if mesh is None:
+        return cache
+    return jax.device_put(cache, cache_shardings(cache, mesh))
 
 # --- activations ------------------------------------------------------------------------------
 def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:

@@ -28,7 +28,8 @@ from flax import nnx
 
 import mla_moe
 from mla_moe import counting, sharding
-from mla_moe.generate import allocate_cache, cache_shardings, decode_step
+from mla_moe.cache import init_cache
+from mla_moe.generation import decode_step
 from mla_moe.train import config as config_lib
 from mla_moe.train import hlo_collectives, trainer
 from mla_moe.train import mesh as mesh_lib
@@ -238,9 +239,9 @@ def compile_decode(config, devices, *, cache_length: int = 0, batch: int = 0,
         state_sh = sharding.state_shardings(abstract_state, mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              abstract_state, state_sh)
-        cache = jax.eval_shape(lambda: allocate_cache(cfg, batch, cache_length))
+        cache = jax.eval_shape(lambda: init_cache(cfg, batch, cache_length))
         cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             cache, cache_shardings(cache, mesh))
+                             cache, sharding.cache_shardings(cache, mesh))
         tokens_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
             ("batch", None), (batch, 1), mesh, strict=False))
         tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tokens_sh)
@@ -259,8 +260,7 @@ class _DecodeStep:
     graphdef: object
 
     def lower(self, state, tokens_BT, cache):
-        return decode_step.lower(self.graphdef, state, tokens_BT, cache,
-                                          form="absorbed")
+        return decode_step.lower(self.graphdef, state, tokens_BT, cache, form="absorbed")
 
 
 def save(compiled, path: str) -> None:

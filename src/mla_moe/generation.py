@@ -14,8 +14,8 @@
 Compiled shapes depend only on (batch, prompt bucket or chunk, cache bucket, max_new_tokens),
 so prompts of different lengths within a bucket reuse the same executables.
 
-With `mesh=`, the model runs sharded as in training (`on_mesh`): each weight placed by the
-sharding rules (experts over `expert`, heads and FFN hidden over `tensor`, ...), the MoE
+With `mesh=`, the model runs sharded as in training (`sharding.on_mesh`): each weight placed by
+the sharding rules (experts over `expert`, heads and FFN hidden over `tensor`, ...), the MoE
 layers expert-parallel, and the latent cache split over the batch axes. The cache has no
 head dimension to split (MLA's one latent per token), so tensor-parallel ranks each hold
 their batch rows' whole cache.
@@ -27,6 +27,7 @@ V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 
@@ -34,13 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from mla_moe import fp8_cache, sharding
+from mla_moe import sharding
 from mla_moe.cache import KVCache, init_cache
 from mla_moe.config import ModelConfig
 from mla_moe.decoder import DeepSeekModel
 from mla_moe.sampling import Sampling, sample
+from pallas_kernels.dispatch import next_pow2, round_up
 
 PREFILL_CHUNK = 512
 MIN_BUCKET = 16
@@ -48,15 +49,11 @@ MIN_CACHE = 64
 PAD_ID = 0
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def prompt_bucket(length: int, chunk: int = PREFILL_CHUNK) -> int:
     """Padded prompt length: a power of two (>= 16) up to `chunk`, then a multiple of it."""
     if length <= chunk:
-        return min(max(MIN_BUCKET, _next_pow2(length)), chunk)
-    return -(-length // chunk) * chunk
+        return min(max(MIN_BUCKET, next_pow2(length)), chunk)
+    return round_up(length, chunk)
 
 
 def cache_bucket(config: ModelConfig, needed: int) -> int:
@@ -66,7 +63,7 @@ def cache_bucket(config: ModelConfig, needed: int) -> int:
             f"prompt + max_new_tokens needs {needed} positions, more than "
             f"max_position_embeddings={config.max_position_embeddings}"
         )
-    return min(max(MIN_CACHE, _next_pow2(needed)), config.max_position_embeddings)
+    return min(max(MIN_CACHE, next_pow2(needed)), config.max_position_embeddings)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, bucket: int
@@ -89,47 +86,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, bucket: int
     return tokens, lengths
 
 
-def allocate_cache(config: ModelConfig, batch: int, max_length: int, *, fp8: bool = False,
-                   dtype=None) -> KVCache:
-    if fp8:
-        return fp8_cache.init_fp8_cache(config, batch, max_length)
-    return init_cache(config, batch, max_length, dtype)
-
-
-@contextlib.contextmanager
-def on_mesh(model: DeepSeekModel, mesh=None, rules=None) -> Iterator[DeepSeekModel]:
-    """Activates `mesh` (and the sharding `rules`) for the block and yields `model` with its
-    state placed on it; a no-op yielding `model` when mesh is None. Weights already on the
-    mesh (e.g. `load_pretrained(..., mesh=mesh)`) are not copied."""
-    if mesh is None:
-        yield model
-        return
-    with sharding.use_mesh(mesh, rules):
-        graphdef, state = nnx.split(model)
-        state = jax.device_put(state, sharding.state_shardings(state, mesh))
-        yield nnx.merge(graphdef, state)
-
-
-def place_cache(cache, mesh=None):
-    """A latent cache (KVCache / MTPCache latents [B, S, W] per layer, lengths [B]) with
-    its batch dimension split by the `batch` rule where the mesh axes divide it, else
-    replicated over the mesh. Unchanged when mesh is None."""
-    if mesh is None:
-        return cache
-    return jax.device_put(cache, cache_shardings(cache, mesh))
-
-
-def cache_shardings(cache, mesh):
-    """The NamedShardings `place_cache` gives a (concrete or abstract) cache on `mesh`."""
-    names = {3: ("batch", "length", None), 1: ("batch",)}
-
-    def one(x):
-        return NamedSharding(mesh, sharding.logical_to_spec(names[x.ndim], x.shape, mesh,
-                                                            strict=False))
-
-    return jax.tree.map(one, cache)
-
-
 # --- jitted pieces ---------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _prefill_chunk(graphdef, state, tokens_BT, cache, last_B, h_last_BD):
@@ -146,8 +102,9 @@ def _prefill_chunk(graphdef, state, tokens_BT, cache, last_B, h_last_BD):
     return out.hidden, jnp.where(inside_B[:, None], h_BD, h_last_BD), out.cache
 
 
-def prefill(model: DeepSeekModel, tokens_BP, lengths_B, cache: KVCache, *,
-            chunk: int = PREFILL_CHUNK):
+def prefill(model: DeepSeekModel, tokens_BP: np.ndarray | jax.Array,
+            lengths_B: np.ndarray | jax.Array, cache: KVCache, *, chunk: int = PREFILL_CHUNK
+            ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Writes the padded prompts into `cache` (donated) `chunk` tokens at a time.
 
     Returns (hidden at each prompt's last token [B, D], hidden of every prompt position
@@ -172,7 +129,8 @@ def prefill(model: DeepSeekModel, tokens_BP, lengths_B, cache: KVCache, *,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "form"), donate_argnames=("cache",))
-def decode_step(graphdef, state, tokens_BT, cache, form="absorbed"):
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, cache: KVCache,
+                form: str = "absorbed") -> tuple[jax.Array, jax.Array, KVCache]:
     """One cached forward step: (logits [B, T, V] float32, hidden [B, T, D], cache)."""
     model = nnx.merge(graphdef, state)
     out = model(tokens_BT, cache=cache, attention_form=form)
@@ -205,8 +163,8 @@ def _decode_loop(graphdef, state, cache, h_last_BD, key, max_new, eos_id, *, sam
 
     def body(carry):
         step, tok_B, cache, done_B, out_BN, key = carry
-        logits_BTV = model(tok_B[:, None], cache=cache, attention_form=form)
-        logits_BV, cache = logits_BTV.logits[:, 0], logits_BTV.cache
+        out = model(tok_B[:, None], cache=cache, attention_form=form)
+        logits_BV, cache = out.logits[:, 0], out.cache
         key, sub = jax.random.split(key)
         nxt_B = sample(logits_BV, sub, sampling)
         out_BN = jax.lax.dynamic_update_slice(
@@ -219,7 +177,8 @@ def _decode_loop(graphdef, state, cache, h_last_BD, key, max_new, eos_id, *, sam
     return out_BN, steps, cache
 
 
-def trim(tokens_BN, eos_id: int | None, max_new: int) -> list[list[int]]:
+def trim(tokens_BN: np.ndarray | jax.Array, eos_id: int | None, max_new: int
+         ) -> list[list[int]]:
     """Rows as lists, cut after the first EOS (kept) and at max_new; -1 marks no token."""
     result = []
     for row in np.asarray(tokens_BN):
@@ -232,6 +191,45 @@ def trim(tokens_BN, eos_id: int | None, max_new: int) -> list[list[int]]:
                 break
         result.append(out)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+    """Where every generator starts: the prompts in the cache, the model as it decodes."""
+
+    model: DeepSeekModel  # unstacked, on the mesh
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    tokens_BP: np.ndarray  # the prompts, right-padded with PAD_ID
+    lengths_B: np.ndarray  # the prompts' true lengths
+    slots: int  # S, the cache slots per row
+    cache: KVCache  # holding the prompts, lengths_B = the true lengths
+    h_last_BD: jax.Array  # hidden at each prompt's last token
+    hidden_BPD: jax.Array  # hidden at every prompt position
+
+
+@contextlib.contextmanager
+def prefilled(model: DeepSeekModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+              fp8: bool = False, cache_dtype=None, prefill_chunk: int = PREFILL_CHUNK,
+              mesh=None, extra_slots: int = 0) -> Iterator[Prefilled]:
+    """Pads `prompts` to their bucket, places `model` on `mesh` (`sharding.on_mesh`) and
+    unstacks it, allocates a cache with room for `max_new_tokens` (+ `extra_slots`) and
+    prefills it; yields the result with the mesh active for the decoding that follows."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    config = model.config
+    longest = max((len(p) for p in prompts), default=0)
+    bucket = prompt_bucket(longest, prefill_chunk)
+    tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, bucket)
+    slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens + extra_slots))
+    with sharding.on_mesh(model, mesh) as model:
+        model = model.unstacked()
+        cache = init_cache(config, len(prompts), slots, cache_dtype, fp8=fp8)
+        cache = sharding.place_cache(cache, mesh)
+        h_last_BD, hidden_BPD, cache = prefill(model, tokens_BP, lengths_B, cache,
+                                               chunk=prefill_chunk)
+        yield Prefilled(model, *nnx.split(model), tokens_BP, lengths_B, slots, cache,
+                        h_last_BD, hidden_BPD)
 
 
 def generate(
@@ -253,28 +251,19 @@ def generate(
     sampling: None (greedy) or a `Sampling`; `seed` seeds it. eos_id: a row stops after
     emitting it (the EOS is included). fp8: the FP8 latent cache (fp8_cache.py) instead of
     `cache_dtype` (default: the model's compute dtype). decode_form: "absorbed" or "naive"
-    (default: the config's `decode_attention`). mesh: run sharded on this mesh (`on_mesh`).
+    (default: the config's `decode_attention`). mesh: run sharded on this mesh
+    (`sharding.on_mesh`).
     Returns the new tokens of each prompt.
 
     Decoding runs `model.unstacked()`, which copies the stacked layer weights once per call;
     when memory is tight, pass `model = model.unstacked()` (and drop the stacked model): an
     unstacked model is used as it is.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    config = model.config
-    longest = max((len(p) for p in prompts), default=0)
-    bucket = prompt_bucket(longest, prefill_chunk)
-    tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, bucket)
-    slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens))
-    with on_mesh(model, mesh) as model:
-        model = model.unstacked()
-        cache = place_cache(
-            allocate_cache(config, len(prompts), slots, fp8=fp8, dtype=cache_dtype), mesh)
-        graphdef, state = nnx.split(model)
-        h_last_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache, chunk=prefill_chunk)
+    with prefilled(model, prompts, max_new_tokens=max_new_tokens, fp8=fp8,
+                   cache_dtype=cache_dtype, prefill_chunk=prefill_chunk, mesh=mesh) as start:
         out_BN, _, _ = _decode_loop(
-            graphdef, state, cache, h_last_BD, jax.random.key(seed), jnp.int32(max_new_tokens),
-            eos_array(eos_id), sampling=sampling, form=decode_form or config.decode_attention,
+            start.graphdef, start.state, start.cache, start.h_last_BD, jax.random.key(seed),
+            jnp.int32(max_new_tokens), eos_array(eos_id), sampling=sampling,
+            form=decode_form or model.config.decode_attention,
         )
     return trim(out_BN, eos_id, max_new_tokens)
