@@ -92,7 +92,8 @@ def _make_mesh(sizes, config):
         raise InputError(f"--mesh={_MESH.value}: {e}") from None
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Loads the model, generates for every --prompt and prints the text and throughput."""
     check_flags()
 
     from mla_moe.config import ModelConfig

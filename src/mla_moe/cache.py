@@ -55,7 +55,8 @@ class KVCache:
         return x.shape[-1] * x.dtype.itemsize
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None, *,
+def init_cache(config: ModelConfig, batch: int, max_length: int,
+               dtype: jax.typing.DTypeLike | None = None, *,
                fp8: bool = False, mtp: bool = False) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_length` tokens.
 
@@ -90,7 +91,8 @@ class LatentCodec:
     compute_dtype: jnp.dtype
 
     @classmethod
-    def of(cls, cache_BSW: jax.Array, kv_lora_rank: int, compute_dtype) -> LatentCodec:
+    def of(cls, cache_BSW: jax.Array, kv_lora_rank: int, compute_dtype: jax.typing.DTypeLike
+           ) -> LatentCodec:
         """The codec of `cache_BSW`: FP8-packed when it is uint8, else a cast."""
         return cls(kv_lora_rank, jnp.dtype(cache_BSW.dtype), jnp.dtype(compute_dtype))
 

@@ -50,7 +50,8 @@ def quantize(c_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q.reshape(*x.shape[:-1], g * SCALE_BLOCK)[..., :c], scale_BTG
 
 
-def dequantize(q_BTC: jax.Array, scale_BTG: jax.Array, dtype=jnp.float32) -> jax.Array:
+def dequantize(q_BTC: jax.Array, scale_BTG: jax.Array,
+               dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """The inverse of `quantize`: value * scale per block, [..., C] in `dtype`."""
     c = q_BTC.shape[-1]
     g = scale_BTG.shape[-1]
@@ -79,7 +80,8 @@ def pack(latent_BTK: jax.Array, kv_lora_rank: int) -> jax.Array:
     return jnp.concatenate([_to_bytes(q), _to_bytes(scale), _to_bytes(rope)], axis=-1)
 
 
-def unpack(packed_BSW: jax.Array, kv_lora_rank: int, dtype=jnp.float32) -> jax.Array:
+def unpack(packed_BSW: jax.Array, kv_lora_rank: int,
+           dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """[..., W] uint8 -> [..., C + R] latent in `dtype`."""
     c, g = kv_lora_rank, num_scale_blocks(kv_lora_rank)
     q = _from_bytes(packed_BSW[..., :c], jnp.float8_e4m3fn)

@@ -210,8 +210,9 @@ class Prefilled:
 
 @contextlib.contextmanager
 def prefilled(model: DeepSeekModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-              fp8: bool = False, cache_dtype=None, prefill_chunk: int = PREFILL_CHUNK,
-              mesh=None, extra_slots: int = 0) -> Iterator[Prefilled]:
+              fp8: bool = False, cache_dtype: jax.typing.DTypeLike | None = None,
+              prefill_chunk: int = PREFILL_CHUNK, mesh: jax.sharding.Mesh | None = None,
+              extra_slots: int = 0) -> Iterator[Prefilled]:
     """Pads `prompts` to their bucket, places `model` on `mesh` (`sharding.on_mesh`) and
     unstacks it, allocates a cache with room for `max_new_tokens` (+ `extra_slots`) and
     prefills it; yields the result with the mesh active for the decoding that follows."""
@@ -241,10 +242,10 @@ def generate(
     eos_id: int | None = None,
     seed: int = 0,
     fp8: bool = False,
-    cache_dtype=None,
+    cache_dtype: jax.typing.DTypeLike | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     decode_form: str | None = None,
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[list[int]]:
     """Generates up to `max_new_tokens` new tokens for each prompt (a list of token ids).
 

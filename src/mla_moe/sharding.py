@@ -378,8 +378,8 @@ def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules | None
 
 
 @contextlib.contextmanager
-def on_mesh(model: nnx.Module, mesh=None, rules: Rules | Mapping[str, Any] | None = None
-            ) -> Iterator[nnx.Module]:
+def on_mesh(model: nnx.Module, mesh: jax.sharding.Mesh | None = None,
+            rules: Rules | Mapping[str, Any] | None = None) -> Iterator[nnx.Module]:
     """Activates `mesh` (and the sharding `rules`) for the block and yields `model` with its
     state placed on it by the rules; a no-op yielding `model` when mesh is None. Weights
     already on the mesh (e.g. `load_pretrained(..., mesh=mesh)`) are not copied."""
@@ -395,7 +395,7 @@ def on_mesh(model: nnx.Module, mesh=None, rules: Rules | Mapping[str, Any] | Non
 _CACHE_NAMES = {3: ("batch", "length", None), 1: ("batch",)}  # latents [B, S, W], lengths [B]
 
 
-def cache_shardings(cache, mesh):
+def cache_shardings(cache: Any, mesh: jax.sharding.Mesh) -> Any:
     """The NamedShardings of a (concrete or abstract) latent cache on `mesh`: its batch
     dimension split by the `batch` rule where the mesh axes divide it, else replicated. MLA's
     cache has no head dimension, so tensor-parallel ranks each hold their rows' whole cache."""
@@ -407,8 +407,9 @@ def cache_shardings(cache, mesh):
     return jax.tree.map(one, cache)
 
 
-def place_cache(cache, mesh=None):
-    """A latent cache (`KVCache`) placed by `cache_shardings`; unchanged when mesh is None."""
+def place_cache(cache: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """A latent cache (a `KVCache`, concrete) placed by `cache_shardings`; unchanged when mesh
+    is None."""
     if mesh is None:
         return cache
     return jax.device_put(cache, cache_shardings(cache, mesh))

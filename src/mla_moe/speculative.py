@@ -182,10 +182,10 @@ def speculative_generate(
     max_new_tokens: int,
     eos_id: int | None = None,
     fp8: bool = False,
-    cache_dtype=None,
+    cache_dtype: jax.typing.DTypeLike | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     draft_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """Greedy generation drafted by MTP module 1 and verified by the main model.
 

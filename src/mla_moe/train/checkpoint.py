@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -36,7 +37,7 @@ def _key_name(entry) -> str:
     return str(entry)
 
 
-def flatten_state(tree) -> dict:
+def flatten_state(tree: Any) -> dict:
     """{dotted path: leaf}."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     flat = {".".join(_key_name(e) for e in path): leaf for path, leaf in leaves}
@@ -45,7 +46,7 @@ def flatten_state(tree) -> dict:
     return flat
 
 
-def unflatten_state(template, flat: dict):
+def unflatten_state(template: Any, flat: dict) -> Any:
     """Inverse of `flatten_state` for a tree shaped like `template`."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     keys = [".".join(_key_name(e) for e in path) for path, _ in paths]
@@ -74,9 +75,11 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every saved step."""
         return list(self.manager.all_steps())
 
     def saved_shapes(self, step: int) -> dict[str, tuple]:
@@ -85,13 +88,14 @@ class Checkpointer:
         tree = getattr(meta, "tree", meta)
         return {k: tuple(v.shape) for k, v in tree.items()}
 
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
+        """Starts saving `state` (and the iterator's position) at `step`; False if skipped."""
         args = {STATE: ocp.args.StandardSave(flatten_state(state))}
         if data_iterator is not None:
             args[DATA] = grain_ckpt.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, step: int, abstract_state, data_iterator):
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """`abstract_state`: leaves are `jax.ShapeDtypeStruct`s carrying their target sharding.
         The iterator, if given, is moved in place to the saved position."""
         args = {STATE: ocp.args.StandardRestore(flatten_state(abstract_state))}
@@ -101,9 +105,11 @@ class Checkpointer:
         return unflatten_state(abstract_state, restored[STATE])
 
     def wait(self) -> None:
+        """Blocks until the pending save is written."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the pending save, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
