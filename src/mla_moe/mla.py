@@ -1,5 +1,10 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3), naive and absorbed forms behind one module.
 
+`MLA.naive` / `MLA.absorbed` say how keys and values come from the latent; each takes the
+attention itself as a function (XLA in attention.py, or a Pallas kernel per shard), and
+`_self_attention` / `_cached_attention` pick it. How the cache stores an entry (bf16 or FP8)
+and how new entries are written in place is cache.py's.
+
 Legend: see layers.py. Weight layout ([in, ..., out], einsum-ready):
   wq_DNA or (wq_a_DQ, q_norm, wq_b_QNA)   A = H + R (nope first, then rope, per head)
   wkv_a_DK  K = C + R (latent first, then the shared rope key)
