@@ -84,6 +84,23 @@ def layout(experts_TK: jax.Array, groups: int, block: int) -> Layout:
     return Layout(dest_M, src_P, sizes_E, group_N, padded_ends_E[-1] // block)
 
 
+def capacity_slots(group_M: jax.Array, affinity_M: jax.Array, groups: int,
+                   capacity: int) -> jax.Array:
+    """Slot of each of M assignments in a buffer of `groups` x `capacity` rows (int32 [M]).
+
+    Within its group, an assignment's rank orders the group by affinity (highest first, ties by
+    assignment order); rank r < capacity goes to slot group * capacity + r, the rest are
+    dropped: slot groups * capacity, one past the buffer (append a row there to catch them).
+    """
+    m = group_M.shape[0]
+    order_M = jnp.lexsort((-affinity_M, group_M))  # by group, then best first
+    sizes_G = jnp.zeros((groups,), jnp.int32).at[group_M].add(1)
+    starts_G = jnp.cumsum(sizes_G) - sizes_G
+    rank_sorted_M = jnp.arange(m) - starts_G[group_M[order_M]]
+    rank_M = jnp.zeros((m,), jnp.int32).at[order_M].set(rank_sorted_M.astype(jnp.int32))
+    return jnp.where(rank_M < capacity, group_M * capacity + rank_M, groups * capacity)
+
+
 def _gather(a_TX, idx_b):
     """Rows idx of a; rows past the end (padding / no row) read as 0."""
     return a_TX.at[idx_b].get(mode="fill", fill_value=0)

@@ -25,8 +25,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import mla_moe
-from mla_moe import DeepSeekModel, ModelConfig, losses, sharding
+from mla_moe import losses, sharding
+from mla_moe.balance import apply_expert_bias_update
+from mla_moe.config import ModelConfig
+from mla_moe.decoder import DeepSeekModel
+from mla_moe.router import ExpertBias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +92,8 @@ def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, mic
         "aux_loss": out.aux_loss,
         "aux_losses": dict(out.aux_losses),
         "mtp_loss": mtp,
-        "tokens_per_expert": tuple(r["tokens_per_expert"] for r in out.router),
-        "dropped_fraction": tuple(r["dropped_fraction"] for r in out.router),
+        "tokens_per_expert": tuple(r.tokens_per_expert for r in out.router),
+        "dropped_fraction": tuple(r.dropped_fraction for r in out.router),
     }
     return loss, aux
 
@@ -152,8 +155,7 @@ def train_step(state, batch, fault_step=-1, *, graphdef, cfg: ModelConfig, tx, s
     new_extra = extra
     if cfg.expert_bias_update_rate > 0 and aux["tokens_per_expert"]:
         model = nnx.merge(graphdef, new_params, extra)
-        stats = [{"tokens_per_expert": t} for t in aux["tokens_per_expert"]]
-        mla_moe.apply_expert_bias_update(model, stats, cfg.expert_bias_update_rate)
+        apply_expert_bias_update(model, aux["tokens_per_expert"], cfg.expert_bias_update_rate)
         _, _, new_extra = nnx.split(model, nnx.Param, ...)
 
     # A non-finite step leaves the state as it was (only the step counter moves), whether the
@@ -183,7 +185,7 @@ def train_step(state, batch, fault_step=-1, *, graphdef, cfg: ModelConfig, tx, s
         metrics["drop_fraction"] = jnp.stack(aux["dropped_fraction"])
         biases = [
             v[...] for path, v in nnx.to_flat_state(new_state["extra"])
-            if isinstance(v, mla_moe.ExpertBias)
+            if isinstance(v, ExpertBias)
         ]
         if biases:
             metrics["bias_min"] = jnp.min(jnp.stack([b.min() for b in biases]))
