@@ -395,7 +395,15 @@ def batch_axes(mesh=None, rules: Rules | None = None) -> tuple[str, ...]:
     return tuple(a for a in rules.get("batch", ()) if sizes.get(a, 1) > 1)
 
 
+def data_parallel_size(mesh, rules: Rules | None = None) -> int:
+    """How many ways the batch is split: the product of the `batch` rule's mesh axes."""
+    sizes = dict(mesh.shape)
+    return math.prod(sizes[a] for a in batch_axes(mesh, rules))
+
+
 def batch_sharding(mesh, rules: Rules | None = None) -> NamedSharding:
-    """The sharding of a [B, ...] input batch (split over the `batch` rule's axes)."""
-    axes = batch_axes(mesh, rules)
-    return NamedSharding(mesh, P(axes if axes else None))
+    """The sharding of a [B, ...] input batch: its leading dimension is the logical `batch`
+    axis, laid out by the rules like every other (B a multiple of `data_parallel_size`)."""
+    rules = current_rules() if rules is None else rules
+    names, shape = ("batch",), (data_parallel_size(mesh, rules),)
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules, what="batch"))

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 
 import grain
+import jax
 import numpy as np
 
 from mla_moe.data.token_store import TokenSplit
@@ -115,3 +116,13 @@ def eval_batches(split: TokenSplit, cfg: PipelineConfig, num_batches: int) -> li
         examples = [pack_window(split, ((k * G + p * L + j) % n) * T, T) for j in range(L)]
         out.append({key: np.stack([e[key] for e in examples]) for key in examples[0]})
     return out
+
+
+def global_batch(local_batch: dict[str, np.ndarray],
+                 sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """This process's [L, T] batch as the global [G, T] jax.Arrays laid out by `sharding`
+    (`mla_moe.sharding.batch_sharding`): each process passes its own slice."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }

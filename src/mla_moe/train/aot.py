@@ -31,7 +31,6 @@ from mla_moe import counting, sharding
 from mla_moe.generate import allocate_cache, cache_shardings, decode_step
 from mla_moe.train import config as config_lib
 from mla_moe.train import hlo_collectives, trainer
-from mla_moe.train import mesh as mesh_lib
 from pallas_kernels import targets
 
 GIB = 1 << 30
@@ -203,7 +202,7 @@ def compile_train(config, devices, *, target: str = "") -> tuple[Report, object]
     None when the compiler ran out of memory)."""
     t = config.train
     with trainer.run_mesh(config, devices) as (cfg, mesh):
-        config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), 1)
+        config_lib.check_batch(config, sharding.data_parallel_size(mesh), 1)
         built = trainer.build(config, mesh)
         state = built.state_spec()
         batch = built.batch_spec(t.batch_size, t.seq_len)
@@ -232,7 +231,7 @@ def compile_decode(config, devices, *, cache_length: int = 0, batch: int = 0,
     with trainer.run_mesh(config, devices) as (cfg, mesh):
         cfg = cfg.replace(param_dtype=cfg.dtype)  # served weights: bf16, no optimizer
         cache_length = cache_length or cfg.max_position_embeddings
-        batch = batch or mesh_lib.data_parallel_size(mesh)
+        batch = batch or sharding.data_parallel_size(mesh)
         model = sharding.abstract_model(lambda: mla_moe.DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(model)
         state_sh = sharding.state_shardings(abstract_state, mesh)
