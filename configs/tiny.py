@@ -4,6 +4,7 @@ import ml_collections
 
 
 def model_config() -> ml_collections.ConfigDict:
+    """The tiny model's `ModelConfig` fields."""
     return ml_collections.ConfigDict(
         dict(
             vocab_size=256,  # byte-level tokenizer

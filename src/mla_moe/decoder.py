@@ -34,6 +34,8 @@ _REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class ModelOutput:
+    """What `DeepSeekModel.__call__` returns (a pytree)."""
+
     logits: jax.Array  # [B, T, vocab] float32
     aux_loss: jax.Array  # scalar: weighted balance / z losses summed over MoE layers
     aux_losses: dict[str, jax.Array]  # unweighted, summed over MoE layers
@@ -44,6 +46,8 @@ class ModelOutput:
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)) (a SwiGLU, or an `MoE`)."""
+
     def __init__(self, config: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
         c = config
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
@@ -51,8 +55,11 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
         self.ffn = MoE(c, rngs=rngs) if moe else SwiGLU(c.intermediate_size, config=c, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None, lengths_B=None,
-                 form=None):
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None, cache_BSK: jax.Array | None = None,
+                 lengths_B: jax.Array | None = None, form: str | None = None
+                 ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
+        """(x_BTD out, the updated cache or None, the MoE's stats or None for a dense FFN)."""
         a_BTD, cache_BSK = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
                                      cache_BSK, lengths_B, form)
         x_BTD = x_BTD + checkpoint_name(a_BTD, "attention_out")
@@ -88,8 +95,12 @@ class MTPBlock(nnx.Module):
         self.layer = DecoderLayer(c, c.is_moe_layer(layer_idx), rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
 
-    def __call__(self, h_BTD, emb_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None,
-                 lengths_B=None, form=None):
+    def __call__(self, h_BTD: jax.Array, emb_BTD: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None, cache_BSK: jax.Array | None = None,
+                 lengths_B: jax.Array | None = None, form: str | None = None
+                 ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
+        """The block over h_BTD (the previous depth's hidden) and emb_BTD (the shifted
+        tokens' embedding); returns what `DecoderLayer` returns."""
         x_BT2D = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
         x_BTD = jnp.einsum("BTE,ED->BTD", x_BT2D, self.eh_proj_2DD[...].astype(h_BTD.dtype))
         return self.layer(x_BTD, positions_BT, segment_ids_BT, cache_BSK, lengths_B, form)
@@ -124,6 +135,7 @@ class DeepSeekModel(nnx.Module):
 
     # --- pieces ------------------------------------------------------------------------------
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """Embedding lookup [B, T] -> [B, T, D] in the compute dtype."""
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
         return constrain(x_BTD, ACT_BTD)
 

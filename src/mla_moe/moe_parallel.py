@@ -129,6 +129,12 @@ def _combine(y_MD, weights_TK):
     return jnp.einsum("TKD,TK->TD", y_MD.reshape(t, k, -1), weights_TK.astype(jnp.float32))
 
 
+def _local_and_destination(experts_TK, e_local):
+    """Per flat assignment m = t*K + k: (its expert's index on its shard, that shard)."""
+    flat_M = experts_TK.reshape(-1)
+    return flat_M % e_local, flat_M // e_local
+
+
 def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity):
     """all_to_all exchange with X = `capacity` rows per destination (the best-scoring first,
     `capacity_slots`). Returns (y_TD, dropped count)."""
@@ -136,13 +142,12 @@ def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity):
     e_local = w[0].shape[0]
     d = x_TD.shape[-1]
     m = t * k
-    flat_M = experts_TK.reshape(-1)
-    dest_M = flat_M // e_local
+    local_M, dest_M = _local_and_destination(experts_TK, e_local)
     slot_M = capacity_slots(dest_M, affinity_TK.reshape(-1), ep, capacity)  # last row: trash
     send_PXD = jnp.zeros((ep * capacity + 1, d), x_TD.dtype).at[slot_M].set(
         x_TD[jnp.arange(m) // k])[:-1].reshape(ep, capacity, d)
     send_PX = jnp.full((ep * capacity + 1,), e_local, jnp.int32).at[slot_M].set(
-        flat_M % e_local)[:-1].reshape(ep, capacity)
+        local_M)[:-1].reshape(ep, capacity)
     if ep > 1:
         recv_PXD = jax.lax.all_to_all(send_PXD, "expert", 0, 0)
         recv_PX = jax.lax.all_to_all(send_PX, "expert", 0, 0)
@@ -186,11 +191,10 @@ def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
     e_local = w[0].shape[0]
     d = x_TD.shape[-1]
     m = t * k
-    flat_M = experts_TK.reshape(-1)
-    dest_M = flat_M // e_local
+    local_M, dest_M = _local_and_destination(experts_TK, e_local)
     order_M = jnp.lexsort((-affinity_TK.reshape(-1), dest_M))  # by dest, then best first
     xs_MD = x_TD[order_M // k]
-    es_M1 = (flat_M % e_local)[order_M].astype(jnp.int32)[:, None]
+    es_M1 = local_M[order_M].astype(jnp.int32)[:, None]
     want_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
     in_off_P = jnp.cumsum(want_P) - want_P
     # want_SP[s, p]: rows shard s has for shard p (every shard's row of the matrix).
@@ -235,8 +239,9 @@ def _token_axes(mesh, tokens: int, rules) -> tuple[tuple[str, ...], bool]:
     return tuple(axes), "expert" in axes
 
 
-def routed_experts(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, down_EFD,
-                   config: ModelConfig):
+def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array,
+                   affinity_TK: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
+                   down_EFD: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Expert-parallel routed-expert output under the active mesh: (y_TD f32, dropped count).
 
     x_TD: [T, D] all tokens of the call (global view); experts_TK/weights_TK/affinity_TK: the

@@ -29,6 +29,9 @@ from mla_moe.errors import ConfigError, InputError
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
+    """The pipeline's settings: window length, global batch, shuffle seed, this process's
+    place among `process_count`, and Grain's read threads and prefetch."""
+
     seq_len: int
     global_batch: int
     seed: int = 0
@@ -50,6 +53,7 @@ class PipelineConfig:
 
     @property
     def local_batch(self) -> int:
+        """L: sequences this process reads per global batch."""
         return self.global_batch // self.process_count
 
 
@@ -71,6 +75,7 @@ def pack_window(split: TokenSplit, start: int, seq_len: int) -> dict[str, np.nda
 
 
 def num_windows(split: TokenSplit, seq_len: int) -> int:
+    """Windows of `seq_len + 1` tokens (stride `seq_len`) in the split."""
     return (split.num_tokens - 1) // seq_len
 
 

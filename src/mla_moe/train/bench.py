@@ -4,6 +4,7 @@ and a large matmul in the same process, per docs PERF.md."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -14,13 +15,16 @@ from mla_moe.data import global_batch
 from mla_moe.train import config as config_lib
 from mla_moe.train import metrics, trainer
 
+if TYPE_CHECKING:
+    import ml_collections
 
-def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
+
+def matmul_flops(n: int, dtype: jax.typing.DTypeLike, repeats: int = 5) -> float:
     """Median FLOP/s of an n x n x n matmul on the default device (fresh random inputs)."""
     return metrics.measure_matmul_flops(n, repeats, dtype)
 
 
-def time_train_step(config, steps: int = 3) -> dict:
+def time_train_step(config: ml_collections.ConfigDict, steps: int = 3) -> dict:
     """Median step time of `config`'s train step on all local devices; random tokens."""
     with trainer.run_mesh(config) as (cfg, mesh):
         config_lib.check_batch(config, sharding.data_parallel_size(mesh), 1)

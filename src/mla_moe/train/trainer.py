@@ -15,7 +15,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -40,6 +41,11 @@ from mla_moe.train import optimizer as optimizer_lib
 from mla_moe.train import train_step as step_lib
 from mla_moe.train.config import ConfigError
 
+if TYPE_CHECKING:
+    import ml_collections
+
+    from mla_moe.config import ModelConfig
+
 
 class IncompatibleWorkdirError(InputError):
     """The workdir holds checkpoints of a run this config cannot continue."""
@@ -51,6 +57,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class TrainResult:
+    """How a `train` call ended."""
+
     step: int  # completed steps
     resumed_from: int | None
     preempted: bool
@@ -62,6 +70,7 @@ def _config_json(config) -> dict:
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """`--profile_steps=A:B` as (A, B), steps A to B traced; None for ''."""
     if not spec:
         return None
     try:
@@ -160,7 +169,7 @@ def _resolve_data(config) -> str:
 
 
 def train(
-    config,
+    config: ml_collections.ConfigDict,
     workdir: str,
     *,
     profile_steps: str = "",
@@ -175,7 +184,8 @@ def train(
 
 
 @contextlib.contextmanager
-def run_mesh(config, devices=None):
+def run_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+             ) -> Iterator[tuple[ModelConfig, jax.sharding.Mesh]]:
     """Validates `config`, builds its mesh over `devices` (default: all of this job's; or the
     compile-only devices of another machine) and activates it with the config's rules
     (`config.mesh.rules`). Yields (ModelConfig, mesh); fails before compiling on bad input."""
@@ -349,7 +359,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
                        last_record=record)
 
 
-def optimizer_key(train_cfg) -> tuple:
+def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
     """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
     names = ("steps", "warmup_steps", "decay_steps", "learning_rate", "min_lr_ratio",
              "weight_decay", "b1", "b2", "eps", "grad_clip_norm")
@@ -372,7 +382,7 @@ class Built:
     step_fn: Callable
     eval_fn: Callable
 
-    def state_spec(self):
+    def state_spec(self) -> Any:
         """The train state as ShapeDtypeStructs carrying the run's shardings."""
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_sh)
@@ -382,7 +392,7 @@ class Built:
         return step_lib.batch_spec(batch_size, seq_len, self.batch_sh)
 
 
-def build(config, mesh: jax.sharding.Mesh) -> Built:
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Built:
     """The run's optimizer, state layout and jitted step functions on `mesh`, used by `train`
     and by `launch.compile` alike. Reads no data, allocates nothing; call it inside
     `run_mesh(config, ...)` so that the rules in effect are the run's."""
