@@ -95,9 +95,9 @@ def capacity_slots(group_M: jax.Array, affinity_M: jax.Array, groups: int,
     """
     m = group_M.shape[0]
     order_M = jnp.lexsort((-affinity_M, group_M))  # by group, then best first
-    sizes_G = jnp.zeros((groups,), jnp.int32).at[group_M].add(1)
-    starts_G = jnp.cumsum(sizes_G) - sizes_G
-    rank_sorted_M = jnp.arange(m) - starts_G[group_M[order_M]]
+    group_sizes = jnp.zeros((groups,), jnp.int32).at[group_M].add(1)
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    rank_sorted_M = jnp.arange(m) - group_starts[group_M[order_M]]
     rank_M = jnp.zeros((m,), jnp.int32).at[order_M].set(rank_sorted_M.astype(jnp.int32))
     return jnp.where(rank_M < capacity, group_M * capacity + rank_M, groups * capacity)
 

@@ -68,8 +68,9 @@ def placement_config(config: ModelConfig) -> ModelConfig:
 # --- selection ---------------------------------------------------------------------------------
 def _keep_top_blocks(choice_TE: jax.Array, blocks: int, keep: int,
                      block_score: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """Bool [T, E]: per token, the experts of the `keep` best of `blocks` contiguous blocks,
-    a block scored by `block_score` over its experts ([T, blocks, E/blocks] -> [T, blocks])."""
+    """Bool [T, E]: per token, the experts of the `keep` best of `blocks` contiguous blocks
+    (expert groups, or expert shards), a block scored by `block_score` over its experts
+    ([T, G, E/G] -> [T, G] with G = blocks)."""
     t, e = choice_TE.shape
     score_TG = block_score(choice_TE.reshape(t, blocks, e // blocks))
     _, top_TJ = jax.lax.top_k(score_TG, keep)
