@@ -62,8 +62,8 @@ def _layer_fn(cfg: ModelConfig, mesh, train=False):
     graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
 
     def fwd(state, x):
-        y, stats = nnx.merge(graphdef, state)(x)
-        return y, stats["aux_loss"]
+        out = nnx.merge(graphdef, state)(x)
+        return out.y_BTD, out.stats.aux_loss
 
     def loss(state, x):
         y, aux = fwd(state, x)

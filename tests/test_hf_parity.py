@@ -42,7 +42,7 @@ def test_hf_weights_load_and_match(hf_dir):
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
     # The routing is exercised for real: more than one expert chosen in every MoE layer.
     out = ours(tokens)
-    assert out.router and all(int((r["tokens_per_expert"] > 0).sum()) > 1 for r in out.router)
+    assert out.router and all(int((r.tokens_per_expert > 0).sum()) > 1 for r in out.router)
 
 
 def test_our_model_saves_for_transformers(hf_dir, tmp_path):

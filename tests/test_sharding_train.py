@@ -49,7 +49,7 @@ def _step(graphdef):
     def step(params, extra, batch):
         (loss, router), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, extra, batch)
         norm = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
-        return loss, norm, router[0]["tokens_per_expert"]
+        return loss, norm, router[0].tokens_per_expert
 
     return step
 

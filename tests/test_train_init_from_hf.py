@@ -3,12 +3,12 @@
 import chex
 import pytest
 from flax import nnx
+from train_helpers import micro_config, synthetic_store
 
 from mla_moe import DeepSeekModel, ModelConfig
 from mla_moe.hf import load_pretrained, save_pretrained
 from mla_moe.train import ConfigError, train
 from mla_moe.train.checkpoint import load_checkpoint
-from mla_moe.train.testing import micro_config, synthetic_store
 
 
 def test_training_starts_from_hf_weights(tmp_path):

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from train_helpers import enable_compilation_cache, micro_config, synthetic_store
 
 from mla_moe.data import PipelineConfig, TokenSplit, train_iterator
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
 from mla_moe.train import optimizer as optimizer_lib
 from mla_moe.train import train_step as step_lib
-from mla_moe.train.testing import enable_compilation_cache, micro_config, synthetic_store
 
 enable_compilation_cache()
 
@@ -139,3 +139,26 @@ def test_incompatible_fields():
     b["train"]["seq_len"] = 64
     diffs = config_lib.incompatible_fields(a, b)
     assert diffs == ["model.hidden_size: 64 -> 96", "train.seq_len: 32 -> 64"]
+
+
+def _specs(tree) -> set:
+    return {s.spec for s in jax.tree.leaves(tree)}
+
+
+def test_build_is_cached_per_logical_rules():
+    """`trainer.build` is cached; the rules in effect change the layout, so a build under other
+    rules must not reuse the first one's shardings or its traced steps."""
+    from mla_moe import sharding
+    from mla_moe.train import trainer
+
+    config = micro_config()
+    with trainer.run_mesh(config) as (_, mesh):  # data=8: the batch over `data`
+        default = trainer.build(config, mesh)
+        assert trainer.build(config, mesh) is default
+        with sharding.use_rules({"embed": "data", "batch": None}):
+            other = trainer.build(config, mesh)
+    assert other is not default
+    assert default.batch_sh.spec == jax.sharding.PartitionSpec("data")
+    assert other.batch_sh.spec == jax.sharding.PartitionSpec(None)
+    assert not any("data" in str(s) for s in _specs(default.state_sh))
+    assert any("data" in str(s) for s in _specs(other.state_sh))

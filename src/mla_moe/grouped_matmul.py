@@ -53,6 +53,7 @@ class Layout(NamedTuple):
 
     @property
     def block(self) -> int:
+        """Rows per block."""
         return self.src_P.shape[0] // self.group_N.shape[0]
 
 
@@ -82,6 +83,23 @@ def layout(experts_TK: jax.Array, groups: int, block: int) -> Layout:
     group_N = jnp.minimum(jnp.searchsorted(padded_ends_E, jnp.arange(num_blocks) * block,
                                            side="right"), groups - 1).astype(jnp.int32)
     return Layout(dest_M, src_P, sizes_E, group_N, padded_ends_E[-1] // block)
+
+
+def capacity_slots(group_M: jax.Array, affinity_M: jax.Array, groups: int,
+                   capacity: int) -> jax.Array:
+    """Slot of each of M assignments in a buffer of `groups` x `capacity` rows (int32 [M]).
+
+    Within its group, an assignment's rank orders the group by affinity (highest first, ties by
+    assignment order); rank r < capacity goes to slot group * capacity + r, the rest are
+    dropped: slot groups * capacity, one past the buffer (append a row there to catch them).
+    """
+    m = group_M.shape[0]
+    order_M = jnp.lexsort((-affinity_M, group_M))  # by group, then best first
+    group_sizes = jnp.zeros((groups,), jnp.int32).at[group_M].add(1)
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    rank_sorted_M = jnp.arange(m) - group_starts[group_M[order_M]]
+    rank_M = jnp.zeros((m,), jnp.int32).at[order_M].set(rank_sorted_M.astype(jnp.int32))
+    return jnp.where(rank_M < capacity, group_M * capacity + rank_M, groups * capacity)
 
 
 def _gather(a_TX, idx_b):
@@ -265,6 +283,7 @@ def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
 
 
 def default_implementation() -> str:
+    """"ragged_dot" when compiling for TPU, else "blocked"."""
     return "ragged_dot" if target_platform() == "tpu" else "blocked"
 
 
