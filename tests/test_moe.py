@@ -72,7 +72,7 @@ def test_expert_paths_equal_the_loop_reference(name, impl):
     chex.assert_shape(y_fast, x.shape)
     assert_close_scaled(y_fast, y_slow, rel=1e-5)
     # With routed_scaling_factor=16 terms of ~1 cancel to ~1e-2: the bound is per leaf,
-    # relative to the leaf's largest |gradient|.
+    # relative to the leaf's largest |gradient| (measured: 2.4e-6).
     assert_close_scaled(g_fast, g_slow, rel=1e-5)
     assert float(stats["dropped_fraction"]) == 0.0
     assert float(stats["tokens_per_expert"].sum()) == 2 * 11 * moe.config.num_experts_per_tok
@@ -100,7 +100,7 @@ def test_capacity_drops_exactly_the_lowest_affinity_assignments():
     y, stats = moe(x)
     np.testing.assert_allclose(float(stats["dropped_fraction"]), expected_dropped, rtol=1e-6)
     reference = moe_loop_reference(moe, x, keep_TK=jnp.asarray(keep, jnp.float32))
-    assert_close_scaled(y, reference, rel=1e-5)
+    assert_close_scaled(y, reference, rel=1e-6)
 
 
 def _select_reference(scores, bias, c):
