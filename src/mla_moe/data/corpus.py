@@ -95,6 +95,8 @@ def prepare(
 
 
 def cache_dir() -> str:
+    """Where the default corpus is cached: $MLA_MOE_CACHE, else $XDG_CACHE_HOME/mla_moe, else
+    ~/.cache/mla_moe."""
     root = os.environ.get("MLA_MOE_CACHE")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -103,6 +105,7 @@ def cache_dir() -> str:
 
 
 def stdlib_source_glob() -> str:
+    """A recursive glob of this Python's standard library sources (the default corpus)."""
     return os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
 
 

@@ -11,6 +11,8 @@ complete), so a process killed mid-save leaves the previous checkpoint as the la
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_ckpt
@@ -65,9 +67,11 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None when the directory holds none."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every saved step still kept."""
         return list(self.manager.all_steps())
 
     def saved_shapes(self, step: int) -> dict[str, tuple]:
@@ -76,7 +80,9 @@ class Checkpointer:
         tree = getattr(meta, "tree", meta)
         return {k: tuple(v.shape) for k, v in tree.items()}
 
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
+        """Saves the state (and the data iterator's position, if given) as `step`, in the
+        background when async; returns whether the manager saved (its policy may skip a step)."""
         args = {STATE: ocp.args.StandardSave(flatten_state(state))}
         if data_iterator is not None:
             args[DATA] = grain_ckpt.CheckpointSave(data_iterator)
@@ -92,8 +98,10 @@ class Checkpointer:
         return unflatten_state(abstract_state, restored[STATE])
 
     def wait(self) -> None:
+        """Blocks until a background save has finished."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finishes any background save and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
