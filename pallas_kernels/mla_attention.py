@@ -76,6 +76,8 @@ class BlockSizes:
         return cls()
 
     def blocks(self) -> dict[str, int]:
+        """The kernel block sizes by field name (`block_*`, without the XLA path's
+        `block_kv_xla`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name.startswith("block_") and f.name != "block_kv_xla"}
 
