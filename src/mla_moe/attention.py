@@ -32,6 +32,9 @@ def naive_attention(
     mask_BTS: jax.Array,
     sm_scale: float,
 ) -> jax.Array:
+    """Per-head MLA attention with materialised keys and values: scores from the no-rope part
+    (per head) plus the rope part (one key shared by all heads), softmax in float32 where
+    `mask_BTS` is True (a row with none gives zeros); returns [B, T, N, V]."""
     scores_BNTS = jnp.einsum(
         "BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=jnp.float32
     ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)

@@ -53,6 +53,7 @@ class Layout(NamedTuple):
 
     @property
     def block(self) -> int:
+        """Rows per block: padded slots over blocks."""
         return self.src_P.shape[0] // self.group_N.shape[0]
 
 
@@ -265,6 +266,7 @@ def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
 
 
 def default_implementation() -> str:
+    """`ragged_dot` when compiling for TPU, `blocked` elsewhere."""
     return "ragged_dot" if target_platform() == "tpu" else "blocked"
 
 

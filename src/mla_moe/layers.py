@@ -73,6 +73,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned [dim] scale (initialised to 1); see `rms_norm`."""
+
     def __init__(self, dim: int, eps: float, *, config: ModelConfig, rngs: nnx.Rngs,
                  axis: str = "norm"):
         self.eps = eps
