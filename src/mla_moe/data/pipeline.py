@@ -28,6 +28,10 @@ from mla_moe.errors import ConfigError, InputError
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
+    """The data settings of a run, validated: window length, global batch (in sequences), the
+    shuffle seed, this process's place among the data-loading processes, and grain's threads
+    and prefetch depth."""
+
     seq_len: int
     global_batch: int
     seed: int = 0
@@ -49,6 +53,7 @@ class PipelineConfig:
 
     @property
     def local_batch(self) -> int:
+        """Sequences per batch loaded by this process."""
         return self.global_batch // self.process_count
 
 
@@ -70,6 +75,7 @@ def pack_window(split: TokenSplit, start: int, seq_len: int) -> dict[str, np.nda
 
 
 def num_windows(split: TokenSplit, seq_len: int) -> int:
+    """How many windows of seq_len + 1 tokens (overlapping by one) the split holds."""
     return (split.num_tokens - 1) // seq_len
 
 

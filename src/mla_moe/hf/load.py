@@ -53,12 +53,14 @@ class CheckpointReader:
         self.used: set[str] = set()
 
     def names(self) -> list[str]:
+        """Every tensor name over all shards."""
         return list(self._where)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
     def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (no dequantisation), marked as used."""
         if name not in self._where:
             raise KeyError(name)
         self.used.add(name)

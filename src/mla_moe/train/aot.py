@@ -73,16 +73,19 @@ class Report:
 
     @property
     def tokens_per_device(self) -> float:
+        """Tokens one device processes per step (one per sequence for decode)."""
         tokens = self.batch_size * (self.seq_len if self.what == "train" else 1)
         return tokens / self.num_devices
 
     def to_json(self) -> dict:
+        """The report as a JSON-ready dict, plus tokens per device and the HBM fraction."""
         d = dataclasses.asdict(self)
         d["tokens_per_device"] = self.tokens_per_device
         d["peak_fraction_of_hbm"] = self.per_device_bytes / self.hbm_bytes
         return d
 
     def text(self) -> str:
+        """The report as human-readable lines."""
         mesh = " x ".join(f"{a}={n}" for a, n in self.mesh.items())
         head = (f"{self.what} step for {self.target} ({self.num_devices} x {self.device_kind}), "
                 f"mesh {mesh}")

@@ -104,6 +104,8 @@ class MetricWriter:
         tmp.replace(self.path)
 
     def write(self, step: int, metrics: dict) -> dict:
+        """Appends the scalars of `metrics` at `step` to metrics.jsonl (and TensorBoard) on the
+        writing process; returns the record either way."""
         record = {"step": int(step), **_scalars(metrics)}
         if not self.enabled:
             return record
@@ -122,11 +124,13 @@ class MetricWriter:
         return record
 
     def close(self) -> None:
+        """Closes the TensorBoard writer, if any."""
         if self._tb is not None:
             self._tb.close()
 
 
 def progress_line(record: dict, total_steps: int) -> str:
+    """The one-line console summary of a metrics record ("step 10/150 | loss ... | ...")."""
     parts = [f"step {record['step']:>6d}/{total_steps}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f}")
