@@ -48,7 +48,8 @@ def iter_documents(input_pattern: str, text_key: str = "text") -> Iterator[str]:
                 yield f.read()
 
 
-def split_documents(docs: list[np.ndarray], val_fraction: float):
+def split_documents(docs: list[np.ndarray],
+                    val_fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Every round(1/val_fraction)-th document goes to validation (at least one); a corpus of a
     single document gives its tail instead."""
     if not 0 < val_fraction < 1:

@@ -85,7 +85,7 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer | SentencePieceTokenizer:
     """`"byte"`, a `tokenizer.json` path, or a SentencePiece `.model` path."""
     if spec == "byte":
         return ByteTokenizer()

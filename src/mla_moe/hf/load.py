@@ -7,6 +7,7 @@ import glob
 import logging
 import os
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +102,9 @@ def _has_mtp(reader: CheckpointReader, config: ModelConfig) -> bool:
     return any(n.startswith(prefix + "eh_proj") for n in reader.names())
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=None,
-                    **config_overrides) -> DeepSeekModel:
+def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
+                    mesh: jax.sharding.Mesh | None = None,
+                    **config_overrides: Any) -> DeepSeekModel:
     """Loads a HuggingFace DeepSeek-V2/V3 checkpoint directory.
 
     dtype: parameter and compute dtype (default: the checkpoint's `dtype`/`torch_dtype`).

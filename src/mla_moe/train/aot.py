@@ -21,9 +21,11 @@ import dataclasses
 import math
 import re
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 import mla_moe
@@ -201,7 +203,8 @@ def _new_report(what, target, mesh, batch_size, seq_len) -> Report:
                   per_device_bytes=0, hbm_bytes=targets.hbm_bytes(device))
 
 
-def compile_train(config, devices, *, target: str = "") -> tuple[Report, object]:
+def compile_train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
+                  target: str = "") -> tuple[Report, object]:
     """Compiles `config`'s train step for `devices`. Returns (report, compiled executable or
     None when the compiler ran out of memory)."""
     t = config.train
@@ -219,7 +222,7 @@ def compile_train(config, devices, *, target: str = "") -> tuple[Report, object]
     return report, compiled
 
 
-def decode_flops_per_token(cfg, cache_length: int) -> float:
+def decode_flops_per_token(cfg: mla_moe.ModelConfig, cache_length: int) -> float:
     """Forward FLOPs of one decoded token: 2 x matmul parameters, plus absorbed attention over
     a full cache (scores over C + R and values over C, per head and layer)."""
     attention = 2 * cache_length * cfg.num_attention_heads * (
@@ -227,7 +230,8 @@ def decode_flops_per_token(cfg, cache_length: int) -> float:
     return 2.0 * counting.matmul_params_per_token(cfg) + attention * cfg.num_hidden_layers
 
 
-def compile_decode(config, devices, *, cache_length: int = 0, batch: int = 0,
+def compile_decode(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
+                   cache_length: int = 0, batch: int = 0,
                    target: str = "") -> tuple[Report, object]:
     """Compiles one absorbed decode step (one new token per sequence, weights in the compute
     dtype, the latent cache at `cache_length`, default `max_position_embeddings`) for
@@ -266,7 +270,7 @@ class _DecodeStep:
                                           form="absorbed")
 
 
-def save(compiled, path: str) -> None:
+def save(compiled: jax.stages.Compiled, path: str) -> None:
     """Serializes a compiled executable (with its argument trees) to `path`."""
     import pickle
 

@@ -29,7 +29,7 @@ def _key_name(entry) -> str:
     return str(entry)
 
 
-def flatten_state(tree) -> dict:
+def flatten_state(tree: Any) -> dict:
     """{dotted path: leaf}."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     flat = {".".join(_key_name(e) for e in path): leaf for path, leaf in leaves}
@@ -38,7 +38,7 @@ def flatten_state(tree) -> dict:
     return flat
 
 
-def unflatten_state(template, flat: dict):
+def unflatten_state(template: Any, flat: dict) -> Any:
     """Inverse of `flatten_state` for a tree shaped like `template`."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     keys = [".".join(_key_name(e) for e in path) for path, _ in paths]
@@ -88,7 +88,7 @@ class Checkpointer:
             args[DATA] = grain_ckpt.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, step: int, abstract_state, data_iterator):
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """`abstract_state`: leaves are `jax.ShapeDtypeStruct`s carrying their target sharding.
         The iterator, if given, is moved in place to the saved position."""
         args = {STATE: ocp.args.StandardRestore(flatten_state(abstract_state))}

@@ -27,7 +27,8 @@ KNOWN_PEAKS = {
 }
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+def measure_matmul_flops(n: int = 1024, repeats: int = 5,
+                         dtype: jnp.dtype = jnp.float32) -> float:
     """FLOP/s of an n x n x n matmul on the default device (median of `repeats`)."""
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (n, n), dtype)
@@ -42,7 +43,8 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> 
     return 2 * n**3 / float(np.median(times))
 
 
-def peak_flops_per_device(override_tflops: float = 0.0, device=None) -> tuple[float, str]:
+def peak_flops_per_device(override_tflops: float = 0.0,
+                          device: jax.Device | None = None) -> tuple[float, str]:
     """(FLOP/s, where the figure came from) for `device` (the run's: `mesh.devices.flat[0]`;
     default this host's first device). Only a device that can run is timed; the peak of a
     compile-only device of an unknown kind is an error rather than this host's matmul."""
