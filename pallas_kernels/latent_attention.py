@@ -170,9 +170,10 @@ _STATIC = ("sm_scale", "causal", "implementation", "block_sizes")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengths_B,
-                     sm_scale: float, causal: bool = True, implementation: str | None = None,
-                     block_sizes: BlockSizes | None = None):
+def latent_attention(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array, kv_latent_BSC: jax.Array,
+                     k_pe_BSR: jax.Array, *, lengths_B: jax.Array, sm_scale: float,
+                     causal: bool = True, implementation: str | None = None,
+                     block_sizes: BlockSizes | None = None) -> jax.Array:
     """Absorbed MLA decode attention over the latent cache. Forward only.
 
     Args:
@@ -193,25 +194,26 @@ def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengt
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def latent_attention_cache(q_latent_BTNC, q_pe_BTNR, cache_BSK, *, lengths_B, sm_scale: float,
-                           causal: bool = True, implementation: str | None = None,
-                           block_sizes: BlockSizes | None = None):
+def latent_attention_cache(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array, cache_BSL: jax.Array,
+                           *, lengths_B: jax.Array, sm_scale: float, causal: bool = True,
+                           implementation: str | None = None,
+                           block_sizes: BlockSizes | None = None) -> jax.Array:
     """`latent_attention` over the packed cache the model keeps: [B, S, C + R], the latent
     c_KV first, then the rope key. The kernels read it in place (on GPU when C and R are
     powers of two >= 16, as in DeepSeek's 512 + 64; otherwise its two parts are split and
     padded first, a copy); implementation="xla" slices it."""
     c = q_latent_BTNC.shape[-1]
     dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
-                                cache_BSK=cache_BSK, lengths_B=lengths_B)
-    if cache_BSK.shape[-1] != c + q_pe_BTNR.shape[-1]:
-        raise ValueError(f"cache_BSK has K={cache_BSK.shape[-1]}, expected C + R = "
+                                cache_BSL=cache_BSL, lengths_B=lengths_B)
+    if cache_BSL.shape[-1] != c + q_pe_BTNR.shape[-1]:
+        raise ValueError(f"cache_BSL has K={cache_BSL.shape[-1]}, expected C + R = "
                          f"{c} + {q_pe_BTNR.shape[-1]}")
     impl = dispatch.resolve(implementation)
     pow2 = all(d == dispatch.next_pow2(d) >= 16 for d in (c, q_pe_BTNR.shape[-1]))
     if impl in ("tpu", "tpu_interpret", "interpret") or (impl == "gpu" and pow2):
-        return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK, None, lengths_B,
+        return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSL, None, lengths_B,
                                  sm_scale, causal, implementation, block_sizes)
-    return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK[..., :c], cache_BSK[..., c:],
+    return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSL[..., :c], cache_BSL[..., c:],
                              lengths_B, sm_scale, causal, implementation, block_sizes)
 
 
@@ -308,7 +310,7 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
     )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, *cache)
 
 
-def combine_splits(o_BPMC, lse_BPM1):
+def combine_splits(o_BPMC: jax.Array, lse_BPM1: jax.Array) -> jax.Array:
     """Merges split partials: out = sum_p w_p o_p / sum_p w_p with w_p = exp(lse_p - max)."""
     if o_BPMC.shape[1] == 1:
         return o_BPMC[:, 0]
