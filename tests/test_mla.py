@@ -67,10 +67,10 @@ def test_absorbed_equals_naive_forward_and_grad(q_lora_rank):
     grad = nnx.jit(nnx.grad(lambda mla, x, form: jnp.sum(jnp.sin(run(mla, x, form))),
                             argnums=(0, 1)), static_argnames="form")
     chex.assert_shape(naive, (2, 9, cfg.hidden_size))
-    assert_close_scaled(absorbed, naive, rel=1e-5)
+    assert_close_scaled(absorbed, naive, rel=5e-6)
 
     g_naive, g_abs = grad(mla, x, form="naive"), grad(mla, x, form="absorbed")
-    assert_close_scaled(g_abs, g_naive, rel=1e-5)
+    assert_close_scaled(g_abs, g_naive, rel=5e-6)
 
 
 @pytest.fixture(scope="module")

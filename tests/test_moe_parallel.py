@@ -113,7 +113,7 @@ def _placement(mesh_name):
 def _assert_matches_single_device(mesh_name, dispatch):
     y, stats, grads = _sharded(MESHES[mesh_name], moe_dispatch=dispatch)
     y_ref, stats_ref, grads_ref = _reference(_placement(mesh_name))
-    assert_close_scaled(y, y_ref, rel=1e-5)
+    assert_close_scaled(y, y_ref, rel=5e-6)
     assert set(stats["losses"]) == {"expert_balance", "device_balance", "comm_balance",
                                     "seq_balance", "router_z"}
     assert_close_scaled(stats["losses"], stats_ref["losses"], rel=1e-5)
@@ -125,7 +125,7 @@ def _assert_matches_single_device(mesh_name, dispatch):
     bias = jnp.zeros((CFG.n_routed_experts,))
     np.testing.assert_array_equal(update_expert_bias(bias, stats["tokens_per_expert"], 1e-3),
                                   update_expert_bias(bias, stats_ref["tokens_per_expert"], 1e-3))
-    assert_close_scaled(grads, grads_ref, rel=1e-5)
+    assert_close_scaled(grads, grads_ref, rel=5e-6)
     g_router = grads[0]["router"]["w_DE"][...]
     assert np.abs(g_router).max() > 0  # the gate gets a real gradient through the weights
 
@@ -210,7 +210,7 @@ def test_small_capacity_drops_exactly_as_documented(factor):
     y_TD, _ = dropless_experts(x_TD, jnp.asarray(experts), jnp.asarray(weights * keep),
                                *moe.expert_weights(jnp.float32))
     y_ref = y_TD.reshape(x.shape) + moe.shared(x)
-    assert_close_scaled(np.asarray(y), np.asarray(y_ref), rel=1e-5)
+    assert_close_scaled(np.asarray(y), np.asarray(y_ref), rel=1e-6)
 
 
 def test_device_limited_routing_uses_real_placement():
@@ -245,9 +245,9 @@ def test_device_limited_routing_uses_real_placement():
 
     y, stats, grads = _sharded(dict(data=2, expert=ep), **over)
     y_ref, stats_ref, grads_ref = _reference(ep, **over)
-    assert_close_scaled(y, y_ref, rel=1e-5)
+    assert_close_scaled(y, y_ref, rel=5e-6)
     assert_close_scaled(stats["losses"], stats_ref["losses"], rel=1e-5)
-    assert_close_scaled(grads, grads_ref, rel=1e-5)
+    assert_close_scaled(grads, grads_ref, rel=5e-6)
 
 
 def test_device_losses_use_mesh_placement():

@@ -73,7 +73,9 @@ def test_gradient_accumulation_matches_full_batch(setup):
             step_cfg=step_lib.StepConfig(grad_accum_steps=a)))
         loss, aux, g = f(s["params"], s["extra"], b)
         grads[a] = (float(loss), ckpt_lib.flatten_state(g), aux)
-    assert_close_scaled(grads[2][0], grads[1][0], rel=2e-3)
+    assert_close_scaled(grads[2][0], grads[1][0], rel=5e-5)  # measured: 4e-6
+    # Measured: up to 1.2e-2 of a leaf's largest value in the MTP module's gradients, far less
+    # elsewhere; more than rounding, so this bound stays at 2e-2.
     assert_close_scaled(grads[2][1], grads[1][1], rel=2e-2)
     # Token counts are summed over micro-batches: the same totals as one big batch.
     for c1, c2 in zip(grads[1][2]["tokens_per_expert"], grads[2][2]["tokens_per_expert"]):
