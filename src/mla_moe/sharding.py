@@ -35,7 +35,7 @@ import contextlib
 import contextvars
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -132,7 +132,9 @@ def current_rules() -> Rules:
 
 
 @contextlib.contextmanager
-def use_rules(rules: Rules | Mapping[str, Any] | None):
+def use_rules(rules: Rules | Mapping[str, Any] | None) -> Iterator[None]:
+    """Makes `rules` (a table, a {logical name: mesh axes} mapping, or None for the defaults)
+    the logical-axis rules in effect inside the block."""
     token = _RULES.set(rules if isinstance(rules, Rules) or rules is None else make_rules(rules))
     try:
         yield
@@ -141,7 +143,8 @@ def use_rules(rules: Rules | Mapping[str, Any] | None):
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: jax.sharding.Mesh, rules: Rules | Mapping[str, Any] | None = None):
+def use_mesh(mesh: jax.sharding.Mesh,
+             rules: Rules | Mapping[str, Any] | None = None) -> Iterator[jax.sharding.Mesh]:
     """`jax.set_mesh(mesh)` plus the rules: model code traced inside sees both."""
     with jax.set_mesh(mesh), use_rules(rules):
         yield mesh
@@ -249,7 +252,9 @@ def active_mesh():
     return mesh
 
 
-def mesh_axis_size(name: str, mesh=None) -> int:
+def mesh_axis_size(name: str, mesh: jax.sharding.Mesh | None = None) -> int:
+    """The size of mesh axis `name` (1 without a mesh or without that axis); default: the
+    active mesh."""
     mesh = active_mesh() if mesh is None else mesh
     return 1 if mesh is None else dict(mesh.shape).get(name, 1)
 
