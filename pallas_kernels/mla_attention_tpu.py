@@ -1,6 +1,7 @@
 """MLA flash attention on TPU (Mosaic): forward, dq and dk/dv kernels that stream K/V.
 
-Legend: B batch, T query len, S key len, N heads, H qk nope head dim, R rope dim, V value dim.
+Legend: B batch, T query len, S key len (inside a kernel body: one query / key block), N heads,
+H qk nope head dim, R rope dim, V value dim.
 Operands are head-major: q_nope [B, N, T, H], q_pe [B, N, T, R], k_nope [B, N, S, H],
 v [B, N, S, V]; the rope key k_pe [B, S, R] is one row per token shared by every head (never
 broadcast over N).
@@ -62,25 +63,25 @@ def _q_block(g: Geometry, j, i, block_q: int, block_kv: int, num_q: int):
     return jnp.minimum(jnp.maximum(i, lo), num_q - 1)
 
 
-def _masked_scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR, q_start, k_start, q_seg, kv_seg,
+def _masked_scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR, q_start, k_start, q_seg, kv_seg,
                    causal_mask):
-    s_QK = _scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR)
-    mask = _mask(g, q_start, k_start, s_QK.shape, q_seg, kv_seg, causal_mask)
-    return s_QK if mask is None else jnp.where(mask, s_QK, -jnp.inf)
+    s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR)
+    mask = _mask(g, q_start, k_start, s_TS.shape, q_seg, kv_seg, causal_mask)
+    return s_TS if mask is None else jnp.where(mask, s_TS, -jnp.inf)
 
 
 def _probs_and_dscores(g, refs, q_start, k_start, causal_mask):
     """Backward: the recomputed probabilities p and the score gradient ds (before sm_scale)
     of one (query block, key block) pair; `refs` holds the blocks' refs by name."""
-    q_nope_QH = refs["q_nope"][...]
-    s_QK = _masked_scores(
-        g, q_nope_QH, refs["q_pe"][...], refs["k_nope"][...], refs["k_pe"][...], q_start,
+    q_nope_TH = refs["q_nope"][...]
+    s_TS = _masked_scores(
+        g, q_nope_TH, refs["q_pe"][...], refs["k_nope"][...], refs["k_pe"][...], q_start,
         k_start, refs["q_seg"][...] if g.has_segments else None,
         refs["kv_seg"][...] if g.has_segments else None, causal_mask)
-    p_QK = jnp.exp(s_QK - refs["lse"][...])
-    dp_QK = _dot(refs["do"][...], refs["v"][...], _NT)
-    ds_QK = (p_QK * (dp_QK - refs["delta"][...])).astype(q_nope_QH.dtype)
-    return p_QK, ds_QK
+    p_TS = jnp.exp(s_TS - refs["lse"][...])
+    dp_TS = _dot(refs["do"][...], refs["v"][...], _NT)
+    ds_TS = (p_TS * (dp_TS - refs["delta"][...])).astype(q_nope_TH.dtype)
+    return p_TS, ds_TS
 
 
 def _backward_refs(q_seg_ref, kv_seg_ref, refs):
@@ -123,22 +124,22 @@ def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def run(causal_mask):
-        s_QK = _masked_scores(
+        s_TS = _masked_scores(
             g, q_nope_ref[...], q_pe_ref[...], k_nope_ref[...], k_pe_ref[...], i * block_q,
             j * block_kv, q_seg_ref[...] if g.has_segments else None,
             kv_seg_ref[...] if g.has_segments else None, causal_mask)
-        m_new, alpha_Q1, p_QK, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_QK)
-        v_KV = v_ref[...]
-        acc_ref[...] = alpha_Q1 * acc_ref[...] + _dot(p_QK.astype(v_KV.dtype), v_KV, _NN)
+        m_new, alpha_T1, p_TS, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_TS)
+        v_SV = v_ref[...]
+        acc_ref[...] = alpha_T1 * acc_ref[...] + _dot(p_TS.astype(v_SV.dtype), v_SV, _NN)
         m_ref[...] = m_new
 
     _each_kv_block(g, i, j, block_q, block_kv, num_kv, run)
 
     @pl.when(j == num_kv - 1)
     def _finish():
-        l_Q1 = l_ref[...]
-        empty = l_Q1 == 0.0
-        l_safe = jnp.where(empty, 1.0, l_Q1)
+        l_T1 = l_ref[...]
+        empty = l_T1 == 0.0
+        l_safe = jnp.where(empty, 1.0, l_T1)
         out_ref[...] = (acc_ref[...] / l_safe).astype(out_ref.dtype)
         lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(l_safe))
 
@@ -157,9 +158,9 @@ def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
     blocks = _backward_refs(q_seg_ref, kv_seg_ref, refs)
 
     def run(causal_mask):
-        _, ds_QK = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
-        dq_nope_acc[...] += _dot(ds_QK, k_nope_ref[...], _NN)
-        dq_pe_acc[...] += _dot(ds_QK, k_pe_ref[...], _NN)
+        _, ds_TS = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
+        dq_nope_acc[...] += _dot(ds_TS, k_nope_ref[...], _NN)
+        dq_pe_acc[...] += _dot(ds_TS, k_pe_ref[...], _NN)
 
     _each_kv_block(g, i, j, block_q, block_kv, num_kv, run)
 
@@ -188,11 +189,11 @@ def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
     blocks = _backward_refs(q_seg_ref, kv_seg_ref, refs)
 
     def run(causal_mask):
-        p_QK, ds_QK = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
-        do_QV = do_ref[...]
-        dv_acc[...] += _dot(p_QK.astype(do_QV.dtype), do_QV, _TN)
-        dk_nope_acc[...] += _dot(ds_QK, q_nope_ref[...], _TN)
-        dk_pe_acc[...] += _dot(ds_QK, q_pe_ref[...], _TN)
+        p_TS, ds_TS = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
+        do_TV = do_ref[...]
+        dv_acc[...] += _dot(p_TS.astype(do_TV.dtype), do_TV, _TN)
+        dk_nope_acc[...] += _dot(ds_TS, q_nope_ref[...], _TN)
+        dk_pe_acc[...] += _dot(ds_TS, q_pe_ref[...], _TN)
 
     _each_q_block(g, j, i, block_q, block_kv, num_q, run)
 
