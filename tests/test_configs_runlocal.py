@@ -40,6 +40,7 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_runlocal_trains_two_steps(name, tmp_path, fast_compile):
     local = _configs(name)[2]
