@@ -26,6 +26,7 @@ last (or first) block that is needed, so the pipeline issues no DMA for them eit
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,9 @@ def _each_q_block(g: Geometry, j, i, block_q: int, block_kv: int, num_q: int, ru
     pl.when(jnp.logical_and(i >= lo, i < mid))(lambda: run(True))
 
 
-def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int) -> None:
+    """Grid (b, n, query block i, key block j): online softmax over the key blocks into VMEM
+    scratch; the last j writes the output block and its log-sum-exp."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, out_ref, lse_ref,
      m_ref, l_ref, acc_ref) = refs
@@ -144,7 +147,9 @@ def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
         lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(l_safe))
 
 
-def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int) -> None:
+    """Grid (b, n, query block i, key block j): accumulates dq (nope and rope parts) of query
+    block i over the key blocks; the last j writes them."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dq_nope_ref, dq_pe_ref, dq_nope_acc, dq_pe_acc) = refs
@@ -170,7 +175,9 @@ def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
         dq_pe_ref[...] = (dq_pe_acc[...] * g.sm_scale).astype(dq_pe_ref.dtype)
 
 
-def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+def dkv_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int) -> None:
+    """Grid (b, key block j, n, query block i): accumulates dk_nope and dv per head over the
+    query blocks, and the shared dk_pe over heads and query blocks."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dk_nope_ref, dk_pe_ref, dv_ref, dk_nope_acc, dv_acc, dk_pe_acc) = refs
