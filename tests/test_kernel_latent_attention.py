@@ -3,7 +3,8 @@ XLA reference, in Pallas interpret mode on CPU.
 
 Legend: B batch, T query len, S cache slots, N heads, C kv latent rank, R rope dim.
 Cache slots at or beyond each sequence's length hold NaN / inf, so any read of garbage into a
-result shows up. Tolerances: f32 rtol 1e-5, atol 1e-5 * max|expected|; bf16 2e-2 for both.
+result shows up. Tolerances, per array: max|diff| <= rel * max|expected| with rel 1e-5 in f32
+(measured: 4e-7) and 2e-2 in bf16 (measured: 3e-3).
 """
 
 import chex
