@@ -17,7 +17,8 @@ from mla_moe.hf import load_pretrained, save_pretrained
 from mla_moe.hf.load import dequantize_fp8
 from mla_moe.hf.safetensors_io import SafetensorsFile, write_safetensors
 
-TOL = 1e-4
+# Logits against transformers', per array relative to the largest |logit| (measured: 3e-6).
+TOL = 2e-5
 
 
 def _tokens(seed, vocab=97, shape=(2, 24)):
