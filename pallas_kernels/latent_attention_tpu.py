@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,8 +110,10 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: Static):
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(l_safe))
 
 
-def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_t_Y1,
-                  q_lat_BYC, q_pe_BYR, kv_BSC, k_pe_BSR=None):
+def latent_decode(st: Static, splits: int, rows: int, interpret: Any, lengths_B: jax.Array,
+                  row_t_Y1: jax.Array, q_lat_BYC: jax.Array, q_pe_BYR: jax.Array,
+                  kv_BSC: jax.Array,
+                  k_pe_BSR: jax.Array | None = None) -> list[jax.Array]:
     """Split partials (o [B, P, Y, C] f32, lse [B, P, Y, 1] f32) of the decode attention.
 
     The cache is either `kv_BSC` and `k_pe_BSR`, or (k_pe_BSR=None) the packed [B, S, C + R]

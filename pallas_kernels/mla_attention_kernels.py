@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -75,7 +77,8 @@ def _split_refs(refs, has_segments):
     return None, None, refs
 
 
-def causal_kv_range(g: Geometry, i, block_q: int, block_kv: int, num_kv: int):
+def causal_kv_range(g: Geometry, i: jax.Array, block_q: int, block_kv: int,
+                    num_kv: int) -> tuple[jax.Array, jax.Array]:
     """Key blocks for query block i: [0, n_full) see no causal mask, [n_full, hi) need it."""
     # Only non-negative operands reach lax.div, whose rounding is towards zero.
     hi = lax.div(jnp.maximum(g.offset + (i + 1) * block_q, 0) + block_kv - 1, block_kv)
@@ -84,7 +87,8 @@ def causal_kv_range(g: Geometry, i, block_q: int, block_kv: int, num_kv: int):
     return n_full, hi
 
 
-def causal_q_range(g: Geometry, j, block_q: int, block_kv: int, num_q: int):
+def causal_q_range(g: Geometry, j: jax.Array, block_q: int, block_kv: int,
+                   num_q: int) -> tuple[jax.Array, jax.Array]:
     """Query blocks for key block j: [lo, mid) need the causal mask, [mid, num_q) do not."""
     lo = jnp.minimum(lax.div(jnp.maximum(j * block_kv - g.offset, 0), block_q), num_q)
     last_key = (j + 1) * block_kv - 1 - g.offset
@@ -97,7 +101,8 @@ def _loop(body, start, stop, causal_mask: bool, carry):
     return lax.fori_loop(start, stop, functools.partial(body, causal_mask=causal_mask), carry)
 
 
-def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int):
+def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
+                   block_axis: int) -> None:
     """One (b, n, query block): online softmax over key blocks of the VMEM/L2-resident K/V."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, out_ref, lse_ref = refs
@@ -140,7 +145,7 @@ def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: 
     lse_ref[...] = jnp.where(empty, jnp.inf, m_T1 + jnp.log(l_safe))
 
 
-def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int):
+def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: int) -> None:
     """One (b, n, query block): dq_nope, dq_pe by a loop over key blocks."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -178,7 +183,7 @@ def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int):
     dq_pe_ref[...] = (dq_pe_TR * g.sm_scale).astype(dq_pe_ref.dtype)
 
 
-def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int):
+def dkv_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: int) -> None:
     """One (b, n, key block): dk_nope, dv and this head's share of dk_pe, looping over queries.
 
     dk_pe belongs to all heads; each head writes its own f32 partial and the caller sums the

@@ -239,7 +239,9 @@ def _q_major_specs(g, bq, bk, num_kv, h, r, dv):
     return q_rows, k_rows, k_pe, (segs if g.has_segments else [])
 
 
-def forward(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs):
+def forward(g: Geometry, bq: int, bk: int, interpret: Any, q_nope: jax.Array, q_pe: jax.Array,
+            k_nope: jax.Array, k_pe: jax.Array, v: jax.Array,
+            segs: Any) -> list[jax.Array]:
     """(out [B, N, T, V], lse [B, N, T, 1] f32)."""
     b, n, t, h = q_nope.shape
     s, r, dv = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
@@ -259,8 +261,9 @@ def forward(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe
     )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v)
 
 
-def dq(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs, do, lse,
-       delta):
+def dq(g: Geometry, bq: int, bk: int, interpret: Any, q_nope: jax.Array, q_pe: jax.Array,
+       k_nope: jax.Array, k_pe: jax.Array, v: jax.Array, segs: Any, do: jax.Array,
+       lse: jax.Array, delta: jax.Array) -> list[jax.Array]:
     """(dq_nope [B, N, T, H], dq_pe [B, N, T, R])."""
     b, n, t, h = q_nope.shape
     s, r, dv = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
@@ -280,8 +283,9 @@ def dq(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, 
     )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v, do, lse, delta)
 
 
-def dkv(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs, do,
-        lse, delta):
+def dkv(g: Geometry, bq: int, bk: int, interpret: Any, q_nope: jax.Array, q_pe: jax.Array,
+        k_nope: jax.Array, k_pe: jax.Array, v: jax.Array, segs: Any, do: jax.Array,
+        lse: jax.Array, delta: jax.Array) -> list[jax.Array]:
     """(dk_nope [B, N, S, H], dk_pe [B, S, R] summed over heads, dv [B, N, S, V])."""
     b, n, t, h = q_nope.shape
     s, r, dv_dim = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
