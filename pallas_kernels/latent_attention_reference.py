@@ -13,6 +13,7 @@ that sees no slot returns 0.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -21,7 +22,7 @@ from pallas_kernels.dispatch import online_softmax_step
 DEFAULT_BLOCK_KV = 512
 
 
-def visible_limit_BT(lengths_B, t: int, causal: bool):
+def visible_limit_BT(lengths_B: jax.Array, t: int, causal: bool) -> jax.Array:
     """Last visible slot per (sequence, query): [B, T] int32."""
     lengths_B = lengths_B.astype(jnp.int32)
     if causal:
@@ -36,8 +37,10 @@ def _scores_BTNS(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, sm_scale):
     return s_BTNS * sm_scale
 
 
-def latent_attention_naive(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengths_B,
-                           sm_scale, causal=True):
+def latent_attention_naive(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array,
+                           kv_latent_BSC: jax.Array, k_pe_BSR: jax.Array, *,
+                           lengths_B: jax.Array, sm_scale: float,
+                           causal: bool = True) -> jax.Array:
     """Dense oracle for tests: full [B, T, N, S] softmax in f32."""
     t, s = q_latent_BTNC.shape[1], kv_latent_BSC.shape[1]
     valid_BS1 = (jnp.arange(s)[None, :] < lengths_B[:, None])[..., None]
@@ -55,8 +58,10 @@ def latent_attention_naive(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *,
     return out_BTNC.astype(q_latent_BTNC.dtype)
 
 
-def latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *,
-                               lengths_B, sm_scale, causal=True, block_kv=DEFAULT_BLOCK_KV):
+def latent_attention_reference(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array,
+                               kv_latent_BSC: jax.Array, k_pe_BSR: jax.Array, *,
+                               lengths_B: jax.Array, sm_scale: float, causal: bool = True,
+                               block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
     """Chunked XLA decode: online softmax over cache chunks of `block_kv` slots (lax.scan).
 
     Memory is O(B * T * N * (C + block_kv)) besides the inputs. Differentiable by autodiff

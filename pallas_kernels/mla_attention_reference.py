@@ -17,6 +17,7 @@ Conventions shared with the Pallas kernel (`mla_attention.py`):
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ from pallas_kernels.dispatch import online_softmax_step
 DEFAULT_BLOCK_KV = 512
 
 
-def normalize_segment_ids(segment_ids, t: int, s: int):
+def normalize_segment_ids(segment_ids: Any, t: int,
+                          s: int) -> tuple[jax.Array, jax.Array] | None:
     """Returns (q_segment_ids_BT, kv_segment_ids_BS) as int32, or None.
 
     Accepts a pair (q_segment_ids_BT, kv_segment_ids_BS) or a single [B, T] array when T == S.
@@ -76,8 +78,9 @@ def _scores_BNTS(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, sm_scale):
     return s_BNTS * sm_scale
 
 
-def mla_attention_naive(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *, sm_scale,
-                        causal=True, segment_ids=None):
+def mla_attention_naive(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax.Array,
+                        k_pe_BSR: jax.Array, v_BSNV: jax.Array, *, sm_scale: float,
+                        causal: bool = True, segment_ids: Any = None) -> jax.Array:
     """Dense oracle for tests: materialises the [B, N, T, S] scores, all math in f32."""
     t, s = q_nope_BTNH.shape[1], k_nope_BSNH.shape[1]
     segs = normalize_segment_ids(segment_ids, t, s)
@@ -215,8 +218,10 @@ def _reference_bwd(sm_scale, causal, block_kv, res, do_BTNV):
 _reference.defvjp(_reference_fwd, _reference_bwd)
 
 
-def mla_attention_reference(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *, sm_scale,
-                            causal=True, segment_ids=None, block_kv=DEFAULT_BLOCK_KV):
+def mla_attention_reference(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array,
+                            k_nope_BSNH: jax.Array, k_pe_BSR: jax.Array, v_BSNV: jax.Array, *,
+                            sm_scale: float, causal: bool = True, segment_ids: Any = None,
+                            block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
     """Chunked XLA MLA attention: online softmax over key chunks of `block_kv` with lax.scan.
 
     Never materialises [B, N, T, S]: the forward pass keeps [B, N, T, V] accumulators and one

@@ -8,12 +8,12 @@ kernels' inputs replicated. Forward and gradients, training (flash) and decode (
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close_scaled
 
 from mla_moe import ModelConfig, sharding
 from mla_moe.mla import MLA
@@ -35,10 +35,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _close(actual, expected):
-    """Per array: rtol 1e-5 and atol 1e-5 x the largest |expected| (f32 throughout)."""
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        scale = float(np.max(np.abs(e)))
-        chex.assert_trees_all_close(a, e, rtol=1e-5, atol=1e-5 * max(scale, 1e-6))
+    """Per array, to 1e-5 of the largest |expected| (f32 throughout)."""
+    assert_close_scaled(actual, expected, rel=1e-5)
 
 
 @functools.cache

@@ -7,6 +7,7 @@ Every tokenizer has `vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> s
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from mla_moe.errors import InputError, MissingInputError
 
@@ -18,13 +19,15 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no special tokens added."""
         return list(text.encode("utf-8"))
 
     def encode_bytes(self, text: str) -> bytes:
         """Same ids as `encode`, as a bytes object (the fast path for large corpora)."""
         return text.encode("utf-8")
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (integers of any kind)."""
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
@@ -47,9 +50,11 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no special tokens added."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (integers of any kind)."""
         return self._tok.decode([int(i) for i in ids])
 
 
@@ -72,13 +77,15 @@ class SentencePieceTokenizer:
         self.vocab_size = self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no special tokens added."""
         return self._sp.encode(text)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (integers of any kind)."""
         return self._sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer | SentencePieceTokenizer:
     """`"byte"`, a `tokenizer.json` path, or a SentencePiece `.model` path."""
     if spec == "byte":
         return ByteTokenizer()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 import mla_moe
