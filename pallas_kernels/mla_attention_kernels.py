@@ -101,6 +101,15 @@ def _loop(body, start, stop, causal_mask: bool, carry):
     return lax.fori_loop(start, stop, functools.partial(body, causal_mask=causal_mask), carry)
 
 
+def _over_kv_blocks(body, g: Geometry, i, block_q: int, block_kv: int, num_kv: int, carry):
+    """`body` over the key blocks query block i sees: unmasked over the blocks wholly below
+    the diagonal, masked over the ones it crosses (all blocks unmasked when not causal)."""
+    if not g.causal:
+        return _loop(body, 0, num_kv, False, carry)
+    n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
+    return _loop(body, n_full, hi, True, _loop(body, 0, n_full, False, carry))
+
+
 def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
                    block_axis: int) -> None:
     """One (b, n, query block): online softmax over key blocks of the VMEM/L2-resident K/V."""
@@ -132,12 +141,7 @@ def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
     rows = q_nope_TH.shape[0]
     carry = (jnp.zeros((rows, v_ref.shape[1]), jnp.float32),
              jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
-    if g.causal:
-        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
-        carry = _loop(body, 0, n_full, False, carry)
-        carry = _loop(body, n_full, hi, True, carry)
-    else:
-        carry = _loop(body, 0, num_kv, False, carry)
+    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry)
     acc_TV, m_T1, l_T1 = carry
     empty = l_T1 == 0.0
     l_safe = jnp.where(empty, 1.0, l_T1)
@@ -172,12 +176,7 @@ def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: 
         return (dq_nope_TH + _dot(ds_TS, k_nope_SH, _NN), dq_pe_TR + _dot(ds_TS, k_pe_SR, _NN))
 
     carry = (jnp.zeros(q_nope_TH.shape, jnp.float32), jnp.zeros(q_pe_TR.shape, jnp.float32))
-    if g.causal:
-        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
-        carry = _loop(body, 0, n_full, False, carry)
-        carry = _loop(body, n_full, hi, True, carry)
-    else:
-        carry = _loop(body, 0, num_kv, False, carry)
+    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry)
     dq_nope_TH, dq_pe_TR = carry
     dq_nope_ref[...] = (dq_nope_TH * g.sm_scale).astype(dq_nope_ref.dtype)
     dq_pe_ref[...] = (dq_pe_TR * g.sm_scale).astype(dq_pe_ref.dtype)

@@ -6,7 +6,9 @@ Every tokenizer has `vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> s
 
 from __future__ import annotations
 
+import importlib
 import os
+import types
 from collections.abc import Iterable
 
 from mla_moe.errors import InputError, MissingInputError
@@ -31,16 +33,20 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+def _optional_package(name: str, path: str) -> types.ModuleType:
+    """The package `name` that reading the tokenizer file `path` needs, or a clear error."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise InputError(f"tokenizer {path!r} needs the `{name}` package: pip install {name}"
+                         ) from e
+
+
 class HFTokenizer:
     """A HuggingFace `tokenizer.json` file, through the optional `tokenizers` package."""
 
     def __init__(self, path: str):
-        try:
-            import tokenizers
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise InputError(
-                f"tokenizer {path!r} needs the `tokenizers` package: pip install tokenizers"
-            ) from e
+        tokenizers = _optional_package("tokenizers", path)
         self.spec = os.path.abspath(path)
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
@@ -62,12 +68,7 @@ class SentencePieceTokenizer:
     """A SentencePiece `.model` file, through the optional `sentencepiece` package."""
 
     def __init__(self, path: str):
-        try:
-            import sentencepiece
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise InputError(
-                f"tokenizer {path!r} needs the `sentencepiece` package: pip install sentencepiece"
-            ) from e
+        sentencepiece = _optional_package("sentencepiece", path)
         self.spec = os.path.abspath(path)
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
