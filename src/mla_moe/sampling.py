@@ -36,6 +36,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
+        """Whether this picks the argmax (temperature 0 or top_k 1), ignoring the key."""
         return self.temperature == 0 or self.top_k == 1
 
 
