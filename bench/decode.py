@@ -186,14 +186,14 @@ def part_c(steps: int = 32, prompt_len: int = 256) -> list[str]:
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, prompt_len).tolist() for _ in range(2)]
-    tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, prompt_len)
+    tokens_BT, lengths_B = pad_prompts(prompts, config.vocab_size, prompt_len)
     forced = jax.random.randint(jax.random.key(1), (steps, 2, 1), 0, config.vocab_size)
     slots = prompt_len + steps
     logits = {}
     for name, cache in (("f32", init_cache(config, 2, slots, "float32")),
                         ("bf16", init_cache(config, 2, slots, "bfloat16")),
                         ("fp8", init_cache(config, 2, slots, fp8=True))):
-        h_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache, chunk=128)
+        h_BD, _, cache = prefill(model, tokens_BT, lengths_B, cache, chunk=128)
         out = [model.logits(h_BD[:, None])]
         for tok in forced:
             lg, _, cache = decode_step(graphdef, state, tok, cache)

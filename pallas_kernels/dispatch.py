@@ -184,13 +184,14 @@ def kernel_dot(a: jax.Array, b: jax.Array, dimension_numbers: Any) -> jax.Array:
 
 
 def online_softmax_step(
-    m_X1: jax.Array, l_X1: jax.Array, s_XK: jax.Array
+    m_T1: jax.Array, l_T1: jax.Array, s_TS: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One KV chunk of an online softmax over the last axis: returns (m_new, alpha, p, l_new)
     where the running accumulator is rescaled by alpha and p are the chunk's unnormalised
-    probabilities. Rows that have seen only -inf keep m = -inf and contribute nothing."""
-    m_new = jnp.maximum(m_X1, jnp.max(s_XK, axis=-1, keepdims=True))
+    probabilities. Rows that have seen only -inf keep m = -inf and contribute nothing.
+    m, l: [..., T, 1]; s: [..., T, S], the chunk's S keys (T: any query rows, e.g. B N T or Y)."""
+    m_new = jnp.maximum(m_T1, jnp.max(s_TS, axis=-1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m_X1 - m_safe)
-    p_XK = jnp.exp(s_XK - m_safe)
-    return m_new, alpha, p_XK, alpha * l_X1 + jnp.sum(p_XK, axis=-1, keepdims=True)
+    alpha = jnp.exp(m_T1 - m_safe)
+    p_TS = jnp.exp(s_TS - m_safe)
+    return m_new, alpha, p_TS, alpha * l_T1 + jnp.sum(p_TS, axis=-1, keepdims=True)

@@ -1,17 +1,17 @@
 """Absorbed-MLA decode over the latent cache (FlashMLA's "MQA mode"), split-KV Pallas kernel.
 
-Legend: B batch, T query len, S cache slots, N heads, C kv latent rank, R rope dim,
-Y = T * N query rows (all heads of all queries share one key/value stream), P kv splits
-(here P counts the splits of the cache, not expert shards).
+Legend: see layers.py (B batch, T query len, S cache slots, N heads, C kv latent rank, R rope
+dim, Y = T * N query rows: all heads of all queries share one key/value stream); O the splits
+of the cache.
 
 Every query row attends to the shared key [c; k_pe] (C + R) and value c (C). The T queries
 are the last T positions of each sequence: query t is at position lengths_B - T + t and, when
 causal, sees cache slots s <= lengths_B - T + t; slots s >= lengths_B are garbage (even NaN)
 and never reach the output. T = 1 is decode, T > 1 speculative verification.
 
-Split-KV ("flash decoding"): the grid is (B, P, row blocks); split p scans its share of the
+Split-KV ("flash decoding"): the grid is (B, O, row blocks); split p scans its share of the
 cache, skipping blocks at or beyond the sequence length, and writes a normalised partial
-output with its log-sum-exp; an XLA combine step merges the P partials (LSE-weighted).
+output with its log-sum-exp; an XLA combine step merges the O partials (LSE-weighted).
 Forward only.
 """
 
@@ -45,7 +45,7 @@ class BlockSizes:
     block_kv: cache slots per inner-loop step (multiple of 8).
     block_rows: query rows (T * N folded) per program (multiple of 8); GPU needs a power of
       two >= 16. Rows are zero-padded up to a multiple of it.
-    num_splits: cache splits P; None picks enough programs to fill the device.
+    num_splits: cache splits O; None picks enough programs to fill the device.
     block_kv_xla: cache chunk of implementation="xla".
     """
 
@@ -267,14 +267,14 @@ def _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR, lengths_B, sm_
     if backend.head_major:
         st = latent_tpu.Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t,
                                block_kv=bk, blocks_per_split=per_split, num_kv=num_kv)
-        o_BPYC, lse_BPY1 = latent_tpu.latent_decode(st, splits, rows, backend.interpret(),
+        o_BOYC, lse_BOY1 = latent_tpu.latent_decode(st, splits, rows, backend.interpret(),
                                                     lengths_B, row_t_Y1, q_lat_BYC, q_pe_BYR,
                                                     kv_BSC, k_pe_BSR)
     else:
-        o_BPYC, lse_BPY1 = _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split,
+        o_BOYC, lse_BOY1 = _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split,
                                             num_kv, splits, rows, lengths_B, row_t_Y1,
                                             q_lat_BYC, q_pe_BYR, kv_BSC, k_pe_BSR)
-    out_BYC = combine_splits(o_BPYC, lse_BPY1)
+    out_BYC = combine_splits(o_BOYC, lse_BOY1)
     return out_BYC[:, :m, :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
 
 
@@ -311,13 +311,13 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
     )(lengths_B, row_t_Y1, q_lat_BYC, q_pe_BYR, *cache)
 
 
-def combine_splits(o_BPYC: jax.Array, lse_BPY1: jax.Array) -> jax.Array:
+def combine_splits(o_BOYC: jax.Array, lse_BOY1: jax.Array) -> jax.Array:
     """Merges split partials: out = sum_p w_p o_p / sum_p w_p with w_p = exp(lse_p - max)."""
-    if o_BPYC.shape[1] == 1:
-        return o_BPYC[:, 0]
-    lse_max_BY1 = jnp.max(lse_BPY1, axis=1)
+    if o_BOYC.shape[1] == 1:
+        return o_BOYC[:, 0]
+    lse_max_BY1 = jnp.max(lse_BOY1, axis=1)
     lse_max_BY1 = jnp.where(jnp.isfinite(lse_max_BY1), lse_max_BY1, 0.0)
-    w_BPY1 = jnp.exp(lse_BPY1 - lse_max_BY1[:, None])
-    total_BY1 = jnp.sum(w_BPY1, axis=1)
-    out_BYC = jnp.einsum("BPYC,BPY->BYC", o_BPYC, w_BPY1[..., 0])
+    w_BOY1 = jnp.exp(lse_BOY1 - lse_max_BY1[:, None])
+    total_BY1 = jnp.sum(w_BOY1, axis=1)
+    out_BYC = jnp.einsum("BOYC,BOY->BYC", o_BOYC, w_BOY1[..., 0])
     return out_BYC / jnp.where(total_BY1 == 0.0, 1.0, total_BY1)

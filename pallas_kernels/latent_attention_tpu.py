@@ -1,9 +1,9 @@
 """Absorbed-MLA decode on TPU (Mosaic): the latent cache streamed block by block.
 
-Legend: B batch, Y = T * N query rows, C kv latent rank, R rope dim, P cache splits (here not
-expert shards), S cache slots per block.
+Legend: see layers.py (B batch, Y = T * N query rows, C kv latent rank, R rope dim); O the
+splits of the cache, S the cache slots of one block.
 
-Grid (B, P, Y / rows, blocks per split): the innermost axis walks split p's cache blocks;
+Grid (B, O, Y / rows, blocks per split): the innermost axis walks split p's cache blocks;
 Pallas double-buffers one block of S slots of the latent and rope cache into VMEM at a time,
 and the running max, sum and [rows, C] accumulator live in VMEM scratch across those steps.
 VMEM use depends on the block sizes alone, not on the cache length S.
@@ -114,7 +114,7 @@ def latent_decode(st: Static, splits: int, rows: int, interpret: Any, lengths_B:
                   row_t_Y1: jax.Array, q_lat_BYC: jax.Array, q_pe_BYR: jax.Array,
                   kv_BSC: jax.Array,
                   k_pe_BSR: jax.Array | None = None) -> list[jax.Array]:
-    """Split partials (o [B, P, Y, C] f32, lse [B, P, Y, 1] f32) of the decode attention.
+    """Split partials (o [B, O, Y, C] f32, lse [B, O, Y, 1] f32) of the decode attention.
 
     The cache is either `kv_BSC` and `k_pe_BSR`, or (k_pe_BSR=None) the packed [B, S, C + R]
     array. XLA:TPU lays out an array whose minor dim is not a multiple of 128 (C + R = 576,

@@ -59,9 +59,9 @@ def reference_greedy(model, prompts, n):
     """Greedy continuation by re-running the full (no-cache) forward pass each step."""
     seqs = [list(p) for p in prompts]
     for _ in range(n):
-        logits_BTV = full_forward(model, seqs)[0]
+        logits_BTU = full_forward(model, seqs)[0]
         for b, s in enumerate(seqs):
-            s.append(int(jnp.argmax(logits_BTV[b, len(s) - 1])))
+            s.append(int(jnp.argmax(logits_BTU[b, len(s) - 1])))
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
@@ -72,29 +72,29 @@ def _copy(tree):
 def test_absorbed_equals_naive_and_full_forward_every_step():
     model = tiny_model()
     graphdef, state = nnx.split(model)
-    tokens_BP, lengths_B = pad_prompts(PROMPTS, model.config.vocab_size, prompt_bucket(11))
+    tokens_BT, lengths_B = pad_prompts(PROMPTS, model.config.vocab_size, prompt_bucket(11))
     cache = mla_moe.init_cache(model.config, len(PROMPTS), 64)
-    h_last_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache)
-    logits_BV = model.logits(h_last_BD[:, None])[:, 0]
+    h_last_BD, _, cache = prefill(model, tokens_BT, lengths_B, cache)
+    logits_BU = model.logits(h_last_BD[:, None])[:, 0]
     seqs = [list(p) for p in PROMPTS]
-    step_logits = [logits_BV]
+    step_logits = [logits_BU]
     for _ in range(6):
-        tok_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+        tok_B = jnp.argmax(logits_BU, -1).astype(jnp.int32)
         for s, t in zip(seqs, tok_B.tolist()):
             s.append(t)
-        naive_BTV, _, _ = decode_step(graphdef, state, tok_B[:, None], _copy(cache), "naive")
-        logits_BTV, _, cache = decode_step(graphdef, state, tok_B[:, None], cache, "absorbed")
-        assert_close_scaled(logits_BTV, naive_BTV, rel=1e-5)
-        logits_BV = logits_BTV[:, 0]
-        step_logits.append(logits_BV)
+        naive_BTU, _, _ = decode_step(graphdef, state, tok_B[:, None], _copy(cache), "naive")
+        logits_BTU, _, cache = decode_step(graphdef, state, tok_B[:, None], cache, "absorbed")
+        assert_close_scaled(logits_BTU, naive_BTU, rel=1e-5)
+        logits_BU = logits_BTU[:, 0]
+        step_logits.append(logits_BU)
     np.testing.assert_array_equal(cache.lengths_B, lengths_B + 6)
     # The logits of every cached step equal the full forward pass over the whole sequence.
-    full_BTV = full_forward(model, seqs)[0]
+    full_BTU = full_forward(model, seqs)[0]
     for b, seq in enumerate(seqs):
         n = len(PROMPTS[b])
-        cached_TV = jnp.stack([lg[b] for lg in step_logits])
-        assert_close_scaled(cached_TV, full_BTV[b, n - 1 : len(seq)], rel=1e-5)
-    assert float(jnp.abs(full_BTV).max()) > 1.0  # the comparison is not of near-zeros
+        cached_TU = jnp.stack([lg[b] for lg in step_logits])
+        assert_close_scaled(cached_TU, full_BTU[b, n - 1 : len(seq)], rel=1e-5)
+    assert float(jnp.abs(full_BTU).max()) > 1.0  # the comparison is not of near-zeros
 
 
 def test_chunked_prefill_matches_single_chunk():
@@ -102,9 +102,9 @@ def test_chunked_prefill_matches_single_chunk():
     prompts = [list(range(1, 40)), [9, 8, 7]]
     outs = []
     for chunk, bucket in ((64, 64), (16, 48)):
-        tokens_BP, lengths_B = pad_prompts(prompts, model.config.vocab_size, bucket)
+        tokens_BT, lengths_B = pad_prompts(prompts, model.config.vocab_size, bucket)
         cache = mla_moe.init_cache(model.config, 2, 64)
-        outs.append(prefill(model, tokens_BP, lengths_B, cache, chunk=chunk))
+        outs.append(prefill(model, tokens_BT, lengths_B, cache, chunk=chunk))
     (h1, hid1, c1), (h2, hid2, c2) = outs
     assert_close_scaled(h1, h2, rel=1e-5)
     assert_close_scaled(hid1[:, :39], hid2[:, :39], rel=1e-5)

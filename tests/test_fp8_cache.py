@@ -53,7 +53,7 @@ def test_fp8_decode_logit_error_measured():
     larger than bfloat16's but bounded, and the greedy choices mostly agree."""
     model = tiny_model()
     graphdef, state = nnx.split(model)
-    tokens_BP, lengths_B = pad_prompts(PROMPTS, model.config.vocab_size, 16)
+    tokens_BT, lengths_B = pad_prompts(PROMPTS, model.config.vocab_size, 16)
     caches = {
         "f32": mla_moe.init_cache(model.config, 3, 64, "float32"),
         "bf16": mla_moe.init_cache(model.config, 3, 64, "bfloat16"),
@@ -62,7 +62,7 @@ def test_fp8_decode_logit_error_measured():
     logits = {k: [] for k in caches}
     tokens = jax.random.randint(jax.random.key(1), (8, 3, 1), 0, model.config.vocab_size)
     for name, cache in caches.items():
-        h_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache)
+        h_BD, _, cache = prefill(model, tokens_BT, lengths_B, cache)
         logits[name].append(model.logits(h_BD[:, None]))
         for tok_B1 in tokens:
             lg, _, cache = decode_step(graphdef, state, tok_B1, cache)

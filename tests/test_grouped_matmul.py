@@ -85,7 +85,7 @@ def test_layout_is_the_padded_stable_sort():
     flat = np.asarray(experts).reshape(-1)
     for block in (1, 4):
         lay = layout(experts, E, block)
-        dest, src = np.asarray(lay.dest_M), np.asarray(lay.src_P)
+        dest, src = np.asarray(lay.dest_M), np.asarray(lay.src_M)
         np.testing.assert_array_equal(src[dest], np.arange(m))  # inverse bijections
         assert (src == m).sum() == src.size - m  # every other slot is padding
         np.testing.assert_array_equal(lay.sizes_E, np.bincount(flat, minlength=E))
@@ -95,7 +95,7 @@ def test_layout_is_the_padded_stable_sort():
             rows = np.nonzero(flat == e)[0]
             if len(rows):
                 start = dest[rows].min()
-                assert start % block == 0 and (lay.group_N[start // block] == e)
+                assert start % block == 0 and (lay.group_O[start // block] == e)
         assert int(lay.used) * block == sum(-(-c // block) * block for c in lay.sizes_E)
 
 

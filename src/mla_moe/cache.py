@@ -8,8 +8,8 @@ Everything a cache is lives here:
                    or packed into bytes when the cache is uint8 (the format is fp8_cache.py's);
   `write_entries`  the new entries written in place at each row's length.
 
-Legend: B batch, T new tokens, S cache slots, K = C + R latent width, W stored width (K, or
-the packed bytes of fp8_cache.py).
+Legend: see layers.py; T the new tokens. A cache array is [B, S, W] as stored: W is L for a float
+cache, the packed bytes of fp8_cache.py for an FP8 one.
 """
 
 from __future__ import annotations
@@ -101,11 +101,11 @@ class LatentCodec:
         """Whether entries are stored FP8-packed (fp8_cache.py)."""
         return self.stored_dtype == jnp.uint8
 
-    def write(self, latent_BTK: jax.Array) -> jax.Array:
+    def write(self, latent_BTL: jax.Array) -> jax.Array:
         """[..., C + R] latent -> [..., W] as stored."""
         if self.packed:
-            return fp8_cache.pack(latent_BTK, self.kv_lora_rank)
-        return latent_BTK.astype(self.stored_dtype)
+            return fp8_cache.pack(latent_BTL, self.kv_lora_rank)
+        return latent_BTL.astype(self.stored_dtype)
 
     def read(self, stored_BSW: jax.Array) -> jax.Array:
         """[..., W] as stored -> [..., C + R] latent in the compute dtype."""

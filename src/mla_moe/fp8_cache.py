@@ -12,8 +12,8 @@ A packed cache is a plain `KVCache` whose latents are uint8 `[B, S, W]` per laye
 Dequantising the whole cache to the compute dtype on every read is what the XLA path does; a
 fused kernel would dequantise block by block in registers.
 
-Legend: B batch, T tokens, S cache slots, C kv latent rank, R rope dim, W packed bytes,
-G scale blocks.
+Legend: see layers.py (C kv latent rank, R rope dim, L = C + R, W packed bytes of a slot, Z scale
+blocks of a slot).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _TINY = 1e-12  # scale floor so an all-zero block quantises to zeros, not NaN
 
 
 def num_scale_blocks(kv_lora_rank: int) -> int:
-    """G, the float32 scales per token: one per 128 latent values."""
+    """Z, the float32 scales per token: one per 128 latent values."""
     return -(-kv_lora_rank // SCALE_BLOCK)
 
 
@@ -37,28 +37,28 @@ def packed_width(kv_lora_rank: int, rope_dim: int) -> int:
 
 
 def quantize(c_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(e4m3 values [..., C], float32 scales [..., G]); x ~= value * scale per block."""
+    """(e4m3 values [..., C], float32 scales [..., Z]); x ~= value * scale per block."""
     c = c_BTC.shape[-1]
-    g = num_scale_blocks(c)
+    z = num_scale_blocks(c)
     x = c_BTC.astype(jnp.float32)
-    pad = g * SCALE_BLOCK - c
+    pad = z * SCALE_BLOCK - c
     blocks = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(
-        *x.shape[:-1], g, SCALE_BLOCK
+        *x.shape[:-1], z, SCALE_BLOCK
     )
-    scale_BTG = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _TINY) / E4M3_MAX
-    q = jnp.clip(blocks / scale_BTG[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
-    return q.reshape(*x.shape[:-1], g * SCALE_BLOCK)[..., :c], scale_BTG
+    scale_BTZ = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _TINY) / E4M3_MAX
+    q = jnp.clip(blocks / scale_BTZ[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return q.reshape(*x.shape[:-1], z * SCALE_BLOCK)[..., :c], scale_BTZ
 
 
-def dequantize(q_BTC: jax.Array, scale_BTG: jax.Array,
+def dequantize(q_BTC: jax.Array, scale_BTZ: jax.Array,
                dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """The inverse of `quantize`: value * scale per block, [..., C] in `dtype`."""
     c = q_BTC.shape[-1]
-    g = scale_BTG.shape[-1]
-    pad = g * SCALE_BLOCK - c
+    z = scale_BTZ.shape[-1]
+    pad = z * SCALE_BLOCK - c
     x = jnp.pad(q_BTC.astype(jnp.float32), [(0, 0)] * (q_BTC.ndim - 1) + [(0, pad)])
-    x = x.reshape(*q_BTC.shape[:-1], g, SCALE_BLOCK) * scale_BTG[..., None]
-    return x.reshape(*q_BTC.shape[:-1], g * SCALE_BLOCK)[..., :c].astype(dtype)
+    x = x.reshape(*q_BTC.shape[:-1], z, SCALE_BLOCK) * scale_BTZ[..., None]
+    return x.reshape(*q_BTC.shape[:-1], z * SCALE_BLOCK)[..., :c].astype(dtype)
 
 
 def _to_bytes(x: jax.Array) -> jax.Array:
@@ -73,18 +73,18 @@ def _from_bytes(b: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(b.reshape(*b.shape[:-1], -1, size), dtype)
 
 
-def pack(latent_BTK: jax.Array, kv_lora_rank: int) -> jax.Array:
+def pack(latent_BTL: jax.Array, kv_lora_rank: int) -> jax.Array:
     """[..., C + R] latent -> [..., W] uint8."""
-    q, scale = quantize(latent_BTK[..., :kv_lora_rank])
-    rope = latent_BTK[..., kv_lora_rank:].astype(jnp.bfloat16)
+    q, scale = quantize(latent_BTL[..., :kv_lora_rank])
+    rope = latent_BTL[..., kv_lora_rank:].astype(jnp.bfloat16)
     return jnp.concatenate([_to_bytes(q), _to_bytes(scale), _to_bytes(rope)], axis=-1)
 
 
 def unpack(packed_BSW: jax.Array, kv_lora_rank: int,
            dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """[..., W] uint8 -> [..., C + R] latent in `dtype`."""
-    c, g = kv_lora_rank, num_scale_blocks(kv_lora_rank)
+    c, z = kv_lora_rank, num_scale_blocks(kv_lora_rank)
     q = _from_bytes(packed_BSW[..., :c], jnp.float8_e4m3fn)
-    scale = _from_bytes(packed_BSW[..., c : c + 4 * g], jnp.float32)
-    rope = _from_bytes(packed_BSW[..., c + 4 * g :], jnp.bfloat16)
+    scale = _from_bytes(packed_BSW[..., c : c + 4 * z], jnp.float32)
+    rope = _from_bytes(packed_BSW[..., c + 4 * z :], jnp.bfloat16)
     return jnp.concatenate([dequantize(q, scale, dtype), rope.astype(dtype)], axis=-1)

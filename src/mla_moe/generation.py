@@ -20,8 +20,8 @@ layers expert-parallel, and the latent cache split over the batch axes. The cach
 head dimension to split (MLA's one latent per token), so tensor-parallel ranks each hold
 their batch rows' whole cache.
 
-Legend: B batch, T tokens in a call, P padded prompt length, S cache slots, D model dim,
-V vocabulary.
+Legend: see layers.py. T counts the tokens of a call: a padded prompt, a prefill chunk, or the
+new tokens of a row.
 """
 
 from __future__ import annotations
@@ -102,36 +102,36 @@ def _prefill_chunk(graphdef, state, tokens_BT, cache, last_B, h_last_BD):
     return out.hidden, jnp.where(inside_B[:, None], h_BD, h_last_BD), out.cache
 
 
-def prefill(model: DeepSeekModel, tokens_BP: np.ndarray | jax.Array,
+def prefill(model: DeepSeekModel, tokens_BT: np.ndarray | jax.Array,
             lengths_B: np.ndarray | jax.Array, cache: KVCache, *, chunk: int = PREFILL_CHUNK
             ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Writes the padded prompts into `cache` (donated) `chunk` tokens at a time.
 
     Returns (hidden at each prompt's last token [B, D], hidden of every prompt position
-    [B, P, D], cache with lengths_B = the true prompt lengths).
+    [B, T, D], cache with lengths_B = the true prompt lengths).
     """
     graphdef, params = nnx.split(model)
-    tokens_BP = jnp.asarray(tokens_BP, jnp.int32)
+    tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     lengths_B = jnp.asarray(lengths_B, jnp.int32)
-    b, p = tokens_BP.shape
-    if p > chunk and p % chunk:
-        raise ValueError(f"padded prompt length {p} must be <= chunk={chunk} or a multiple")
+    b, t = tokens_BT.shape
+    if t > chunk and t % chunk:
+        raise ValueError(f"padded prompt length {t} must be <= chunk={chunk} or a multiple")
     h_last_BD = jnp.zeros((b, model.config.hidden_size), jnp.dtype(model.config.dtype))
     hidden = []
-    for start in range(0, p, min(p, chunk)):
+    for start in range(0, t, min(t, chunk)):
         h_BTD, h_last_BD, cache = _prefill_chunk(
-            graphdef, params, tokens_BP[:, start : start + chunk], cache, lengths_B - 1,
+            graphdef, params, tokens_BT[:, start : start + chunk], cache, lengths_B - 1,
             h_last_BD,
         )
         hidden.append(h_BTD)
-    hidden_BPD = hidden[0] if len(hidden) == 1 else jnp.concatenate(hidden, axis=1)
-    return h_last_BD, hidden_BPD, cache.replace(lengths_B=lengths_B)
+    hidden_BTD = hidden[0] if len(hidden) == 1 else jnp.concatenate(hidden, axis=1)
+    return h_last_BD, hidden_BTD, cache.replace(lengths_B=lengths_B)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "form"), donate_argnames=("cache",))
 def decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, cache: KVCache,
                 form: str = "absorbed") -> tuple[jax.Array, jax.Array, KVCache]:
-    """One cached forward step: (logits [B, T, V] float32, hidden [B, T, D], cache)."""
+    """One cached forward step: (logits [B, T, U] float32, hidden [B, T, D], cache)."""
     model = nnx.merge(graphdef, state)
     out = model(tokens_BT, cache=cache, attention_form=form)
     return out.logits, out.hidden, out.cache
@@ -146,7 +146,8 @@ def eos_array(eos_id: int | None) -> jax.Array:
                    donate_argnames=("cache",))
 def _decode_loop(graphdef, state, cache, h_last_BD, key, max_new, eos_id, *, sampling, form):
     """Decodes until every row is done or `max_new` tokens (both traced: the executable
-    depends only on the batch and cache shapes). Returns ([B, S] tokens, -1 past the end)."""
+    depends only on the batch and cache shapes). Returns ([B, T] tokens with T = S, -1 past
+    the end)."""
     model = nnx.merge(graphdef, state)
     b = h_last_BD.shape[0]
 
@@ -155,33 +156,33 @@ def _decode_loop(graphdef, state, cache, h_last_BD, key, max_new, eos_id, *, sam
 
     key, sub = jax.random.split(key)
     tok_B = sample(model.logits(h_last_BD[:, None])[:, 0], sub, sampling)
-    out_BN = jnp.full((b, cache.max_length), -1, jnp.int32).at[:, 0].set(tok_B)
+    out_BT = jnp.full((b, cache.max_length), -1, jnp.int32).at[:, 0].set(tok_B)
 
     def cond(carry):
         step, _, _, done_B, _, _ = carry
         return (step < max_new) & ~jnp.all(done_B)
 
     def body(carry):
-        step, tok_B, cache, done_B, out_BN, key = carry
+        step, tok_B, cache, done_B, out_BT, key = carry
         out = model(tok_B[:, None], cache=cache, attention_form=form)
-        logits_BV, cache = out.logits[:, 0], out.cache
+        logits_BU, cache = out.logits[:, 0], out.cache
         key, sub = jax.random.split(key)
-        nxt_B = sample(logits_BV, sub, sampling)
-        out_BN = jax.lax.dynamic_update_slice(
-            out_BN, jnp.where(done_B, -1, nxt_B)[:, None], (0, step)
+        nxt_B = sample(logits_BU, sub, sampling)
+        out_BT = jax.lax.dynamic_update_slice(
+            out_BT, jnp.where(done_B, -1, nxt_B)[:, None], (0, step)
         )
-        return step + 1, nxt_B, cache, done_B | is_eos(nxt_B), out_BN, key
+        return step + 1, nxt_B, cache, done_B | is_eos(nxt_B), out_BT, key
 
-    carry = (jnp.int32(1), tok_B, cache, is_eos(tok_B), out_BN, key)
-    steps, _, cache, _, out_BN, _ = jax.lax.while_loop(cond, body, carry)
-    return out_BN, steps, cache
+    carry = (jnp.int32(1), tok_B, cache, is_eos(tok_B), out_BT, key)
+    steps, _, cache, _, out_BT, _ = jax.lax.while_loop(cond, body, carry)
+    return out_BT, steps, cache
 
 
-def trim(tokens_BN: np.ndarray | jax.Array, eos_id: int | None, max_new: int
+def trim(tokens_BT: np.ndarray | jax.Array, eos_id: int | None, max_new: int
          ) -> list[list[int]]:
     """Rows as lists, cut after the first EOS (kept) and at max_new; -1 marks no token."""
     result = []
-    for row in np.asarray(tokens_BN):
+    for row in np.asarray(tokens_BT):
         out = []
         for t in row[:max_new]:
             if t < 0:
@@ -200,12 +201,12 @@ class Prefilled:
     model: DeepSeekModel  # unstacked, on the mesh
     graphdef: nnx.GraphDef
     state: nnx.State
-    tokens_BP: np.ndarray  # the prompts, right-padded with PAD_ID
+    tokens_BT: np.ndarray  # the prompts, right-padded with PAD_ID
     lengths_B: np.ndarray  # the prompts' true lengths
     slots: int  # S, the cache slots per row
     cache: KVCache  # holding the prompts, lengths_B = the true lengths
     h_last_BD: jax.Array  # hidden at each prompt's last token
-    hidden_BPD: jax.Array  # hidden at every prompt position
+    hidden_BTD: jax.Array  # hidden at every prompt position
 
 
 @contextlib.contextmanager
@@ -221,16 +222,16 @@ def prefilled(model: DeepSeekModel, prompts: Sequence[Sequence[int]], *, max_new
     config = model.config
     longest = max((len(p) for p in prompts), default=0)
     bucket = prompt_bucket(longest, prefill_chunk)
-    tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, bucket)
+    tokens_BT, lengths_B = pad_prompts(prompts, config.vocab_size, bucket)
     slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens + extra_slots))
     with sharding.on_mesh(model, mesh) as model:
         model = model.unstacked()
         cache = init_cache(config, len(prompts), slots, cache_dtype, fp8=fp8)
         cache = sharding.place_cache(cache, mesh)
-        h_last_BD, hidden_BPD, cache = prefill(model, tokens_BP, lengths_B, cache,
+        h_last_BD, hidden_BTD, cache = prefill(model, tokens_BT, lengths_B, cache,
                                                chunk=prefill_chunk)
-        yield Prefilled(model, *nnx.split(model), tokens_BP, lengths_B, slots, cache,
-                        h_last_BD, hidden_BPD)
+        yield Prefilled(model, *nnx.split(model), tokens_BT, lengths_B, slots, cache,
+                        h_last_BD, hidden_BTD)
 
 
 def generate(
@@ -262,9 +263,9 @@ def generate(
     """
     with prefilled(model, prompts, max_new_tokens=max_new_tokens, fp8=fp8,
                    cache_dtype=cache_dtype, prefill_chunk=prefill_chunk, mesh=mesh) as start:
-        out_BN, _, _ = _decode_loop(
+        out_BT, _, _ = _decode_loop(
             start.graphdef, start.state, start.cache, start.h_last_BD, jax.random.key(seed),
             jnp.int32(max_new_tokens), eos_array(eos_id), sampling=sampling,
             form=decode_form or model.config.decode_attention,
         )
-    return trim(out_BN, eos_id, max_new_tokens)
+    return trim(out_BT, eos_id, max_new_tokens)

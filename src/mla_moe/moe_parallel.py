@@ -1,9 +1,10 @@
 """Expert-parallel routed experts: `jax.shard_map` over the mesh's `expert` axis.
 
-Legend: see layers.py; in a shard, T is the shard's tokens, E its local experts (E/EP), EP the
-size of the `expert` axis, X the per-destination buffer rows, M = T*K assignments.
+Legend: see layers.py; in a shard, T is the shard's tokens, E its local experts (E/P), P the
+size of the `expert` axis, X the per-destination buffer rows, M = T*K assignments, and x the rows
+of the ragged exchange's receive buffer (shared by every source: at most P * X when capped).
 
-Placement: expert e lives on expert shard e // (E/EP) (contiguous blocks, the "exp" -> expert
+Placement: expert e lives on expert shard e // (E/P) (contiguous blocks, the "exp" -> expert
 rule; `router.expert_shards`). Routing (router.py: scores, top-k, device-limited selection;
 the balance losses and token counts in moe.py) is computed once, outside the shard_map, on
 the logically global arrays, so it is identical to one device and its token counts are global
@@ -17,27 +18,27 @@ Token exchange (how each token reaches its experts' shards; the config field is
 `moe_dispatch`, the MoE's "dispatch", not the kernel backend choice of pallas_kernels):
 - all_to_all: each source shard packs its assignments per destination shard into a buffer of
   X rows, `all_to_all`, local grouped SwiGLU (`grouped_swiglu`), reverse `all_to_all`, combine.
-  Capacity semantics: X = min(ceil(dispatch_capacity_factor * T*K / EP), T * min(K, E/EP));
-  with `dispatch_capacity_factor=None`, X = T * min(K, E/EP), the most one source can send to
+  Capacity semantics: X = min(ceil(dispatch_capacity_factor * T*K / P), T * min(K, E/P));
+  with `dispatch_capacity_factor=None`, X = T * min(K, E/P), the most one source can send to
   one destination, so nothing is ever dropped. Otherwise, per (source shard, destination
   shard) pair, assignments are ranked by router score s (highest first, ties by token then
   slot k order) and those ranked >= X are dropped: they contribute nothing (the token keeps
   its other experts, the shared experts and the residual).
 - ragged_all_to_all: variable sizes via `lax.ragged_all_to_all` (TPU/GPU). With
   `dispatch_capacity_factor=None` it is dropless and the receive buffer is sized for the worst
-  case, R = EP * T * min(K, E/EP) rows (at V3 on 512 chips, 8192 tokens per chip: 512K rows,
-  7 GiB in bf16 and 14 GiB for the f32 expert outputs, per layer). Otherwise R =
-  min(worst case, ceil(dispatch_capacity_factor * T*K)), the same total as the all_to_all's EP
+  case, x = P * T * min(K, E/P) rows (at V3 on 512 chips, 8192 tokens per chip: 512K rows,
+  7 GiB in bf16 and 14 GiB for the f32 expert outputs, per layer). Otherwise x =
+  min(worst case, ceil(dispatch_capacity_factor * T*K)), the same total as the all_to_all's P
   buffers of X rows but shared by the sources: source s's chunk lands after those of sources
-  < s, and the rows past R are dropped (each source sends its best-scoring assignments
+  < s, and the rows past x are dropped (each source sends its best-scoring assignments
   first). XLA:CPU lacks the op, so on CPU this falls back to the dropless all_to_all path
   (logged once).
 - allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
-  them, `psum_scatter` back. No drops; good for small EP.
-- auto: on TPU/GPU, allgather for EP <= max(2, K) (it receives EP x the shard's tokens where
+  them, `psum_scatter` back. No drops; good for small P.
+- auto: on TPU/GPU, allgather for P <= max(2, K) (it receives P x the shard's tokens where
   the all-to-all receives K x), else ragged_all_to_all. On CPU always allgather: there the
   collectives are copies in one host's memory and the packed all-to-all costs 2-3x the
-  allgather's time at EP = 4 and 8 (bench/moe_dispatch.py).
+  allgather's time at P = 4 and 8 (bench/moe_dispatch.py).
 If the token count does not divide over the expert axis (e.g. one decode token), the tokens
 stay replicated over `expert` and the allgather computation runs without the gather.
 """
@@ -85,8 +86,8 @@ def resolve_exchange(config: ModelConfig, ep: int, backend: str | None = None) -
     backend = backend or target_platform()
     kind = config.moe_dispatch
     if kind == "auto":
-        # Per shard, the gather receives ~EP x its tokens, the all-to-all ~K x: gather while
-        # EP <= K (it also skips the packing), all-to-all beyond. On CPU the volume is a
+        # Per shard, the gather receives ~P x its tokens, the all-to-all ~K x: gather while
+        # P <= K (it also skips the packing), all-to-all beyond. On CPU the volume is a
         # memory copy and the packing dominates: gather always.
         if backend not in ("tpu", "gpu") or ep <= max(2, config.num_experts_per_tok):
             return "allgather"
@@ -108,7 +109,7 @@ def exchange_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
 
 
 def ragged_receive_rows(tokens: int, config: ModelConfig, ep: int) -> int:
-    """R: receive buffer rows of the ragged exchange for `tokens` tokens per source shard."""
+    """x: receive buffer rows of the ragged exchange for `tokens` tokens per source shard."""
     k, e = config.num_experts_per_tok, config.n_routed_experts
     most = ep * tokens * min(k, e // ep)
     if config.dispatch_capacity_factor is None:
@@ -153,11 +154,11 @@ def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity):
         recv_PX = jax.lax.all_to_all(send_PX, "expert", 0, 0)
     else:
         recv_PXD, recv_PX = send_PXD, send_PX
-    y_RD = _local_experts(recv_PXD.reshape(ep * capacity, d), recv_PX.reshape(-1), *w)
-    y_PXD = y_RD.reshape(ep, capacity, d)
+    y_PXD = _local_experts(recv_PXD.reshape(ep * capacity, d), recv_PX.reshape(-1),
+                           *w).reshape(ep, capacity, d)
     if ep > 1:
         y_PXD = jax.lax.all_to_all(y_PXD, "expert", 0, 0)
-    y_slots = jnp.concatenate([y_PXD.reshape(ep * capacity, d), jnp.zeros((1, d), y_RD.dtype)])
+    y_slots = jnp.concatenate([y_PXD.reshape(ep * capacity, d), jnp.zeros((1, d), y_PXD.dtype)])
     y_TD = _combine(y_slots[slot_M], weights_TK)
     dropped = (slot_M == ep * capacity).sum().astype(jnp.float32)
     return y_TD, dropped
@@ -197,31 +198,31 @@ def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
     es_M1 = local_M[order_M].astype(jnp.int32)[:, None]
     want_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
     in_off_P = jnp.cumsum(want_P) - want_P
-    # want_SP[s, p]: rows shard s has for shard p (every shard's row of the matrix).
-    want_SP = jax.lax.all_gather(want_P, "expert", axis=0, tiled=False)
+    # want_PP[s, p]: rows shard s has for shard p (every shard's row of the matrix).
+    want_PP = jax.lax.all_gather(want_P, "expert", axis=0, tiled=False)
     # Receiver p stacks the chunks of sources 0, 1, ...; what passes its last row is dropped.
-    start_SP = jnp.cumsum(want_SP, axis=0) - want_SP
-    sizes_SP = jnp.clip(recv_rows - start_SP, 0, want_SP).astype(jnp.int32)
-    out_off_SP = jnp.minimum(start_SP, recv_rows).astype(jnp.int32)
+    start_PP = jnp.cumsum(want_PP, axis=0) - want_PP
+    sizes_PP = jnp.clip(recv_rows - start_PP, 0, want_PP).astype(jnp.int32)
+    out_off_PP = jnp.minimum(start_PP, recv_rows).astype(jnp.int32)
     me = jax.lax.axis_index("expert")
-    send_P, out_off_P = sizes_SP[me], out_off_SP[me]
-    recv_P = sizes_SP[:, me]
-    recv_RD = jax.lax.ragged_all_to_all(
+    send_P, out_off_P = sizes_PP[me], out_off_PP[me]
+    recv_P = sizes_PP[:, me]
+    recv_xD = jax.lax.ragged_all_to_all(
         xs_MD, jnp.zeros((recv_rows, d), x_TD.dtype), in_off_P, send_P, out_off_P, recv_P,
         axis_name="expert")
-    recv_R1 = jax.lax.ragged_all_to_all(
+    recv_x1 = jax.lax.ragged_all_to_all(
         es_M1, jnp.full((recv_rows, 1), e_local, jnp.int32), in_off_P, send_P, out_off_P,
         recv_P, axis_name="expert")
     # Back in the activation dtype: the receive buffer's f32 copies (outputs, their return
     # trip and its transpose) were the largest temporaries of V3's train step.
-    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w).astype(x_TD.dtype)
+    y_xD = _local_experts(recv_xD, recv_x1[:, 0], *w).astype(x_TD.dtype)
     # Reverse: my received chunk from source s starts at out_off[s -> me] and goes back to
     # offset in_off[s -> me] of s's send buffer; the dropped rows stay zero there.
-    back_in_off_P = out_off_SP[:, me]
-    in_off_SP = jax.lax.all_gather(in_off_P, "expert", axis=0, tiled=False)
-    back_out_off_P = in_off_SP[:, me]
+    back_in_off_P = out_off_PP[:, me]
+    in_off_PP = jax.lax.all_gather(in_off_P, "expert", axis=0, tiled=False)
+    back_out_off_P = in_off_PP[:, me]
     ys_MD = jax.lax.ragged_all_to_all(
-        y_RD, jnp.zeros((m, d), y_RD.dtype), back_in_off_P, recv_P, back_out_off_P, send_P,
+        y_xD, jnp.zeros((m, d), y_xD.dtype), back_in_off_P, recv_P, back_out_off_P, send_P,
         axis_name="expert")
     y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)
     dropped = (m - send_P.sum()).astype(jnp.float32)
@@ -284,7 +285,7 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
         else:
             if kind == "all_to_all":
                 capacity = exchange_capacity(t_shard, config, ep)
-            else:  # ragged fallback, or EP = 1: never drop
+            else:  # ragged fallback, or P = 1: never drop
                 capacity = t_shard * min(config.num_experts_per_tok, gate.shape[0])
             y_TD, dropped = _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity)
         if f_axes:  # F split over the tensor axes: the down-projections are partial sums

@@ -184,9 +184,9 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], fault_step: A
         **{f"aux/{k}": v for k, v in aux["aux_losses"].items()},
     }
     if aux["tokens_per_expert"]:
-        counts_LE = jnp.stack(aux["tokens_per_expert"])
-        metrics["expert_load_max"] = counts_LE.max(-1)
-        metrics["expert_load_mean"] = counts_LE.mean(-1)
+        counts = jnp.stack(aux["tokens_per_expert"])  # [MoE layers, E]
+        metrics["expert_load_max"] = counts.max(-1)
+        metrics["expert_load_mean"] = counts.mean(-1)
         metrics["drop_fraction"] = jnp.stack(aux["dropped_fraction"])
         biases = [
             v[...] for path, v in nnx.to_flat_state(new_state["extra"])
