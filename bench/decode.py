@@ -5,8 +5,9 @@ side by side), and the FP8 cache's logit error.
     python bench/decode.py --parts=a --lengths=512,2048
 
 (a) Cache bytes per token per layer for the published V2-Lite / V2 / V3 configs, counted from
-    the shapes `init_cache` / `init_fp8_cache` allocate (via jax.eval_shape) and checked against
-    the formula; plus whole-model bytes per token against DeepSeek 67B, the V2 paper's baseline.
+    the shapes `init_cache` allocates in bf16 and with fp8=True (via jax.eval_shape) and checked
+    against the formula; plus whole-model bytes per token against DeepSeek 67B, the V2 paper's
+    baseline.
 (b) One decode step (B = 1, T = 1) of a one-layer model with DeepSeek's attention dims
     (C = 512, R = 64, H = V = 128, N = 8 heads, float32) at cache lengths 512 .. 16K, naive
     (decompress K and V from the whole latent cache every step) and absorbed (attention over
@@ -36,7 +37,7 @@ from mla_moe import fp8_cache  # noqa: E402
 from mla_moe.cache import init_cache  # noqa: E402
 from mla_moe.config import ModelConfig  # noqa: E402
 from mla_moe.decoder import DeepSeekModel  # noqa: E402
-from mla_moe.generate import decode_step, pad_prompts, prefill  # noqa: E402
+from mla_moe.generation import decode_step, pad_prompts, prefill  # noqa: E402
 
 # DeepSeek LLM 67B (the V2 paper's dense baseline; DeepSeek LLM paper, Table 2): 95 layers,
 # GQA with 8 KV heads of dim 128, bf16 cache.
@@ -76,7 +77,7 @@ def part_a() -> list[str]:
         got_bf16 = _allocated_per_token_layer(
             jax.eval_shape(lambda c=c: init_cache(c, 2, 8, "bfloat16")), c, 2, 8)
         got_fp8 = _allocated_per_token_layer(
-            jax.eval_shape(lambda c=c: fp8_cache.init_fp8_cache(c, 2, 8)), c, 2, 8)
+            jax.eval_shape(lambda c=c: init_cache(c, 2, 8, fp8=True)), c, 2, 8)
         assert got_bf16 == mla_bf16 == 1152, (label, got_bf16, mla_bf16)
         assert got_fp8 == mla_fp8 == 656, (label, got_fp8, mla_fp8)
         rows.append(
@@ -185,14 +186,14 @@ def part_c(steps: int = 32, prompt_len: int = 256) -> list[str]:
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, prompt_len).tolist() for _ in range(2)]
-    tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, prompt_len)
+    tokens_BT, lengths_B = pad_prompts(prompts, config.vocab_size, prompt_len)
     forced = jax.random.randint(jax.random.key(1), (steps, 2, 1), 0, config.vocab_size)
     slots = prompt_len + steps
     logits = {}
     for name, cache in (("f32", init_cache(config, 2, slots, "float32")),
                         ("bf16", init_cache(config, 2, slots, "bfloat16")),
-                        ("fp8", fp8_cache.init_fp8_cache(config, 2, slots))):
-        h_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache, chunk=128)
+                        ("fp8", init_cache(config, 2, slots, fp8=True))):
+        h_BD, _, cache = prefill(model, tokens_BT, lengths_B, cache, chunk=128)
         out = [model.logits(h_BD[:, None])]
         for tok in forced:
             lg, _, cache = decode_step(graphdef, state, tok, cache)

@@ -62,8 +62,8 @@ def _layer_fn(cfg: ModelConfig, mesh, train=False):
     graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
 
     def fwd(state, x):
-        y, stats = nnx.merge(graphdef, state)(x)
-        return y, stats["aux_loss"]
+        out = nnx.merge(graphdef, state)(x)
+        return out.y_BTD, out.stats.aux_loss
 
     def loss(state, x):
         y, aux = fwd(state, x)
@@ -98,13 +98,13 @@ def _timer(cfg, mesh, tokens, seed=0, train=False):
     return once
 
 
-def _swiglu(x_XD, gate_up_DH, down_FD):
+def _swiglu(x_XD, gate_up_D2F, down_FD):
     f = down_FD.shape[0]
     if 2 * f <= grouped_matmul.FUSE_MAX_WIDTH:
-        au_XH = x_XD @ gate_up_DH
-        h_XF = jax.nn.silu(au_XH[:, :f]) * au_XH[:, f:]
+        au_X2F = x_XD @ gate_up_D2F
+        h_XF = jax.nn.silu(au_X2F[:, :f]) * au_X2F[:, f:]
     else:
-        h_XF = jax.nn.silu(x_XD @ gate_up_DH[:, :f]) * (x_XD @ gate_up_DH[:, f:])
+        h_XF = jax.nn.silu(x_XD @ gate_up_D2F[:, :f]) * (x_XD @ gate_up_D2F[:, f:])
     return h_XF @ down_FD
 
 
@@ -116,9 +116,9 @@ def _floor_timer(tokens, k, width, experts=None, seed=0, train=False):
     if experts is None:
         ffn, lead = _swiglu, ()
     else:
-        def ffn(x_EXD, gate_up_EDH, down_EFD):
+        def ffn(x_EXD, gate_up_ED2F, down_EFD):
             return jax.lax.scan(lambda c, xs: (c, _swiglu(*xs)), None,
-                                (x_EXD, gate_up_EDH, down_EFD))[1]
+                                (x_EXD, gate_up_ED2F, down_EFD))[1]
 
         lead, m = (experts,), m // experts
 

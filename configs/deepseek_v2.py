@@ -7,6 +7,14 @@ YARN = dict(
     beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
 )
 
+# `get_config("runlocal")`: the sizes that shrink; everything else stays as published.
+RUNLOCAL_SIZES = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=16, n_routed_experts=16, bos_token_id=None, eos_token_id=None,
+    num_hidden_layers=3, q_lora_rank=32,
+)
+
 
 def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -50,8 +58,12 @@ def model_config() -> ml_collections.ConfigDict:
     )
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """Published V2; run settings for a large pod (the paper's D = 8 expert devices)."""
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """Published V2; run settings for a large pod (the paper's D = 8 expert devices).
+
+    `get_config("runlocal")`, i.e. `--config=configs/deepseek_v2.py:runlocal`: the same model
+    at toy sizes, two training steps on a CPU.
+    """
     from mla_moe.train.config import run_config
 
     model = model_config()
@@ -61,6 +73,22 @@ def get_config() -> ml_collections.ConfigDict:
     model.remat_policy = "save_attention_out"
     model.attention_impl = "auto"  # the Pallas kernels on TPU and GPU, XLA on CPU
     model.scan_layers = True  # one compiled layer per group: minutes, not hours, at 61 layers
+    if variant == "runlocal":
+        # The same model (every feature and routing rule above) at toy sizes, trained for two
+        # steps on the bundled byte corpus: a check on a CPU that the preset runs end to end.
+        model.update(RUNLOCAL_SIZES)
+        return run_config(
+            model,
+            train=dict(steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every_steps=0,
+                       eval_batches=1),
+            data=dict(num_threads=1, prefetch=2),
+            checkpoint=dict(every_steps=2, max_to_keep=1),
+            log=dict(every_steps=1),
+            mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
+        )
+    if variant:
+        raise ValueError(
+            f"configs/deepseek_v2.py: unknown variant {variant!r} (known: 'runlocal')")
     return run_config(
         model,
         train=dict(steps=500_000, batch_size=2304, seq_len=4096, learning_rate=2.4e-4,

@@ -46,7 +46,8 @@ flags.mark_flags_as_required(["config", "target"])
 EXIT_DOES_NOT_FIT = 3
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Compiles the configured step for the target and prints (or writes) its report."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:

@@ -10,6 +10,8 @@ directory is written atomically and an existing one is never overwritten without
 
 from __future__ import annotations
 
+from typing import Any
+
 from absl import app, flags
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Training workdir to export.")
@@ -21,7 +23,8 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", 4.0, "Largest safetensors file, i
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Converts between an Orbax training checkpoint and a HuggingFace directory."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (_CKPT.value is None) == (_HF.value is None):
@@ -34,7 +37,7 @@ def main(argv):
     else:
         from flax import nnx
 
-        from launch.generate import load_checkpoint
+        from mla_moe.train.checkpoint import load_checkpoint
 
         model, step = load_checkpoint(_CKPT.value, _STEP.value)
         if _DTYPE.value is not None:
@@ -46,7 +49,7 @@ def main(argv):
     print(f"wrote {_OUT.value} from {source}")
 
 
-def cast_params(params, dtype: str):
+def cast_params(params: Any, dtype: str) -> Any:
     """Casts floating parameters to `dtype`, keeping the router in float32 (as HF does)."""
     import jax
     import jax.numpy as jnp

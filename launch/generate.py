@@ -14,15 +14,13 @@ everything compiled).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
 from absl import flags
 
 from launch import cli
-from mla_moe.errors import InputError, MissingInputError
+from mla_moe.errors import InputError
 
 _HF = flags.DEFINE_string("hf", "", "HuggingFace DeepSeek checkpoint directory.")
 _CKPT = flags.DEFINE_string("checkpoint", "", "Training workdir (launch/train.py --workdir).")
@@ -63,77 +61,6 @@ def parse_mesh(text: str) -> dict[str, int] | None:
     return sizes
 
 
-def load_checkpoint(workdir: str, step: int | None = None):
-    """The model of a training workdir: its `config.json` and the parameters (and non-Param
-    model state) of checkpoint `step` (latest by default); the optimizer state is not read."""
-    import jax
-    import ml_collections
-    from flax import nnx
-
-    from mla_moe import sharding
-    from mla_moe.decoder import DeepSeekModel
-    from mla_moe.train import checkpoint as ckpt_lib
-
-    config = _workdir_model_config(workdir)
-    options = ml_collections.ConfigDict(
-        {"max_to_keep": 1, "keep_every_steps": 0, "async_save": False})
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise MissingInputError(f"--checkpoint={workdir!r} has no checkpoints/ directory; pass "
-                                "the --workdir of a training run")
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), options, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise MissingInputError(f"--checkpoint={workdir!r} has no checkpoint yet; train until "
-                                "the first save (checkpoint.every_steps)")
-    if step is not None and step not in steps:
-        raise InputError(f"--step={step}: {workdir!r} has checkpoints at steps {steps}")
-    step = max(steps) if step is None else step
-    abstract = sharding.abstract_model(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
-    graphdef, params, extra = nnx.split(abstract, nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          {"params": params, "extra": extra})
-    import orbax.checkpoint as ocp
-
-    flat = ckpt_lib.flatten_state(target)
-    # The train state also holds the step and the optimizer state: the Checkpointer's handler
-    # restores whole trees only, so those are read too (as saved) and dropped.
-    meta = ckpt.manager.item_metadata(step)[ckpt_lib.STATE]
-    meta = getattr(meta, "tree", meta)
-    missing = sorted(set(flat) - set(meta))
-    if missing:
-        raise InputError(f"{workdir} step {step} does not hold the model of its config.json "
-                         f"(e.g. {missing[:3]}); was the workdir reused?")
-    whole = {k: flat.get(k) or jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=device)
-             for k, v in meta.items()}
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
-        ckpt_lib.STATE: ocp.args.StandardRestore(whole)}))
-    restored = {ckpt_lib.STATE: {k: restored[ckpt_lib.STATE][k] for k in flat}}
-    state = ckpt_lib.unflatten_state(target, restored[ckpt_lib.STATE])
-    ckpt.close()
-    return nnx.merge(graphdef, state["params"], state["extra"]), step
-
-
-def _workdir_model_config(workdir: str):
-    """The ModelConfig recorded in a training workdir's config.json."""
-    from mla_moe.config import ModelConfig
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isdir(workdir):
-        raise MissingInputError(f"--checkpoint={workdir!r} is not a directory; pass the "
-                                "--workdir of a training run")
-    if not os.path.isfile(path):
-        raise MissingInputError(f"--checkpoint={workdir!r} has no config.json; pass the "
-                                "--workdir of a training run")
-    try:
-        with open(path) as f:
-            model = json.load(f)["model"]
-        return ModelConfig(**model)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path} does not describe a model ({type(e).__name__}: {e}); pass "
-                         "the --workdir of a training run") from None
-
-
 def check_flags() -> None:
     """The generation flags, before any model is read."""
     if bool(_HF.value) == bool(_CKPT.value):
@@ -165,14 +92,16 @@ def _make_mesh(sizes, config):
         raise InputError(f"--mesh={_MESH.value}: {e}") from None
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Loads the model, generates for every --prompt and prints the text and throughput."""
     check_flags()
 
     from mla_moe.config import ModelConfig
     from mla_moe.data.tokenizer import load_tokenizer
-    from mla_moe.generate import generate
+    from mla_moe.generation import generate
     from mla_moe.sampling import Sampling
     from mla_moe.speculative import speculative_generate
+    from mla_moe.train.checkpoint import load_checkpoint, workdir_model_config
 
     mesh_sizes = parse_mesh(_MESH.value)
     tokenizer = load_tokenizer(_TOKENIZER.value)  # checked before any weight is read
@@ -185,7 +114,7 @@ def main(argv):
         model, source = load_pretrained(_HF.value, mesh=mesh), _HF.value
     else:
         if mesh_sizes:
-            mesh = _make_mesh(mesh_sizes, _workdir_model_config(_CKPT.value))
+            mesh = _make_mesh(mesh_sizes, workdir_model_config(_CKPT.value))
         model, step = load_checkpoint(_CKPT.value, _STEP.value)
         source = f"{_CKPT.value} step {step}"
     config = model.config

@@ -22,7 +22,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing store.")
 flags.mark_flags_as_required(["input", "output"])
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Tokenises the input files into a token store."""
     import os
 
     from mla_moe.data import prepare

@@ -56,7 +56,8 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Sets up distributed JAX if asked, then trains the configured run in the workdir."""
     from mla_moe.errors import InputError
 
     if not _WORKDIR.value:

@@ -41,10 +41,13 @@ LATENT_DIMS = dict(n=128, c=512, r=64)  # DeepSeek-V3: 128 heads over a 512 + 64
 
 
 def vmem_limit_bytes(device_kind: str) -> int:
+    """XLA:TPU's default scoped VMEM limit per kernel for a device kind ("TPU v5", ...)."""
     return _TPU_SCOPED_VMEM[device_kind]
 
 
 def shared_memory_limit_bytes(chip: str) -> int:
+    """The opt-in shared memory per block of a GPU target ("h100", ...), from its target
+    config."""
     config = targets.gpu_target_config(chip)
     return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", config).group(1))
 
@@ -62,9 +65,9 @@ def _compile(target, fn, shapes):
         return jax.jit(fn).lower(*args).compile()
 
 
-def compile_mla_attention(target, *, b: int, t: int, n: int, segments: bool = False,
-                          dtype=jnp.bfloat16, h=MLA_DIMS["h"], r=MLA_DIMS["r"],
-                          v=MLA_DIMS["v"]):
+def compile_mla_attention(target: str, *, b: int, t: int, n: int, segments: bool = False,
+                          dtype: jnp.dtype = jnp.bfloat16, h: int = MLA_DIMS["h"],
+                          r: int = MLA_DIMS["r"], v: int = MLA_DIMS["v"]) -> jax.stages.Compiled:
     """Forward + backward of causal `mla_attention` (T = S) compiled for `target`."""
 
     def fwd_bwd(q_nope, q_pe, k_nope, k_pe, v_, seg):
@@ -80,8 +83,10 @@ def compile_mla_attention(target, *, b: int, t: int, n: int, segments: bool = Fa
                                       ((b, t, n, v), dtype), ((b, t), jnp.int32)])
 
 
-def compile_latent_attention(target, *, b: int, t: int, s: int, dtype=jnp.bfloat16,
-                             n=LATENT_DIMS["n"], c=LATENT_DIMS["c"], r=LATENT_DIMS["r"]):
+def compile_latent_attention(target: str, *, b: int, t: int, s: int,
+                             dtype: jnp.dtype = jnp.bfloat16, n: int = LATENT_DIMS["n"],
+                             c: int = LATENT_DIMS["c"],
+                             r: int = LATENT_DIMS["r"]) -> jax.stages.Compiled:
     """One absorbed decode step (`latent_attention_cache`: T queries over the model's packed
     [B, S, C + R] cache) for `target`."""
 
@@ -92,7 +97,7 @@ def compile_latent_attention(target, *, b: int, t: int, s: int, dtype=jnp.bfloat
                                      ((b, s, c + r), dtype), ((b,), jnp.int32)])
 
 
-def tpu_vmem_bytes(compiled) -> dict[str, int]:
+def tpu_vmem_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
     """{kernel name: scoped VMEM bytes} of the Mosaic kernels in a compiled TPU program."""
     out = {}
     for line in compiled.as_text().splitlines():
@@ -129,7 +134,7 @@ def gpu_compile_log(calls: list[dict]) -> list[dict]:
     return results
 
 
-def run_call(kind: str, target: str, **shape) -> dict:
+def run_call(kind: str, target: str, **shape: int) -> dict:
     """Compiles one kernel call; a compiler rejection is a result ({"ok": False, ...})."""
     compile_fn = compile_mla_attention if kind == "mla" else compile_latent_attention
     try:

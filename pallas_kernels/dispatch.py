@@ -62,20 +62,23 @@ class KernelBackend:
 
     @property
     def head_major(self) -> bool:
+        """Whether the kernels take heads before tokens ([B, N, T, .]): the TPU kernels do."""
         return self.name in ("tpu", "tpu_interpret")
 
     @property
     def pow2_tiles(self) -> bool:
+        """Whether tiles must be powers of two (Triton on GPU)."""
         return self.name == "gpu"
 
     def interpret(self) -> Any:
+        """The `interpret` argument of `pallas_call` for this backend (False when compiled)."""
         if self.name == "interpret":
             return True
         if self.name == "tpu_interpret":
             return _require(_pltpu, "tpu").InterpretParams()
         return False
 
-    def compiler_params(self, *, num_warps: int = 4, num_stages: int = 2):
+    def compiler_params(self, *, num_warps: int = 4, num_stages: int = 2) -> Any:
         """Triton's launch parameters for the portable kernels on GPU; None elsewhere."""
         if self.name == "gpu":
             return _require(_pl_triton, "gpu").CompilerParams(
@@ -138,10 +141,12 @@ def per_device(table: dict[str, Any], device_kind: str | None) -> Any:
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
 def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 
@@ -152,7 +157,7 @@ def fit_block(block: int, n: int) -> int:
     return min(block, max(16, next_pow2(n)))
 
 
-def check_named_shapes(**arrays) -> None:
+def check_named_shapes(**arrays: jax.Array) -> None:
     """Checks arrays whose names end in their dims (`k_pe_BSR`): each has as many dims as
     letters, and a letter has one size everywhere. Errors name both arrays and the dim."""
     seen: dict[str, tuple[int, str]] = {}
@@ -167,7 +172,7 @@ def check_named_shapes(**arrays) -> None:
                 raise ValueError(f"{name} has {letter}={size} but {first} has {letter}={want}")
 
 
-def kernel_dot(a, b, dimension_numbers):
+def kernel_dot(a: jax.Array, b: jax.Array, dimension_numbers: Any) -> jax.Array:
     """`lax.dot_general` with f32 accumulation for kernel bodies. Narrow (bf16) operands get
     the default precision explicitly: a process-wide `jax_default_matmul_precision="highest"`
     would otherwise ask Mosaic for an fp32 contraction of bf16 operands, which it rejects."""
@@ -178,12 +183,15 @@ def kernel_dot(a, b, dimension_numbers):
                            preferred_element_type=jnp.float32)
 
 
-def online_softmax_step(m_X1, l_X1, s_XK):
+def online_softmax_step(
+    m_T1: jax.Array, l_T1: jax.Array, s_TS: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One KV chunk of an online softmax over the last axis: returns (m_new, alpha, p, l_new)
     where the running accumulator is rescaled by alpha and p are the chunk's unnormalised
-    probabilities. Rows that have seen only -inf keep m = -inf and contribute nothing."""
-    m_new = jnp.maximum(m_X1, jnp.max(s_XK, axis=-1, keepdims=True))
+    probabilities. Rows that have seen only -inf keep m = -inf and contribute nothing.
+    m, l: [..., T, 1]; s: [..., T, S], the chunk's S keys (T: any query rows, e.g. B N T or Y)."""
+    m_new = jnp.maximum(m_T1, jnp.max(s_TS, axis=-1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m_X1 - m_safe)
-    p_XK = jnp.exp(s_XK - m_safe)
-    return m_new, alpha, p_XK, alpha * l_X1 + jnp.sum(p_XK, axis=-1, keepdims=True)
+    alpha = jnp.exp(m_T1 - m_safe)
+    p_TS = jnp.exp(s_TS - m_safe)
+    return m_new, alpha, p_TS, alpha * l_T1 + jnp.sum(p_TS, axis=-1, keepdims=True)

@@ -1,16 +1,17 @@
 """Absorbed-MLA decode over the latent cache (FlashMLA's "MQA mode"), split-KV Pallas kernel.
 
-Legend: B batch, T query len, S cache slots, N heads, C kv latent rank, R rope dim,
-M = T * N query rows (all heads of all queries share one key/value stream), P kv splits.
+Legend: see layers.py (B batch, T query len, S cache slots, N heads, C kv latent rank, R rope
+dim, Y = T * N query rows: all heads of all queries share one key/value stream); O the splits
+of the cache.
 
 Every query row attends to the shared key [c; k_pe] (C + R) and value c (C). The T queries
 are the last T positions of each sequence: query t is at position lengths_B - T + t and, when
 causal, sees cache slots s <= lengths_B - T + t; slots s >= lengths_B are garbage (even NaN)
 and never reach the output. T = 1 is decode, T > 1 speculative verification.
 
-Split-KV ("flash decoding"): the grid is (B, P, row blocks); split p scans its share of the
+Split-KV ("flash decoding"): the grid is (B, O, row blocks); split p scans its share of the
 cache, skipping blocks at or beyond the sequence length, and writes a normalised partial
-output with its log-sum-exp; an XLA combine step merges the P partials (LSE-weighted).
+output with its log-sum-exp; an XLA combine step merges the O partials (LSE-weighted).
 Forward only.
 """
 
@@ -44,7 +45,7 @@ class BlockSizes:
     block_kv: cache slots per inner-loop step (multiple of 8).
     block_rows: query rows (T * N folded) per program (multiple of 8); GPU needs a power of
       two >= 16. Rows are zero-padded up to a multiple of it.
-    num_splits: cache splits P; None picks enough programs to fill the device.
+    num_splits: cache splits O; None picks enough programs to fill the device.
     block_kv_xla: cache chunk of implementation="xla".
     """
 
@@ -107,10 +108,10 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: latent_tpu.S
     b, p = pl.program_id(2), pl.program_id(1)
     bk = st.block_kv
     length = lengths_ref[b]
-    q_lat_MC, q_pe_MR = q_lat_ref[...], q_pe_ref[...]
-    rows = q_lat_MC.shape[0]
+    q_lat_YC, q_pe_YR = q_lat_ref[...], q_pe_ref[...]
+    rows = q_lat_YC.shape[0]
     # Last visible slot of each row; <= length - 1, so it also hides the garbage slots.
-    limit_M1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
+    limit_Y1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
         jnp.zeros((rows, 1), jnp.int32) + (length - 1))
     first = p * st.blocks_per_split
     hi = jnp.minimum(jnp.minimum(first + st.blocks_per_split, st.num_kv),
@@ -120,36 +121,36 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: latent_tpu.S
     n_full = jnp.clip(lax.div(jnp.maximum(min_limit + 1, 0), bk), first, jnp.maximum(hi, first))
 
     def body(j, carry, masked):
-        acc_MC, m_M1, l_M1 = carry
+        acc_YC, m_Y1, l_Y1 = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        kv_KC, k_pe_KR = read(ks)
+        kv_SC, k_pe_SR = read(ks)
         if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
-            valid_K1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + j * bk < length
-            kv_KC = jnp.where(valid_K1, kv_KC, jnp.zeros((), kv_KC.dtype))
-            k_pe_KR = jnp.where(valid_K1, k_pe_KR, jnp.zeros((), k_pe_KR.dtype))
-        s_MK = kernel_dot(q_lat_MC, kv_KC, _NT)
-        s_MK += kernel_dot(q_pe_MR, k_pe_KR, _NT)
-        s_MK *= st.sm_scale
+            valid_S1 = lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + j * bk < length
+            kv_SC = jnp.where(valid_S1, kv_SC, jnp.zeros((), kv_SC.dtype))
+            k_pe_SR = jnp.where(valid_S1, k_pe_SR, jnp.zeros((), k_pe_SR.dtype))
+        s_YS = kernel_dot(q_lat_YC, kv_SC, _NT)
+        s_YS += kernel_dot(q_pe_YR, k_pe_SR, _NT)
+        s_YS *= st.sm_scale
         if masked:
-            col_MK = lax.broadcasted_iota(jnp.int32, s_MK.shape, 1) + j * bk
-            s_MK = jnp.where(col_MK <= limit_M1, s_MK, -jnp.inf)
-        m_new = jnp.maximum(m_M1, jnp.max(s_MK, axis=1, keepdims=True))
+            col_YS = lax.broadcasted_iota(jnp.int32, s_YS.shape, 1) + j * bk
+            s_YS = jnp.where(col_YS <= limit_Y1, s_YS, -jnp.inf)
+        m_new = jnp.maximum(m_Y1, jnp.max(s_YS, axis=1, keepdims=True))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha_M1 = jnp.exp(m_M1 - m_safe)
-        p_MK = jnp.exp(s_MK - m_safe)
-        l_M1 = alpha_M1 * l_M1 + jnp.sum(p_MK, axis=1, keepdims=True)
-        acc_MC = alpha_M1 * acc_MC + kernel_dot(p_MK.astype(kv_KC.dtype), kv_KC, _NN)
-        return acc_MC, m_new, l_M1
+        alpha_Y1 = jnp.exp(m_Y1 - m_safe)
+        p_YS = jnp.exp(s_YS - m_safe)
+        l_Y1 = alpha_Y1 * l_Y1 + jnp.sum(p_YS, axis=1, keepdims=True)
+        acc_YC = alpha_Y1 * acc_YC + kernel_dot(p_YS.astype(kv_SC.dtype), kv_SC, _NN)
+        return acc_YC, m_new, l_Y1
 
-    carry = (jnp.zeros(q_lat_MC.shape, jnp.float32), jnp.full((rows, 1), -jnp.inf, jnp.float32),
+    carry = (jnp.zeros(q_lat_YC.shape, jnp.float32), jnp.full((rows, 1), -jnp.inf, jnp.float32),
              jnp.zeros((rows, 1), jnp.float32))
     carry = lax.fori_loop(first, n_full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
-    acc_MC, m_M1, l_M1 = carry
-    empty = l_M1 == 0.0
-    l_safe = jnp.where(empty, 1.0, l_M1)
-    o_ref[...] = acc_MC / l_safe
-    lse_ref[...] = jnp.where(empty, -jnp.inf, m_M1 + jnp.log(l_safe))
+    acc_YC, m_Y1, l_Y1 = carry
+    empty = l_Y1 == 0.0
+    l_safe = jnp.where(empty, 1.0, l_Y1)
+    o_ref[...] = acc_YC / l_safe
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m_Y1 + jnp.log(l_safe))
 
 
 def _num_splits(bs: BlockSizes, backend, b: int, row_blocks: int, num_kv: int, bk: int) -> int:
@@ -170,9 +171,10 @@ _STATIC = ("sm_scale", "causal", "implementation", "block_sizes")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengths_B,
-                     sm_scale: float, causal: bool = True, implementation: str | None = None,
-                     block_sizes: BlockSizes | None = None):
+def latent_attention(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array, kv_latent_BSC: jax.Array,
+                     k_pe_BSR: jax.Array, *, lengths_B: jax.Array, sm_scale: float,
+                     causal: bool = True, implementation: str | None = None,
+                     block_sizes: BlockSizes | None = None) -> jax.Array:
     """Absorbed MLA decode attention over the latent cache. Forward only.
 
     Args:
@@ -193,25 +195,26 @@ def latent_attention(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengt
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def latent_attention_cache(q_latent_BTNC, q_pe_BTNR, cache_BSK, *, lengths_B, sm_scale: float,
-                           causal: bool = True, implementation: str | None = None,
-                           block_sizes: BlockSizes | None = None):
+def latent_attention_cache(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array, cache_BSL: jax.Array,
+                           *, lengths_B: jax.Array, sm_scale: float, causal: bool = True,
+                           implementation: str | None = None,
+                           block_sizes: BlockSizes | None = None) -> jax.Array:
     """`latent_attention` over the packed cache the model keeps: [B, S, C + R], the latent
     c_KV first, then the rope key. The kernels read it in place (on GPU when C and R are
     powers of two >= 16, as in DeepSeek's 512 + 64; otherwise its two parts are split and
     padded first, a copy); implementation="xla" slices it."""
     c = q_latent_BTNC.shape[-1]
     dispatch.check_named_shapes(q_latent_BTNC=q_latent_BTNC, q_pe_BTNR=q_pe_BTNR,
-                                cache_BSK=cache_BSK, lengths_B=lengths_B)
-    if cache_BSK.shape[-1] != c + q_pe_BTNR.shape[-1]:
-        raise ValueError(f"cache_BSK has K={cache_BSK.shape[-1]}, expected C + R = "
+                                cache_BSL=cache_BSL, lengths_B=lengths_B)
+    if cache_BSL.shape[-1] != c + q_pe_BTNR.shape[-1]:
+        raise ValueError(f"cache_BSL has L={cache_BSL.shape[-1]}, expected C + R = "
                          f"{c} + {q_pe_BTNR.shape[-1]}")
     impl = dispatch.resolve(implementation)
     pow2 = all(d == dispatch.next_pow2(d) >= 16 for d in (c, q_pe_BTNR.shape[-1]))
     if impl in ("tpu", "tpu_interpret", "interpret") or (impl == "gpu" and pow2):
-        return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK, None, lengths_B,
+        return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSL, None, lengths_B,
                                  sm_scale, causal, implementation, block_sizes)
-    return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSK[..., :c], cache_BSK[..., c:],
+    return _latent_attention(q_latent_BTNC, q_pe_BTNR, cache_BSL[..., :c], cache_BSL[..., c:],
                              lengths_B, sm_scale, causal, implementation, block_sizes)
 
 
@@ -247,15 +250,15 @@ def _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR, lengths_B, sm_
             return x
         return jnp.pad(x, [(0, 0), (0, length_pad - length), (0, d_pad - d)])
 
-    q_lat_BMC = pad(q_latent_BTNC.reshape(b, m, c), m, m_pad, c, c_pad)
-    q_pe_BMR = pad(q_pe_BTNR.reshape(b, m, r), m, m_pad, r, r_pad)
+    q_lat_BYC = pad(q_latent_BTNC.reshape(b, m, c), m, m_pad, c, c_pad)
+    q_pe_BYR = pad(q_pe_BTNR.reshape(b, m, r), m, m_pad, r, r_pad)
     # Padding the cache copies it: allocate caches with S a multiple of block_kv.
     if packed:
         kv_BSC = pad(kv_BSC, s, s_pad, c + r, c + r)
     else:
         kv_BSC = pad(kv_BSC, s, s_pad, c, c_pad)
         k_pe_BSR = pad(k_pe_BSR, s, s_pad, r, r_pad)
-    row_t_M1 = jnp.minimum(jnp.arange(m_pad, dtype=jnp.int32) // n, t - 1)[:, None]
+    row_t_Y1 = jnp.minimum(jnp.arange(m_pad, dtype=jnp.int32) // n, t - 1)[:, None]
 
     num_kv, row_blocks = s_pad // bk, m_pad // rows
     splits = _num_splits(bs, backend, b, row_blocks, num_kv, bk)
@@ -264,24 +267,24 @@ def _latent_attention(q_latent_BTNC, q_pe_BTNR, kv_BSC, k_pe_BSR, lengths_B, sm_
     if backend.head_major:
         st = latent_tpu.Static(sm_scale=float(sm_scale), causal=bool(causal), t_len=t,
                                block_kv=bk, blocks_per_split=per_split, num_kv=num_kv)
-        o_BPMC, lse_BPM1 = latent_tpu.latent_decode(st, splits, rows, backend.interpret(),
-                                                    lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR,
+        o_BOYC, lse_BOY1 = latent_tpu.latent_decode(st, splits, rows, backend.interpret(),
+                                                    lengths_B, row_t_Y1, q_lat_BYC, q_pe_BYR,
                                                     kv_BSC, k_pe_BSR)
     else:
-        o_BPMC, lse_BPM1 = _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split,
-                                            num_kv, splits, rows, lengths_B, row_t_M1,
-                                            q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR)
-    out_BMC = combine_splits(o_BPMC, lse_BPM1)
-    return out_BMC[:, :m, :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
+        o_BOYC, lse_BOY1 = _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split,
+                                            num_kv, splits, rows, lengths_B, row_t_Y1,
+                                            q_lat_BYC, q_pe_BYR, kv_BSC, k_pe_BSR)
+    out_BYC = combine_splits(o_BOYC, lse_BOY1)
+    return out_BYC[:, :m, :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
 
 
 def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, splits, rows,
-                     lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR):
+                     lengths_B, row_t_Y1, q_lat_BYC, q_pe_BYR, kv_BSC, k_pe_BSR):
     """The GPU / interpret kernel: each program loops over its split's cache blocks. On GPU
     program_id(0) varies fastest: the row blocks of one split run side by side and share its
     cache slice through L2."""
-    b, m_pad, c_pad = q_lat_BMC.shape
-    r_pad, s_pad = q_pe_BMR.shape[-1], kv_BSC.shape[1]
+    b, m_pad, c_pad = q_lat_BYC.shape
+    r_pad, s_pad = q_pe_BYR.shape[-1], kv_BSC.shape[1]
     cache = (kv_BSC,) if k_pe_BSR is None else (kv_BSC, k_pe_BSR)
 
     def spec(shape, index):  # index takes (b, p, i); the grid is (row blocks, splits, b)
@@ -305,16 +308,16 @@ def _portable_decode(backend, bs, sm_scale, causal, t, bk, per_split, num_kv, sp
         interpret=backend.interpret(), name="latent_attention_decode",
         compiler_params=backend.compiler_params(num_warps=bs.num_warps,
                                                 num_stages=bs.num_stages),
-    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, *cache)
+    )(lengths_B, row_t_Y1, q_lat_BYC, q_pe_BYR, *cache)
 
 
-def combine_splits(o_BPMC, lse_BPM1):
+def combine_splits(o_BOYC: jax.Array, lse_BOY1: jax.Array) -> jax.Array:
     """Merges split partials: out = sum_p w_p o_p / sum_p w_p with w_p = exp(lse_p - max)."""
-    if o_BPMC.shape[1] == 1:
-        return o_BPMC[:, 0]
-    lse_max_BM1 = jnp.max(lse_BPM1, axis=1)
-    lse_max_BM1 = jnp.where(jnp.isfinite(lse_max_BM1), lse_max_BM1, 0.0)
-    w_BPM1 = jnp.exp(lse_BPM1 - lse_max_BM1[:, None])
-    total_BM1 = jnp.sum(w_BPM1, axis=1)
-    out_BMC = jnp.einsum("BPMC,BPM->BMC", o_BPMC, w_BPM1[..., 0])
-    return out_BMC / jnp.where(total_BM1 == 0.0, 1.0, total_BM1)
+    if o_BOYC.shape[1] == 1:
+        return o_BOYC[:, 0]
+    lse_max_BY1 = jnp.max(lse_BOY1, axis=1)
+    lse_max_BY1 = jnp.where(jnp.isfinite(lse_max_BY1), lse_max_BY1, 0.0)
+    w_BOY1 = jnp.exp(lse_BOY1 - lse_max_BY1[:, None])
+    total_BY1 = jnp.sum(w_BOY1, axis=1)
+    out_BYC = jnp.einsum("BOYC,BOY->BYC", o_BOYC, w_BOY1[..., 0])
+    return out_BYC / jnp.where(total_BY1 == 0.0, 1.0, total_BY1)

@@ -1,7 +1,8 @@
 """Pure-jnp absorbed-MLA decode over the latent cache: chunked XLA reference and dense oracle.
 
-Legend: B batch, T query len (1 for decode, > 1 for speculative verification), S cache slots,
-K slots in one chunk, N heads, C kv latent rank, R rope dim.
+Legend: see layers.py (B batch, T query len: 1 for decode, > 1 for speculative verification,
+S cache slots, N heads, C kv latent rank, R rope dim). In a scan step over cache chunks S is
+one chunk's slots (the `*_chunk_*` arrays), as in a kernel block.
 
 All N heads attend to one shared key [c; k_pe] (C + R) and one shared value c (C):
   score[b, t, n, s] = sm_scale * (q_latent[b, t, n] . c[b, s] + q_pe[b, t, n] . k_pe[b, s])
@@ -13,6 +14,7 @@ that sees no slot returns 0.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -21,7 +23,7 @@ from pallas_kernels.dispatch import online_softmax_step
 DEFAULT_BLOCK_KV = 512
 
 
-def visible_limit_BT(lengths_B, t: int, causal: bool):
+def visible_limit_BT(lengths_B: jax.Array, t: int, causal: bool) -> jax.Array:
     """Last visible slot per (sequence, query): [B, T] int32."""
     lengths_B = lengths_B.astype(jnp.int32)
     if causal:
@@ -36,8 +38,10 @@ def _scores_BTNS(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, sm_scale):
     return s_BTNS * sm_scale
 
 
-def latent_attention_naive(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *, lengths_B,
-                           sm_scale, causal=True):
+def latent_attention_naive(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array,
+                           kv_latent_BSC: jax.Array, k_pe_BSR: jax.Array, *,
+                           lengths_B: jax.Array, sm_scale: float,
+                           causal: bool = True) -> jax.Array:
     """Dense oracle for tests: full [B, T, N, S] softmax in f32."""
     t, s = q_latent_BTNC.shape[1], kv_latent_BSC.shape[1]
     valid_BS1 = (jnp.arange(s)[None, :] < lengths_B[:, None])[..., None]
@@ -55,8 +59,10 @@ def latent_attention_naive(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *,
     return out_BTNC.astype(q_latent_BTNC.dtype)
 
 
-def latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR, *,
-                               lengths_B, sm_scale, causal=True, block_kv=DEFAULT_BLOCK_KV):
+def latent_attention_reference(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array,
+                               kv_latent_BSC: jax.Array, k_pe_BSR: jax.Array, *,
+                               lengths_B: jax.Array, sm_scale: float, causal: bool = True,
+                               block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
     """Chunked XLA decode: online softmax over cache chunks of `block_kv` slots (lax.scan).
 
     Memory is O(B * T * N * (C + block_kv)) besides the inputs. Differentiable by autodiff
@@ -77,20 +83,20 @@ def latent_attention_reference(q_latent_BTNC, q_pe_BTNR, kv_latent_BSC, k_pe_BSR
 
     def step(carry, x):
         acc_BTNC, m_BTN1, l_BTN1 = carry
-        # Slice the cache in place (no [S/K, B, K, C] re-layout copy of the whole cache).
-        kv_BKC = lax.dynamic_slice_in_dim(kv_latent_BSC, x * block_kv, block_kv, axis=1)
-        k_pe_BKR = lax.dynamic_slice_in_dim(k_pe_BSR, x * block_kv, block_kv, axis=1)
-        pos_K = x * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-        valid_BK1 = (pos_K[None, :] < lengths_B1)[..., None]
+        # Slice the cache in place (no [O, B, block_kv, C] re-layout copy of the whole cache).
+        kv_chunk_BSC = lax.dynamic_slice_in_dim(kv_latent_BSC, x * block_kv, block_kv, axis=1)
+        k_pe_chunk_BSR = lax.dynamic_slice_in_dim(k_pe_BSR, x * block_kv, block_kv, axis=1)
+        pos_S = x * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+        valid_BS1 = (pos_S[None, :] < lengths_B1)[..., None]
         # Zero garbage slots: a masked probability of 0 times a NaN slot would still be NaN.
-        kv_BKC = jnp.where(valid_BK1, kv_BKC, jnp.zeros((), kv_BKC.dtype))
-        k_pe_BKR = jnp.where(valid_BK1, k_pe_BKR, jnp.zeros((), k_pe_BKR.dtype))
-        s_BTNK = _scores_BTNS(q_latent_BTNC, q_pe_BTNR, kv_BKC, k_pe_BKR, sm_scale)
-        mask_BT1K = (pos_K[None, None, :] <= limit_BT1)[:, :, None, :]
-        s_BTNK = jnp.where(mask_BT1K, s_BTNK, -jnp.inf)
-        m_new, alpha, p_BTNK, l_BTN1 = online_softmax_step(m_BTN1, l_BTN1, s_BTNK)
+        kv_chunk_BSC = jnp.where(valid_BS1, kv_chunk_BSC, jnp.zeros((), kv_chunk_BSC.dtype))
+        k_pe_chunk_BSR = jnp.where(valid_BS1, k_pe_chunk_BSR, jnp.zeros((), k_pe_chunk_BSR.dtype))
+        s_BTNS = _scores_BTNS(q_latent_BTNC, q_pe_BTNR, kv_chunk_BSC, k_pe_chunk_BSR, sm_scale)
+        mask_BT1S = (pos_S[None, None, :] <= limit_BT1)[:, :, None, :]
+        s_BTNS = jnp.where(mask_BT1S, s_BTNS, -jnp.inf)
+        m_new, alpha, p_BTNS, l_BTN1 = online_softmax_step(m_BTN1, l_BTN1, s_BTNS)
         acc_BTNC = alpha * acc_BTNC + jnp.einsum(
-            "BTNK,BKC->BTNC", p_BTNK.astype(kv_BKC.dtype), kv_BKC,
+            "BTNS,BSC->BTNC", p_BTNS.astype(kv_chunk_BSC.dtype), kv_chunk_BSC,
             preferred_element_type=jnp.float32)
         return (acc_BTNC, m_new, l_BTN1), None
 

@@ -1,10 +1,10 @@
 """Absorbed-MLA decode on TPU (Mosaic): the latent cache streamed block by block.
 
-Legend: B batch, M = T * N query rows, C kv latent rank, R rope dim, P cache splits,
-K cache slots per block.
+Legend: see layers.py (B batch, Y = T * N query rows, C kv latent rank, R rope dim); O the
+splits of the cache, S the cache slots of one block.
 
-Grid (B, P, M / rows, blocks per split): the innermost axis walks split p's cache blocks;
-Pallas double-buffers one block of K slots of the latent and rope cache into VMEM at a time,
+Grid (B, O, Y / rows, blocks per split): the innermost axis walks split p's cache blocks;
+Pallas double-buffers one block of S slots of the latent and rope cache into VMEM at a time,
 and the running max, sum and [rows, C] accumulator live in VMEM scratch across those steps.
 VMEM use depends on the block sizes alone, not on the cache length S.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +55,10 @@ def _last_block(length, st: Static):
 
 def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: Static):
     c = q_lat_ref.shape[1]
-    if len(refs) == 6:  # one [C + R, K] block of the packed cache, slot-minor
+    if len(refs) == 6:  # one [C + R, S] block of the packed cache, slot-minor
         cache_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
         kv_ref, k_pe_ref = cache_ref.at[:c, :], cache_ref.at[c:, :]
-    else:  # a [K, C] latent block and a [R, K] rope block
+    else:  # a [S, C] latent block and a [R, S] rope block
         kv_ref, k_pe_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref = refs
     kv_slot_minor = len(refs) == 6
     b, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(3)
@@ -73,24 +74,24 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: Static):
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
     def run(masked: bool):
-        kv, k_pe_RK = kv_ref[...], k_pe_ref[...]  # kv: [C, K] (slot-minor) or [K, C]
+        kv, k_pe_RS = kv_ref[...], k_pe_ref[...]  # kv: [C, S] (slot-minor) or [S, C]
         if masked:  # zero garbage slots: 0 * NaN would poison the p @ kv product
-            slot_1K = lax.broadcasted_iota(jnp.int32, (1, bk), 1) + block * bk
-            k_pe_RK = jnp.where(slot_1K < length, k_pe_RK, jnp.zeros((), k_pe_RK.dtype))
-            slot = slot_1K if kv_slot_minor else (
+            slot_1S = lax.broadcasted_iota(jnp.int32, (1, bk), 1) + block * bk
+            k_pe_RS = jnp.where(slot_1S < length, k_pe_RS, jnp.zeros((), k_pe_RS.dtype))
+            slot = slot_1S if kv_slot_minor else (
                 lax.broadcasted_iota(jnp.int32, (bk, 1), 0) + block * bk)
             kv = jnp.where(slot < length, kv, jnp.zeros((), kv.dtype))
-        s_MK = kernel_dot(q_lat_ref[...], kv, _NN if kv_slot_minor else _NT)
-        s_MK += kernel_dot(q_pe_ref[...], k_pe_RK, _NN)
-        s_MK *= st.sm_scale
+        s_YS = kernel_dot(q_lat_ref[...], kv, _NN if kv_slot_minor else _NT)
+        s_YS += kernel_dot(q_pe_ref[...], k_pe_RS, _NN)
+        s_YS *= st.sm_scale
         if masked:
-            limit_M1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
+            limit_Y1 = (length - st.t_len + row_t_ref[...]) if st.causal else (
                 jnp.zeros((rows, 1), jnp.int32) + (length - 1))
-            col_MK = lax.broadcasted_iota(jnp.int32, s_MK.shape, 1) + block * bk
-            s_MK = jnp.where(col_MK <= limit_M1, s_MK, -jnp.inf)
-        m_new, alpha_M1, p_MK, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_MK)
-        acc_ref[...] = alpha_M1 * acc_ref[...] + kernel_dot(
-            p_MK.astype(kv.dtype), kv, _NT if kv_slot_minor else _NN)
+            col_YS = lax.broadcasted_iota(jnp.int32, s_YS.shape, 1) + block * bk
+            s_YS = jnp.where(col_YS <= limit_Y1, s_YS, -jnp.inf)
+        m_new, alpha_Y1, p_YS, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_YS)
+        acc_ref[...] = alpha_Y1 * acc_ref[...] + kernel_dot(
+            p_YS.astype(kv.dtype), kv, _NT if kv_slot_minor else _NN)
         m_ref[...] = m_new
 
     # Blocks every row sees entirely need no mask (the common case for T = 1).
@@ -102,33 +103,35 @@ def _kernel(lengths_ref, row_t_ref, q_lat_ref, q_pe_ref, *refs, st: Static):
 
     @pl.when(j == st.blocks_per_split - 1)
     def _finish():
-        l_M1 = l_ref[...]
-        empty = l_M1 == 0.0
-        l_safe = jnp.where(empty, 1.0, l_M1)
+        l_Y1 = l_ref[...]
+        empty = l_Y1 == 0.0
+        l_safe = jnp.where(empty, 1.0, l_Y1)
         o_ref[...] = acc_ref[...] / l_safe
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(l_safe))
 
 
-def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_t_M1,
-                  q_lat_BMC, q_pe_BMR, kv_BSC, k_pe_BSR=None):
-    """Split partials (o [B, P, M, C] f32, lse [B, P, M, 1] f32) of the decode attention.
+def latent_decode(st: Static, splits: int, rows: int, interpret: Any, lengths_B: jax.Array,
+                  row_t_Y1: jax.Array, q_lat_BYC: jax.Array, q_pe_BYR: jax.Array,
+                  kv_BSC: jax.Array,
+                  k_pe_BSR: jax.Array | None = None) -> list[jax.Array]:
+    """Split partials (o [B, O, Y, C] f32, lse [B, O, Y, 1] f32) of the decode attention.
 
     The cache is either `kv_BSC` and `k_pe_BSR`, or (k_pe_BSR=None) the packed [B, S, C + R]
     array. XLA:TPU lays out an array whose minor dim is not a multiple of 128 (C + R = 576,
     R = 64) slot-minor, so the kernel reads those as [B, C + R, S] / [B, R, S]: the transpose
-    is then a free relabelling of the same bytes, where a [K, C + R] block would make XLA copy
+    is then a free relabelling of the same bytes, where a [S, C + R] block would make XLA copy
     the whole cache into row-major order first, every step."""
-    b, m, c = q_lat_BMC.shape
-    r = q_pe_BMR.shape[-1]
+    b, m, c = q_lat_BYC.shape
+    r = q_pe_BYR.shape[-1]
     bk = st.block_kv
 
     def kv_block(b_, p, j, lengths_ref):
         return jnp.minimum(p * st.blocks_per_split + j, _last_block(lengths_ref[b_], st))
 
-    def slots_minor(b_, p, i, j, lengths_ref):  # [B, D, S] blocks of [D, K]
+    def slots_minor(b_, p, i, j, lengths_ref):  # [B, D, S] blocks of [D, block]
         return b_, 0, kv_block(b_, p, j, lengths_ref)
 
-    def slots_major(b_, p, i, j, lengths_ref):  # [B, S, D] blocks of [K, D]
+    def slots_major(b_, p, i, j, lengths_ref):  # [B, S, D] blocks of [block, D]
         return b_, kv_block(b_, p, j, lengths_ref), 0
 
     def row_index(b_, p, i, j, lengths_ref):
@@ -165,4 +168,4 @@ def latent_decode(st: Static, splits: int, rows: int, interpret, lengths_B, row_
         interpret=interpret, name="latent_attention_decode",
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-    )(lengths_B, row_t_M1, q_lat_BMC, q_pe_BMR, *cache)
+    )(lengths_B, row_t_Y1, q_lat_BYC, q_pe_BYR, *cache)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,8 @@ class BlockSizes:
         return cls()
 
     def blocks(self) -> dict[str, int]:
+        """The kernel block sizes by field name (`block_*`, without the XLA path's
+        `block_kv_xla`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name.startswith("block_") and f.name != "block_kv_xla"}
 
@@ -235,9 +238,10 @@ def _check_shapes(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV):
 
 @functools.partial(jax.jit,
                    static_argnames=("sm_scale", "causal", "implementation", "block_sizes"))
-def mla_attention(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *, sm_scale: float,
-                  causal: bool = True, segment_ids=None, implementation: str | None = None,
-                  block_sizes: BlockSizes | None = None):
+def mla_attention(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax.Array,
+                  k_pe_BSR: jax.Array, v_BSNV: jax.Array, *, sm_scale: float,
+                  causal: bool = True, segment_ids: Any = None, implementation: str | None = None,
+                  block_sizes: BlockSizes | None = None) -> jax.Array:
     """MLA attention, differentiable in all five inputs (flash forward and backward kernels).
 
     Args:

@@ -2,7 +2,8 @@
 Triton, and Pallas' generic interpreter), plus the masking and causal block ranges that the
 TPU kernels (`mla_attention_tpu.py`) share.
 
-Legend: B batch, T query len, S key len, N heads, H qk nope head dim, R rope dim, V value dim.
+Legend: B batch, T query len, S key len (inside a kernel body: one query / key block), N heads,
+H qk nope head dim, R rope dim, V value dim.
 Inside a kernel every ref is 2-D (rows, dim) whatever the HBM layout; `mla_attention.py`
 builds the grid and BlockSpecs. Only portable Pallas is used: ref slicing with `pl.ds`,
 `lax.dot_general` with f32 accumulation, `lax.fori_loop` with data-independent bounds derived
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -49,7 +52,7 @@ class Geometry:
     has_segments: bool
 
 
-def _mask(g: Geometry, q_start, k_start, shape, q_seg_Q1, kv_seg_1K, causal_mask: bool):
+def _mask(g: Geometry, q_start, k_start, shape, q_seg_T1, kv_seg_1S, causal_mask: bool):
     mask = None
     if causal_mask:
         row = lax.broadcasted_iota(jnp.int32, shape, 0) + (q_start + g.offset)
@@ -59,13 +62,13 @@ def _mask(g: Geometry, q_start, k_start, shape, q_seg_Q1, kv_seg_1K, causal_mask
         valid = lax.broadcasted_iota(jnp.int32, shape, 1) + k_start < g.s_len
         mask = valid if mask is None else jnp.logical_and(mask, valid)
     if g.has_segments:
-        same = q_seg_Q1 == kv_seg_1K
+        same = q_seg_T1 == kv_seg_1S
         mask = same if mask is None else jnp.logical_and(mask, same)
     return mask
 
 
-def _scores(g: Geometry, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR):
-    return (_dot(q_nope_QH, k_nope_KH, _NT) + _dot(q_pe_QR, k_pe_KR, _NT)) * g.sm_scale
+def _scores(g: Geometry, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR):
+    return (_dot(q_nope_TH, k_nope_SH, _NT) + _dot(q_pe_TR, k_pe_SR, _NT)) * g.sm_scale
 
 
 def _split_refs(refs, has_segments):
@@ -74,7 +77,8 @@ def _split_refs(refs, has_segments):
     return None, None, refs
 
 
-def causal_kv_range(g: Geometry, i, block_q: int, block_kv: int, num_kv: int):
+def causal_kv_range(g: Geometry, i: jax.Array, block_q: int, block_kv: int,
+                    num_kv: int) -> tuple[jax.Array, jax.Array]:
     """Key blocks for query block i: [0, n_full) see no causal mask, [n_full, hi) need it."""
     # Only non-negative operands reach lax.div, whose rounding is towards zero.
     hi = lax.div(jnp.maximum(g.offset + (i + 1) * block_q, 0) + block_kv - 1, block_kv)
@@ -83,7 +87,8 @@ def causal_kv_range(g: Geometry, i, block_q: int, block_kv: int, num_kv: int):
     return n_full, hi
 
 
-def causal_q_range(g: Geometry, j, block_q: int, block_kv: int, num_q: int):
+def causal_q_range(g: Geometry, j: jax.Array, block_q: int, block_kv: int,
+                   num_q: int) -> tuple[jax.Array, jax.Array]:
     """Query blocks for key block j: [lo, mid) need the causal mask, [mid, num_q) do not."""
     lo = jnp.minimum(lax.div(jnp.maximum(j * block_kv - g.offset, 0), block_q), num_q)
     last_key = (j + 1) * block_kv - 1 - g.offset
@@ -96,88 +101,88 @@ def _loop(body, start, stop, causal_mask: bool, carry):
     return lax.fori_loop(start, stop, functools.partial(body, causal_mask=causal_mask), carry)
 
 
-def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int):
+def _over_kv_blocks(body, g: Geometry, i, block_q: int, block_kv: int, num_kv: int, carry):
+    """`body` over the key blocks query block i sees: unmasked over the blocks wholly below
+    the diagonal, masked over the ones it crosses (all blocks unmasked when not causal)."""
+    if not g.causal:
+        return _loop(body, 0, num_kv, False, carry)
+    n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
+    return _loop(body, n_full, hi, True, _loop(body, 0, n_full, False, carry))
+
+
+def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
+                   block_axis: int) -> None:
     """One (b, n, query block): online softmax over key blocks of the VMEM/L2-resident K/V."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, out_ref, lse_ref = refs
     i = pl.program_id(block_axis)
-    q_nope_QH, q_pe_QR = q_nope_ref[...], q_pe_ref[...]
-    q_seg_Q1 = q_seg_ref[...] if g.has_segments else None
+    q_nope_TH, q_pe_TR = q_nope_ref[...], q_pe_ref[...]
+    q_seg_T1 = q_seg_ref[...] if g.has_segments else None
     num_kv = k_nope_ref.shape[0] // block_kv
 
     def body(j, carry, causal_mask):
-        acc_QV, m_Q1, l_Q1 = carry
+        acc_TV, m_T1, l_T1 = carry
         ks = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
-        s_QK = _scores(g, q_nope_QH, q_pe_QR, k_nope_ref[ks, :], k_pe_ref[ks, :])
-        kv_seg_1K = kv_seg_ref[:, ks] if g.has_segments else None
-        mask = _mask(g, i * block_q, j * block_kv, s_QK.shape, q_seg_Q1, kv_seg_1K,
+        s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_ref[ks, :], k_pe_ref[ks, :])
+        kv_seg_1S = kv_seg_ref[:, ks] if g.has_segments else None
+        mask = _mask(g, i * block_q, j * block_kv, s_TS.shape, q_seg_T1, kv_seg_1S,
                      causal_mask)
         if mask is not None:
-            s_QK = jnp.where(mask, s_QK, -jnp.inf)
-        m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
+            s_TS = jnp.where(mask, s_TS, -jnp.inf)
+        m_new = jnp.maximum(m_T1, jnp.max(s_TS, axis=1, keepdims=True))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha_Q1 = jnp.exp(m_Q1 - m_safe)
-        p_QK = jnp.exp(s_QK - m_safe)
-        l_Q1 = alpha_Q1 * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True)
-        v_KV = v_ref[ks, :]
-        acc_QV = alpha_Q1 * acc_QV + _dot(p_QK.astype(v_KV.dtype), v_KV, _NN)
-        return acc_QV, m_new, l_Q1
+        alpha_T1 = jnp.exp(m_T1 - m_safe)
+        p_TS = jnp.exp(s_TS - m_safe)
+        l_T1 = alpha_T1 * l_T1 + jnp.sum(p_TS, axis=1, keepdims=True)
+        v_SV = v_ref[ks, :]
+        acc_TV = alpha_T1 * acc_TV + _dot(p_TS.astype(v_SV.dtype), v_SV, _NN)
+        return acc_TV, m_new, l_T1
 
-    rows = q_nope_QH.shape[0]
+    rows = q_nope_TH.shape[0]
     carry = (jnp.zeros((rows, v_ref.shape[1]), jnp.float32),
              jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
-    if g.causal:
-        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
-        carry = _loop(body, 0, n_full, False, carry)
-        carry = _loop(body, n_full, hi, True, carry)
-    else:
-        carry = _loop(body, 0, num_kv, False, carry)
-    acc_QV, m_Q1, l_Q1 = carry
-    empty = l_Q1 == 0.0
-    l_safe = jnp.where(empty, 1.0, l_Q1)
-    out_ref[...] = (acc_QV / l_safe).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m_Q1 + jnp.log(l_safe))
+    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry)
+    acc_TV, m_T1, l_T1 = carry
+    empty = l_T1 == 0.0
+    l_safe = jnp.where(empty, 1.0, l_T1)
+    out_ref[...] = (acc_TV / l_safe).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m_T1 + jnp.log(l_safe))
 
 
-def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int):
+def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: int) -> None:
     """One (b, n, query block): dq_nope, dq_pe by a loop over key blocks."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dq_nope_ref, dq_pe_ref) = refs
     i = pl.program_id(block_axis)
-    q_nope_QH, q_pe_QR, do_QV = q_nope_ref[...], q_pe_ref[...], do_ref[...]
-    lse_Q1, delta_Q1 = lse_ref[...], delta_ref[...]
-    q_seg_Q1 = q_seg_ref[...] if g.has_segments else None
+    q_nope_TH, q_pe_TR, do_TV = q_nope_ref[...], q_pe_ref[...], do_ref[...]
+    lse_T1, delta_T1 = lse_ref[...], delta_ref[...]
+    q_seg_T1 = q_seg_ref[...] if g.has_segments else None
     num_kv = k_nope_ref.shape[0] // block_kv
 
     def body(j, carry, causal_mask):
-        dq_nope_QH, dq_pe_QR = carry
+        dq_nope_TH, dq_pe_TR = carry
         ks = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
-        k_nope_KH, k_pe_KR = k_nope_ref[ks, :], k_pe_ref[ks, :]
-        s_QK = _scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR)
-        kv_seg_1K = kv_seg_ref[:, ks] if g.has_segments else None
-        mask = _mask(g, i * block_q, j * block_kv, s_QK.shape, q_seg_Q1, kv_seg_1K,
+        k_nope_SH, k_pe_SR = k_nope_ref[ks, :], k_pe_ref[ks, :]
+        s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR)
+        kv_seg_1S = kv_seg_ref[:, ks] if g.has_segments else None
+        mask = _mask(g, i * block_q, j * block_kv, s_TS.shape, q_seg_T1, kv_seg_1S,
                      causal_mask)
         if mask is not None:
-            s_QK = jnp.where(mask, s_QK, -jnp.inf)
-        p_QK = jnp.exp(s_QK - lse_Q1)
-        dp_QK = _dot(do_QV, v_ref[ks, :], _NT)
-        ds_QK = (p_QK * (dp_QK - delta_Q1)).astype(k_nope_KH.dtype)
-        return (dq_nope_QH + _dot(ds_QK, k_nope_KH, _NN), dq_pe_QR + _dot(ds_QK, k_pe_KR, _NN))
+            s_TS = jnp.where(mask, s_TS, -jnp.inf)
+        p_TS = jnp.exp(s_TS - lse_T1)
+        dp_TS = _dot(do_TV, v_ref[ks, :], _NT)
+        ds_TS = (p_TS * (dp_TS - delta_T1)).astype(k_nope_SH.dtype)
+        return (dq_nope_TH + _dot(ds_TS, k_nope_SH, _NN), dq_pe_TR + _dot(ds_TS, k_pe_SR, _NN))
 
-    carry = (jnp.zeros(q_nope_QH.shape, jnp.float32), jnp.zeros(q_pe_QR.shape, jnp.float32))
-    if g.causal:
-        n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
-        carry = _loop(body, 0, n_full, False, carry)
-        carry = _loop(body, n_full, hi, True, carry)
-    else:
-        carry = _loop(body, 0, num_kv, False, carry)
-    dq_nope_QH, dq_pe_QR = carry
-    dq_nope_ref[...] = (dq_nope_QH * g.sm_scale).astype(dq_nope_ref.dtype)
-    dq_pe_ref[...] = (dq_pe_QR * g.sm_scale).astype(dq_pe_ref.dtype)
+    carry = (jnp.zeros(q_nope_TH.shape, jnp.float32), jnp.zeros(q_pe_TR.shape, jnp.float32))
+    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry)
+    dq_nope_TH, dq_pe_TR = carry
+    dq_nope_ref[...] = (dq_nope_TH * g.sm_scale).astype(dq_nope_ref.dtype)
+    dq_pe_ref[...] = (dq_pe_TR * g.sm_scale).astype(dq_pe_ref.dtype)
 
 
-def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int):
+def dkv_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: int) -> None:
     """One (b, n, key block): dk_nope, dv and this head's share of dk_pe, looping over queries.
 
     dk_pe belongs to all heads; each head writes its own f32 partial and the caller sums the
@@ -187,36 +192,36 @@ def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int, block_axis: int)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dk_nope_ref, dk_pe_ref, dv_ref) = refs
     j = pl.program_id(block_axis)
-    k_nope_KH, k_pe_KR, v_KV = k_nope_ref[...], k_pe_ref[...], v_ref[...]
-    kv_seg_1K = kv_seg_ref[...] if g.has_segments else None
+    k_nope_SH, k_pe_SR, v_SV = k_nope_ref[...], k_pe_ref[...], v_ref[...]
+    kv_seg_1S = kv_seg_ref[...] if g.has_segments else None
     num_q = q_nope_ref.shape[0] // block_q
 
     def body(i, carry, causal_mask):
-        dk_nope_KH, dk_pe_KR, dv_KV = carry
+        dk_nope_SH, dk_pe_SR, dv_SV = carry
         qs = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
-        q_nope_QH, q_pe_QR, do_QV = q_nope_ref[qs, :], q_pe_ref[qs, :], do_ref[qs, :]
-        s_QK = _scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR)
-        q_seg_Q1 = q_seg_ref[qs, :] if g.has_segments else None
-        mask = _mask(g, i * block_q, j * block_kv, s_QK.shape, q_seg_Q1, kv_seg_1K,
+        q_nope_TH, q_pe_TR, do_TV = q_nope_ref[qs, :], q_pe_ref[qs, :], do_ref[qs, :]
+        s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR)
+        q_seg_T1 = q_seg_ref[qs, :] if g.has_segments else None
+        mask = _mask(g, i * block_q, j * block_kv, s_TS.shape, q_seg_T1, kv_seg_1S,
                      causal_mask)
         if mask is not None:
-            s_QK = jnp.where(mask, s_QK, -jnp.inf)
-        p_QK = jnp.exp(s_QK - lse_ref[qs, :])
-        dv_KV = dv_KV + _dot(p_QK.astype(do_QV.dtype), do_QV, _TN)
-        dp_QK = _dot(do_QV, v_KV, _NT)
-        ds_QK = (p_QK * (dp_QK - delta_ref[qs, :])).astype(q_nope_QH.dtype)
-        return (dk_nope_KH + _dot(ds_QK, q_nope_QH, _TN), dk_pe_KR + _dot(ds_QK, q_pe_QR, _TN),
-                dv_KV)
+            s_TS = jnp.where(mask, s_TS, -jnp.inf)
+        p_TS = jnp.exp(s_TS - lse_ref[qs, :])
+        dv_SV = dv_SV + _dot(p_TS.astype(do_TV.dtype), do_TV, _TN)
+        dp_TS = _dot(do_TV, v_SV, _NT)
+        ds_TS = (p_TS * (dp_TS - delta_ref[qs, :])).astype(q_nope_TH.dtype)
+        return (dk_nope_SH + _dot(ds_TS, q_nope_TH, _TN), dk_pe_SR + _dot(ds_TS, q_pe_TR, _TN),
+                dv_SV)
 
-    carry = (jnp.zeros(k_nope_KH.shape, jnp.float32), jnp.zeros(k_pe_KR.shape, jnp.float32),
-             jnp.zeros(v_KV.shape, jnp.float32))
+    carry = (jnp.zeros(k_nope_SH.shape, jnp.float32), jnp.zeros(k_pe_SR.shape, jnp.float32),
+             jnp.zeros(v_SV.shape, jnp.float32))
     if g.causal:
         lo, mid = causal_q_range(g, j, block_q, block_kv, num_q)
         carry = _loop(body, lo, mid, True, carry)
         carry = _loop(body, mid, num_q, False, carry)
     else:
         carry = _loop(body, 0, num_q, False, carry)
-    dk_nope_KH, dk_pe_KR, dv_KV = carry
-    dk_nope_ref[...] = (dk_nope_KH * g.sm_scale).astype(dk_nope_ref.dtype)
-    dk_pe_ref[...] = dk_pe_KR * g.sm_scale
-    dv_ref[...] = dv_KV.astype(dv_ref.dtype)
+    dk_nope_SH, dk_pe_SR, dv_SV = carry
+    dk_nope_ref[...] = (dk_nope_SH * g.sm_scale).astype(dk_nope_ref.dtype)
+    dk_pe_ref[...] = dk_pe_SR * g.sm_scale
+    dv_ref[...] = dv_SV.astype(dv_ref.dtype)

@@ -1,7 +1,8 @@
 """Pure-jnp MLA attention: the chunked XLA reference and the dense naive oracle.
 
-Legend: B batch, T query len, S key len, K keys in one chunk, N heads, H qk nope head dim,
-R rope dim, V value head dim.
+Legend: see layers.py (B batch, T query len, S key len, N heads, H qk nope head dim, R rope
+dim, V value head dim). In a scan step over key chunks S is one chunk's keys, as in a kernel
+block, and O counts the chunks.
 
 Conventions shared with the Pallas kernel (`mla_attention.py`):
   score[b, n, t, s] = sm_scale * (q_nope[b, t, n] . k_nope[b, s, n] + q_pe[b, t, n] . k_pe[b, s])
@@ -17,6 +18,7 @@ Conventions shared with the Pallas kernel (`mla_attention.py`):
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,8 @@ from pallas_kernels.dispatch import online_softmax_step
 DEFAULT_BLOCK_KV = 512
 
 
-def normalize_segment_ids(segment_ids, t: int, s: int):
+def normalize_segment_ids(segment_ids: Any, t: int,
+                          s: int) -> tuple[jax.Array, jax.Array] | None:
     """Returns (q_segment_ids_BT, kv_segment_ids_BS) as int32, or None.
 
     Accepts a pair (q_segment_ids_BT, kv_segment_ids_BS) or a single [B, T] array when T == S.
@@ -76,8 +79,9 @@ def _scores_BNTS(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, sm_scale):
     return s_BNTS * sm_scale
 
 
-def mla_attention_naive(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *, sm_scale,
-                        causal=True, segment_ids=None):
+def mla_attention_naive(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax.Array,
+                        k_pe_BSR: jax.Array, v_BSNV: jax.Array, *, sm_scale: float,
+                        causal: bool = True, segment_ids: Any = None) -> jax.Array:
     """Dense oracle for tests: materialises the [B, N, T, S] scores, all math in f32."""
     t, s = q_nope_BTNH.shape[1], k_nope_BSNH.shape[1]
     segs = normalize_segment_ids(segment_ids, t, s)
@@ -96,15 +100,15 @@ def mla_attention_naive(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *
 
 
 def _chunk(x_BS, block_kv, s_pad):
-    """[B, S, ...] -> [S/K, B, K, ...] zero-padded to s_pad, for lax.scan over key chunks."""
+    """[B, S, ...] -> [O, B, block_kv, ...] zero-padded to s_pad, for lax.scan over key chunks."""
     b, s = x_BS.shape[:2]
     x_BS = jnp.pad(x_BS, [(0, 0), (0, s_pad - s)] + [(0, 0)] * (x_BS.ndim - 2))
     return jnp.moveaxis(x_BS.reshape(b, s_pad // block_kv, block_kv, *x_BS.shape[2:]), 1, 0)
 
 
-def _unchunk(x_cBK, s):
-    x_BcK = jnp.moveaxis(x_cBK, 0, 1)
-    return x_BcK.reshape(x_BcK.shape[0], -1, *x_BcK.shape[3:])[:, :s]
+def _unchunk(x_OBS, s):
+    x_BOS = jnp.moveaxis(x_OBS, 0, 1)
+    return x_BOS.reshape(x_BOS.shape[0], -1, *x_BOS.shape[3:])[:, :s]
 
 
 def _chunks(q_nope_BTNH, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, block_kv):
@@ -134,13 +138,13 @@ def _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, sm_sca
 
     def step(carry, x):
         acc_BNTV, m_BNT1, l_BNT1 = carry
-        s_BNTK = _scores_BNTS(q_nope_BTNH, q_pe_BTNR, x["k_nope"], x["k_pe"], sm_scale)
+        s_BNTS = _scores_BNTS(q_nope_BTNH, q_pe_BTNR, x["k_nope"], x["k_pe"], sm_scale)
         mask = _chunk_mask(x, q_pos_T, s_len, causal, segs)
         if mask is not None:
-            s_BNTK = jnp.where(mask, s_BNTK, -jnp.inf)
-        m_new, alpha, p_BNTK, l_BNT1 = online_softmax_step(m_BNT1, l_BNT1, s_BNTK)
+            s_BNTS = jnp.where(mask, s_BNTS, -jnp.inf)
+        m_new, alpha, p_BNTS, l_BNT1 = online_softmax_step(m_BNT1, l_BNT1, s_BNTS)
         acc_BNTV = alpha * acc_BNTV + jnp.einsum(
-            "BNTK,BKNV->BNTV", p_BNTK.astype(v_BSNV.dtype), x["v"],
+            "BNTS,BSNV->BNTV", p_BNTS.astype(v_BSNV.dtype), x["v"],
             preferred_element_type=jnp.float32)
         return (acc_BNTV, m_new, l_BNT1), None
 
@@ -165,22 +169,22 @@ def _backward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, out_B
 
     def step(carry, x):
         dq_nope_BTNH, dq_pe_BNTR = carry
-        s_BNTK = _scores_BNTS(q_nope_BTNH, q_pe_BTNR, x["k_nope"], x["k_pe"], sm_scale)
+        s_BNTS = _scores_BNTS(q_nope_BTNH, q_pe_BTNR, x["k_nope"], x["k_pe"], sm_scale)
         mask = _chunk_mask(x, q_pos_T, s_len, causal, segs)
         if mask is not None:
-            s_BNTK = jnp.where(mask, s_BNTK, -jnp.inf)
-        p_BNTK = jnp.exp(s_BNTK - lse_BNT1)
-        dp_BNTK = jnp.einsum("BTNV,BKNV->BNTK", do_BTNV, x["v"],
+            s_BNTS = jnp.where(mask, s_BNTS, -jnp.inf)
+        p_BNTS = jnp.exp(s_BNTS - lse_BNT1)
+        dp_BNTS = jnp.einsum("BTNV,BSNV->BNTS", do_BTNV, x["v"],
                              preferred_element_type=jnp.float32)
-        ds_BNTK = (p_BNTK * (dp_BNTK - delta_BNT1) * sm_scale).astype(dt)
+        ds_BNTS = (p_BNTS * (dp_BNTS - delta_BNT1) * sm_scale).astype(dt)
         f32 = dict(preferred_element_type=jnp.float32)
-        dv_BKNV = jnp.einsum("BNTK,BTNV->BKNV", p_BNTK.astype(do_BTNV.dtype), do_BTNV, **f32)
-        dk_nope_BKNH = jnp.einsum("BNTK,BTNH->BKNH", ds_BNTK, q_nope_BTNH, **f32)
-        dk_pe_BKR = jnp.einsum("BNTK,BTNR->BKR", ds_BNTK, q_pe_BTNR, **f32)
-        dq_nope_BTNH += jnp.einsum("BNTK,BKNH->BTNH", ds_BNTK, x["k_nope"], **f32)
+        dv_BSNV = jnp.einsum("BNTS,BTNV->BSNV", p_BNTS.astype(do_BTNV.dtype), do_BTNV, **f32)
+        dk_nope_BSNH = jnp.einsum("BNTS,BTNH->BSNH", ds_BNTS, q_nope_BTNH, **f32)
+        dk_pe_BSR = jnp.einsum("BNTS,BTNR->BSR", ds_BNTS, q_pe_BTNR, **f32)
+        dq_nope_BTNH += jnp.einsum("BNTS,BSNH->BTNH", ds_BNTS, x["k_nope"], **f32)
         # BNTR, not BTNR: XLA:CPU cannot run the latter as a bf16 x bf16 -> f32 dot.
-        dq_pe_BNTR += jnp.einsum("BNTK,BKR->BNTR", ds_BNTK, x["k_pe"], **f32)
-        return (dq_nope_BTNH, dq_pe_BNTR), (dk_nope_BKNH, dk_pe_BKR, dv_BKNV)
+        dq_pe_BNTR += jnp.einsum("BNTS,BSR->BNTR", ds_BNTS, x["k_pe"], **f32)
+        return (dq_nope_BTNH, dq_pe_BNTR), (dk_nope_BSNH, dk_pe_BSR, dv_BSNV)
 
     b, t, n, r = q_pe_BTNR.shape
     init = (jnp.zeros(q_nope_BTNH.shape, jnp.float32), jnp.zeros((b, n, t, r), jnp.float32))
@@ -215,8 +219,10 @@ def _reference_bwd(sm_scale, causal, block_kv, res, do_BTNV):
 _reference.defvjp(_reference_fwd, _reference_bwd)
 
 
-def mla_attention_reference(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *, sm_scale,
-                            causal=True, segment_ids=None, block_kv=DEFAULT_BLOCK_KV):
+def mla_attention_reference(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array,
+                            k_nope_BSNH: jax.Array, k_pe_BSR: jax.Array, v_BSNV: jax.Array, *,
+                            sm_scale: float, causal: bool = True, segment_ids: Any = None,
+                            block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
     """Chunked XLA MLA attention: online softmax over key chunks of `block_kv` with lax.scan.
 
     Never materialises [B, N, T, S]: the forward pass keeps [B, N, T, V] accumulators and one

@@ -1,6 +1,7 @@
 """MLA flash attention on TPU (Mosaic): forward, dq and dk/dv kernels that stream K/V.
 
-Legend: B batch, T query len, S key len, N heads, H qk nope head dim, R rope dim, V value dim.
+Legend: B batch, T query len, S key len (inside a kernel body: one query / key block), N heads,
+H qk nope head dim, R rope dim, V value dim.
 Operands are head-major: q_nope [B, N, T, H], q_pe [B, N, T, R], k_nope [B, N, S, H],
 v [B, N, S, V]; the rope key k_pe [B, S, R] is one row per token shared by every head (never
 broadcast over N).
@@ -25,6 +26,7 @@ last (or first) block that is needed, so the pipeline issues no DMA for them eit
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,25 +64,25 @@ def _q_block(g: Geometry, j, i, block_q: int, block_kv: int, num_q: int):
     return jnp.minimum(jnp.maximum(i, lo), num_q - 1)
 
 
-def _masked_scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR, q_start, k_start, q_seg, kv_seg,
+def _masked_scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR, q_start, k_start, q_seg, kv_seg,
                    causal_mask):
-    s_QK = _scores(g, q_nope_QH, q_pe_QR, k_nope_KH, k_pe_KR)
-    mask = _mask(g, q_start, k_start, s_QK.shape, q_seg, kv_seg, causal_mask)
-    return s_QK if mask is None else jnp.where(mask, s_QK, -jnp.inf)
+    s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR)
+    mask = _mask(g, q_start, k_start, s_TS.shape, q_seg, kv_seg, causal_mask)
+    return s_TS if mask is None else jnp.where(mask, s_TS, -jnp.inf)
 
 
 def _probs_and_dscores(g, refs, q_start, k_start, causal_mask):
     """Backward: the recomputed probabilities p and the score gradient ds (before sm_scale)
     of one (query block, key block) pair; `refs` holds the blocks' refs by name."""
-    q_nope_QH = refs["q_nope"][...]
-    s_QK = _masked_scores(
-        g, q_nope_QH, refs["q_pe"][...], refs["k_nope"][...], refs["k_pe"][...], q_start,
+    q_nope_TH = refs["q_nope"][...]
+    s_TS = _masked_scores(
+        g, q_nope_TH, refs["q_pe"][...], refs["k_nope"][...], refs["k_pe"][...], q_start,
         k_start, refs["q_seg"][...] if g.has_segments else None,
         refs["kv_seg"][...] if g.has_segments else None, causal_mask)
-    p_QK = jnp.exp(s_QK - refs["lse"][...])
-    dp_QK = _dot(refs["do"][...], refs["v"][...], _NT)
-    ds_QK = (p_QK * (dp_QK - refs["delta"][...])).astype(q_nope_QH.dtype)
-    return p_QK, ds_QK
+    p_TS = jnp.exp(s_TS - refs["lse"][...])
+    dp_TS = _dot(refs["do"][...], refs["v"][...], _NT)
+    ds_TS = (p_TS * (dp_TS - refs["delta"][...])).astype(q_nope_TH.dtype)
+    return p_TS, ds_TS
 
 
 def _backward_refs(q_seg_ref, kv_seg_ref, refs):
@@ -110,7 +112,9 @@ def _each_q_block(g: Geometry, j, i, block_q: int, block_kv: int, num_q: int, ru
     pl.when(jnp.logical_and(i >= lo, i < mid))(lambda: run(True))
 
 
-def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int) -> None:
+    """Grid (b, n, query block i, key block j): online softmax over the key blocks into VMEM
+    scratch; the last j writes the output block and its log-sum-exp."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, out_ref, lse_ref,
      m_ref, l_ref, acc_ref) = refs
@@ -123,27 +127,29 @@ def forward_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def run(causal_mask):
-        s_QK = _masked_scores(
+        s_TS = _masked_scores(
             g, q_nope_ref[...], q_pe_ref[...], k_nope_ref[...], k_pe_ref[...], i * block_q,
             j * block_kv, q_seg_ref[...] if g.has_segments else None,
             kv_seg_ref[...] if g.has_segments else None, causal_mask)
-        m_new, alpha_Q1, p_QK, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_QK)
-        v_KV = v_ref[...]
-        acc_ref[...] = alpha_Q1 * acc_ref[...] + _dot(p_QK.astype(v_KV.dtype), v_KV, _NN)
+        m_new, alpha_T1, p_TS, l_ref[...] = online_softmax_step(m_ref[...], l_ref[...], s_TS)
+        v_SV = v_ref[...]
+        acc_ref[...] = alpha_T1 * acc_ref[...] + _dot(p_TS.astype(v_SV.dtype), v_SV, _NN)
         m_ref[...] = m_new
 
     _each_kv_block(g, i, j, block_q, block_kv, num_kv, run)
 
     @pl.when(j == num_kv - 1)
     def _finish():
-        l_Q1 = l_ref[...]
-        empty = l_Q1 == 0.0
-        l_safe = jnp.where(empty, 1.0, l_Q1)
+        l_T1 = l_ref[...]
+        empty = l_T1 == 0.0
+        l_safe = jnp.where(empty, 1.0, l_T1)
         out_ref[...] = (acc_ref[...] / l_safe).astype(out_ref.dtype)
         lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(l_safe))
 
 
-def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int) -> None:
+    """Grid (b, n, query block i, key block j): accumulates dq (nope and rope parts) of query
+    block i over the key blocks; the last j writes them."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dq_nope_ref, dq_pe_ref, dq_nope_acc, dq_pe_acc) = refs
@@ -157,9 +163,9 @@ def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
     blocks = _backward_refs(q_seg_ref, kv_seg_ref, refs)
 
     def run(causal_mask):
-        _, ds_QK = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
-        dq_nope_acc[...] += _dot(ds_QK, k_nope_ref[...], _NN)
-        dq_pe_acc[...] += _dot(ds_QK, k_pe_ref[...], _NN)
+        _, ds_TS = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
+        dq_nope_acc[...] += _dot(ds_TS, k_nope_ref[...], _NN)
+        dq_pe_acc[...] += _dot(ds_TS, k_pe_ref[...], _NN)
 
     _each_kv_block(g, i, j, block_q, block_kv, num_kv, run)
 
@@ -169,7 +175,9 @@ def dq_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
         dq_pe_ref[...] = (dq_pe_acc[...] * g.sm_scale).astype(dq_pe_ref.dtype)
 
 
-def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
+def dkv_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int) -> None:
+    """Grid (b, key block j, n, query block i): accumulates dk_nope and dv per head over the
+    query blocks, and the shared dk_pe over heads and query blocks."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dk_nope_ref, dk_pe_ref, dv_ref, dk_nope_acc, dv_acc, dk_pe_acc) = refs
@@ -188,11 +196,11 @@ def dkv_kernel(*refs, g: Geometry, block_q: int, block_kv: int):
     blocks = _backward_refs(q_seg_ref, kv_seg_ref, refs)
 
     def run(causal_mask):
-        p_QK, ds_QK = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
-        do_QV = do_ref[...]
-        dv_acc[...] += _dot(p_QK.astype(do_QV.dtype), do_QV, _TN)
-        dk_nope_acc[...] += _dot(ds_QK, q_nope_ref[...], _TN)
-        dk_pe_acc[...] += _dot(ds_QK, q_pe_ref[...], _TN)
+        p_TS, ds_TS = _probs_and_dscores(g, blocks, i * block_q, j * block_kv, causal_mask)
+        do_TV = do_ref[...]
+        dv_acc[...] += _dot(p_TS.astype(do_TV.dtype), do_TV, _TN)
+        dk_nope_acc[...] += _dot(ds_TS, q_nope_ref[...], _TN)
+        dk_pe_acc[...] += _dot(ds_TS, q_pe_ref[...], _TN)
 
     _each_q_block(g, j, i, block_q, block_kv, num_q, run)
 
@@ -231,7 +239,9 @@ def _q_major_specs(g, bq, bk, num_kv, h, r, dv):
     return q_rows, k_rows, k_pe, (segs if g.has_segments else [])
 
 
-def forward(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs):
+def forward(g: Geometry, bq: int, bk: int, interpret: Any, q_nope: jax.Array, q_pe: jax.Array,
+            k_nope: jax.Array, k_pe: jax.Array, v: jax.Array,
+            segs: Any) -> list[jax.Array]:
     """(out [B, N, T, V], lse [B, N, T, 1] f32)."""
     b, n, t, h = q_nope.shape
     s, r, dv = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
@@ -251,8 +261,9 @@ def forward(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe
     )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v)
 
 
-def dq(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs, do, lse,
-       delta):
+def dq(g: Geometry, bq: int, bk: int, interpret: Any, q_nope: jax.Array, q_pe: jax.Array,
+       k_nope: jax.Array, k_pe: jax.Array, v: jax.Array, segs: Any, do: jax.Array,
+       lse: jax.Array, delta: jax.Array) -> list[jax.Array]:
     """(dq_nope [B, N, T, H], dq_pe [B, N, T, R])."""
     b, n, t, h = q_nope.shape
     s, r, dv = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]
@@ -272,8 +283,9 @@ def dq(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, 
     )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v, do, lse, delta)
 
 
-def dkv(g: Geometry, bq: int, bk: int, interpret, q_nope, q_pe, k_nope, k_pe, v, segs, do,
-        lse, delta):
+def dkv(g: Geometry, bq: int, bk: int, interpret: Any, q_nope: jax.Array, q_pe: jax.Array,
+        k_nope: jax.Array, k_pe: jax.Array, v: jax.Array, segs: Any, do: jax.Array,
+        lse: jax.Array, delta: jax.Array) -> list[jax.Array]:
     """(dk_nope [B, N, S, H], dk_pe [B, S, R] summed over heads, dv [B, N, S, V])."""
     b, n, t, h = q_nope.shape
     s, r, dv_dim = k_nope.shape[2], q_pe.shape[-1], v.shape[-1]

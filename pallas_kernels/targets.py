@@ -15,6 +15,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
 
 # H100 / H200 (sm_90a) from XLA's target specs; A100 (sm_80) is the H100 file with the
 # A100-SXM4-80GB's published figures (SMs, shared memory, HBM, bandwidth, L2, clock).
@@ -29,6 +33,8 @@ _TPU_HBM_BYTES = {"TPU v4": 32 * _GIB, "TPU v5 lite": 16 * _GIB, "TPU v5": 95 * 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
+    """A compile target parsed from `platform:chip:topology` (e.g. `tpu:v5p:2x2x1`)."""
+
     platform: str  # "tpu" or "gpu"
     chip: str  # "v5p", "h100", ...
     topology: str  # "2x2x1" (TPU chip grid) or "1x4x8" (GPU partitions x hosts x per host)
@@ -85,7 +91,7 @@ def devices(target: Target | str) -> tuple:
     return tuple(desc.devices)
 
 
-def hbm_bytes(device) -> int:
+def hbm_bytes(device: jax.Device) -> int:
     """Per-device HBM of a (compile-only) TPU or GPU device."""
     kind = device.device_kind
     if kind in _TPU_HBM_BYTES:

@@ -13,8 +13,9 @@ import jax
 def main(port, pid, store, workdir, steps, sigterm_step, sigterm_pid):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(pid))
+    from train_helpers import micro_config, sigterm_at
+
     from mla_moe.train import train
-    from mla_moe.train.testing import micro_config, sigterm_at
 
     hooks = (sigterm_at(int(sigterm_step)),) if int(sigterm_pid) == int(pid) else ()
     config = micro_config(store, train=dict(steps=int(steps)), log=dict(tensorboard=False))

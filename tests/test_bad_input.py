@@ -13,8 +13,7 @@ import sys
 
 import cli_output
 import pytest
-
-from mla_moe.train.testing import synthetic_store
+from train_helpers import synthetic_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 launcher_errors = cli_output.lines

@@ -71,7 +71,7 @@ def test_prepare_glob_and_validation_split(tmp_path):
     assert sum(s["num_tokens"] for s in meta["splits"].values()) == total
     assert read_metadata(str(tmp_path / "store"))["tokenizer"] == "byte"
     # Refuses to overwrite, and leaves no temporary directory behind.
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already exists"):
         prepare(str(tmp_path / "*.txt"), str(tmp_path / "store"))
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".txt")) == ["store"]
 

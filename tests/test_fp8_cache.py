@@ -9,7 +9,7 @@ from test_decode import PROMPTS, tiny_model
 
 import mla_moe
 from mla_moe import fp8_cache
-from mla_moe.generate import decode_step, pad_prompts, prefill
+from mla_moe.generation import decode_step, pad_prompts, prefill
 
 
 def test_format_is_656_bytes_and_roundtrip_error_is_bounded():
@@ -41,7 +41,7 @@ def test_allocated_cache_bytes_equal_formula():
     cfg = mla_moe.ModelConfig()  # V2-Lite dims: C = 512, R = 64, 27 layers
     for cache, per_token in (
         (jax.eval_shape(lambda: mla_moe.init_cache(cfg, 2, 16, "bfloat16")), 1152),
-        (jax.eval_shape(lambda: fp8_cache.init_fp8_cache(cfg, 2, 16)), 656),
+        (jax.eval_shape(lambda: mla_moe.init_cache(cfg, 2, 16, fp8=True)), 656),
     ):
         total = sum(x.size * x.dtype.itemsize for x in cache.latents)
         assert total == per_token * cfg.num_hidden_layers * 2 * 16
@@ -53,16 +53,16 @@ def test_fp8_decode_logit_error_measured():
     larger than bfloat16's but bounded, and the greedy choices mostly agree."""
     model = tiny_model()
     graphdef, state = nnx.split(model)
-    tokens_BP, lengths_B = pad_prompts(PROMPTS, model.config.vocab_size, 16)
+    tokens_BT, lengths_B = pad_prompts(PROMPTS, model.config.vocab_size, 16)
     caches = {
         "f32": mla_moe.init_cache(model.config, 3, 64, "float32"),
         "bf16": mla_moe.init_cache(model.config, 3, 64, "bfloat16"),
-        "fp8": fp8_cache.init_fp8_cache(model.config, 3, 64),
+        "fp8": mla_moe.init_cache(model.config, 3, 64, fp8=True),
     }
     logits = {k: [] for k in caches}
     tokens = jax.random.randint(jax.random.key(1), (8, 3, 1), 0, model.config.vocab_size)
     for name, cache in caches.items():
-        h_BD, _, cache = prefill(model, tokens_BP, lengths_B, cache)
+        h_BD, _, cache = prefill(model, tokens_BT, lengths_B, cache)
         logits[name].append(model.logits(h_BD[:, None]))
         for tok_B1 in tokens:
             lg, _, cache = decode_step(graphdef, state, tok_B1, cache)

@@ -73,8 +73,8 @@ def test_load_checkpoint_reads_a_training_workdir(tmp_path):
     import ml_collections
     from flax import nnx
 
-    from launch.generate import load_checkpoint
     from mla_moe.train import checkpoint as ckpt_lib
+    from mla_moe.train.checkpoint import load_checkpoint
 
     cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,

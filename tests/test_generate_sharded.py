@@ -10,7 +10,6 @@ from test_decode import PROMPTS, tiny_model
 
 import mla_moe
 from mla_moe import sharding
-from mla_moe.generate import allocate_cache, on_mesh, place_cache
 from mla_moe.speculative import speculative_generate
 
 PROMPTS4 = PROMPTS + [[9, 2, 77, 1]]  # a batch the data axis divides
@@ -44,19 +43,19 @@ def test_sharded_speculative_equals_one_device_greedy():
 def test_weights_and_cache_are_really_split():
     model = tiny_model()
     mesh = _mesh("data2_expert4", model)
-    with on_mesh(model, mesh) as placed:
+    with sharding.on_mesh(model, mesh) as placed:
         moe = placed.groups[0].ffn
         spec = moe.gate_EDF[...].sharding.spec
         assert spec[1] == "expert"  # [layers, E, D, F]: experts over `expert`
         shard = moe.gate_EDF[...].addressable_shards[0].data
         assert shard.shape[1] == model.config.n_routed_experts // 4
-        cache = place_cache(allocate_cache(model.config, 4, 64), mesh)
+        cache = sharding.place_cache(mla_moe.init_cache(model.config, 4, 64), mesh)
         assert cache.latents[0].sharding.spec[0] == "data"
         assert cache.latents[0].addressable_shards[0].data.shape[0] == 2
-        odd = place_cache(allocate_cache(model.config, 3, 64), mesh)  # 3 rows: replicated
+        odd = sharding.place_cache(mla_moe.init_cache(model.config, 3, 64), mesh)  # replicated
         assert odd.latents[0].addressable_shards[0].data.shape[0] == 3
     tp = _mesh("expert4_tensor2", model)
-    with on_mesh(model, tp) as placed:
+    with sharding.on_mesh(model, tp) as placed:
         w = placed.groups[0].attn.wq_b_QNA[...]  # [layers, Q, N, A]: heads over `tensor`
         assert w.sharding.spec[2] == "tensor"
         assert w.addressable_shards[0].data.shape[2] == model.config.num_attention_heads // 2

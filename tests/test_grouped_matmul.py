@@ -1,11 +1,11 @@
 """The grouped SwiGLU (blocked scan and ragged_dot) equals a per-row loop, forward and
 gradients; its layout is the stable sort by expert, padded per group."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerance import assert_close_scaled
 
 from mla_moe.grouped_matmul import block_rows, grouped_swiglu, layout, permute_rows
 
@@ -60,23 +60,23 @@ def test_grouped_swiglu_equals_loop(kind, impl, fuse):
     def fast(x, e, *a):
         return grouped_swiglu(x, e, *a, implementation=impl, fuse_gate_up=fuse)
 
-    np.testing.assert_allclose(jax.jit(fast)(x, experts, gates, *w),
-                               _loop(x, experts, gates, *w), rtol=1e-5, atol=1e-4)
+    assert_close_scaled(jax.jit(fast)(x, experts, gates, *w), _loop(x, experts, gates, *w),
+                        rel=2e-6)  # measured: 2e-7
 
     def loss(fn):
         return lambda x, g, *w: jnp.sum(jnp.sin(fn(x, experts, g, *w)))
 
     g_fast = jax.grad(loss(fast), argnums=(0, 1, 2, 3, 4))(x, gates, *w)
     g_loop = jax.grad(loss(_loop), argnums=(0, 1, 2, 3, 4))(x, gates, *w)
-    chex.assert_trees_all_close(g_fast, g_loop, rtol=1e-4, atol=1e-4)
+    # Measured: 9e-6 (the x and gate gradients with empty rows, ragged_dot).
+    assert_close_scaled(g_fast, g_loop, rel=5e-5)
 
 
 def test_no_weights_means_ones():
     experts = jnp.asarray(_experts("with_empty_rows"), jnp.int32)
     x = jax.random.normal(jax.random.key(0), (experts.shape[0], D))
-    np.testing.assert_allclose(grouped_swiglu(x, experts, None, *_weights()),
-                               _loop(x, experts, jnp.ones(experts.shape), *_weights()),
-                               rtol=1e-5, atol=1e-4)
+    assert_close_scaled(grouped_swiglu(x, experts, None, *_weights()),
+                        _loop(x, experts, jnp.ones(experts.shape), *_weights()), rel=2e-6)
 
 
 def test_layout_is_the_padded_stable_sort():
@@ -85,7 +85,7 @@ def test_layout_is_the_padded_stable_sort():
     flat = np.asarray(experts).reshape(-1)
     for block in (1, 4):
         lay = layout(experts, E, block)
-        dest, src = np.asarray(lay.dest_M), np.asarray(lay.src_P)
+        dest, src = np.asarray(lay.dest_M), np.asarray(lay.src_M)
         np.testing.assert_array_equal(src[dest], np.arange(m))  # inverse bijections
         assert (src == m).sum() == src.size - m  # every other slot is padding
         np.testing.assert_array_equal(lay.sizes_E, np.bincount(flat, minlength=E))
@@ -95,7 +95,7 @@ def test_layout_is_the_padded_stable_sort():
             rows = np.nonzero(flat == e)[0]
             if len(rows):
                 start = dest[rows].min()
-                assert start % block == 0 and (lay.group_N[start // block] == e)
+                assert start % block == 0 and (lay.group_O[start // block] == e)
         assert int(lay.used) * block == sum(-(-c // block) * block for c in lay.sizes_E)
 
 
@@ -105,7 +105,7 @@ def test_permute_rows_gradient_is_the_inverse_gather():
     inv = jnp.array([2, 5, 3, 6, 0])
     g_fast = jax.grad(lambda x: jnp.sum(jnp.cos(permute_rows(x, idx, inv))))(x)
     g_ref = jax.grad(lambda x: jnp.sum(jnp.cos(x.at[idx].get(mode="fill", fill_value=0))))(x)
-    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6)
+    np.testing.assert_array_equal(g_fast, g_ref)  # the same adds
 
 
 def test_block_rows_and_bad_implementation():
@@ -131,4 +131,4 @@ def test_bfloat16_inputs_keep_their_dtype_in_gradients(fuse):
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32] + [jnp.bfloat16] * 3
     y = grouped_swiglu(bf[0], experts, gates, *bf[1:], implementation="blocked",
                        fuse_gate_up=fuse)
-    np.testing.assert_allclose(y, _loop(x, experts, gates, *w), rtol=0.05, atol=0.3)
+    assert_close_scaled(y, _loop(x, experts, gates, *w), rel=2e-2)  # bf16: 3.5e-3

@@ -8,12 +8,12 @@ kernels' inputs replicated. Forward and gradients, training (flash) and decode (
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close_scaled
 
 from mla_moe import ModelConfig, sharding
 from mla_moe.mla import MLA
@@ -35,10 +35,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _close(actual, expected):
-    """Per array: rtol 1e-5 and atol 1e-5 x the largest |expected| (f32 throughout)."""
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        scale = float(np.max(np.abs(e)))
-        chex.assert_trees_all_close(a, e, rtol=1e-5, atol=1e-5 * max(scale, 1e-6))
+    """Per array, to 1e-5 of the largest |expected| (f32 throughout)."""
+    assert_close_scaled(actual, expected, rel=1e-5)
 
 
 @functools.cache
@@ -67,17 +65,17 @@ def _decode(impl):
     """One absorbed step of 2 tokens over a ragged latent cache: output and new cache."""
     layer = MLA(CFG.replace(attention_impl=impl), rngs=nnx.Rngs(0))
     k = CFG.kv_lora_rank + CFG.qk_rope_head_dim
-    cache_BSK = jax.random.normal(jax.random.key(2), (B, S, k), jnp.float32)
+    cache_BSL = jax.random.normal(jax.random.key(2), (B, S, k), jnp.float32)
     lengths_B = jnp.arange(B, dtype=jnp.int32) % 5 + 3
     x_BTD = jax.random.normal(jax.random.key(3), (B, 2, CFG.hidden_size), jnp.float32)
     positions_BT = lengths_B[:, None] + jnp.arange(2)[None, :]
 
     @jax.jit
-    def step(x_BTD, cache_BSK):
-        return layer(x_BTD, positions_BT, cache_BSK=cache_BSK, lengths_B=lengths_B,
+    def step(x_BTD, cache_BSL):
+        return layer(x_BTD, positions_BT, cache_BSK=cache_BSL, lengths_B=lengths_B,
                      form="absorbed")
 
-    return step, x_BTD, cache_BSK
+    return step, x_BTD, cache_BSL
 
 
 @functools.cache
@@ -88,8 +86,8 @@ def _train_reference():
 
 @functools.cache
 def _decode_reference():
-    step, x_BTD, cache_BSK = _decode("xla")
-    return jax.device_get(step(x_BTD, cache_BSK))
+    step, x_BTD, cache_BSL = _decode("xla")
+    return jax.device_get(step(x_BTD, cache_BSL))
 
 
 def _on_mesh(mesh_name, fn):
@@ -124,9 +122,9 @@ def test_flash_kernel_on_a_mesh_equals_xla(mesh_name, impl):
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_latent_kernel_on_a_mesh_equals_xla(mesh_name):
     def run(mesh):
-        step, x_BTD, cache_BSK = _decode("tpu_interpret")
-        x_BTD, cache_BSK = jax.device_put((x_BTD, cache_BSK), sharding.batch_sharding(mesh))
-        _assert_kernel_in_shard_map(step.lower(x_BTD, cache_BSK), mesh)
-        return step(x_BTD, cache_BSK)
+        step, x_BTD, cache_BSL = _decode("tpu_interpret")
+        x_BTD, cache_BSL = jax.device_put((x_BTD, cache_BSL), sharding.batch_sharding(mesh))
+        _assert_kernel_in_shard_map(step.lower(x_BTD, cache_BSL), mesh)
+        return step(x_BTD, cache_BSL)
 
     _close(_on_mesh(mesh_name, run), _decode_reference())

@@ -12,9 +12,9 @@ import sys
 import cli_output
 import numpy as np
 import pytest
+from train_helpers import enable_compilation_cache, micro_config, synthetic_store
 
 from mla_moe.train import train
-from mla_moe.train.testing import enable_compilation_cache, micro_config, synthetic_store
 
 enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,7 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
-
-from mla_moe.train.testing import enable_compilation_cache, synthetic_store
+from train_helpers import enable_compilation_cache, synthetic_store
 
 enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

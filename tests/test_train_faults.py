@@ -7,6 +7,12 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from train_helpers import (
+    enable_compilation_cache,
+    micro_config,
+    sigterm_at,
+    synthetic_store,
+)
 
 from mla_moe.data import write_store
 from mla_moe.train import (
@@ -14,12 +20,6 @@ from mla_moe.train import (
     IncompatibleWorkdirError,
     NonFiniteLossError,
     train,
-)
-from mla_moe.train.testing import (
-    enable_compilation_cache,
-    micro_config,
-    sigterm_at,
-    synthetic_store,
 )
 
 enable_compilation_cache()

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close_scaled
+from train_helpers import enable_compilation_cache, micro_config, synthetic_store
 
 from mla_moe.data import PipelineConfig, TokenSplit, train_iterator
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
 from mla_moe.train import optimizer as optimizer_lib
 from mla_moe.train import train_step as step_lib
-from mla_moe.train.testing import enable_compilation_cache, micro_config, synthetic_store
 
 enable_compilation_cache()
 
@@ -72,9 +73,10 @@ def test_gradient_accumulation_matches_full_batch(setup):
             step_cfg=step_lib.StepConfig(grad_accum_steps=a)))
         loss, aux, g = f(s["params"], s["extra"], b)
         grads[a] = (float(loss), ckpt_lib.flatten_state(g), aux)
-    np.testing.assert_allclose(grads[2][0], grads[1][0], rtol=2e-3)
-    for k, g1 in grads[1][1].items():
-        np.testing.assert_allclose(grads[2][1][k], g1, rtol=2e-2, atol=2e-4, err_msg=k)
+    assert_close_scaled(grads[2][0], grads[1][0], rel=5e-5)  # measured: 4e-6
+    # Measured: up to 1.2e-2 of a leaf's largest value in the MTP module's gradients, far less
+    # elsewhere; more than rounding, so this bound stays at 2e-2.
+    assert_close_scaled(grads[2][1], grads[1][1], rel=2e-2)
     # Token counts are summed over micro-batches: the same totals as one big batch.
     for c1, c2 in zip(grads[1][2]["tokens_per_expert"], grads[2][2]["tokens_per_expert"]):
         np.testing.assert_array_equal(c1, c2)
@@ -139,3 +141,26 @@ def test_incompatible_fields():
     b["train"]["seq_len"] = 64
     diffs = config_lib.incompatible_fields(a, b)
     assert diffs == ["model.hidden_size: 64 -> 96", "train.seq_len: 32 -> 64"]
+
+
+def _specs(tree) -> set:
+    return {s.spec for s in jax.tree.leaves(tree)}
+
+
+def test_build_is_cached_per_logical_rules():
+    """`trainer.build` is cached; the rules in effect change the layout, so a build under other
+    rules must not reuse the first one's shardings or its traced steps."""
+    from mla_moe import sharding
+    from mla_moe.train import trainer
+
+    config = micro_config()
+    with trainer.run_mesh(config) as (_, mesh):  # data=8: the batch over `data`
+        default = trainer.build(config, mesh)
+        assert trainer.build(config, mesh) is default
+        with sharding.use_rules({"embed": "data", "batch": None}):
+            other = trainer.build(config, mesh)
+    assert other is not default
+    assert default.batch_sh.spec == jax.sharding.PartitionSpec("data")
+    assert other.batch_sh.spec == jax.sharding.PartitionSpec(None)
+    assert not any("data" in str(s) for s in _specs(default.state_sh))
+    assert any("data" in str(s) for s in _specs(other.state_sh))

@@ -96,6 +96,7 @@ def _write(text: str, path: str) -> None:
 
 
 def tpu_vm(args: list[str]) -> int:
+    """Runs `launch.train` with `args` on every host of a TPU VM slice; returns the exit code."""
     from launch.pod import tpu_vm as lib
 
     _require(tpu=_TPU.value, zone=_ZONE.value)
@@ -106,6 +107,8 @@ def tpu_vm(args: list[str]) -> int:
 
 
 def gke(args: list[str]) -> int:
+    """The GKE JobSet that runs `launch.train` with `args`: printed (and written to --output),
+    or with --apply written and applied; returns the exit code."""
     from launch.pod import gke as lib
     from launch.pod import tpu_types
 
@@ -140,6 +143,8 @@ def gke(args: list[str]) -> int:
 
 
 def slurm(args: list[str]) -> int:
+    """The sbatch script that runs `launch.train` with `args`: printed (and written to
+    --output), or with --submit written and submitted; returns sbatch's exit code."""
     from launch.pod import slurm as lib
 
     if _NODES.value < 1 or _GPUS.value < 1:
@@ -170,6 +175,7 @@ def lib_root() -> str:
 
 
 def main(argv: list[str], forwarded: list[str]) -> None:
+    """Dispatches to the subcommand, passing it the arguments after `--`."""
     from mla_moe.errors import InputError
 
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:

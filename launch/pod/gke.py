@@ -91,6 +91,7 @@ def jobset(*, name: str, tpu: TpuType, num_slices: int, image: str, train_args: 
 
 
 def render(manifest: dict) -> str:
+    """The manifest as YAML, keys in their given order."""
     import yaml
 
     return yaml.safe_dump(manifest, sort_keys=False, width=1000)

@@ -21,6 +21,8 @@ TASKS_PER = ("node", "gpu")
 
 @dataclasses.dataclass(frozen=True)
 class Sbatch:
+    """The sbatch settings of a multi-node GPU job."""
+
     nodes: int
     gpus_per_node: int
     tasks_per: str = "node"  # "node" or "gpu"
@@ -32,6 +34,7 @@ class Sbatch:
     logdir: str = "logs"
 
     def directives(self) -> list[str]:
+        """The `#SBATCH` option values (without the `#SBATCH` prefix)."""
         tasks = 1 if self.tasks_per == "node" else self.gpus_per_node
         lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}",
                  f"--ntasks-per-node={tasks}", f"--gpus-per-node={self.gpus_per_node}",

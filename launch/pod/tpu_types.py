@@ -26,6 +26,8 @@ CHIPS_PER_HOST = 4
 
 @dataclasses.dataclass(frozen=True)
 class TpuType:
+    """A TPU slice type (e.g. v5p-128): generation, chips, topology, GKE accelerator name."""
+
     name: str  # "v5p-128"
     generation: str  # "v5p"
     chips: int
@@ -35,12 +37,14 @@ class TpuType:
 
     @property
     def chips_per_host(self) -> int:
+        """Chips on one host: all of a small 2-D slice, else CHIPS_PER_HOST."""
         if self.dims == 2 and self.chips <= 8:
             return self.chips
         return min(self.chips, CHIPS_PER_HOST)
 
     @property
     def hosts(self) -> int:
+        """Hosts in the slice."""
         return self.chips // self.chips_per_host
 
 

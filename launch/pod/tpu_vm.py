@@ -60,12 +60,15 @@ class TpuVm:
         return cmd
 
     def ssh(self, command: str) -> list[str]:
+        """The gcloud command that runs `command` on every worker."""
         return self._gcloud("ssh", self.tpu, f"--command={command}")
 
     def copy(self, archive: str) -> list[str]:
+        """The gcloud command that copies the code archive to every worker."""
         return self._gcloud("scp", archive, f"{self.tpu}:{ARCHIVE}")
 
     def setup(self) -> list[str]:
+        """The command that unpacks the archive into the remote directory (and installs it)."""
         d = shlex.quote(self.remote_dir)
         command = f"rm -rf {d} && mkdir -p {d} && tar -xzf {ARCHIVE} -C {d}"
         if self.install:
@@ -73,10 +76,12 @@ class TpuVm:
         return self.ssh(command)
 
     def train(self, train_args: list[str]) -> list[str]:
+        """The command that starts `launch.pod.worker` with `train_args` on every worker."""
         return self.ssh(f"cd {shlex.quote(self.remote_dir)} && python3 -u -m launch.pod.worker "
                         f"{shlex.join(train_args)}")
 
     def stop(self) -> list[str]:
+        """The command that sends SIGTERM to the training process on every worker."""
         return self.ssh(f"cd {shlex.quote(self.remote_dir)} && kill -TERM $(cat train.pid)")
 
 
@@ -109,6 +114,7 @@ def pack(root: str, archive: str) -> int:
 
 
 def log_name(line_slice: str | None, worker: str) -> str:
+    """The log file name of a worker (of a slice, under multislice)."""
     return f"slice-{line_slice}-worker-{worker}.log" if line_slice else f"worker-{worker}.log"
 
 
@@ -128,6 +134,7 @@ class LogSplitter:
         return self._files[name]
 
     def line(self, line: str) -> None:
+        """Routes one output line to its worker's log (and worker 0's to the console)."""
         m = _TAGGED.match(line)
         if m is None:
             self._file("gcloud.log").write(line)
@@ -143,6 +150,7 @@ class LogSplitter:
             self.console.flush()
 
     def close(self) -> None:
+        """Closes the log files."""
         for f in self._files.values():
             f.close()
 

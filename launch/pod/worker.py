@@ -22,13 +22,14 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Mapping
 
 PIDFILE = "train.pid"
 _METADATA = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
              "agent-worker-number")
 
 
-def worker_id(env=os.environ) -> int:
+def worker_id(env: Mapping[str, str] = os.environ) -> int:
     """This host's index in its slice: TPU_WORKER_ID (GKE and explicit setups), else the TPU
     VM's metadata, else 0."""
     if env.get("TPU_WORKER_ID", "").isdigit():
@@ -41,14 +42,16 @@ def worker_id(env=os.environ) -> int:
         return 0
 
 
-def tag(env=os.environ) -> str:
+def tag(env: Mapping[str, str] = os.environ) -> str:
     """The prefix of this host's lines."""
     slice_id = env.get("MEGASCALE_SLICE_ID", "")
     head = f"slice {slice_id} " if slice_id.isdigit() else ""
     return f"[{head}worker {worker_id(env)}] "
 
 
-def distributed_flags(env=os.environ) -> list[str]:
+def distributed_flags(env: Mapping[str, str] = os.environ) -> list[str]:
+    """launch.train's flags for joining the job: the coordinator from JAX_* variables when all
+    are set, else `--distributed` (auto-detection)."""
     names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
     if all(env.get(n) for n in names):
         return [f"--coordinator_address={env[names[0]]}", f"--num_processes={env[names[1]]}",
@@ -57,6 +60,8 @@ def distributed_flags(env=os.environ) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    """Runs `launch.train` with `argv`, prefixing each of its output lines with this host's
+    tag; returns its exit code."""
     prefix = tag()
     child = subprocess.Popen(
         [sys.executable, "-u", "-m", "launch.train", *distributed_flags(), *argv],

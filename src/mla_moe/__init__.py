@@ -8,32 +8,15 @@ works without a separate import.
 
 import importlib
 
-from mla_moe.balance import update_expert_bias
+from mla_moe.balance import apply_expert_bias_update, update_expert_bias
 from mla_moe.cache import KVCache, init_cache
 from mla_moe.config import ModelConfig, RopeScaling
 from mla_moe.counting import flops_per_token, param_count
 from mla_moe.decoder import DeepSeekModel, ModelOutput
-from mla_moe.generate import generate
-from mla_moe.router import ExpertBias
-
-
-def apply_expert_bias_update(model: DeepSeekModel, router_stats, rate: float) -> None:
-    """Applies `update_expert_bias` in place to every noaux_tc router of `model`.
-
-    `router_stats` is `ModelOutput.router` (one entry per MoE layer, same order as
-    `model.moe_routers()`), ideally with counts summed over all data shards.
-    """
-    for (router, idx), stats in zip(model.moe_routers(), router_stats, strict=True):
-        bias = router.e_score_correction_bias
-        if bias is None:
-            continue
-        if idx is None:
-            bias[...] = update_expert_bias(bias[...], stats["tokens_per_expert"], rate)
-        else:
-            bias[...] = bias[...].at[idx].set(
-                update_expert_bias(bias[...][idx], stats["tokens_per_expert"], rate)
-            )
-
+from mla_moe.generation import generate
+from mla_moe.mla import MLA
+from mla_moe.moe import MoE, MoEOutput, MoEStats
+from mla_moe.router import ExpertBias, Router, Routing
 
 _SUBPACKAGES = ("data", "hf", "train")
 
@@ -52,9 +35,15 @@ __all__ = [
     "DeepSeekModel",
     "ExpertBias",
     "KVCache",
+    "MLA",
+    "MoE",
+    "MoEOutput",
+    "MoEStats",
     "ModelConfig",
     "ModelOutput",
     "RopeScaling",
+    "Router",
+    "Routing",
     "apply_expert_bias_update",
     "flops_per_token",
     "generate",

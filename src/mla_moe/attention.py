@@ -32,8 +32,11 @@ def naive_attention(
     mask_BTS: jax.Array,
     sm_scale: float,
 ) -> jax.Array:
-    # One product over the A = H + R columns, the shared rope key joining every head's key:
-    # two products and a sum of their [B, N, T, S] results cost ~20% more on CPU (fwd+bwd).
+    """Per-head MLA attention with materialised keys and values: one score product over the
+    A = H + R columns (each head's no-rope key joined with the rope key all heads share),
+    softmax in float32 where `mask_BTS` is True (a row with none gives zeros); returns
+    [B, T, N, V]. Two products and a sum of their [B, N, T, S] results cost ~20% more on CPU
+    (forward and backward)."""
     b, s, n, _ = k_nope_BSNH.shape
     q_BTNA = jnp.concatenate([q_nope_BTNH, q_pe_BTNR.astype(q_nope_BTNH.dtype)], axis=-1)
     k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None], (b, s, n, k_pe_BSR.shape[-1]))
@@ -52,29 +55,29 @@ def absorbed_attention(
 ) -> jax.Array:
     """Returns the latent output o_latent [B, T, N, C] (W_UV not yet applied).
 
-    kv_segments: one or more (kv_BSK, mask_BTS) whose keys together form one softmax, e.g.
+    kv_segments: one or more (kv_BSL, mask_BTS) whose keys together form one softmax, e.g.
     the cache before this step and the step's own new entries, so that the cache is only
-    read (its in-place update is independent of the attention). Each kv_BSK is the entry
-    [c; k_pe] (K = C + R) used whole: the query [q_latent; q_pe] meets it in one product and
-    the weighted sum runs over all K columns (the R extra ones are dropped), so it is never
-    sliced or transposed into a copy. The T x N queries form one matrix per sequence."""
+    read (its in-place update is independent of the attention). Each kv_BSL is the entry
+    [c; k_pe] (L = C + R) used whole: the query [q_latent; q_pe] meets it in one product and
+    the weighted sum runs over all L columns (the R extra ones are dropped), so it is never
+    sliced or transposed into a copy. The Y = T x N query rows form one matrix per sequence."""
     b, t, n, c = q_latent_BTNC.shape
-    q_BMK = jnp.concatenate([q_latent_BTNC, q_pe_BTNR.astype(q_latent_BTNC.dtype)], axis=-1
+    q_BYL = jnp.concatenate([q_latent_BTNC, q_pe_BTNR.astype(q_latent_BTNC.dtype)], axis=-1
                             ).reshape(b, t * n, -1)
     scores, masks = [], []
-    for kv_BSK, mask_BTS in kv_segments:
-        scores.append(jnp.einsum("BMK,BSK->BMS", q_BMK, kv_BSK,
+    for kv_BSL, mask_BTS in kv_segments:
+        scores.append(jnp.einsum("BYL,BSL->BYS", q_BYL, kv_BSL,
                                  preferred_element_type=jnp.float32))
         masks.append(jnp.repeat(mask_BTS, n, axis=1))  # row t*n + i is query t, head i
-    mask_BMS = jnp.concatenate(masks, axis=-1)
-    probs_BMS = _masked_softmax(jnp.concatenate(scores, axis=-1) * sm_scale, mask_BMS)
-    o_BMK, start = 0.0, 0
-    for kv_BSK, _ in kv_segments:
-        p_BMS = probs_BMS[..., start : start + kv_BSK.shape[1]]
-        o_BMK = o_BMK + jnp.einsum("BMS,BSK->BMK", p_BMS.astype(kv_BSK.dtype), kv_BSK,
+    mask_BYS = jnp.concatenate(masks, axis=-1)
+    probs_BYS = _masked_softmax(jnp.concatenate(scores, axis=-1) * sm_scale, mask_BYS)
+    o_BYL, start = 0.0, 0
+    for kv_BSL, _ in kv_segments:
+        p_BYS = probs_BYS[..., start : start + kv_BSL.shape[1]]
+        o_BYL = o_BYL + jnp.einsum("BYS,BSL->BYL", p_BYS.astype(kv_BSL.dtype), kv_BSL,
                                    preferred_element_type=jnp.float32)
-        start += kv_BSK.shape[1]
-    return o_BMK[..., :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
+        start += kv_BSL.shape[1]
+    return o_BYL[..., :c].reshape(b, t, n, c).astype(q_latent_BTNC.dtype)
 
 
 def causal_segment_mask(segment_ids_BT: jax.Array | None, batch: int, length: int) -> jax.Array:

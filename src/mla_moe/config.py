@@ -79,6 +79,8 @@ class RopeScaling:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RopeScaling:
+        """From an HF `rope_scaling` / `rope_parameters` dict; only YaRN is supported, unknown
+        keys and None values are ignored."""
         kind = d.get("rope_type", d.get("type", "yarn"))
         if kind not in ("yarn",):
             raise ValueError(f"rope_scaling.type: only 'yarn' is supported, got {kind!r}")
@@ -87,6 +89,7 @@ class RopeScaling:
         return cls(type=kind, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
+        """The HF dict (both `type` and `rope_type`), without the fields that are None."""
         d = {"type": self.type, "rope_type": self.type}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -307,14 +310,17 @@ class ModelConfig:
     # --- derived -----------------------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
+        """Query/key head dim with rope: qk_nope_head_dim + qk_rope_head_dim."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
     def num_expert_devices(self) -> int:
+        """D of the device/comm balance losses: `expert_devices`, else `n_group`."""
         return self.expert_devices or self.n_group
 
     @property
     def num_device_limit(self) -> int:
+        """M of the comm balance loss: `device_limit`, else `topk_group`."""
         return self.device_limit or self.topk_group
 
     def is_moe_layer(self, layer_idx: int) -> bool:
@@ -325,12 +331,15 @@ class ModelConfig:
             and layer_idx % self.moe_layer_freq == 0
         )
 
-    def replace(self, **changes) -> ModelConfig:
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
     # --- HuggingFace interop -----------------------------------------------------------------
     @classmethod
-    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
+    def from_hf(
+        cls, source: Mapping[str, Any] | str | os.PathLike, **overrides: Any
+    ) -> ModelConfig:
         """Builds a config from an HF `config.json` dict, a path to one, or its directory.
 
         A missing or unreadable file, another architecture (its `model_type`), or a bad value
@@ -393,6 +402,8 @@ class ModelConfig:
 
     @property
     def hf_model_type(self) -> str:
+        """HF's `model_type`: deepseek_v3 for sigmoid noaux_tc routing (or no MoE), else
+        deepseek_v2."""
         v3 = self.topk_method == "noaux_tc" and self.scoring_func == "sigmoid"
         return "deepseek_v3" if v3 or self.n_routed_experts is None else "deepseek_v2"
 

@@ -8,19 +8,18 @@ results. `remat_policy` wraps each layer in `jax.checkpoint`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mla_moe.cache import KVCache, layer_groups
+from mla_moe.cache import KVCache
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, SwiGLU, dense, dtype_of, param
 from mla_moe.mla import MLA
-from mla_moe.moe import MoE
+from mla_moe.moe import MoE, MoEStats
+from mla_moe.router import Router
 from mla_moe.sharding import constrain
 
 ACT_BTD = ("batch", "length", "act_embed")  # logical names of the residual stream
@@ -33,18 +32,35 @@ _REMAT_POLICIES = {
 }
 
 
+def layer_groups(config: ModelConfig) -> list[tuple[bool, int]]:
+    """Runs of consecutive identical layers: [(is_moe, count), ...]; each is one stacked group
+    of `DeepSeekModel.groups`."""
+    groups: list[tuple[bool, int]] = []
+    for i in range(config.num_hidden_layers):
+        moe = config.is_moe_layer(i)
+        if groups and groups[-1][0] == moe:
+            groups[-1] = (moe, groups[-1][1] + 1)
+        else:
+            groups.append((moe, 1))
+    return groups
+
+
 @flax.struct.dataclass
 class ModelOutput:
+    """What `DeepSeekModel.__call__` returns (a pytree)."""
+
     logits: jax.Array  # [B, T, vocab] float32
     aux_loss: jax.Array  # scalar: weighted balance / z losses summed over MoE layers
     aux_losses: dict[str, jax.Array]  # unweighted, summed over MoE layers
-    router: tuple[dict[str, jax.Array], ...]  # per MoE layer (main layers, then MTP layers)
+    router: tuple[MoEStats, ...]  # per MoE layer (main layers, then MTP layers)
     hidden: jax.Array  # [B, T, D] last block's output (before the final norm)
     cache: KVCache | None = None
     mtp_logits: jax.Array | None = None  # [num_nextn_predict_layers, B, T, vocab] float32
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)) (a SwiGLU, or an `MoE`)."""
+
     def __init__(self, config: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
         c = config
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
@@ -52,18 +68,23 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
         self.ffn = MoE(c, rngs=rngs) if moe else SwiGLU(c.intermediate_size, config=c, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None, lengths_B=None,
-                 form=None):
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None, cache_BSK: jax.Array | None = None,
+                 lengths_B: jax.Array | None = None, form: str | None = None
+                 ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
+        """(x_BTD out, the updated cache or None, the MoE's stats or None for a dense FFN)."""
         with jax.named_scope("attention"):
             a_BTD, cache_BSK = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
                                          cache_BSK, lengths_B, form)
         x_BTD = x_BTD + checkpoint_name(a_BTD, "attention_out")
+        stats = None
         if isinstance(self.ffn, MoE):
             with jax.named_scope("moe"):
-                f_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+                out = self.ffn(self.ffn_norm(x_BTD))
+            f_BTD, stats = out.y_BTD, out.stats
         else:
             with jax.named_scope("mlp"):
-                f_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), {}
+                f_BTD = self.ffn(self.ffn_norm(x_BTD))
         return constrain(x_BTD + f_BTD, ACT_BTD), cache_BSK, stats
 
 
@@ -90,8 +111,12 @@ class MTPBlock(nnx.Module):
         self.layer = DecoderLayer(c, c.is_moe_layer(layer_idx), rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
 
-    def __call__(self, h_BTD, emb_BTD, positions_BT, segment_ids_BT=None, cache_BSK=None,
-                 lengths_B=None, form=None):
+    def __call__(self, h_BTD: jax.Array, emb_BTD: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None, cache_BSK: jax.Array | None = None,
+                 lengths_B: jax.Array | None = None, form: str | None = None
+                 ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
+        """The block over h_BTD (the previous depth's hidden) and emb_BTD (the shifted
+        tokens' embedding); returns what `DecoderLayer` returns."""
         x_BT2D = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
         x_BTD = dense(x_BT2D, self.eh_proj_2DD[...].astype(h_BTD.dtype))
         return self.layer(x_BTD, positions_BT, segment_ids_BT, cache_BSK, lengths_B, form)
@@ -126,6 +151,7 @@ class DeepSeekModel(nnx.Module):
 
     # --- pieces ------------------------------------------------------------------------------
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """Embedding lookup [B, T] -> [B, T, D] in the compute dtype."""
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
         return constrain(x_BTD, ACT_BTD)
 
@@ -139,8 +165,8 @@ class DeepSeekModel(nnx.Module):
         """The same model for inference, each layer group split into per-layer modules (one
         copy of the weights, made once). A decode step then reads every layer's weights in
         place; with stacked groups each step would first copy each layer's weights out of the
-        stacked arrays. Place the model on its mesh before unstacking; training and the
-        expert-bias update expect the stacked model."""
+        stacked arrays. Place the model on its mesh before unstacking; training expects the
+        stacked model."""
         model = nnx.merge(*nnx.split(self))  # a new module tree over the same arrays
         groups = []
         for group in model.groups:
@@ -226,7 +252,7 @@ class DeepSeekModel(nnx.Module):
             positions_BT = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         with jax.named_scope("embed"):
             x_BTD = self.embed(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
-        router_stats: list[dict[str, Any]] = []
+        router_stats: list[MoEStats] = []
         new_latents = []
         first = 0
         for group, (_, n) in zip(self.groups, layer_groups(self.config), strict=True):
@@ -236,7 +262,7 @@ class DeepSeekModel(nnx.Module):
                 attention_form,
             )
             new_latents.extend(cache_group or ())
-            router_stats.extend(s for s in stats if s)
+            router_stats.extend(s for s in stats if s is not None)
             first += n
         h_BTD = x_BTD
         with jax.named_scope("head"):
@@ -252,35 +278,33 @@ class DeepSeekModel(nnx.Module):
                     h_k, _, stats = block(h_k, self.embed(shifted_BT), positions_BT,
                                           segment_ids_BT)
                     per_module.append(self.logits(h_k, block.norm))
-                if stats:
+                if stats is not None:
                     router_stats.append(stats)
             mtp_logits = jnp.stack(per_module)
 
-        aux_loss = sum((s["aux_loss"] for s in router_stats), jnp.zeros((), jnp.float32))
+        aux_loss = sum((s.aux_loss for s in router_stats), jnp.zeros((), jnp.float32))
         aux_losses: dict[str, jax.Array] = {}
         for s in router_stats:
-            for name, value in s["losses"].items():
+            for name, value in s.losses.items():
                 aux_losses[name] = aux_losses.get(name, 0.0) + value
-        router = tuple(
-            {"tokens_per_expert": s["tokens_per_expert"],
-             "dropped_fraction": s["dropped_fraction"]}
-            for s in router_stats
-        )
         new_cache = None
         if cache is not None:
             new_cache = KVCache(latents=tuple(new_latents), lengths_B=lengths_B + t)
         return ModelOutput(
-            logits=logits_BTV, aux_loss=aux_loss, aux_losses=aux_losses, router=router,
+            logits=logits_BTV, aux_loss=aux_loss, aux_losses=aux_losses, router=tuple(router_stats),
             hidden=h_BTD, cache=new_cache, mtp_logits=mtp_logits,
         )
 
     # --- expert bias ---------------------------------------------------------------------------
-    def moe_routers(self) -> list[tuple[Any, int | None]]:
+    def moe_routers(self) -> list[tuple[Router, int | None]]:
         """(router, index in its stacked group or None) for every MoE layer, in the order of
-        `ModelOutput.router`."""
-        out = []
+        `ModelOutput.router`; on an `unstacked` model every index is None."""
+        out: list[tuple[Router, int | None]] = []
         for group in self.groups:
-            if isinstance(group.ffn, MoE):
+            if isinstance(group, nnx.List):  # unstacked: one module per layer
+                out.extend((layer.ffn.router, None) for layer in group
+                           if isinstance(layer.ffn, MoE))
+            elif isinstance(group.ffn, MoE):
                 n = group.ffn.router.w_DE.shape[0]
                 out.extend((group.ffn.router, i) for i in range(n))
         for block in self.mtp:

@@ -6,13 +6,14 @@ all bitcast to bytes: 512 + 16 + 128 = 656 B for DeepSeek's C = 512, R = 64 (bf1
 The rope key stays in bf16 because its entries carry position information that a shared
 per-block scale would blur.
 
-A packed cache is a plain `KVCache` whose latents are uint8 `[B, S, W]` per layer: the decoder
-passes them like any cache, and MLA quantises on write / dequantises on read when it sees a
-uint8 cache (mla.py). Dequantising the whole cache to the compute dtype on every read is
-what the XLA path does; a fused kernel would dequantise block by block in registers.
+A packed cache is a plain `KVCache` whose latents are uint8 `[B, S, W]` per layer
+(`init_cache(..., fp8=True)`): the decoder passes them like any cache, and the cache's
+`LatentCodec` quantises on write / dequantises on read when it sees a uint8 cache (cache.py).
+Dequantising the whole cache to the compute dtype on every read is what the XLA path does; a
+fused kernel would dequantise block by block in registers.
 
-Legend: B batch, T tokens, S cache slots, C kv latent rank, R rope dim, W packed bytes,
-G scale blocks.
+Legend: see layers.py (C kv latent rank, R rope dim, L = C + R, W packed bytes of a slot, Z scale
+blocks of a slot).
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mla_moe.cache import KVCache
-from mla_moe.config import ModelConfig
-
 SCALE_BLOCK = 128
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _TINY = 1e-12  # scale floor so an all-zero block quantises to zeros, not NaN
 
 
 def num_scale_blocks(kv_lora_rank: int) -> int:
+    """Z, the float32 scales per token: one per 128 latent values."""
     return -(-kv_lora_rank // SCALE_BLOCK)
 
 
@@ -38,26 +37,28 @@ def packed_width(kv_lora_rank: int, rope_dim: int) -> int:
 
 
 def quantize(c_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(e4m3 values [..., C], float32 scales [..., G]); x ~= value * scale per block."""
+    """(e4m3 values [..., C], float32 scales [..., Z]); x ~= value * scale per block."""
     c = c_BTC.shape[-1]
-    g = num_scale_blocks(c)
+    z = num_scale_blocks(c)
     x = c_BTC.astype(jnp.float32)
-    pad = g * SCALE_BLOCK - c
+    pad = z * SCALE_BLOCK - c
     blocks = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(
-        *x.shape[:-1], g, SCALE_BLOCK
+        *x.shape[:-1], z, SCALE_BLOCK
     )
-    scale_BTG = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _TINY) / E4M3_MAX
-    q = jnp.clip(blocks / scale_BTG[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
-    return q.reshape(*x.shape[:-1], g * SCALE_BLOCK)[..., :c], scale_BTG
+    scale_BTZ = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _TINY) / E4M3_MAX
+    q = jnp.clip(blocks / scale_BTZ[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return q.reshape(*x.shape[:-1], z * SCALE_BLOCK)[..., :c], scale_BTZ
 
 
-def dequantize(q_BTC: jax.Array, scale_BTG: jax.Array, dtype=jnp.float32) -> jax.Array:
+def dequantize(q_BTC: jax.Array, scale_BTZ: jax.Array,
+               dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
+    """The inverse of `quantize`: value * scale per block, [..., C] in `dtype`."""
     c = q_BTC.shape[-1]
-    g = scale_BTG.shape[-1]
-    pad = g * SCALE_BLOCK - c
+    z = scale_BTZ.shape[-1]
+    pad = z * SCALE_BLOCK - c
     x = jnp.pad(q_BTC.astype(jnp.float32), [(0, 0)] * (q_BTC.ndim - 1) + [(0, pad)])
-    x = x.reshape(*q_BTC.shape[:-1], g, SCALE_BLOCK) * scale_BTG[..., None]
-    return x.reshape(*q_BTC.shape[:-1], g * SCALE_BLOCK)[..., :c].astype(dtype)
+    x = x.reshape(*q_BTC.shape[:-1], z, SCALE_BLOCK) * scale_BTZ[..., None]
+    return x.reshape(*q_BTC.shape[:-1], z * SCALE_BLOCK)[..., :c].astype(dtype)
 
 
 def _to_bytes(x: jax.Array) -> jax.Array:
@@ -72,34 +73,18 @@ def _from_bytes(b: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(b.reshape(*b.shape[:-1], -1, size), dtype)
 
 
-def pack(latent_BTK: jax.Array, kv_lora_rank: int) -> jax.Array:
+def pack(latent_BTL: jax.Array, kv_lora_rank: int) -> jax.Array:
     """[..., C + R] latent -> [..., W] uint8."""
-    q, scale = quantize(latent_BTK[..., :kv_lora_rank])
-    rope = latent_BTK[..., kv_lora_rank:].astype(jnp.bfloat16)
+    q, scale = quantize(latent_BTL[..., :kv_lora_rank])
+    rope = latent_BTL[..., kv_lora_rank:].astype(jnp.bfloat16)
     return jnp.concatenate([_to_bytes(q), _to_bytes(scale), _to_bytes(rope)], axis=-1)
 
 
-def unpack(packed_BSW: jax.Array, kv_lora_rank: int, dtype=jnp.float32) -> jax.Array:
+def unpack(packed_BSW: jax.Array, kv_lora_rank: int,
+           dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """[..., W] uint8 -> [..., C + R] latent in `dtype`."""
-    c, g = kv_lora_rank, num_scale_blocks(kv_lora_rank)
+    c, z = kv_lora_rank, num_scale_blocks(kv_lora_rank)
     q = _from_bytes(packed_BSW[..., :c], jnp.float8_e4m3fn)
-    scale = _from_bytes(packed_BSW[..., c : c + 4 * g], jnp.float32)
-    rope = _from_bytes(packed_BSW[..., c + 4 * g :], jnp.bfloat16)
+    scale = _from_bytes(packed_BSW[..., c : c + 4 * z], jnp.float32)
+    rope = _from_bytes(packed_BSW[..., c + 4 * z :], jnp.bfloat16)
     return jnp.concatenate([dequantize(q, scale, dtype), rope.astype(dtype)], axis=-1)
-
-
-def is_packed(cache: KVCache) -> bool:
-    return cache.latents[0].dtype == jnp.uint8
-
-
-def init_fp8_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
-    """An empty packed FP8 cache; same contract as `mla_moe.init_cache`."""
-    if max_length > config.max_position_embeddings:
-        raise ValueError(
-            f"max_length={max_length} exceeds max_position_embeddings="
-            f"{config.max_position_embeddings}"
-        )
-    width = packed_width(config.kv_lora_rank, config.qk_rope_head_dim)
-    latents = tuple(jnp.zeros((batch, max_length, width), jnp.uint8)
-                    for _ in range(config.num_hidden_layers))
-    return KVCache(latents=latents, lengths_B=jnp.zeros((batch,), jnp.int32))

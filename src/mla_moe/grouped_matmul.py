@@ -42,18 +42,22 @@ def block_rows(rows: int, groups: int) -> int:
 
 
 class Layout(NamedTuple):
-    """Where the M = T*K rows (t, k) go in a buffer of P = blocks * block rows grouped by
-    expert, each group padded to a multiple of `block` (block = 1: sorted, no padding)."""
+    """Where the M = T*K rows (t, k) go in a buffer of O blocks of `block` rows grouped by
+    expert, each group padded to a multiple of `block` (block = 1: sorted, no padding). The
+    buffer's slots are the M rows spread over whole blocks: O * block >= M of them.
 
-    dest_M: jax.Array  # [M] slot of each row; P for rows with no expert
-    src_P: jax.Array  # [P] row of each slot; M for padding
+    (O, the blocks, and b, the rows of one block, are this module's own letters.)"""
+
+    dest_M: jax.Array  # [M] slot of each row; O * block for rows with no expert
+    src_M: jax.Array  # [O * block] row of each slot; M for padding
     sizes_E: jax.Array  # [E] rows per expert
-    group_N: jax.Array  # [N] expert of each block
-    used: jax.Array  # () blocks holding rows; the rest of the N are padding
+    group_O: jax.Array  # [O] expert of each block
+    used: jax.Array  # () blocks holding rows; the rest of the O are padding
 
     @property
     def block(self) -> int:
-        return self.src_P.shape[0] // self.group_N.shape[0]
+        """Rows per block."""
+        return self.src_M.shape[0] // self.group_O.shape[0]
 
 
 def layout(experts_TK: jax.Array, groups: int, block: int) -> Layout:
@@ -74,46 +78,65 @@ def layout(experts_TK: jax.Array, groups: int, block: int) -> Layout:
     padded_E = (sizes_E + block - 1) // block * block
     padded_ends_E = jnp.cumsum(padded_E)
     num_blocks = -(-(m + groups * (block - 1)) // block)  # static bound on the padded blocks
-    p = num_blocks * block
+    slots = num_blocks * block
     dest_M = jnp.where(valid_TK, padded_ends_E[e_safe_TK] - padded_E[e_safe_TK] + rank_TK,
-                       p).reshape(m).astype(jnp.int32)
-    src_P = jnp.full((p,), m, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32),
+                       slots).reshape(m).astype(jnp.int32)
+    src_M = jnp.full((slots,), m, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32),
                                                          mode="drop")
-    group_N = jnp.minimum(jnp.searchsorted(padded_ends_E, jnp.arange(num_blocks) * block,
+    group_O = jnp.minimum(jnp.searchsorted(padded_ends_E, jnp.arange(num_blocks) * block,
                                            side="right"), groups - 1).astype(jnp.int32)
-    return Layout(dest_M, src_P, sizes_E, group_N, padded_ends_E[-1] // block)
+    return Layout(dest_M, src_M, sizes_E, group_O, padded_ends_E[-1] // block)
 
 
-def _gather(a_TX, idx_b):
+def capacity_slots(group_M: jax.Array, affinity_M: jax.Array, groups: int,
+                   capacity: int) -> jax.Array:
+    """Slot of each of M assignments in a buffer of `groups` x `capacity` rows (int32 [M]).
+
+    Within its group, an assignment's rank orders the group by affinity (highest first, ties by
+    assignment order); rank r < capacity goes to slot group * capacity + r, the rest are
+    dropped: slot groups * capacity, one past the buffer (append a row there to catch them).
+    """
+    m = group_M.shape[0]
+    order_M = jnp.lexsort((-affinity_M, group_M))  # by group, then best first
+    group_sizes = jnp.zeros((groups,), jnp.int32).at[group_M].add(1)
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    rank_sorted_M = jnp.arange(m) - group_starts[group_M[order_M]]
+    rank_M = jnp.zeros((m,), jnp.int32).at[order_M].set(rank_sorted_M.astype(jnp.int32))
+    return jnp.where(rank_M < capacity, group_M * capacity + rank_M, groups * capacity)
+
+
+def _gather(a, idx):
     """Rows idx of a; rows past the end (padding / no row) read as 0."""
-    return a_TX.at[idx_b].get(mode="fill", fill_value=0)
+    return a.at[idx].get(mode="fill", fill_value=0)
 
 
 @jax.custom_vjp
-def permute_rows(x_AD: jax.Array, idx_B: jax.Array, inv_A: jax.Array) -> jax.Array:
-    """y[b] = x[idx[b]] (0 where idx[b] is out of range), for `idx` and `inv` mutually
-    inverse partial bijections; the gradient is the inverse gather g[inv[a]]."""
-    return _gather(x_AD, idx_B)
+def permute_rows(x: jax.Array, idx: jax.Array, inv: jax.Array) -> jax.Array:
+    """y[i] = x[idx[i]] (0 where idx[i] is out of range), for `idx` and `inv` mutually
+    inverse partial bijections; the gradient is the inverse gather g[inv[j]]. x: [rows, ...];
+    idx: [rows out] int; inv: [rows] int."""
+    return _gather(x, idx)
 
 
-def _permute_fwd(x_AD, idx_B, inv_A):
-    return permute_rows(x_AD, idx_B, inv_A), (idx_B, inv_A)
+def _permute_fwd(x, idx, inv):
+    return permute_rows(x, idx, inv), (idx, inv)
 
 
-def _permute_bwd(res, g_BD):
-    idx_B, inv_A = res
-    return _gather(g_BD, inv_A), None, None
+def _permute_bwd(res, ct):
+    idx, inv = res
+    return _gather(ct, inv), None, None
 
 
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
-def _expert(w_EXY, g):
-    return jax.lax.dynamic_index_in_dim(w_EXY, g, keepdims=False)
+def _expert(w, g):
+    """Expert g's slice of a per-expert array w [E, ...]."""
+    return jax.lax.dynamic_index_in_dim(w, g, keepdims=False)
 
 
-def _add_expert(acc_EXY, g, update_XY):
-    return jax.lax.dynamic_update_index_in_dim(acc_EXY, _expert(acc_EXY, g) + update_XY, g, 0)
+def _add_expert(acc, g, update):
+    return jax.lax.dynamic_update_index_in_dim(acc, _expert(acc, g) + update, g, 0)
 
 
 def _dot(a, b):
@@ -136,7 +159,7 @@ def _scan_used(step, init, lay: Layout, skip_out, per_block=(), *, operands=()):
 
     Inside `shard_map`, the zeros `init` and `skip_out` are marked as varying over the mesh
     axes that `operands` (every array `step` reads) vary over, as the step's results are."""
-    n, block = lay.group_N.shape[0], lay.block
+    blocks, block = lay.group_O.shape[0], lay.block
     axes = tuple(sorted(set().union(*(_vma(a) for a in (*operands, *lay)))))
     if axes:
         def vary(z):
@@ -149,8 +172,8 @@ def _scan_used(step, init, lay: Layout, skip_out, per_block=(), *, operands=()):
         i, *args = inputs
         return jax.lax.cond(i < lay.used, step, lambda c, *_: (c, skip_out), carry, *args)
 
-    return jax.lax.scan(body, init, (jnp.arange(n), lay.src_P.reshape(n, block), lay.group_N,
-                                     *per_block))
+    return jax.lax.scan(body, init, (jnp.arange(blocks), lay.src_M.reshape(blocks, block),
+                                     lay.group_O, *per_block))
 
 
 def _project(x_bD, ins, g):
@@ -177,32 +200,32 @@ def _blocked_fwd(x_TD, weights_M, lay, ins, down_EFD):
     def step(y_TD, rows_b, g):
         tok_b = rows_b // k  # padding rows (== M) -> T: out of range, read as 0, dropped
         x_bD = _gather(x_TD, tok_b)
-        au_bH = _project(x_bD, ins, g)
-        h_bF = (jax.nn.silu(au_bH[:, :f]) * au_bH[:, f:]).astype(x_TD.dtype)
+        au_b2F = _project(x_bD, ins, g)
+        h_bF = (jax.nn.silu(au_b2F[:, :f]) * au_b2F[:, f:]).astype(x_TD.dtype)
         y_bD = _dot(h_bF, _expert(down_EFD, g)) * _gather(weights_M, rows_b)[:, None]
-        return y_TD.at[tok_b].add(y_bD, mode="drop"), au_bH
+        return y_TD.at[tok_b].add(y_bD, mode="drop"), au_b2F
 
-    y_TD, au_NbH = _scan_used(step, jnp.zeros((t, d), jnp.float32), lay,
+    y_TD, au_Ob2F = _scan_used(step, jnp.zeros((t, d), jnp.float32), lay,
                               jnp.zeros((lay.block, 2 * f), jnp.float32),
                               operands=(x_TD, weights_M, *ins, down_EFD))
-    return y_TD, (x_TD, weights_M, lay, ins, down_EFD, au_NbH)
+    return y_TD, (x_TD, weights_M, lay, ins, down_EFD, au_Ob2F)
 
 
 def _blocked_bwd(res, dy_TD):
     """The same scan backwards in one pass: dx and dw per block, dW accumulated per expert
     in place (the autodiff of the forward would add a full [E, D, F] array per block)."""
-    x_TD, weights_M, lay, ins, down_EFD, au_NbH = res
+    x_TD, weights_M, lay, ins, down_EFD, au_Ob2F = res
     t, d = x_TD.shape
     k = weights_M.shape[0] // t
     f = down_EFD.shape[1]
     dt = x_TD.dtype
     cols = [(0, 2 * f)] if len(ins) == 1 else [(0, f), (f, 2 * f)]
 
-    def step(carry, rows_b, g, au_bH):
+    def step(carry, rows_b, g, au_b2F):
         dx_TD, dins, ddown = carry
         tok_b = rows_b // k
         x_bD, dy_bD, w_b = _gather(x_TD, tok_b), _gather(dy_TD, tok_b), _gather(weights_M, rows_b)
-        a_bF, u_bF = au_bH[:, :f], au_bH[:, f:]
+        a_bF, u_bF = au_b2F[:, :f], au_b2F[:, f:]
         sig_bF = jax.nn.sigmoid(a_bF)
         silu_bF = a_bF * sig_bF
         h_bF = (silu_bF * u_bF).astype(dt)
@@ -211,9 +234,9 @@ def _blocked_bwd(res, dy_TD):
         dw_b = jnp.sum(h_bF * dhu_bF, axis=-1)
         dh_bF = dhu_bF * w_b[:, None]
         ddown = _add_expert(ddown, g, _dot(h_bF.T, (dy_bD * w_b[:, None]).astype(dt)))
-        dau_bH = jnp.concatenate([dh_bF * u_bF * sig_bF * (1 + a_bF * (1 - sig_bF)),
+        dau_b2F = jnp.concatenate([dh_bF * u_bF * sig_bF * (1 + a_bF * (1 - sig_bF)),
                                   dh_bF * silu_bF], axis=-1).astype(dt)
-        dau = [dau_bH[:, lo:hi] for lo, hi in cols]  # one per operand in `ins`
+        dau = [dau_b2F[:, lo:hi] for lo, hi in cols]  # one per operand in `ins`
         dins = tuple(_add_expert(acc, g, _dot(x_bD.T, da)) for acc, da in zip(dins, dau))
         dx_bD = sum(_dot(da, _expert(w, g).T) for da, w in zip(dau, ins))
         return (dx_TD.at[tok_b].add(dx_bD, mode="drop"), dins, ddown), dw_b
@@ -221,10 +244,10 @@ def _blocked_bwd(res, dy_TD):
     init = (jnp.zeros((t, d), jnp.float32),
             tuple(jnp.zeros(w.shape, jnp.float32) for w in ins),
             jnp.zeros(down_EFD.shape, jnp.float32))
-    (dx_TD, dins, ddown), dw_Nb = _scan_used(
-        step, init, lay, jnp.zeros((lay.block,), jnp.float32), (au_NbH,),
-        operands=(x_TD, dy_TD, weights_M, *ins, down_EFD, au_NbH))
-    dweights_M = _gather(dw_Nb.reshape(-1), lay.dest_M)
+    (dx_TD, dins, ddown), dw_Ob = _scan_used(
+        step, init, lay, jnp.zeros((lay.block,), jnp.float32), (au_Ob2F,),
+        operands=(x_TD, dy_TD, weights_M, *ins, down_EFD, au_Ob2F))
+    dweights_M = _gather(dw_Ob.reshape(-1), lay.dest_M)
     dx_TD, dweights_M, ddown = (_like(ct, p) for ct, p in
                                 zip((dx_TD, dweights_M, ddown), (x_TD, weights_M, down_EFD)))
     dins = tuple(_like(ct, p) for ct, p in zip(dins, ins))
@@ -246,18 +269,18 @@ def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
     t, d = x_TD.shape
     k = weights_M.shape[0] // t
     x_MD = jnp.broadcast_to(x_TD[:, None, :], (t, k, d)).reshape(t * k, d)
-    x_PD = permute_rows(x_MD, lay.src_P, lay.dest_M)
+    xs_MD = permute_rows(x_MD, lay.src_M, lay.dest_M)
 
     # Products come out in the activation dtype (the MXU accumulates in f32 regardless): f32
     # [rows, D] outputs and their cotangents were the largest buffers of an expert-parallel
     # V3 step. SiLU and the gating product run in f32.
     def rdot(a, w):
-        return jax.lax.ragged_dot(a, w, lay.sizes_E, preferred_element_type=x_PD.dtype)
+        return jax.lax.ragged_dot(a, w, lay.sizes_E, preferred_element_type=xs_MD.dtype)
 
     f32 = jnp.float32
-    h_PF = jax.nn.silu(rdot(x_PD, gate_EDF).astype(f32)) * rdot(x_PD, up_EDF).astype(f32)
-    y_PD = rdot(h_PF.astype(x_PD.dtype), down_EFD)
-    y_TKD = permute_rows(y_PD, lay.dest_M, lay.src_P).reshape(t, k, d)
+    hs_MF = jax.nn.silu(rdot(xs_MD, gate_EDF).astype(f32)) * rdot(xs_MD, up_EDF).astype(f32)
+    ys_MD = rdot(hs_MF.astype(xs_MD.dtype), down_EFD)
+    y_TKD = permute_rows(ys_MD, lay.dest_M, lay.src_M).reshape(t, k, d)
     if k == 1:  # elementwise, so that XLA fuses it with the producer and any later cast
         return y_TKD[:, 0].astype(f32) * weights_M[:, None]
     return jnp.einsum("TKD,TK->TD", y_TKD, weights_M.reshape(t, k),
@@ -265,6 +288,7 @@ def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
 
 
 def default_implementation() -> str:
+    """"ragged_dot" when compiling for TPU, else "blocked"."""
     return "ragged_dot" if target_platform() == "tpu" else "blocked"
 
 

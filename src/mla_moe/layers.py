@@ -1,8 +1,24 @@
 """Small building blocks: parameter creation with logical axes, RMSNorm, SwiGLU.
 
-Legend (shared by all model files): B batch, T query length, S key length, D model dim,
-N heads, H qk head dim (no rope), R rope dim, V value head dim, C kv latent rank,
-Q q latent rank, E experts, K top-k, F ffn hidden, G expert groups, X expert capacity.
+Legend, the one for the whole library (array names end in these letters, e.g. `x_BTD`), one
+meaning per letter:
+
+  B batch                         E experts (local ones inside an expert-parallel shard)
+  T query length (tokens)         K experts per token (top-k)
+  S key length / cache slots      G expert groups
+  D model dim                     J groups kept per token (topk_group)
+  N heads                         F ffn hidden
+  H qk head dim without rope      X expert capacity (buffer rows per expert)
+  R rope dim                      M token-expert assignments (T * K)
+  A qk head dim with rope (H + R) P expert-parallel shards
+  V value head dim                I MTP modules (depth)
+  C kv latent rank                U vocabulary
+  L latent cache width (C + R)    W packed bytes of an FP8 cache slot
+  Q q latent rank                 Z FP8 scale blocks of a cache slot
+  Y query rows of the latent kernel (T * N, all heads sharing one key stream)
+
+Inside a kernel, T and S are also the query and key lengths of one block, and 1 a kept unit
+axis (`m_T1`).
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ from pallas_kernels.dispatch import target_platform
 
 
 def dtype_of(name: str) -> jnp.dtype:
+    """The jnp dtype named by a config string ("float32", "bfloat16", ...)."""
     return jnp.dtype(name)
 
 
@@ -83,6 +100,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned [dim] scale (initialised to 1); see `rms_norm`."""
+
     def __init__(self, dim: int, eps: float, *, config: ModelConfig, rngs: nnx.Rngs,
                  axis: str = "norm"):
         self.eps = eps

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 
 
 def cross_entropy(
-    logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None
+    logits_BTU: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (sum of weighted token losses, sum of weights), both float32 scalars."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    logits_BTU = logits_BTU.astype(jnp.float32)
+    logz_BT = jax.nn.logsumexp(logits_BTU, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTU, targets_BT[..., None], axis=-1)[..., 0]
     nll_BT = logz_BT - target_logit_BT
     if weights_BT is None:
         weights_BT = jnp.ones_like(nll_BT)
@@ -21,19 +21,19 @@ def cross_entropy(
 
 
 def mtp_loss(
-    mtp_logits_KBTV: jax.Array,
+    mtp_logits_IBTU: jax.Array,
     tokens_BT: jax.Array,
     segment_ids_BT: jax.Array | None = None,
     weights_BT: jax.Array | None = None,
 ) -> jax.Array:
-    """Mean over the K modules of L^k; module k at position i predicts token i + k + 1.
+    """Mean over the I MTP modules of L^k; module k at position i predicts token i + k + 1.
 
     Positions whose target lies past the end, in another segment, or has zero weight are
     excluded. Multiply by `config.mtp_loss_weight` (lambda) before adding to the main loss.
     """
-    num_k, _, t, _ = mtp_logits_KBTV.shape
+    num_i, _, t, _ = mtp_logits_IBTU.shape
     total = jnp.zeros((), jnp.float32)
-    for k in range(1, num_k + 1):
+    for k in range(1, num_i + 1):
         shift = k + 1
         targets_BT = jnp.pad(tokens_BT[:, shift:], ((0, 0), (0, shift)))
         valid_BT = jnp.broadcast_to(jnp.arange(t)[None, :] < t - shift, tokens_BT.shape)
@@ -44,6 +44,6 @@ def mtp_loss(
         if weights_BT is not None:
             w_target = jnp.pad(weights_BT[:, shift:], ((0, 0), (0, shift)))
             valid_BT = valid_BT & (w_target > 0)
-        loss_sum, count = cross_entropy(mtp_logits_KBTV[k - 1], targets_BT, valid_BT)
+        loss_sum, count = cross_entropy(mtp_logits_IBTU[k - 1], targets_BT, valid_BT)
         total = total + loss_sum / jnp.maximum(count, 1.0)
-    return total / num_k
+    return total / num_i

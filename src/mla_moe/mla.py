@@ -1,5 +1,10 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3), naive and absorbed forms behind one module.
 
+`MLA.naive` / `MLA.absorbed` say how keys and values come from the latent; each takes the
+attention itself as a function (XLA in attention.py, or a Pallas kernel per shard), and
+`_self_attention` / `_cached_attention` pick it. How the cache stores an entry (bf16 or FP8)
+and how new entries are written in place is cache.py's.
+
 Legend: see layers.py. Weight layout ([in, ..., out], einsum-ready):
   wq_DNA or (wq_a_DQ, q_norm, wq_b_QNA)   A = H + R (nope first, then rope, per head)
   wkv_a_DK  K = C + R (latent first, then the shared rope key)
@@ -8,12 +13,15 @@ Legend: see layers.py. Weight layout ([in, ..., out], einsum-ready):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe import attention as attn
-from mla_moe import fp8_cache, sharding
+from mla_moe import sharding
+from mla_moe.cache import LatentCodec, write_entries
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, dense, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
@@ -55,19 +63,60 @@ _HEADS = ("batch", None, "act_heads", None)  # [B, T, N, *] per-head kernel oper
 _SHARED = ("batch", None, None)  # [B, S, *] one row per token for all heads
 
 
-def _after(x, dep):
-    """`x` unchanged, with a data dependency on `dep`: adds 0 x dep[0...0] with a NaN made 0,
-    which is 0 for every value. It orders the in-place cache write after the attention has
-    read the cache, so XLA does not copy the whole cache (an optimization_barrier does not
-    give XLA that ordering)."""
-    zero = jnp.nan_to_num(dep.reshape(-1)[0].astype(jnp.float32) * 0.0, nan=0.0)
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        return x | zero.astype(x.dtype)
-    return x + zero.astype(x.dtype)
+def _naive_kernel(implementation: str, sm_scale: float, segment_ids_BT: jax.Array | None):
+    """The naive form's causal attention on the Pallas kernel, per shard:
+    attend(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV) -> o_BTNV."""
+    import pallas_kernels  # the second package of this repository
+
+    def kernel(q_nope, q_pe, k_nope, k_pe, v, *seg):
+        return pallas_kernels.mla_attention(
+            q_nope, q_pe, k_nope, k_pe, v, sm_scale=sm_scale, causal=True,
+            segment_ids=seg[0] if seg else None, implementation=implementation)
+
+    segs = () if segment_ids_BT is None else (segment_ids_BT,)
+
+    def attend(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV):
+        return _on_shards(
+            kernel, (q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *segs),
+            (_HEADS, _HEADS, _HEADS, _SHARED, _HEADS) + (("batch", None),) * len(segs), _HEADS)
+
+    return attend
+
+
+def _absorbed_cache_kernel(implementation: str, sm_scale: float, kv_BSK: jax.Array,
+                           lengths_B: jax.Array):
+    """The absorbed form's attention over a cache that already holds the T new entries (at
+    slots lengths_B .. lengths_B + T - 1), on the Pallas kernel, per shard:
+    attend(q_latent_BTNC, q_pe_BTNR) -> o_latent_BTNC."""
+    import pallas_kernels
+
+    def attend(q_latent_BTNC, q_pe_BTNR):
+        t = q_latent_BTNC.shape[1]
+
+        def kernel(q_latent, q_pe, kv, lengths):  # kv: the whole entry [B, S, C + R]
+            return pallas_kernels.latent_attention_cache(
+                q_latent, q_pe, kv, lengths_B=lengths + t, sm_scale=sm_scale, causal=True,
+                implementation=implementation)
+
+        return _on_shards(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSK, lengths_B),
+                          (_HEADS, _HEADS, _SHARED, ("batch",)), _HEADS)
+
+    return attend
 
 
 class MLA(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    """Multi-head Latent Attention: x [B, T, D] -> (out [B, T, D], the updated cache or None).
+
+    Reads hidden_size, num_attention_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+    qk_rope_head_dim, v_head_dim, rope_theta / rope_scaling, attention_impl,
+    decode_attention, initializer_range, param_dtype. Standalone:
+
+        mla = MLA(config, rngs=nnx.Rngs(0))
+        out_BTD, _ = mla(x_BTD)  # causal self-attention, positions 0..T-1
+        out_BTD, cache_BSW = mla(x_BTD, cache_BSK=cache.latents[0], lengths_B=cache.lengths_B)
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
         self.config = config
         c = config
         d, n, std, pd = c.hidden_size, c.num_attention_heads, c.initializer_range, c.param_dtype
@@ -92,7 +141,8 @@ class MLA(nnx.Module):
                             stddev=std)
 
     # --- projections -------------------------------------------------------------------------
-    def queries(self, x_BTD, positions_BT):
+    def queries(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(q_nope [B, T, N, H], q_pe [B, T, N, R] roped at `positions_BT`)."""
         c, dt = self.config, x_BTD.dtype
         if c.q_lora_rank is None:
             q_BTNA = dense(x_BTD, self.wq_DNA[...].astype(dt))
@@ -103,7 +153,7 @@ class MLA(nnx.Module):
         q_pe_BTNR = apply_rope(q_BTNA[..., c.qk_nope_head_dim :], positions_BT, c)
         return q_nope_BTNH, q_pe_BTNR
 
-    def latent(self, x_BTD, positions_BT):
+    def latent(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """The per-token cache entry [c_KV (normed); k_pe (roped)]: [B, T, C + R]."""
         c, dt = self.config, x_BTD.dtype
         kv_BTK = dense(x_BTD, self.wkv_a_DK[...].astype(dt))
@@ -111,11 +161,77 @@ class MLA(nnx.Module):
         k_pe_BTR = apply_rope(kv_BTK[..., c.kv_lora_rank :], positions_BT, c)
         return jnp.concatenate([c_BTC, k_pe_BTR], axis=-1)
 
+    # --- the two forms: how keys and values are formed from the latent -----------------------
+    def naive(self, q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSK: jax.Array,
+              attend: Callable[..., jax.Array]) -> jax.Array:
+        """Per-head keys and values decompressed from the latent kv_BSK, then
+        attend(q_nope, q_pe, k_nope_BSNH, k_pe_BSR, v_BSNV) -> o [B, T, N, V]."""
+        c, dt = self.config, q_nope_BTNH.dtype
+        c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
+        k_nope_BSNH = dense(c_BSC, self.wk_b_CNH[...].astype(dt))
+        v_BSNV = dense(c_BSC, self.wv_b_CNV[...].astype(dt))
+        return attend(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV)
+
+    def absorbed(self, q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array,
+                 attend: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+        """W_UK folded into the query, attend(q_latent_BTNC, q_pe) -> o_latent_BTNC over the
+        latent directly, then W_UV: o [B, T, N, V]."""
+        dt = q_nope_BTNH.dtype
+        q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, self.wk_b_CNH[...].astype(dt))
+        o_latent_BTNC = attend(q_latent_BTNC, q_pe_BTNR)
+        return jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, self.wv_b_CNV[...].astype(dt))
+
+    # --- attention without and with a cache --------------------------------------------------
+    def _self_attention(self, q_nope_BTNH, q_pe_BTNR, kv_BTK, segment_ids_BT, form):
+        """Causal attention of the T tokens over themselves (index order), per segment."""
+        c = self.config
+        scale, kernel = softmax_scale(c), _kernel_implementation(c)
+        b, t = kv_BTK.shape[:2]
+        if form == "naive" and kernel:
+            return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTK,
+                              _naive_kernel(kernel, scale, segment_ids_BT))
+        mask_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
+        if form == "naive":
+            return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTK,
+                              lambda *qkv: attn.naive_attention(*qkv, mask_BTS, scale))
+        return self.absorbed(q_nope_BTNH, q_pe_BTNR, lambda q, q_pe: attn.absorbed_attention(
+            q, q_pe, [(kv_BTK, mask_BTS)], scale))
+
+    def _cached_attention(self, q_nope_BTNH, q_pe_BTNR, latent_BTK, cache_BSW, lengths_B,
+                          form):
+        """Attention of the T new tokens over the cache's first lengths_B slots and themselves
+        (token t at slot lengths_B + t). Returns (o [B, T, N, V], the cache with the new
+        entries written)."""
+        c = self.config
+        scale, kernel = softmax_scale(c), _kernel_implementation(c)
+        codec = LatentCodec.of(cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype)
+        new_BTW = codec.write(latent_BTK)
+        b, t = latent_BTK.shape[:2]
+        s = cache_BSW.shape[1]
+        if form == "absorbed" and not kernel:
+            # Attends over the cache as it was plus the new entries (as stored), then writes
+            # them: the whole-cache read neither waits for nor copies the updated cache.
+            old_mask_BTS = jnp.broadcast_to(
+                jnp.arange(s)[None, None, :] < lengths_B[:, None, None], (b, t, s))
+            segments = [(codec.read(cache_BSW), old_mask_BTS),
+                        (codec.read(new_BTW), attn.causal_segment_mask(None, b, t))]
+            o_BTNV = self.absorbed(q_nope_BTNH, q_pe_BTNR, lambda q, q_pe: (
+                attn.absorbed_attention(q, q_pe, segments, scale)))
+            return o_BTNV, write_entries(cache_BSW, new_BTW, lengths_B, after=o_BTNV)
+        cache_BSW = write_entries(cache_BSW, new_BTW, lengths_B)
+        kv_BSK = codec.read(cache_BSW)
+        if form == "absorbed":
+            return self.absorbed(q_nope_BTNH, q_pe_BTNR, _absorbed_cache_kernel(
+                kernel, scale, kv_BSK, lengths_B)), cache_BSW
+        mask_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :], s)
+        return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BSK,
+                          lambda *qkv: attn.naive_attention(*qkv, mask_BTS, scale)), cache_BSW
+
     # --- forward -----------------------------------------------------------------------------
     def __call__(
         self,
         x_BTD: jax.Array,
-        positions_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache_BSK: jax.Array | None = None,
         lengths_B: jax.Array | None = None,
@@ -124,97 +240,29 @@ class MLA(nnx.Module):
         """Attention output [B, T, D] and the updated cache layer (or None).
 
         Without a cache: causal self-attention over the T tokens (index order), isolated per
-        segment. With a cache ([B, S, C + R]) and `lengths_B`: the T tokens are written at
-        slots lengths_B + t (in place) and attend to every slot <= their own.
+        segment. With a cache ([B, S, W], see cache.py) and `lengths_B`: the T tokens are
+        written at slots lengths_B + t (in place) and attend to every slot <= their own.
+        positions_BT: rope positions (default 0..T-1, or lengths_B + t with a cache).
+        form: "naive" or "absorbed" (default: naive without a cache, the config's
+        `decode_attention` with one).
         """
         c = self.config
-        dt = x_BTD.dtype
-        scale = softmax_scale(c)
+        b, t = x_BTD.shape[:2]
+        form = form or ("naive" if cache_BSK is None else c.decode_attention)
+        if form not in ("naive", "absorbed"):
+            raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
+        if positions_BT is None:
+            start_B = jnp.zeros((b,), jnp.int32) if cache_BSK is None else lengths_B
+            positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT)
         latent_BTK = self.latent(x_BTD, positions_BT)
-        b, t = x_BTD.shape[:2]
-        kernel = _kernel_implementation(c)
-        wk_b, wv_b = self.wk_b_CNH[...].astype(dt), self.wv_b_CNV[...].astype(dt)
-        form = form or ("naive" if cache_BSK is None else c.decode_attention)
-        # With a cache, the absorbed XLA path attends over the cache as it was plus the new
-        # entries (as stored) and writes them after the attention: the whole-cache read then
-        # neither waits for nor copies the updated cache. The other paths write first.
-        write_after = cache_BSK is not None and form == "absorbed" and not kernel
         if cache_BSK is None:
-            kv_BSK, mask_BTS = latent_BTK, attn.causal_segment_mask(segment_ids_BT, b, t)
-            segments = [(kv_BSK, mask_BTS)]
+            o_BTNV = self._self_attention(q_nope_BTNH, q_pe_BTNR, latent_BTK, segment_ids_BT,
+                                          form)
         else:
-            packed = cache_BSK.dtype == jnp.uint8  # FP8 latent cache, see fp8_cache.py
-
-            def read(w):  # stored entries -> the compute dtype
-                return fp8_cache.unpack(w, c.kv_lora_rank, dt) if packed else w.astype(dt)
-
-            new_BTW = (fp8_cache.pack(latent_BTK, c.kv_lora_rank) if packed
-                       else latent_BTK.astype(cache_BSK.dtype))
-
-            def write(w_BSW):
-                """Row b's T entries at slots lengths_B[b] + t, in place on the donated cache
-                (one dynamic_update_slice per row)."""
-                for i in range(b):
-                    w_BSW = jax.lax.dynamic_update_slice(w_BSW, new_BTW[i : i + 1],
-                                                         (i, lengths_B[i], 0))
-                return w_BSW
-
-            s = cache_BSK.shape[1]
-            if write_after:
-                old_mask_BTS = jnp.broadcast_to(
-                    jnp.arange(s)[None, None, :] < lengths_B[:, None, None], (b, t, s))
-                segments = [(read(cache_BSK), old_mask_BTS),
-                            (read(new_BTW), attn.causal_segment_mask(None, b, t))]
-            else:
-                cache_BSK = write(cache_BSK)
-                kv_BSK = read(cache_BSK)
-                mask_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :], s)
-
-        if form == "naive":
-            c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
-            k_nope_BSNH = dense(c_BSC, wk_b)
-            v_BSNV = dense(c_BSC, wv_b)
-            if cache_BSK is None and kernel:
-                import pallas_kernels  # the second package of this repository
-
-                def attend(q_nope, q_pe, k_nope, k_pe, v, *seg):
-                    return pallas_kernels.mla_attention(
-                        q_nope, q_pe, k_nope, k_pe, v, sm_scale=scale, causal=True,
-                        segment_ids=seg[0] if seg else None, implementation=kernel)
-
-                segs = () if segment_ids_BT is None else (segment_ids_BT,)
-                o_BTNV = _on_shards(
-                    attend, (q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *segs),
-                    (_HEADS, _HEADS, _HEADS, _SHARED, _HEADS) + (("batch", None),) * len(segs),
-                    _HEADS)
-            else:
-                o_BTNV = attn.naive_attention(
-                    q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, mask_BTS, scale
-                )
-        elif form == "absorbed":
-            q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, wk_b)
-            if cache_BSK is not None and kernel:
-                import pallas_kernels
-
-                def attend(q_latent, q_pe, kv, lengths):  # kv: the packed [B, S, C + R]
-                    return pallas_kernels.latent_attention_cache(
-                        q_latent, q_pe, kv, lengths_B=lengths + t, sm_scale=scale,
-                        causal=True, implementation=kernel)
-
-                o_latent_BTNC = _on_shards(
-                    attend, (q_latent_BTNC, q_pe_BTNR, kv_BSK, lengths_B),
-                    (_HEADS, _HEADS, _SHARED, ("batch",)), _HEADS)
-            else:
-                o_latent_BTNC = attn.absorbed_attention(q_latent_BTNC, q_pe_BTNR, segments,
-                                                        scale)
-            o_BTNV = jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, wv_b)
-        else:
-            raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
-        if write_after:
-            new_BTW = _after(new_BTW, o_latent_BTNC)
-            cache_BSK = write(cache_BSK)
+            o_BTNV, cache_BSK = self._cached_attention(q_nope_BTNH, q_pe_BTNR, latent_BTK,
+                                                       cache_BSK, lengths_B, form)
         o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
+        dt = x_BTD.dtype
         out_BTD = dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
         return out_BTD, cache_BSK
-

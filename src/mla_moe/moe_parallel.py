@@ -1,41 +1,44 @@
 """Expert-parallel routed experts: `jax.shard_map` over the mesh's `expert` axis.
 
-Legend: see layers.py; in a shard, T is the shard's tokens, E its local experts (E/EP), EP the
-size of the `expert` axis, X the per-destination buffer rows, M = T*K assignments.
+Legend: see layers.py; in a shard, T is the shard's tokens, E its local experts (E/P), P the
+size of the `expert` axis, X the per-destination buffer rows, M = T*K assignments, and x the rows
+of the ragged exchange's receive buffer (shared by every source: at most P * X when capped).
 
-Placement: expert e lives on expert shard e // (E/EP) (contiguous blocks, the "exp" -> expert
-rule). Routing (scores, top-k, the balance losses, token counts) is computed outside the
-shard_map on the logically global arrays, so it is identical to one device and its token
-counts are global (summed over every data shard) for the aux-loss-free bias update. Inside the
-shard_map the tokens are split over the `batch` rule's axes plus `expert`; expert weights are
-split over `expert` (and their hidden F over the `moe_mlp` axes, e.g. `tensor`, whose partial
+Placement: expert e lives on expert shard e // (E/P) (contiguous blocks, the "exp" -> expert
+rule; `router.expert_shards`). Routing (router.py: scores, top-k, device-limited selection;
+the balance losses and token counts in moe.py) is computed once, outside the shard_map, on
+the logically global arrays, so it is identical to one device and its token counts are global
+(summed over every data shard) for the aux-loss-free bias update. Inside the shard_map the
+tokens are split over the `batch` rule's axes plus `expert`; expert weights are split over
+`expert` (and their hidden F over the `moe_mlp` axes, e.g. `tensor`, whose partial
 down-projections are summed with `psum`); FSDP-sharded weight dims are gathered at the
 boundary.
 
-Dispatch (`config.moe_dispatch`):
+Token exchange (how each token reaches its experts' shards; the config field is
+`moe_dispatch`, the MoE's "dispatch", not the kernel backend choice of pallas_kernels):
 - all_to_all: each source shard packs its assignments per destination shard into a buffer of
   X rows, `all_to_all`, local grouped SwiGLU (`grouped_swiglu`), reverse `all_to_all`, combine.
-  Capacity semantics: X = min(ceil(dispatch_capacity_factor * T*K / EP), T * min(K, E/EP));
-  with `dispatch_capacity_factor=None`, X = T * min(K, E/EP), the most one source can send to
+  Capacity semantics: X = min(ceil(dispatch_capacity_factor * T*K / P), T * min(K, E/P));
+  with `dispatch_capacity_factor=None`, X = T * min(K, E/P), the most one source can send to
   one destination, so nothing is ever dropped. Otherwise, per (source shard, destination
   shard) pair, assignments are ranked by router score s (highest first, ties by token then
   slot k order) and those ranked >= X are dropped: they contribute nothing (the token keeps
   its other experts, the shared experts and the residual).
 - ragged_all_to_all: variable sizes via `lax.ragged_all_to_all` (TPU/GPU). With
   `dispatch_capacity_factor=None` it is dropless and the receive buffer is sized for the worst
-  case, R = EP * T * min(K, E/EP) rows (at V3 on 512 chips, 8192 tokens per chip: 512K rows,
-  7 GiB in bf16 and 14 GiB for the f32 expert outputs, per layer). Otherwise R =
-  min(worst case, ceil(dispatch_capacity_factor * T*K)), the same total as the all_to_all's EP
+  case, x = P * T * min(K, E/P) rows (at V3 on 512 chips, 8192 tokens per chip: 512K rows,
+  7 GiB in bf16 and 14 GiB for the f32 expert outputs, per layer). Otherwise x =
+  min(worst case, ceil(dispatch_capacity_factor * T*K)), the same total as the all_to_all's P
   buffers of X rows but shared by the sources: source s's chunk lands after those of sources
-  < s, and the rows past R are dropped (each source sends its best-scoring assignments
+  < s, and the rows past x are dropped (each source sends its best-scoring assignments
   first). XLA:CPU lacks the op, so on CPU this falls back to the dropless all_to_all path
   (logged once).
 - allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
-  them, `psum_scatter` back. No drops; good for small EP.
-- auto: on TPU/GPU, allgather for EP <= max(2, K) (it receives EP x the shard's tokens where
+  them, `psum_scatter` back. No drops; good for small P.
+- auto: on TPU/GPU, allgather for P <= max(2, K) (it receives P x the shard's tokens where
   the all-to-all receives K x), else ragged_all_to_all. On CPU always allgather: there the
   collectives are copies in one host's memory and the packed all-to-all costs 2-3x the
-  allgather's time at EP = 4 and 8 (bench/moe_dispatch.py).
+  allgather's time at P = 4 and 8 (bench/moe_dispatch.py).
 If the token count does not divide over the expert axis (e.g. one decode token), the tokens
 stay replicated over `expert` and the allgather computation runs without the gather.
 """
@@ -51,8 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from mla_moe import sharding
 from mla_moe.config import ModelConfig
-from mla_moe.grouped_matmul import grouped_swiglu
-from mla_moe.router import select_experts
+from mla_moe.grouped_matmul import capacity_slots, grouped_swiglu
 from pallas_kernels.dispatch import target_platform
 
 log = logging.getLogger(__name__)
@@ -63,55 +65,6 @@ def _log_once(msg: str) -> None:
     if msg not in _logged:
         _logged.add(msg)
         log.warning(msg)
-
-
-# --- placement and device-limited routing ------------------------------------------------------
-def expert_shards(config: ModelConfig) -> int:
-    """D: the mesh's expert-parallel degree when > 1, else `config.num_expert_devices`."""
-    ep = sharding.mesh_axis_size("expert")
-    return ep if ep > 1 else config.num_expert_devices
-
-
-def placement_config(config: ModelConfig) -> ModelConfig:
-    """`config` with expert_devices / device_limit set to the real placement (for the device
-    and communication balance losses)."""
-    d = expert_shards(config)
-    m = min(config.num_device_limit, d)
-    if d == config.num_expert_devices and m == config.num_device_limit:
-        return config
-    return config.replace(expert_devices=d, device_limit=m)
-
-
-def device_limit_mask(scores_TE, bias_E, config: ModelConfig) -> jax.Array | None:
-    """[T, E] additive mask (0 / -inf) keeping, per token, the M expert shards with the best
-    affinity (max over the shard's experts of s, plus the bias for noaux_tc); None if off."""
-    if not config.device_limited_routing or not config.n_routed_experts:
-        return None
-    e = config.n_routed_experts
-    d = expert_shards(config)
-    m = min(config.num_device_limit, d)
-    if d <= 1 or m >= d:
-        return None
-    if m * (e // d) < config.num_experts_per_tok:
-        raise ValueError(f"device_limit={m} shards of {e // d} experts cannot hold "
-                         f"num_experts_per_tok={config.num_experts_per_tok}")
-    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
-    shard_score_TD = choice_TE.reshape(-1, d, e // d).max(-1)
-    _, top_TM = jax.lax.top_k(shard_score_TD, m)
-    keep_TD = jnp.zeros(shard_score_TD.shape, bool).at[
-        jnp.arange(shard_score_TD.shape[0])[:, None], top_TM].set(True)
-    keep_TE = jnp.repeat(keep_TD, e // d, axis=-1)
-    return jnp.where(keep_TE, 0.0, -jnp.inf).astype(scores_TE.dtype)
-
-
-def device_limited_select(scores_TE, bias_E, config: ModelConfig):
-    """(experts_TK, weights_TK) with each token's experts on at most M shards, or None if the
-    limit is off. Gate weights stay s[idx]: the mask only enters the selection (as a bias)."""
-    mask_TE = device_limit_mask(scores_TE, bias_E, config)
-    if mask_TE is None:
-        return None
-    full_bias = mask_TE if bias_E is None else bias_E + mask_TE
-    return select_experts(scores_TE, full_bias, config)
 
 
 # --- the shard_map ----------------------------------------------------------------------------
@@ -128,13 +81,13 @@ def use_parallel(config: ModelConfig) -> bool:
     return True
 
 
-def resolve_dispatch(config: ModelConfig, ep: int, backend: str | None = None) -> str:
-    """The dispatch actually used: resolves `auto` and the CPU fallback of ragged_all_to_all."""
+def resolve_exchange(config: ModelConfig, ep: int, backend: str | None = None) -> str:
+    """The exchange actually used: resolves `auto` and the CPU fallback of ragged_all_to_all."""
     backend = backend or target_platform()
     kind = config.moe_dispatch
     if kind == "auto":
-        # Per shard, the gather receives ~EP x its tokens, the all-to-all ~K x: gather while
-        # EP <= K (it also skips the packing), all-to-all beyond. On CPU the volume is a
+        # Per shard, the gather receives ~P x its tokens, the all-to-all ~K x: gather while
+        # P <= K (it also skips the packing), all-to-all beyond. On CPU the volume is a
         # memory copy and the packing dominates: gather always.
         if backend not in ("tpu", "gpu") or ep <= max(2, config.num_experts_per_tok):
             return "allgather"
@@ -146,7 +99,7 @@ def resolve_dispatch(config: ModelConfig, ep: int, backend: str | None = None) -
     return kind
 
 
-def dispatch_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
+def exchange_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
     """X: rows per (source, destination) buffer for `tokens` tokens in a source shard."""
     k, e = config.num_experts_per_tok, config.n_routed_experts
     most = tokens * min(k, e // ep)
@@ -156,7 +109,7 @@ def dispatch_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
 
 
 def ragged_receive_rows(tokens: int, config: ModelConfig, ep: int) -> int:
-    """R: receive buffer rows of the ragged dispatch for `tokens` tokens per source shard."""
+    """x: receive buffer rows of the ragged exchange for `tokens` tokens per source shard."""
     k, e = config.num_experts_per_tok, config.n_routed_experts
     most = ep * tokens * min(k, e // ep)
     if config.dispatch_capacity_factor is None:
@@ -177,37 +130,37 @@ def _combine(y_MD, weights_TK):
     return jnp.einsum("TKD,TK->TD", y_MD.reshape(t, k, -1), weights_TK.astype(jnp.float32))
 
 
+def _local_and_destination(experts_TK, e_local):
+    """Per flat assignment m = t*K + k: (its expert's index on its shard, that shard)."""
+    flat_M = experts_TK.reshape(-1)
+    return flat_M % e_local, flat_M // e_local
+
+
 def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity):
-    """all_to_all dispatch with X = `capacity` rows per destination. Returns (y_TD, dropped)."""
+    """all_to_all exchange with X = `capacity` rows per destination (the best-scoring first,
+    `capacity_slots`). Returns (y_TD, dropped count)."""
     t, k = experts_TK.shape
     e_local = w[0].shape[0]
     d = x_TD.shape[-1]
     m = t * k
-    flat_M = experts_TK.reshape(-1)
-    dest_M = flat_M // e_local
-    order_M = jnp.lexsort((-affinity_TK.reshape(-1), dest_M))  # by dest, then best first
-    sizes_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
-    starts_P = jnp.cumsum(sizes_P) - sizes_P
-    rank_sorted = jnp.arange(m) - starts_P[dest_M[order_M]]
-    rank_M = jnp.zeros((m,), jnp.int32).at[order_M].set(rank_sorted.astype(jnp.int32))
-    keep_M = rank_M < capacity
-    slot_M = jnp.where(keep_M, dest_M * capacity + rank_M, ep * capacity)  # last row: trash
+    local_M, dest_M = _local_and_destination(experts_TK, e_local)
+    slot_M = capacity_slots(dest_M, affinity_TK.reshape(-1), ep, capacity)  # last row: trash
     send_PXD = jnp.zeros((ep * capacity + 1, d), x_TD.dtype).at[slot_M].set(
         x_TD[jnp.arange(m) // k])[:-1].reshape(ep, capacity, d)
     send_PX = jnp.full((ep * capacity + 1,), e_local, jnp.int32).at[slot_M].set(
-        flat_M % e_local)[:-1].reshape(ep, capacity)
+        local_M)[:-1].reshape(ep, capacity)
     if ep > 1:
         recv_PXD = jax.lax.all_to_all(send_PXD, "expert", 0, 0)
         recv_PX = jax.lax.all_to_all(send_PX, "expert", 0, 0)
     else:
         recv_PXD, recv_PX = send_PXD, send_PX
-    y_RD = _local_experts(recv_PXD.reshape(ep * capacity, d), recv_PX.reshape(-1), *w)
-    y_PXD = y_RD.reshape(ep, capacity, d)
+    y_PXD = _local_experts(recv_PXD.reshape(ep * capacity, d), recv_PX.reshape(-1),
+                           *w).reshape(ep, capacity, d)
     if ep > 1:
         y_PXD = jax.lax.all_to_all(y_PXD, "expert", 0, 0)
-    y_slots = jnp.concatenate([y_PXD.reshape(ep * capacity, d), jnp.zeros((1, d), y_RD.dtype)])
+    y_slots = jnp.concatenate([y_PXD.reshape(ep * capacity, d), jnp.zeros((1, d), y_PXD.dtype)])
     y_TD = _combine(y_slots[slot_M], weights_TK)
-    dropped = (m - keep_M.sum()).astype(jnp.float32)
+    dropped = (slot_M == ep * capacity).sum().astype(jnp.float32)
     return y_TD, dropped
 
 
@@ -233,44 +186,43 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather):
 
 
 def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
-    """Variable-size dispatch with `lax.ragged_all_to_all` (TPU/GPU only) into `recv_rows`
+    """Variable-size exchange with `lax.ragged_all_to_all` (TPU/GPU only) into `recv_rows`
     receive rows; assignments past them are dropped. Returns (y_TD, dropped)."""
     t, k = experts_TK.shape
     e_local = w[0].shape[0]
     d = x_TD.shape[-1]
     m = t * k
-    flat_M = experts_TK.reshape(-1)
-    dest_M = flat_M // e_local
+    local_M, dest_M = _local_and_destination(experts_TK, e_local)
     order_M = jnp.lexsort((-affinity_TK.reshape(-1), dest_M))  # by dest, then best first
     xs_MD = x_TD[order_M // k]
-    es_M1 = (flat_M % e_local)[order_M].astype(jnp.int32)[:, None]
+    es_M1 = local_M[order_M].astype(jnp.int32)[:, None]
     want_P = jnp.zeros((ep,), jnp.int32).at[dest_M].add(1)
     in_off_P = jnp.cumsum(want_P) - want_P
-    # want_SP[s, p]: rows shard s has for shard p (every shard's row of the matrix).
-    want_SP = jax.lax.all_gather(want_P, "expert", axis=0, tiled=False)
+    # want_PP[s, p]: rows shard s has for shard p (every shard's row of the matrix).
+    want_PP = jax.lax.all_gather(want_P, "expert", axis=0, tiled=False)
     # Receiver p stacks the chunks of sources 0, 1, ...; what passes its last row is dropped.
-    start_SP = jnp.cumsum(want_SP, axis=0) - want_SP
-    sizes_SP = jnp.clip(recv_rows - start_SP, 0, want_SP).astype(jnp.int32)
-    out_off_SP = jnp.minimum(start_SP, recv_rows).astype(jnp.int32)
+    start_PP = jnp.cumsum(want_PP, axis=0) - want_PP
+    sizes_PP = jnp.clip(recv_rows - start_PP, 0, want_PP).astype(jnp.int32)
+    out_off_PP = jnp.minimum(start_PP, recv_rows).astype(jnp.int32)
     me = jax.lax.axis_index("expert")
-    send_P, out_off_P = sizes_SP[me], out_off_SP[me]
-    recv_P = sizes_SP[:, me]
-    recv_RD = jax.lax.ragged_all_to_all(
+    send_P, out_off_P = sizes_PP[me], out_off_PP[me]
+    recv_P = sizes_PP[:, me]
+    recv_xD = jax.lax.ragged_all_to_all(
         xs_MD, jnp.zeros((recv_rows, d), x_TD.dtype), in_off_P, send_P, out_off_P, recv_P,
         axis_name="expert")
-    recv_R1 = jax.lax.ragged_all_to_all(
+    recv_x1 = jax.lax.ragged_all_to_all(
         es_M1, jnp.full((recv_rows, 1), e_local, jnp.int32), in_off_P, send_P, out_off_P,
         recv_P, axis_name="expert")
     # Back in the activation dtype: the receive buffer's f32 copies (outputs, their return
     # trip and its transpose) were the largest temporaries of V3's train step.
-    y_RD = _local_experts(recv_RD, recv_R1[:, 0], *w).astype(x_TD.dtype)
+    y_xD = _local_experts(recv_xD, recv_x1[:, 0], *w).astype(x_TD.dtype)
     # Reverse: my received chunk from source s starts at out_off[s -> me] and goes back to
     # offset in_off[s -> me] of s's send buffer; the dropped rows stay zero there.
-    back_in_off_P = out_off_SP[:, me]
-    in_off_SP = jax.lax.all_gather(in_off_P, "expert", axis=0, tiled=False)
-    back_out_off_P = in_off_SP[:, me]
+    back_in_off_P = out_off_PP[:, me]
+    in_off_PP = jax.lax.all_gather(in_off_P, "expert", axis=0, tiled=False)
+    back_out_off_P = in_off_PP[:, me]
     ys_MD = jax.lax.ragged_all_to_all(
-        y_RD, jnp.zeros((m, d), y_RD.dtype), back_in_off_P, recv_P, back_out_off_P, send_P,
+        y_xD, jnp.zeros((m, d), y_xD.dtype), back_in_off_P, recv_P, back_out_off_P, send_P,
         axis_name="expert")
     y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)
     dropped = (m - send_P.sum()).astype(jnp.float32)
@@ -288,8 +240,9 @@ def _token_axes(mesh, tokens: int, rules) -> tuple[tuple[str, ...], bool]:
     return tuple(axes), "expert" in axes
 
 
-def routed_experts(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, down_EFD,
-                   config: ModelConfig):
+def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array,
+                   affinity_TK: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array,
+                   down_EFD: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Expert-parallel routed-expert output under the active mesh: (y_TD f32, dropped count).
 
     x_TD: [T, D] all tokens of the call (global view); experts_TK/weights_TK/affinity_TK: the
@@ -314,7 +267,7 @@ def routed_experts(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, 
     f_spec = f_axes if f_axes else None
     e_spec = "expert" if ep > 1 else None
 
-    kind = resolve_dispatch(config, ep)
+    kind = resolve_exchange(config, ep)
     if not split_over_expert and ep > 1:
         if kind != "allgather":
             _log_once(f"{t} tokens do not divide over mesh.expert={ep}: tokens stay replicated "
@@ -331,8 +284,8 @@ def routed_experts(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, 
                                     ragged_receive_rows(t_shard, config, ep))
         else:
             if kind == "all_to_all":
-                capacity = dispatch_capacity(t_shard, config, ep)
-            else:  # ragged fallback, or EP = 1: never drop
+                capacity = exchange_capacity(t_shard, config, ep)
+            else:  # ragged fallback, or P = 1: never drop
                 capacity = t_shard * min(config.num_experts_per_tok, gate.shape[0])
             y_TD, dropped = _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity)
         if f_axes:  # F split over the tensor axes: the down-projections are partial sums

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from mla_moe.sharding import MESH_AXES, config_value
 DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 
 
-def dcn_shape(mesh_cfg) -> dict[str, int]:
+def dcn_shape(mesh_cfg: Mapping[str, Any]) -> dict[str, int]:
     """{"data": mesh.dcn_data, "fsdp": mesh.dcn_fsdp}, each a positive integer (default 1)."""
     out = {}
     for axis, field in DCN_FIELDS.items():

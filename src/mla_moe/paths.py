@@ -13,17 +13,17 @@ import os
 from etils import epath
 
 
-def is_url(path) -> bool:
+def is_url(path: str | os.PathLike) -> bool:
     """A `scheme://...` location (gs://, s3://, file://) rather than a local path."""
     return "://" in str(path)
 
 
-def resolve(path) -> epath.Path:
+def resolve(path: str | os.PathLike) -> epath.Path:
     """`path` as an epath.Path; a local one made absolute."""
     return epath.Path(str(path) if is_url(path) else os.path.abspath(path))
 
 
-def kvstore(path) -> dict | str:
+def kvstore(path: str | os.PathLike) -> dict | str:
     """A tensorstore kvstore for the directory `path`: a URL as tensorstore spells it, a local
     path through the file driver."""
     if is_url(path):

@@ -1,6 +1,6 @@
 """Next-token selection: greedy, or temperature / top-k / top-p sampling from a seeded key.
 
-Legend: B batch, V vocabulary.
+Legend: see layers.py (B batch, U vocabulary).
 """
 
 from __future__ import annotations
@@ -36,35 +36,36 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
+        """Whether this picks the argmax (temperature 0 or top_k 1), ignoring the key."""
         return self.temperature == 0 or self.top_k == 1
 
 
 GREEDY = Sampling(temperature=0.0)
 
 
-def filter_logits(logits_BV: jax.Array, sampling: Sampling) -> jax.Array:
+def filter_logits(logits_BU: jax.Array, sampling: Sampling) -> jax.Array:
     """Tempered float32 logits with the tokens outside top-k / top-p set to -inf."""
-    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
-    vocab = logits_BV.shape[-1]
+    logits_BU = logits_BU.astype(jnp.float32) / sampling.temperature
+    vocab = logits_BU.shape[-1]
     if 0 < sampling.top_k < vocab:
-        kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, _NEG, logits_BV)
+        kth_B1 = jax.lax.top_k(logits_BU, sampling.top_k)[0][:, -1:]
+        logits_BU = jnp.where(logits_BU < kth_B1, _NEG, logits_BU)
     if sampling.top_p < 1:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        sorted_BU = jnp.sort(logits_BU, axis=-1)[:, ::-1]
+        probs_BU = jax.nn.softmax(sorted_BU, axis=-1)
         # A token is kept if the mass strictly before it is still below p (so the most likely
         # token always survives); the threshold is the smallest kept logit.
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        kept_BV = before_BV < sampling.top_p
-        threshold_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV < threshold_B1, _NEG, logits_BV)
-    return logits_BV
+        before_BU = jnp.cumsum(probs_BU, axis=-1) - probs_BU
+        kept_BU = before_BU < sampling.top_p
+        threshold_B1 = jnp.min(jnp.where(kept_BU, sorted_BU, jnp.inf), axis=-1, keepdims=True)
+        logits_BU = jnp.where(logits_BU < threshold_B1, _NEG, logits_BU)
+    return logits_BU
 
 
-def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling | None) -> jax.Array:
+def sample(logits_BU: jax.Array, key: jax.Array, sampling: Sampling | None) -> jax.Array:
     """int32 [B] next tokens; `sampling=None` (or temperature 0) is greedy and ignores `key`."""
     if sampling is None or sampling.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits_BV, sampling), axis=-1).astype(
+        return jnp.argmax(logits_BU, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits_BU, sampling), axis=-1).astype(
         jnp.int32
     )

@@ -27,6 +27,9 @@ Typical use:
     with use_mesh(mesh):                       # jax.set_mesh + the rules
         model = init_sharded(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(0)), mesh)
         step = jax.jit(train_step, in_shardings=(state_shardings(state, mesh), ...))
+
+For inference, `on_mesh(model, mesh)` places a model's weights by the same rules and
+`place_cache(cache, mesh)` splits a latent cache over the batch axes.
 """
 
 from __future__ import annotations
@@ -35,15 +38,21 @@ import contextlib
 import contextvars
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+if TYPE_CHECKING:
+    from mla_moe.config import ModelConfig
+
 log = logging.getLogger(__name__)
+
+# A concrete mesh, or the abstract one that `jax.set_mesh` makes visible while tracing.
+MeshLike = jax.sharding.Mesh | jax.sharding.AbstractMesh
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -132,7 +141,8 @@ def current_rules() -> Rules:
 
 
 @contextlib.contextmanager
-def use_rules(rules: Rules | Mapping[str, Any] | None):
+def use_rules(rules: Rules | Mapping[str, Any] | None) -> Iterator[None]:
+    """Model code traced inside sees `rules` (a table or overrides of the defaults)."""
     token = _RULES.set(rules if isinstance(rules, Rules) or rules is None else make_rules(rules))
     try:
         yield
@@ -141,21 +151,22 @@ def use_rules(rules: Rules | Mapping[str, Any] | None):
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: jax.sharding.Mesh, rules: Rules | Mapping[str, Any] | None = None):
+def use_mesh(mesh: jax.sharding.Mesh, rules: Rules | Mapping[str, Any] | None = None
+             ) -> Iterator[jax.sharding.Mesh]:
     """`jax.set_mesh(mesh)` plus the rules: model code traced inside sees both."""
     with jax.set_mesh(mesh), use_rules(rules):
         yield mesh
 
 
 # --- the mesh ---------------------------------------------------------------------------------
-def config_value(cfg, name, default=None):
+def config_value(cfg: Any, name: str, default: Any = None) -> Any:
     """`cfg.name` of a mapping, ml_collections ConfigDict or object; `default` if absent."""
     if isinstance(cfg, Mapping):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     """Resolves `mesh.{data,fsdp,expert,tensor}` (-1: the remaining devices; missing: 1)."""
     sizes = {}
     for a in MESH_AXES:
@@ -181,7 +192,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def validate_mesh(sizes: Mapping[str, int], config) -> None:
+def validate_mesh(sizes: Mapping[str, int], config: ModelConfig) -> None:
     """Checks that the model's sharded dimensions divide by their mesh axes (no compile)."""
     c = config
     checks = [("tensor", "num_attention_heads", c.num_attention_heads)]
@@ -215,7 +226,8 @@ def validate_mesh(sizes: Mapping[str, int], config) -> None:
                 )
 
 
-def make_mesh(mesh_cfg, devices=None, *, config=None) -> jax.sharding.Mesh:
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, *,
+              config: ModelConfig | None = None) -> jax.sharding.Mesh:
     """A `(data, fsdp, expert, tensor)` mesh over `devices` (default: all, every process).
 
     mesh_cfg: a mapping or object with integer `data`, `fsdp`, `expert`, `tensor` (-1 = the
@@ -241,7 +253,7 @@ def make_mesh(mesh_cfg, devices=None, *, config=None) -> jax.sharding.Mesh:
                              MESH_AXES, axis_types=axis_types)
 
 
-def active_mesh():
+def active_mesh() -> jax.sharding.AbstractMesh | None:
     """The mesh set by `jax.set_mesh` / `use_mesh` (abstract), or None without one."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.shape or math.prod(mesh.shape.values()) == 1:
@@ -249,7 +261,8 @@ def active_mesh():
     return mesh
 
 
-def mesh_axis_size(name: str, mesh=None) -> int:
+def mesh_axis_size(name: str, mesh: MeshLike | None = None) -> int:
+    """Size of mesh axis `name` (1 without a mesh or without that axis)."""
     mesh = active_mesh() if mesh is None else mesh
     return 1 if mesh is None else dict(mesh.shape).get(name, 1)
 
@@ -258,7 +271,8 @@ def mesh_axis_size(name: str, mesh=None) -> int:
 _warned: set[str] = set()
 
 
-def logical_to_spec(names, shape, mesh, rules: Rules | None = None, *, what: str = "array",
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: MeshLike,
+                    rules: Rules | None = None, *, what: str = "array",
                     strict: bool = True) -> P:
     """The PartitionSpec of an array with logical axis `names` and `shape` on `mesh`.
 
@@ -302,7 +316,8 @@ def _names_of(variable) -> tuple | None:
     return tuple(names)
 
 
-def variable_sharding(variable, mesh, rules: Rules | None = None, *, what: str = "parameter"
+def variable_sharding(variable: nnx.Variable, mesh: jax.sharding.Mesh,
+                      rules: Rules | None = None, *, what: str = "parameter"
                       ) -> NamedSharding:
     """The NamedSharding of an (abstract or concrete) `nnx.Variable` from its logical names."""
     names = _names_of(variable)
@@ -320,7 +335,8 @@ def _path_str(path) -> str:
                     for k in path)
 
 
-def state_shardings(abstract_state, mesh, rules: Rules | None = None):
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules | None = None
+                    ) -> Any:
     """Shardings for every leaf of a pytree holding `nnx.Variable`s (an nnx.State, a train
     state dict with params / optimizer moments, ...): a Variable's leaf from its logical names,
     any other leaf (step counters, ...) replicated. Same tree structure as the input."""
@@ -337,7 +353,8 @@ def state_shardings(abstract_state, mesh, rules: Rules | None = None):
     )
 
 
-def partition_specs(abstract_state, mesh, rules: Rules | None = None) -> dict[str, P]:
+def partition_specs(abstract_state: nnx.State, mesh: jax.sharding.Mesh,
+                    rules: Rules | None = None) -> dict[str, P]:
     """{'dotted.path': PartitionSpec} for every Variable of an nnx state (for tables/tests)."""
     out = {}
     for path, v in nnx.to_flat_state(abstract_state):
@@ -353,7 +370,8 @@ def abstract_model(make_model: Callable[[], nnx.Module]) -> nnx.Module:
         return nnx.eval_shape(make_model)
 
 
-def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules | None = None):
+def init_sharded(make_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
+                 rules: Rules | None = None) -> nnx.Module:
     """Builds `make_model()` directly in its sharded layout.
 
     `jax.eval_shape` gives the parameter shapes and logical names without allocating; the
@@ -373,6 +391,44 @@ def init_sharded(make_model: Callable[[], nnx.Module], mesh, rules: Rules | None
     return nnx.merge(graphdef, state)
 
 
+
+@contextlib.contextmanager
+def on_mesh(model: nnx.Module, mesh: jax.sharding.Mesh | None = None,
+            rules: Rules | Mapping[str, Any] | None = None) -> Iterator[nnx.Module]:
+    """Activates `mesh` (and the sharding `rules`) for the block and yields `model` with its
+    state placed on it by the rules; a no-op yielding `model` when mesh is None. Weights
+    already on the mesh (e.g. `load_pretrained(..., mesh=mesh)`) are not copied."""
+    if mesh is None:
+        yield model
+        return
+    with use_mesh(mesh, rules):
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, state_shardings(state, mesh))
+        yield nnx.merge(graphdef, state)
+
+
+_CACHE_NAMES = {3: ("batch", "length", None), 1: ("batch",)}  # latents [B, S, W], lengths [B]
+
+
+def cache_shardings(cache: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The NamedShardings of a (concrete or abstract) latent cache on `mesh`: its batch
+    dimension split by the `batch` rule where the mesh axes divide it, else replicated. MLA's
+    cache has no head dimension, so tensor-parallel ranks each hold their rows' whole cache."""
+
+    def one(x):
+        spec = logical_to_spec(_CACHE_NAMES[x.ndim], x.shape, mesh, strict=False)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, cache)
+
+
+def place_cache(cache: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+    """A latent cache (a `KVCache`, concrete) placed by `cache_shardings`; unchanged when mesh
+    is None."""
+    if mesh is None:
+        return cache
+    return jax.device_put(cache, cache_shardings(cache, mesh))
+
 # --- activations ------------------------------------------------------------------------------
 def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
     """`with_sharding_constraint` by logical names under the active mesh; a no-op without one
@@ -385,7 +441,7 @@ def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def batch_axes(mesh=None, rules: Rules | None = None) -> tuple[str, ...]:
+def batch_axes(mesh: MeshLike | None = None, rules: Rules | None = None) -> tuple[str, ...]:
     """The mesh axes (of size > 1) that split the batch / token dimension."""
     mesh = active_mesh() if mesh is None else mesh
     if mesh is None:
@@ -395,7 +451,15 @@ def batch_axes(mesh=None, rules: Rules | None = None) -> tuple[str, ...]:
     return tuple(a for a in rules.get("batch", ()) if sizes.get(a, 1) > 1)
 
 
-def batch_sharding(mesh, rules: Rules | None = None) -> NamedSharding:
-    """The sharding of a [B, ...] input batch (split over the `batch` rule's axes)."""
-    axes = batch_axes(mesh, rules)
-    return NamedSharding(mesh, P(axes if axes else None))
+def data_parallel_size(mesh: MeshLike, rules: Rules | None = None) -> int:
+    """How many ways the batch is split: the product of the `batch` rule's mesh axes."""
+    sizes = dict(mesh.shape)
+    return math.prod(sizes[a] for a in batch_axes(mesh, rules))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> NamedSharding:
+    """The sharding of a [B, ...] input batch: its leading dimension is the logical `batch`
+    axis, laid out by the rules like every other (B a multiple of `data_parallel_size`)."""
+    rules = current_rules() if rules is None else rules
+    names, shape = ("batch",), (data_parallel_size(mesh, rules),)
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules, what="batch"))

@@ -16,8 +16,11 @@ plain greedy decoding; the MTP module only decides how many tokens each step yie
 
 Only the first MTP module drafts (one token per step), as DeepSeek-V3 deploys it.
 
-Legend: B batch, T tokens in a call, P padded prompt length, S cache slots, D model dim,
-V vocabulary, K latent cache width.
+The MTP module's latent cache is a `KVCache` with one array per MTP module
+(`init_cache(..., mtp=True)`).
+
+Legend: see layers.py. T counts the tokens of a call: a padded prompt, a prefill chunk, or the
+new tokens of a row.
 """
 
 from __future__ import annotations
@@ -31,55 +34,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_moe import fp8_cache
-from mla_moe.config import ModelConfig
+from mla_moe import sharding
+from mla_moe.cache import KVCache, init_cache
 from mla_moe.decoder import DeepSeekModel
-from mla_moe.generate import (
-    PREFILL_CHUNK,
-    allocate_cache,
-    cache_bucket,
-    eos_array,
-    on_mesh,
-    pad_prompts,
-    place_cache,
-    prefill,
-    prompt_bucket,
-    trim,
-)
+from mla_moe.generation import PREFILL_CHUNK, Prefilled, eos_array, prefilled, trim
 
 
-@flax.struct.dataclass
-class MTPCache:
-    """Latent cache of the MTP modules' attention: `latents[k]` is [B, S, K] for module k."""
-
-    latents: tuple[jax.Array, ...]
-    lengths_B: jax.Array
-
-
-def init_mtp_cache(config: ModelConfig, batch: int, max_length: int, *, fp8: bool = False,
-                   dtype=None) -> MTPCache:
-    if not config.num_nextn_predict_layers:
-        raise ValueError("init_mtp_cache: the config has num_nextn_predict_layers=0")
-    width = config.kv_lora_rank + config.qk_rope_head_dim
-    if fp8:  # the same packed uint8 layout as the main cache
-        width, dtype = fp8_cache.packed_width(config.kv_lora_rank, config.qk_rope_head_dim), "uint8"
-    shape = (batch, max_length, width)
-    return MTPCache(
-        latents=tuple(jnp.zeros(shape, jnp.dtype(dtype or config.dtype))
-                      for _ in range(config.num_nextn_predict_layers)),
-        lengths_B=jnp.zeros((batch,), jnp.int32),
-    )
-
-
-def _mtp_logits(model, h_BTD, next_tokens_BT, mcache: MTPCache, form):
-    """MTP module 1 at positions mcache.lengths_B + t: (logits [B, T, V], cache)."""
+def _mtp_logits(model, h_BTD, next_tokens_BT, mcache: KVCache, form):
+    """MTP module 1 at positions mcache.lengths_B + t: (logits [B, T, U], cache)."""
     block = model.mtp[0]
     t = h_BTD.shape[1]
     positions_BT = mcache.lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    h_BTD, latent_BSK, _ = block(h_BTD, model.embed(next_tokens_BT), positions_BT, None,
+    h_BTD, latent_BSW, _ = block(h_BTD, model.embed(next_tokens_BT), positions_BT, None,
                                  mcache.latents[0], mcache.lengths_B, form)
-    return model.logits(h_BTD, block.norm), MTPCache(
-        latents=(latent_BSK,) + mcache.latents[1:], lengths_B=mcache.lengths_B + t
+    return model.logits(h_BTD, block.norm), KVCache(
+        latents=(latent_BSW,) + mcache.latents[1:], lengths_B=mcache.lengths_B + t
     )
 
 
@@ -89,17 +58,37 @@ def _mtp_prefill_chunk(graphdef, state, h_BTD, next_tokens_BT, mcache, last_B, d
     cache)."""
     model = nnx.merge(graphdef, state)
     start_B = mcache.lengths_B
-    logits_BTV, mcache = _mtp_logits(model, h_BTD, next_tokens_BT, mcache, "naive")
+    logits_BTU, mcache = _mtp_logits(model, h_BTD, next_tokens_BT, mcache, "naive")
     t = h_BTD.shape[1]
     idx_B = last_B - start_B
     inside_B = (idx_B >= 0) & (idx_B < t)
-    pick_BV = jnp.take_along_axis(logits_BTV, jnp.clip(idx_B, 0, t - 1)[:, None, None],
+    pick_BU = jnp.take_along_axis(logits_BTU, jnp.clip(idx_B, 0, t - 1)[:, None, None],
                                   axis=1)[:, 0]
-    return jnp.where(inside_B, jnp.argmax(pick_BV, -1).astype(jnp.int32), draft_B), mcache
+    return jnp.where(inside_B, jnp.argmax(pick_BU, -1).astype(jnp.int32), draft_B), mcache
+
+
+def _mtp_prefill(start: Prefilled, tok_B: jax.Array, mcache: KVCache, chunk: int
+                 ) -> tuple[jax.Array, KVCache]:
+    """The MTP module over the prompts, `chunk` positions at a time: position i pairs h_i with
+    token i+1, the last prompt position with the first generated token `tok_B`. Returns (the
+    first draft [B], mcache with lengths_B = the prompt lengths)."""
+    b, bucket = start.tokens_BT.shape
+    lengths_B = jnp.asarray(start.lengths_B)
+    next_BT = jnp.pad(jnp.asarray(start.tokens_BT)[:, 1:], ((0, 0), (0, 1)))
+    next_BT = next_BT.at[jnp.arange(b), lengths_B - 1].set(tok_B)
+    draft_B = jnp.zeros((b,), jnp.int32)
+    step = min(bucket, chunk)
+    for i in range(0, bucket, step):
+        draft_B, mcache = _mtp_prefill_chunk(
+            start.graphdef, start.state, start.hidden_BTD[:, i : i + step],
+            next_BT[:, i : i + step], mcache, lengths_B - 1, draft_B,
+        )
+    return draft_B, mcache.replace(lengths_B=lengths_B)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _first_token(graphdef, state, h_last_BD):
+    """The greedy token after each prompt: [B] int32."""
     model = nnx.merge(graphdef, state)
     return jnp.argmax(model.logits(h_last_BD[:, None])[:, 0], -1).astype(jnp.int32)
 
@@ -109,13 +98,15 @@ def _first_token(graphdef, state, h_last_BD):
 )
 def _speculative_loop(graphdef, state, cache, mcache, tok_B, draft_B, max_new, eos_id, *, form,
                       draft_fn):
+    """Verify, commit and draft until every row is done (see the module docstring). Returns
+    ([B, T] tokens with T = S + 2, -1 past the end; accepted [B]; drafted [B]; cache; mcache)."""
     model = nnx.merge(graphdef, state)
     b = tok_B.shape[0]
     # Up to two tokens per step: room for one overflow past max_new (<= S - 2), and a
     # scratch column (the last) where rows that commit nothing write.
     width = cache.max_length + 2
     dump = width - 1
-    out_BN = jnp.full((b, width), -1, jnp.int32).at[:, 0].set(tok_B)
+    out_BT = jnp.full((b, width), -1, jnp.int32).at[:, 0].set(tok_B)
     count_B = jnp.ones((b,), jnp.int32)
 
     def is_eos(tok_B):
@@ -130,7 +121,7 @@ def _speculative_loop(graphdef, state, cache, mcache, tok_B, draft_B, max_new, e
         return ~jnp.all(carry[6])
 
     def body(carry):
-        cache, mcache, tok_B, draft_B, count_B, out_BN, done_B, accepted_B, drafted_B = carry
+        cache, mcache, tok_B, draft_B, count_B, out_BT, done_B, accepted_B, drafted_B = carry
         n_B = cache.lengths_B
         out = model(jnp.stack([tok_B, draft_B], axis=1), cache=cache, attention_form=form)
         pred_B2 = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
@@ -140,15 +131,15 @@ def _speculative_loop(graphdef, state, cache, mcache, tok_B, draft_B, max_new, e
         live_B = ~done_B
         step_B = jnp.where(live_B, 1 + acc_B, 0).astype(jnp.int32)
         rows = jnp.arange(b)
-        out_BN = out_BN.at[rows, jnp.where(live_B, count_B, dump)].set(e0_B)
-        out_BN = out_BN.at[rows, jnp.where(live_B & acc_B, count_B + 1, dump)].set(e1_B)
+        out_BT = out_BT.at[rows, jnp.where(live_B, count_B, dump)].set(e0_B)
+        out_BT = out_BT.at[rows, jnp.where(live_B & acc_B, count_B + 1, dump)].set(e1_B)
         cache = out.cache.replace(lengths_B=n_B + step_B)
         new_tok_B = jnp.where(acc_B, e1_B, e0_B)
         # Draft for the next step from the last committed position.
-        m_logits_BTV, mcache = _mtp_logits(model, out.hidden, jnp.stack([e0_B, e1_B], axis=1),
+        m_logits_BTU, mcache = _mtp_logits(model, out.hidden, jnp.stack([e0_B, e1_B], axis=1),
                                            mcache.replace(lengths_B=n_B), form)
         new_draft_B = jnp.argmax(
-            jnp.where(acc_B[:, None], m_logits_BTV[:, 1], m_logits_BTV[:, 0]), -1
+            jnp.where(acc_B[:, None], m_logits_BTU[:, 1], m_logits_BTU[:, 0]), -1
         ).astype(jnp.int32)
         mcache = mcache.replace(lengths_B=n_B + step_B)
         new_count_B = count_B + step_B
@@ -157,22 +148,25 @@ def _speculative_loop(graphdef, state, cache, mcache, tok_B, draft_B, max_new, e
         eos_B = is_eos(e0_B) | (acc_B & is_eos(e1_B))
         done_B = done_B | (live_B & eos_B) | (new_count_B >= max_new)
         return (cache, mcache, jnp.where(live_B, new_tok_B, tok_B),
-                jnp.where(live_B, new_draft_B, draft_B), new_count_B, out_BN, done_B,
+                jnp.where(live_B, new_draft_B, draft_B), new_count_B, out_BT, done_B,
                 accepted_B + (live_B & acc_B), drafted_B + live_B)
 
-    carry = (cache, mcache, tok_B, draft_B, count_B, out_BN, done_B, zeros, zeros)
+    carry = (cache, mcache, tok_B, draft_B, count_B, out_BT, done_B, zeros, zeros)
     carry = jax.lax.while_loop(cond, body, carry)
-    cache, mcache, _, _, _, out_BN, _, accepted_B, drafted_B = carry
-    return out_BN, accepted_B, drafted_B, cache, mcache
+    cache, mcache, _, _, _, out_BT, _, accepted_B, drafted_B = carry
+    return out_BT, accepted_B, drafted_B, cache, mcache
 
 
 @flax.struct.dataclass
 class SpeculativeStats:
+    """Per-row counts of a `speculative_generate` call."""
+
     accepted: np.ndarray  # [B] drafts accepted per row
     drafted: np.ndarray  # [B] verification steps per row (one draft each)
 
     @property
     def acceptance_rate(self) -> float:
+        """Accepted drafts over all drafts, over every row."""
         return float(self.accepted.sum() / max(1, self.drafted.sum()))
 
     @property
@@ -188,54 +182,34 @@ def speculative_generate(
     max_new_tokens: int,
     eos_id: int | None = None,
     fp8: bool = False,
-    cache_dtype=None,
+    cache_dtype: jax.typing.DTypeLike | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     draft_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """Greedy generation drafted by MTP module 1 and verified by the main model.
 
     Returns (new tokens per prompt, identical to `generate(..., sampling=None)`, and the
     acceptance statistics). draft_fn(mtp_draft_B, emitted_count_B) -> draft_B may replace
     the MTP draft (tests use it to force accepts and rejects); it is a static argument.
-    mesh: run sharded on this mesh (`generate.on_mesh`).
+    mesh: run sharded on this mesh (`sharding.on_mesh`).
     """
     config = model.config
     if not config.num_nextn_predict_layers or not len(model.mtp):
         raise ValueError("speculative_generate needs a model with MTP modules "
                          "(num_nextn_predict_layers >= 1)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    longest = max((len(p) for p in prompts), default=0)
-    bucket = prompt_bucket(longest, prefill_chunk)
-    tokens_BP, lengths_B = pad_prompts(prompts, config.vocab_size, bucket)
     # Verification writes two slots past the committed length.
-    slots = cache_bucket(config, max(bucket, int(lengths_B.max()) + max_new_tokens + 2))
-    b = len(prompts)
-    with on_mesh(model, mesh) as model:
-        model = model.unstacked()
-        cache = place_cache(allocate_cache(config, b, slots, fp8=fp8, dtype=cache_dtype), mesh)
-        mcache = place_cache(init_mtp_cache(config, b, slots, fp8=fp8, dtype=cache_dtype), mesh)
-        graphdef, state = nnx.split(model)
-        h_last_BD, hidden_BPD, cache = prefill(model, tokens_BP, lengths_B, cache,
-                                               chunk=prefill_chunk)
-        tok_B = _first_token(graphdef, state, h_last_BD)
-        # MTP prefill: position i pairs h_i with token i+1; the last prompt position pairs with
-        # the first generated token.
-        lengths = jnp.asarray(lengths_B)
-        next_BP = jnp.pad(jnp.asarray(tokens_BP)[:, 1:], ((0, 0), (0, 1)))
-        next_BP = next_BP.at[jnp.arange(b), lengths - 1].set(tok_B)
-        draft_B = jnp.zeros((b,), jnp.int32)
-        step = min(bucket, prefill_chunk)
-        for start in range(0, bucket, step):
-            draft_B, mcache = _mtp_prefill_chunk(
-                graphdef, state, hidden_BPD[:, start : start + step],
-                next_BP[:, start : start + step], mcache, lengths - 1, draft_B,
-            )
-        mcache = mcache.replace(lengths_B=lengths)
-        out_BN, accepted_B, drafted_B, _, _ = _speculative_loop(
-            graphdef, state, cache, mcache, tok_B, draft_B, jnp.int32(max_new_tokens),
-            eos_array(eos_id), form=config.decode_attention, draft_fn=draft_fn,
+    with prefilled(model, prompts, max_new_tokens=max_new_tokens, fp8=fp8,
+                   cache_dtype=cache_dtype, prefill_chunk=prefill_chunk, mesh=mesh,
+                   extra_slots=2) as start:
+        mcache = init_cache(config, len(prompts), start.slots, cache_dtype, fp8=fp8, mtp=True)
+        mcache = sharding.place_cache(mcache, mesh)
+        tok_B = _first_token(start.graphdef, start.state, start.h_last_BD)
+        draft_B, mcache = _mtp_prefill(start, tok_B, mcache, prefill_chunk)
+        out_BT, accepted_B, drafted_B, _, _ = _speculative_loop(
+            start.graphdef, start.state, start.cache, mcache, tok_B, draft_B,
+            jnp.int32(max_new_tokens), eos_array(eos_id), form=config.decode_attention,
+            draft_fn=draft_fn,
         )
     stats = SpeculativeStats(accepted=np.asarray(accepted_B), drafted=np.asarray(drafted_B))
-    return trim(out_BN, eos_id, max_new_tokens), stats
+    return trim(out_BT, eos_id, max_new_tokens), stats

@@ -48,7 +48,8 @@ def iter_documents(input_pattern: str, text_key: str = "text") -> Iterator[str]:
                 yield f.read()
 
 
-def split_documents(docs: list[np.ndarray], val_fraction: float):
+def split_documents(docs: list[np.ndarray],
+                    val_fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Every round(1/val_fraction)-th document goes to validation (at least one); a corpus of a
     single document gives its tail instead."""
     if not 0 < val_fraction < 1:
@@ -95,6 +96,8 @@ def prepare(
 
 
 def cache_dir() -> str:
+    """Where the default corpus is cached: $MLA_MOE_CACHE, else $XDG_CACHE_HOME/mla_moe, else
+    ~/.cache/mla_moe."""
     root = os.environ.get("MLA_MOE_CACHE")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -103,6 +106,7 @@ def cache_dir() -> str:
 
 
 def stdlib_source_glob() -> str:
+    """A recursive glob of this Python's standard library sources (the default corpus)."""
     return os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 
 import grain
+import jax
 import numpy as np
 
 from mla_moe.data.token_store import TokenSplit
@@ -28,6 +29,9 @@ from mla_moe.errors import ConfigError, InputError
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
+    """The pipeline's settings: window length, global batch, shuffle seed, this process's
+    place among `process_count`, and Grain's read threads and prefetch."""
+
     seq_len: int
     global_batch: int
     seed: int = 0
@@ -49,6 +53,7 @@ class PipelineConfig:
 
     @property
     def local_batch(self) -> int:
+        """L: sequences this process reads per global batch."""
         return self.global_batch // self.process_count
 
 
@@ -70,6 +75,7 @@ def pack_window(split: TokenSplit, start: int, seq_len: int) -> dict[str, np.nda
 
 
 def num_windows(split: TokenSplit, seq_len: int) -> int:
+    """Windows of `seq_len + 1` tokens (stride `seq_len`) in the split."""
     return (split.num_tokens - 1) // seq_len
 
 
@@ -115,3 +121,13 @@ def eval_batches(split: TokenSplit, cfg: PipelineConfig, num_batches: int) -> li
         examples = [pack_window(split, ((k * G + p * L + j) % n) * T, T) for j in range(L)]
         out.append({key: np.stack([e[key] for e in examples]) for key in examples[0]})
     return out
+
+
+def global_batch(local_batch: dict[str, np.ndarray],
+                 sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """This process's [L, T] batch as the global [G, T] jax.Arrays laid out by `sharding`
+    (`mla_moe.sharding.batch_sharding`): each process passes its own slice."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }

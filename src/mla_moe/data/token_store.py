@@ -31,6 +31,7 @@ SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer dtype (uint8, uint16, uint32) that holds every token id."""
     for dt in (np.uint8, np.uint16, np.uint32):
         if vocab_size <= np.iinfo(dt).max + 1:
             return np.dtype(dt)
@@ -110,6 +111,7 @@ def write_store(
 
 
 def read_metadata(path: str) -> dict:
+    """The metadata.json of the token store at `path`; a missing store is a MissingInputError."""
     meta_path = paths.resolve(path) / "metadata.json"
     if not meta_path.is_file():
         raise MissingInputError(
@@ -161,6 +163,7 @@ class TokenSplit:
         )
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split, as a numpy array."""
         out = self._tokens[start:stop]
         if not isinstance(out, np.ndarray):
             out = out.read().result()

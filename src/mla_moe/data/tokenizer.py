@@ -6,7 +6,10 @@ Every tokenizer has `vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> s
 
 from __future__ import annotations
 
+import importlib
 import os
+import types
+from collections.abc import Iterable
 
 from mla_moe.errors import InputError, MissingInputError
 
@@ -18,26 +21,32 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no special tokens added."""
         return list(text.encode("utf-8"))
 
     def encode_bytes(self, text: str) -> bytes:
         """Same ids as `encode`, as a bytes object (the fast path for large corpora)."""
         return text.encode("utf-8")
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (integers of any kind)."""
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def _optional_package(name: str, path: str) -> types.ModuleType:
+    """The package `name` that reading the tokenizer file `path` needs, or a clear error."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise InputError(f"tokenizer {path!r} needs the `{name}` package: pip install {name}"
+                         ) from e
 
 
 class HFTokenizer:
     """A HuggingFace `tokenizer.json` file, through the optional `tokenizers` package."""
 
     def __init__(self, path: str):
-        try:
-            import tokenizers
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise InputError(
-                f"tokenizer {path!r} needs the `tokenizers` package: pip install tokenizers"
-            ) from e
+        tokenizers = _optional_package("tokenizers", path)
         self.spec = os.path.abspath(path)
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
@@ -47,9 +56,11 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no special tokens added."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (integers of any kind)."""
         return self._tok.decode([int(i) for i in ids])
 
 
@@ -57,12 +68,7 @@ class SentencePieceTokenizer:
     """A SentencePiece `.model` file, through the optional `sentencepiece` package."""
 
     def __init__(self, path: str):
-        try:
-            import sentencepiece
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise InputError(
-                f"tokenizer {path!r} needs the `sentencepiece` package: pip install sentencepiece"
-            ) from e
+        sentencepiece = _optional_package("sentencepiece", path)
         self.spec = os.path.abspath(path)
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -72,13 +78,15 @@ class SentencePieceTokenizer:
         self.vocab_size = self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no special tokens added."""
         return self._sp.encode(text)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids (integers of any kind)."""
         return self._sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer | SentencePieceTokenizer:
     """`"byte"`, a `tokenizer.json` path, or a SentencePiece `.model` path."""
     if spec == "byte":
         return ByteTokenizer()

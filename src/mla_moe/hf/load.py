@@ -7,6 +7,7 @@ import glob
 import logging
 import os
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,8 @@ import numpy as np
 from flax import nnx
 
 from mla_moe import sharding
-from mla_moe.cache import layer_groups
 from mla_moe.config import ModelConfig
-from mla_moe.decoder import DeepSeekModel
+from mla_moe.decoder import DeepSeekModel, layer_groups
 from mla_moe.errors import InputError, MissingInputError
 from mla_moe.hf.mapping import MTP_READERS, layer_readers
 from mla_moe.hf.safetensors_io import SafetensorsFile
@@ -53,12 +53,14 @@ class CheckpointReader:
         self.used: set[str] = set()
 
     def names(self) -> list[str]:
+        """Every tensor name over all shards."""
         return list(self._where)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
     def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (no dequantisation), marked as used."""
         if name not in self._where:
             raise KeyError(name)
         self.used.add(name)
@@ -99,8 +101,9 @@ def _has_mtp(reader: CheckpointReader, config: ModelConfig) -> bool:
     return any(n.startswith(prefix + "eh_proj") for n in reader.names())
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh=None,
-                    **config_overrides) -> DeepSeekModel:
+def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
+                    mesh: jax.sharding.Mesh | None = None,
+                    **config_overrides: Any) -> DeepSeekModel:
     """Loads a HuggingFace DeepSeek-V2/V3 checkpoint directory.
 
     dtype: parameter and compute dtype (default: the checkpoint's `dtype`/`torch_dtype`).

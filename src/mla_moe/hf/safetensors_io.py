@@ -61,12 +61,15 @@ class SafetensorsFile:
                 raise InputError(f"{path}: tensor {name} runs past the end of the file")
 
     def names(self) -> list[str]:
+        """The tensor names in the file's header."""
         return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the header (nothing is read)."""
         return tuple(self._entries[name]["shape"])
 
     def dtype(self, name: str) -> np.dtype:
+        """A tensor's numpy dtype, from the header."""
         return _DTYPES[self._entries[name]["dtype"]]
 
     def get(self, name: str) -> np.ndarray:

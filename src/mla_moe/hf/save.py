@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_moe.cache import layer_groups
-from mla_moe.decoder import DeepSeekModel
+from mla_moe.decoder import DeepSeekModel, layer_groups
 from mla_moe.hf.mapping import MTP_READERS, layer_writers
 from mla_moe.hf.safetensors_io import write_safetensors
 

@@ -21,18 +21,26 @@ import dataclasses
 import math
 import re
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 import mla_moe
 from mla_moe import counting, sharding
-from mla_moe.generate import allocate_cache, cache_shardings, decode_step
+from mla_moe.cache import init_cache
+from mla_moe.generation import decode_step
 from mla_moe.train import config as config_lib
 from mla_moe.train import hlo_collectives, trainer
-from mla_moe.train import mesh as mesh_lib
 from pallas_kernels import targets
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from mla_moe.config import ModelConfig
 
 GIB = 1 << 30
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -73,16 +81,19 @@ class Report:
 
     @property
     def tokens_per_device(self) -> float:
+        """Tokens (train) or sequences (decode) each device holds per step."""
         tokens = self.batch_size * (self.seq_len if self.what == "train" else 1)
         return tokens / self.num_devices
 
     def to_json(self) -> dict:
+        """The report's fields plus the derived ones, for `--json`."""
         d = dataclasses.asdict(self)
         d["tokens_per_device"] = self.tokens_per_device
         d["peak_fraction_of_hbm"] = self.per_device_bytes / self.hbm_bytes
         return d
 
     def text(self) -> str:
+        """The report as lines for a terminal."""
         mesh = " x ".join(f"{a}={n}" for a, n in self.mesh.items())
         head = (f"{self.what} step for {self.target} ({self.num_devices} x {self.device_kind}), "
                 f"mesh {mesh}")
@@ -198,12 +209,13 @@ def _new_report(what, target, mesh, batch_size, seq_len) -> Report:
                   per_device_bytes=0, hbm_bytes=targets.hbm_bytes(device))
 
 
-def compile_train(config, devices, *, target: str = "") -> tuple[Report, object]:
+def compile_train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
+                  target: str = "") -> tuple[Report, object]:
     """Compiles `config`'s train step for `devices`. Returns (report, compiled executable or
     None when the compiler ran out of memory)."""
     t = config.train
     with trainer.run_mesh(config, devices) as (cfg, mesh):
-        config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), 1)
+        config_lib.check_batch(config, sharding.data_parallel_size(mesh), 1)
         built = trainer.build(config, mesh)
         state = built.state_spec()
         batch = built.batch_spec(t.batch_size, t.seq_len)
@@ -216,7 +228,7 @@ def compile_train(config, devices, *, target: str = "") -> tuple[Report, object]
     return report, compiled
 
 
-def decode_flops_per_token(cfg, cache_length: int) -> float:
+def decode_flops_per_token(cfg: ModelConfig, cache_length: int) -> float:
     """Forward FLOPs of one decoded token: 2 x matmul parameters, plus absorbed attention over
     a full cache (scores over C + R and values over C, per head and layer)."""
     attention = 2 * cache_length * cfg.num_attention_heads * (
@@ -224,7 +236,8 @@ def decode_flops_per_token(cfg, cache_length: int) -> float:
     return 2.0 * counting.matmul_params_per_token(cfg) + attention * cfg.num_hidden_layers
 
 
-def compile_decode(config, devices, *, cache_length: int = 0, batch: int = 0,
+def compile_decode(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
+                   cache_length: int = 0, batch: int = 0,
                    target: str = "") -> tuple[Report, object]:
     """Compiles one absorbed decode step (one new token per sequence, weights in the compute
     dtype, the latent cache at `cache_length`, default `max_position_embeddings`) for
@@ -232,15 +245,15 @@ def compile_decode(config, devices, *, cache_length: int = 0, batch: int = 0,
     with trainer.run_mesh(config, devices) as (cfg, mesh):
         cfg = cfg.replace(param_dtype=cfg.dtype)  # served weights: bf16, no optimizer
         cache_length = cache_length or cfg.max_position_embeddings
-        batch = batch or mesh_lib.data_parallel_size(mesh)
+        batch = batch or sharding.data_parallel_size(mesh)
         model = sharding.abstract_model(lambda: mla_moe.DeepSeekModel(cfg, rngs=nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(model)
         state_sh = sharding.state_shardings(abstract_state, mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              abstract_state, state_sh)
-        cache = jax.eval_shape(lambda: allocate_cache(cfg, batch, cache_length))
+        cache = jax.eval_shape(lambda: init_cache(cfg, batch, cache_length))
         cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             cache, cache_shardings(cache, mesh))
+                             cache, sharding.cache_shardings(cache, mesh))
         tokens_sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
             ("batch", None), (batch, 1), mesh, strict=False))
         tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tokens_sh)
@@ -259,11 +272,10 @@ class _DecodeStep:
     graphdef: object
 
     def lower(self, state, tokens_BT, cache):
-        return decode_step.lower(self.graphdef, state, tokens_BT, cache,
-                                          form="absorbed")
+        return decode_step.lower(self.graphdef, state, tokens_BT, cache, form="absorbed")
 
 
-def save(compiled, path: str) -> None:
+def save(compiled: jax.stages.Compiled, path: str) -> None:
     """Serializes a compiled executable (with its argument trees) to `path`."""
     import pickle
 

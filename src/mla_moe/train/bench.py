@@ -4,25 +4,30 @@ and a large matmul in the same process, per docs PERF.md."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 import mla_moe
+from mla_moe import sharding
+from mla_moe.data import global_batch
 from mla_moe.train import config as config_lib
-from mla_moe.train import mesh as mesh_lib
 from mla_moe.train import metrics, trainer
 
+if TYPE_CHECKING:
+    import ml_collections
 
-def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
+
+def matmul_flops(n: int, dtype: jax.typing.DTypeLike, repeats: int = 5) -> float:
     """Median FLOP/s of an n x n x n matmul on the default device (fresh random inputs)."""
     return metrics.measure_matmul_flops(n, repeats, dtype)
 
 
-def time_train_step(config, steps: int = 3) -> dict:
+def time_train_step(config: ml_collections.ConfigDict, steps: int = 3) -> dict:
     """Median step time of `config`'s train step on all local devices; random tokens."""
     with trainer.run_mesh(config) as (cfg, mesh):
-        config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), 1)
+        config_lib.check_batch(config, sharding.data_parallel_size(mesh), 1)
         return _time(cfg, config, mesh, steps)
 
 
@@ -38,7 +43,7 @@ def _time(cfg, config, mesh, steps):
              "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), tok[:, 1:].shape),
              "segment_ids": np.ones_like(tok[:, 1:]),
              "weights": np.ones(tok[:, 1:].shape, np.float32)}
-        return mesh_lib.global_batch(b, built.batch_sh)
+        return global_batch(b, built.batch_sh)
 
     t0 = time.perf_counter()
     state, m = built.step_fn(state, batch(), np.int32(-1))

@@ -18,7 +18,7 @@ NAN_POLICIES = ("stop", "skip")
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
-def run_config(model: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
+def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collections.ConfigDict:
     """Defaults for every run setting; `sections` maps a section name to overrides."""
     c = ml_collections.ConfigDict()
     c.model = model
@@ -75,14 +75,15 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def model_config(config) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig of `config.model`; a bad field is a ConfigError naming it."""
     try:
         return ModelConfig(**config.model.to_dict())
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
 
 
-def validate(config) -> ModelConfig:
+def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     """Checks the run settings that need no devices or data; returns the ModelConfig."""
     cfg = model_config(config)
     t = config.train
@@ -117,7 +118,8 @@ def validate(config) -> ModelConfig:
     return cfg
 
 
-def check_batch(config, data_parallel: int, process_count: int) -> None:
+def check_batch(config: ml_collections.ConfigDict, data_parallel: int,
+                process_count: int) -> None:
     """The global (micro-)batch must split evenly over data-parallel devices and processes."""
     t = config.train
     micro = t.batch_size // t.grad_accum_steps

@@ -27,7 +27,8 @@ KNOWN_PEAKS = {
 }
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+def measure_matmul_flops(n: int = 1024, repeats: int = 5,
+                         dtype: jnp.dtype = jnp.float32) -> float:
     """FLOP/s of an n x n x n matmul on the default device (median of `repeats`)."""
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (n, n), dtype)
@@ -42,7 +43,8 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> 
     return 2 * n**3 / float(np.median(times))
 
 
-def peak_flops_per_device(override_tflops: float = 0.0, device=None) -> tuple[float, str]:
+def peak_flops_per_device(override_tflops: float = 0.0,
+                          device: jax.Device | None = None) -> tuple[float, str]:
     """(FLOP/s, where the figure came from) for `device` (the run's: `mesh.devices.flat[0]`;
     default this host's first device). Only a device that can run is timed; the peak of a
     compile-only device of an unknown kind is an error rather than this host's matmul."""
@@ -104,6 +106,8 @@ class MetricWriter:
         tmp.replace(self.path)
 
     def write(self, step: int, metrics: dict) -> dict:
+        """Appends the scalars of `metrics` at `step` to metrics.jsonl (and TensorBoard) on the
+        writing process; returns the record either way."""
         record = {"step": int(step), **_scalars(metrics)}
         if not self.enabled:
             return record
@@ -122,11 +126,13 @@ class MetricWriter:
         return record
 
     def close(self) -> None:
+        """Closes the TensorBoard writer, if any."""
         if self._tb is not None:
             self._tb.close()
 
 
 def progress_line(record: dict, total_steps: int) -> str:
+    """The one-line console summary of a metrics record ("step 10/150 | loss ... | ...")."""
     parts = [f"step {record['step']:>6d}/{total_steps}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f}")

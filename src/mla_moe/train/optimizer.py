@@ -7,11 +7,16 @@ a norm's [D] scale into [L, D].
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import optax
 
+if TYPE_CHECKING:
+    import ml_collections
 
-def learning_rate_schedule(train_cfg) -> optax.Schedule:
+
+def learning_rate_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate`, then cosine down to `min_lr_ratio` of it."""
     steps = int(train_cfg.steps)
     warmup = int(train_cfg.warmup_steps)
@@ -31,14 +36,18 @@ def _no_decay(path) -> bool:
     return any("norm" in n or n == "bias" or n.endswith("_bias") for n in names)
 
 
-def decay_mask(params):
-    """True for the leaves that get weight decay: not norms or biases, and at least 2-D."""
+def decay_mask(params: Any) -> Any:
+    """True for the leaves that get weight decay: not norms or biases, and at least 2-D (a
+    tree of bools shaped like the `params` tree of arrays)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, p: p.ndim >= 2 and not _no_decay(path), params
     )
 
 
-def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(train_cfg: ml_collections.ConfigDict
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW chained after global-norm clipping when `grad_clip_norm` > 0, the learning-rate
+    schedule) from the training settings (the run config's `train` section)."""
     schedule = learning_rate_schedule(train_cfg)
     parts = []
     if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:

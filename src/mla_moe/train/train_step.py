@@ -18,6 +18,7 @@ token counts summed over all micro-batches and is applied after the optimizer st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,8 +26,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import mla_moe
-from mla_moe import DeepSeekModel, ModelConfig, losses, sharding
+from mla_moe import losses, sharding
+from mla_moe.balance import apply_expert_bias_update
+from mla_moe.config import ModelConfig
+from mla_moe.decoder import DeepSeekModel
+from mla_moe.router import ExpertBias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +40,7 @@ class StepConfig:
     grad_accum_steps: int = 1
 
 
-def abstract_model(cfg: ModelConfig):
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, abstract params, abstract extra) without allocating anything."""
     model = sharding.abstract_model(lambda: DeepSeekModel(cfg, rngs=nnx.Rngs(params=0)))
     return nnx.split(model, nnx.Param, ...)
@@ -46,14 +50,16 @@ BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int3
                 "segment_ids": jnp.int32, "weights": jnp.float32}
 
 
-def batch_spec(batch_size: int, seq_len: int, sharding=None) -> dict:
+def batch_spec(batch_size: int, seq_len: int, sharding: jax.sharding.Sharding | None = None
+               ) -> dict[str, jax.ShapeDtypeStruct]:
     """The batch as ShapeDtypeStructs [batch_size, seq_len] (with `sharding`, e.g. over the
     batch axes): what the step compiles for, without reading any data."""
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=sharding)
             for k, d in BATCH_FIELDS.items()}
 
 
-def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
+def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
+                 ) -> Callable[[], dict[str, Any]]:
     """A function () -> train state; jit it with out_shardings for a sharded init."""
 
     def init():
@@ -89,8 +95,8 @@ def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, mic
         "aux_loss": out.aux_loss,
         "aux_losses": dict(out.aux_losses),
         "mtp_loss": mtp,
-        "tokens_per_expert": tuple(r["tokens_per_expert"] for r in out.router),
-        "dropped_fraction": tuple(r["dropped_fraction"] for r in out.router),
+        "tokens_per_expert": tuple(r.tokens_per_expert for r in out.router),
+        "dropped_fraction": tuple(r.dropped_fraction for r in out.router),
     }
     return loss, aux
 
@@ -132,8 +138,10 @@ def _global_norm(tree) -> jax.Array:
     return optax.global_norm(tree)
 
 
-def train_step(state, batch, fault_step=-1, *, graphdef, cfg: ModelConfig, tx, schedule,
-               step_cfg: StepConfig):
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], fault_step: Any = -1, *,
+               graphdef: nnx.GraphDef, cfg: ModelConfig, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, step_cfg: StepConfig
+               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """One optimizer step. Returns (new state, metrics dict of scalars / small vectors).
 
     `fault_step` (a traced int, -1 = off) poisons that step's loss with NaN: the fault-handling
@@ -152,8 +160,7 @@ def train_step(state, batch, fault_step=-1, *, graphdef, cfg: ModelConfig, tx, s
     new_extra = extra
     if cfg.expert_bias_update_rate > 0 and aux["tokens_per_expert"]:
         model = nnx.merge(graphdef, new_params, extra)
-        stats = [{"tokens_per_expert": t} for t in aux["tokens_per_expert"]]
-        mla_moe.apply_expert_bias_update(model, stats, cfg.expert_bias_update_rate)
+        apply_expert_bias_update(model, aux["tokens_per_expert"], cfg.expert_bias_update_rate)
         _, _, new_extra = nnx.split(model, nnx.Param, ...)
 
     # A non-finite step leaves the state as it was (only the step counter moves), whether the
@@ -177,13 +184,13 @@ def train_step(state, batch, fault_step=-1, *, graphdef, cfg: ModelConfig, tx, s
         **{f"aux/{k}": v for k, v in aux["aux_losses"].items()},
     }
     if aux["tokens_per_expert"]:
-        counts_LE = jnp.stack(aux["tokens_per_expert"])
-        metrics["expert_load_max"] = counts_LE.max(-1)
-        metrics["expert_load_mean"] = counts_LE.mean(-1)
+        counts = jnp.stack(aux["tokens_per_expert"])  # [MoE layers, E]
+        metrics["expert_load_max"] = counts.max(-1)
+        metrics["expert_load_mean"] = counts.mean(-1)
         metrics["drop_fraction"] = jnp.stack(aux["dropped_fraction"])
         biases = [
             v[...] for path, v in nnx.to_flat_state(new_state["extra"])
-            if isinstance(v, mla_moe.ExpertBias)
+            if isinstance(v, ExpertBias)
         ]
         if biases:
             metrics["bias_min"] = jnp.min(jnp.stack([b.min() for b in biases]))
@@ -191,7 +198,8 @@ def train_step(state, batch, fault_step=-1, *, graphdef, cfg: ModelConfig, tx, s
     return new_state, metrics
 
 
-def eval_step(state, batch, *, graphdef) -> dict[str, Any]:
+def eval_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+              ) -> dict[str, Any]:
     """Sums of token losses and weights (next-token CE only) over one batch."""
     model = nnx.merge(graphdef, state["params"], state["extra"])
     out = model(

@@ -15,7 +15,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -24,15 +25,26 @@ from flax import nnx
 
 import mla_moe
 from mla_moe import paths, sharding
-from mla_moe.data import PipelineConfig, TokenSplit, default_corpus, eval_batches, train_iterator
+from mla_moe.data import (
+    PipelineConfig,
+    TokenSplit,
+    default_corpus,
+    eval_batches,
+    global_batch,
+    train_iterator,
+)
 from mla_moe.errors import InputError, MissingInputError
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
-from mla_moe.train import mesh as mesh_lib
 from mla_moe.train import metrics as metrics_lib
 from mla_moe.train import optimizer as optimizer_lib
 from mla_moe.train import train_step as step_lib
 from mla_moe.train.config import ConfigError
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from mla_moe.config import ModelConfig
 
 
 class IncompatibleWorkdirError(InputError):
@@ -45,6 +57,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class TrainResult:
+    """How a `train` call ended."""
+
     step: int  # completed steps
     resumed_from: int | None
     preempted: bool
@@ -56,6 +70,7 @@ def _config_json(config) -> dict:
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """`--profile_steps=A:B` as (A, B), steps A to B traced; None for ''."""
     if not spec:
         return None
     try:
@@ -154,7 +169,7 @@ def _resolve_data(config) -> str:
 
 
 def train(
-    config,
+    config: ml_collections.ConfigDict,
     workdir: str,
     *,
     profile_steps: str = "",
@@ -169,13 +184,14 @@ def train(
 
 
 @contextlib.contextmanager
-def run_mesh(config, devices=None):
+def run_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+             ) -> Iterator[tuple[ModelConfig, jax.sharding.Mesh]]:
     """Validates `config`, builds its mesh over `devices` (default: all of this job's; or the
     compile-only devices of another machine) and activates it with the config's rules
     (`config.mesh.rules`). Yields (ModelConfig, mesh); fails before compiling on bad input."""
     cfg = config_lib.validate(config)
     try:
-        mesh = mesh_lib.make_mesh(config.mesh, devices, config=cfg)
+        mesh = sharding.make_mesh(config.mesh, devices, config=cfg)
     except ValueError as e:  # sizes that do not fit the devices or the model, naming the axis
         raise ConfigError(str(e)) from None
     rules = config.mesh.get("rules") if hasattr(config.mesh, "get") else None
@@ -188,7 +204,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
     profile = parse_profile_steps(profile_steps)
     workdir = paths.resolve(workdir)
     _check_workdir(workdir, config)
-    config_lib.check_batch(config, mesh_lib.data_parallel_size(mesh), jax.process_count())
+    config_lib.check_batch(config, sharding.data_parallel_size(mesh), jax.process_count())
     data_path = _resolve_data(config)
     train_split = TokenSplit(data_path, "train")
     if train_split.vocab_size > cfg.vocab_size:
@@ -247,7 +263,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
         # coordination service (no collective), then warm up the stop-flag all-gather.
         import orbax.checkpoint as ocp
 
-        probe = mesh_lib.global_batch(next(train_iterator(train_split, pipe)), batch_sh)
+        probe = global_batch(next(train_iterator(train_split, pipe)), batch_sh)
         step_fn = step_fn.lower(state, probe, fault_step).compile()
         if val:
             eval_fn = eval_fn.lower(state, probe).compile()
@@ -271,7 +287,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
     def evaluate() -> float:
         sums = np.zeros(2)
         for b in val:
-            out = jax.device_get(eval_fn(state, mesh_lib.global_batch(b, batch_sh)))
+            out = jax.device_get(eval_fn(state, global_batch(b, batch_sh)))
             sums += (out["ce_sum"], out["weight_sum"])
         return float(sums[0] / max(sums[1], 1.0))
 
@@ -287,7 +303,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
                 if profile and step + 1 == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
                     profiling = True
-                batch = mesh_lib.global_batch(next(data_iter), batch_sh)
+                batch = global_batch(next(data_iter), batch_sh)
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch, fault_step)
                 metrics = jax.device_get(metrics)
@@ -343,7 +359,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
                        last_record=record)
 
 
-def optimizer_key(train_cfg) -> tuple:
+def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
     """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
     names = ("steps", "warmup_steps", "decay_steps", "learning_rate", "min_lr_ratio",
              "weight_decay", "b1", "b2", "eps", "grad_clip_norm")
@@ -366,7 +382,7 @@ class Built:
     step_fn: Callable
     eval_fn: Callable
 
-    def state_spec(self):
+    def state_spec(self) -> Any:
         """The train state as ShapeDtypeStructs carrying the run's shardings."""
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_sh)
@@ -376,7 +392,7 @@ class Built:
         return step_lib.batch_spec(batch_size, seq_len, self.batch_sh)
 
 
-def build(config, mesh) -> Built:
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Built:
     """The run's optimizer, state layout and jitted step functions on `mesh`, used by `train`
     and by `launch.compile` alike. Reads no data, allocates nothing; call it inside
     `run_mesh(config, ...)` so that the rules in effect are the run's."""
@@ -385,27 +401,39 @@ def build(config, mesh) -> Built:
                   t.grad_accum_steps, sharding.current_rules())
 
 
+def _under_rules(fn: Callable, rules: sharding.Rules) -> Callable:
+    """`fn` run (traced) under `rules`, whatever rules are in effect where it is called."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.use_rules(rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 @functools.lru_cache(maxsize=4)
-def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int, rules) -> Built:
+def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int,
+           rules: sharding.Rules) -> Built:
     """`build`, cached so that runs of the same setup in one process (tests, benchmarks,
-    restarts) trace and compile once."""
+    restarts) trace and compile once. Everything in the result depends on the logical rules
+    (the shardings, and the constraints traced into the steps), so they are part of the key
+    and every function is traced under them."""
     import ml_collections
 
     tx, schedule = optimizer_lib.make_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
     graphdef, _, _ = step_lib.abstract_model(cfg)
-    init = step_lib.make_init_fn(cfg, tx, seed)
+    init = _under_rules(step_lib.make_init_fn(cfg, tx, seed), rules)
     abstract_state = jax.eval_shape(init)
-    state_sh = mesh_lib.param_shardings(abstract_state, mesh)
-    batch_sh = mesh_lib.batch_sharding(mesh)
+    state_sh = sharding.state_shardings(abstract_state, mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
     step_cfg = step_lib.StepConfig(grad_accum_steps=grad_accum_steps)
-    step_fn = jax.jit(
-        functools.partial(step_lib.train_step, graphdef=graphdef, cfg=cfg, tx=tx,
-                          schedule=schedule, step_cfg=step_cfg),
-        in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef),
-                      in_shardings=(state_sh, batch_sh))
+    train_step = functools.partial(step_lib.train_step, graphdef=graphdef, cfg=cfg, tx=tx,
+                                   schedule=schedule, step_cfg=step_cfg)
+    step_fn = jax.jit(_under_rules(train_step, rules), in_shardings=(state_sh, batch_sh, None),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    eval_step = functools.partial(step_lib.eval_step, graphdef=graphdef)
+    eval_fn = jax.jit(_under_rules(eval_step, rules), in_shardings=(state_sh, batch_sh))
     return Built(tx=tx, abstract_state=abstract_state, state_sh=state_sh, batch_sh=batch_sh,
                  init_fn=jax.jit(init, out_shardings=state_sh), step_fn=step_fn,
                  eval_fn=eval_fn)

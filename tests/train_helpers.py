@@ -1,0 +1,62 @@
+"""Helpers for the training tests: the micro run config, small token stores, a persistent
+compilation cache and a simulated preemption."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from configs.tiny import micro_config, micro_model
+from mla_moe.data import token_store
+
+__all__ = ["enable_compilation_cache", "micro_config", "micro_model", "sigterm_at",
+           "synthetic_store"]
+
+
+def synthetic_store(path: str, num_docs: int = 40, doc_len: int = 300, seed: int = 0) -> str:
+    """A byte-vocabulary store of random documents with a learnable pattern (token i+1 often
+    follows token i), written to `path`."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(num_docs):
+        n = int(rng.integers(doc_len // 2, doc_len * 3 // 2))
+        start = rng.integers(0, 256)
+        steps = np.where(rng.random(n) < 0.7, 1, rng.integers(0, 256, n))
+        docs.append(((start + np.cumsum(steps)) % 256).astype(np.uint8))
+    token_store.write_store(
+        path, {"train": docs[:-4], "val": docs[-4:]}, tokenizer="byte", vocab_size=256,
+        source="synthetic",
+    )
+    return os.path.abspath(path)
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Persistent XLA compilation cache (also for subprocesses, through the environment), so
+    repeated test runs of one config compile once."""
+    import tempfile
+
+    import jax
+
+    path = path or os.path.join(tempfile.gettempdir(), "mla_moe_test_jax_cache")
+    os.makedirs(path, exist_ok=True)
+    settings = {
+        "jax_compilation_cache_dir": path,
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    for k, v in settings.items():
+        jax.config.update(k, v)
+        os.environ[k.upper()] = str(v)
+    return path
+
+
+def sigterm_at(step: int):
+    """A trainer hook that sends this process SIGTERM after `step` (a simulated preemption)."""
+    import signal
+
+    def hook(s, metrics):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
