@@ -169,7 +169,7 @@ def test_unstacked_model_equals_stacked():
     assert_close_scaled(sa.logits, sb.logits, rel=1e-6)
     for x, y in zip(sa.cache.latents, sb.cache.latents, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert model.groups[1].attn.wkv_a_DK.shape[0] == 2  # still stacked
+    assert model.groups[1].attn.wkv_a_DL.shape[0] == 2  # still stacked
 
 
 def test_absorbed_decode_step_updates_the_cache_in_place():

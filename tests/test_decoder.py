@@ -105,7 +105,7 @@ def test_bfloat16_compute_keeps_float32_logits_and_master_weights():
     chex.assert_type(out.logits, jnp.float32)
     chex.assert_type(out.hidden, jnp.bfloat16)
     chex.assert_tree_all_finite(out.logits)
-    assert model.embed_VD[...].dtype == jnp.float32
+    assert model.embed_UD[...].dtype == jnp.float32
     assert model.groups[1].ffn.router.w_DE[...].dtype == jnp.float32
 
 

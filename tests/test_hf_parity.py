@@ -187,7 +187,7 @@ def test_tensors_that_do_not_fit_the_config_are_reported(tmp_path):
 def test_load_in_bfloat16(hf_dir):
     name, hf_model, path = hf_dir
     ours = load_pretrained(path, dtype="bfloat16")
-    assert ours.embed_VD[...].dtype == np.dtype("bfloat16")
+    assert ours.embed_UD[...].dtype == np.dtype("bfloat16")
     tokens = _tokens(4)
     got = np.asarray(ours(tokens).logits)
     assert got.dtype == np.float32

@@ -72,7 +72,7 @@ def _decode(impl):
 
     @jax.jit
     def step(x_BTD, cache_BSL):
-        return layer(x_BTD, positions_BT, cache_BSK=cache_BSL, lengths_B=lengths_B,
+        return layer(x_BTD, positions_BT, cache_BSW=cache_BSL, lengths_B=lengths_B,
                      form="absorbed")
 
     return step, x_BTD, cache_BSL

@@ -22,7 +22,7 @@ def test_hf_to_bfloat16_and_no_overwrite(tmp_path):
     assert done.returncode == 0, done.stderr
     model = load_pretrained(tmp_path / "out")
     assert model.config.param_dtype == "bfloat16"
-    assert model.embed_VD[...].dtype == np.dtype("bfloat16")
+    assert model.embed_UD[...].dtype == np.dtype("bfloat16")
     tokens = np.random.default_rng(0).integers(0, 97, (1, 12))
     expected = hf_logits(hf, tokens)
     err = np.abs(np.asarray(model(tokens).logits) - expected)

@@ -164,8 +164,8 @@ def test_positions_default_to_arange_and_continue_the_cache():
     cache_BSL = jnp.zeros((2, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
     lengths_B = jnp.array([3, 7])
     pos_BT = lengths_B[:, None] + jnp.arange(5)[None, :]
-    want, want_cache = mla(x, pos_BT, cache_BSK=cache_BSL, lengths_B=lengths_B)
-    got, got_cache = mla(x, cache_BSK=cache_BSL, lengths_B=lengths_B)
+    want, want_cache = mla(x, pos_BT, cache_BSW=cache_BSL, lengths_B=lengths_B)
+    got, got_cache = mla(x, cache_BSW=cache_BSL, lengths_B=lengths_B)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_cache, want_cache)
 

@@ -26,7 +26,7 @@ _LAYER = {
     "attn.kv_norm.weight": ("fsdp",),
     "attn.q_norm.weight": ("fsdp",),
     "attn.wk_b_CNH": ("fsdp", "tensor", None),
-    "attn.wkv_a_DK": ("fsdp", None),
+    "attn.wkv_a_DL": ("fsdp", None),
     "attn.wo_NVD": ("tensor", None, "fsdp"),
     "attn.wq_a_DQ": ("fsdp", None),
     "attn.wq_b_QNA": ("fsdp", "tensor", None),
@@ -50,8 +50,8 @@ _MOE = {
     "ffn.shared.up_DF": ("fsdp", "tensor"),
 }
 GOLDEN = {
-    "embed_VD": ("tensor", "fsdp"),
-    "head_DV": ("fsdp", "tensor"),
+    "embed_UD": ("tensor", "fsdp"),
+    "head_DU": ("fsdp", "tensor"),
     "norm.weight": (None,),
     "mtp.0.eh_proj_2DD": (None, "fsdp"),
     "mtp.0.enorm.weight": (None,),
@@ -88,7 +88,7 @@ def test_rules_override_and_size_one_axes():
     mesh = sharding.make_mesh(dict(fsdp=2, expert=4), config=SMALL)
     specs = sharding.partition_specs(_abstract_state(), mesh, rules)
     assert specs["groups.1.ffn.gate_EDF"] == P(None, ("expert", "fsdp"), None, None)
-    assert specs["embed_VD"] == P(None, None)  # tensor=1 is left out, embed now replicated
+    assert specs["embed_UD"] == P(None, None)  # tensor=1 is left out, embed now replicated
     with sharding.use_rules(rules):
         assert sharding.current_rules()["exp"] == ("expert", "fsdp")
     assert sharding.current_rules()["exp"] == ("expert",)
@@ -230,7 +230,7 @@ def test_state_shardings_of_a_train_state():
     assert sh["step"].spec == P()
     mu = sh["opt_state"][0].mu
     assert mu["groups"][1]["ffn"]["gate_EDF"].get_value().spec == P(None, "expert", None, None)
-    assert sh["params"]["embed_VD"].get_value().spec == P(None, None)
+    assert sh["params"]["embed_UD"].get_value().spec == P(None, None)
 
 
 def test_batch_is_split_over_every_axis_but_tensor():

@@ -69,13 +69,13 @@ class DecoderLayer(nnx.Module):
         self.ffn = MoE(c, rngs=rngs) if moe else SwiGLU(c.intermediate_size, config=c, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array | None = None, cache_BSK: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None, cache_BSW: jax.Array | None = None,
                  lengths_B: jax.Array | None = None, form: str | None = None
                  ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
         """(x_BTD out, the updated cache or None, the MoE's stats or None for a dense FFN)."""
         with jax.named_scope("attention"):
-            a_BTD, cache_BSK = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
-                                         cache_BSK, lengths_B, form)
+            a_BTD, cache_BSW = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
+                                         cache_BSW, lengths_B, form)
         x_BTD = x_BTD + checkpoint_name(a_BTD, "attention_out")
         stats = None
         if isinstance(self.ffn, MoE):
@@ -85,7 +85,7 @@ class DecoderLayer(nnx.Module):
         else:
             with jax.named_scope("mlp"):
                 f_BTD = self.ffn(self.ffn_norm(x_BTD))
-        return constrain(x_BTD + f_BTD, ACT_BTD), cache_BSK, stats
+        return constrain(x_BTD + f_BTD, ACT_BTD), cache_BSW, stats
 
 
 def _stacked_layers(config: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> DecoderLayer:
@@ -112,14 +112,14 @@ class MTPBlock(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
 
     def __call__(self, h_BTD: jax.Array, emb_BTD: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array | None = None, cache_BSK: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None, cache_BSW: jax.Array | None = None,
                  lengths_B: jax.Array | None = None, form: str | None = None
                  ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
         """The block over h_BTD (the previous depth's hidden) and emb_BTD (the shifted
         tokens' embedding); returns what `DecoderLayer` returns."""
         x_BT2D = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
         x_BTD = dense(x_BT2D, self.eh_proj_2DD[...].astype(h_BTD.dtype))
-        return self.layer(x_BTD, positions_BT, segment_ids_BT, cache_BSK, lengths_B, form)
+        return self.layer(x_BTD, positions_BT, segment_ids_BT, cache_BSW, lengths_B, form)
 
 
 def _slice(tree, i):
@@ -133,16 +133,16 @@ class DeepSeekModel(nnx.Module):
         self.config = config
         c = config
         std, pd = c.initializer_range, c.param_dtype
-        self.embed_VD = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+        self.embed_UD = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
                               dtype=pd, stddev=std)
         self.groups = nnx.List(
             [_stacked_layers(c, moe, n, rngs) for moe, n in layer_groups(c)]
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
         if c.tie_word_embeddings:
-            self.head_DV = None
+            self.head_DU = None
         else:
-            self.head_DV = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+            self.head_DU = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
                                  dtype=pd, stddev=std)
         self.mtp = nnx.List(
             [MTPBlock(c, c.num_hidden_layers + k, rngs=rngs)
@@ -152,14 +152,14 @@ class DeepSeekModel(nnx.Module):
     # --- pieces ------------------------------------------------------------------------------
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         """Embedding lookup [B, T] -> [B, T, D] in the compute dtype."""
-        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
+        x_BTD = jnp.take(self.embed_UD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
         return constrain(x_BTD, ACT_BTD)
 
     def logits(self, h_BTD: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
         """OutHead: head(norm(h)) in float32 (norm defaults to the final norm)."""
         x_BTD = (norm or self.norm)(h_BTD)
-        w_DV = self.embed_VD[...].T if self.head_DV is None else self.head_DV[...]
-        return dense(x_BTD, w_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+        w_DU = self.embed_UD[...].T if self.head_DU is None else self.head_DU[...]
+        return dense(x_BTD, w_DU.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
 
     def unstacked(self) -> DeepSeekModel:
         """The same model for inference, each layer group split into per-layer modules (one
@@ -211,7 +211,7 @@ class DeepSeekModel(nnx.Module):
             def run_layer(i, x, cache_l):
                 return body(x, _slice(state, i), cache_l)
 
-        # With a cache, one traced layer per layer: each layer's own [B, S, K] cache array is
+        # With a cache, one traced layer per layer: each layer's own [B, S, W] cache array is
         # read and updated in place (scanning would slice it out of a stacked array and back).
         caches, stats = [], []
         for i in range(n):
@@ -266,7 +266,7 @@ class DeepSeekModel(nnx.Module):
             first += n
         h_BTD = x_BTD
         with jax.named_scope("head"):
-            logits_BTV = self.logits(h_BTD)
+            logits_BTU = self.logits(h_BTD)
 
         mtp_logits = None
         if self.mtp and cache is None:
@@ -291,7 +291,7 @@ class DeepSeekModel(nnx.Module):
         if cache is not None:
             new_cache = KVCache(latents=tuple(new_latents), lengths_B=lengths_B + t)
         return ModelOutput(
-            logits=logits_BTV, aux_loss=aux_loss, aux_losses=aux_losses, router=tuple(router_stats),
+            logits=logits_BTU, aux_loss=aux_loss, aux_losses=aux_losses, router=tuple(router_stats),
             hidden=h_BTD, cache=new_cache, mtp_logits=mtp_logits,
         )
 

@@ -13,12 +13,13 @@ meaning per letter:
   A qk head dim with rope (H + R) P expert-parallel shards
   V value head dim                I MTP modules (depth)
   C kv latent rank                U vocabulary
-  L latent cache width (C + R)    W packed bytes of an FP8 cache slot
+  L latent cache width (C + R)    W a cache slot as stored (L values, or FP8's packed bytes)
   Q q latent rank                 Z FP8 scale blocks of a cache slot
   Y query rows of the latent kernel (T * N, all heads sharing one key stream)
+  O pieces an axis is cut into (grouped-matmul blocks, key chunks, cache splits)
 
 Inside a kernel, T and S are also the query and key lengths of one block, and 1 a kept unit
-axis (`m_T1`).
+axis (`m_T1`). A lowercase letter is local to one module and defined in its docstring.
 """
 
 from __future__ import annotations

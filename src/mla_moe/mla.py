@@ -7,7 +7,7 @@ and how new entries are written in place is cache.py's.
 
 Legend: see layers.py. Weight layout ([in, ..., out], einsum-ready):
   wq_DNA or (wq_a_DQ, q_norm, wq_b_QNA)   A = H + R (nope first, then rope, per head)
-  wkv_a_DK  K = C + R (latent first, then the shared rope key)
+  wkv_a_DL  L = C + R (latent first, then the shared rope key)
   wk_b_CNH, wv_b_CNV (the two halves of HF's kv_b_proj), wo_NVD
 """
 
@@ -83,7 +83,7 @@ def _naive_kernel(implementation: str, sm_scale: float, segment_ids_BT: jax.Arra
     return attend
 
 
-def _absorbed_cache_kernel(implementation: str, sm_scale: float, kv_BSK: jax.Array,
+def _absorbed_cache_kernel(implementation: str, sm_scale: float, kv_BSL: jax.Array,
                            lengths_B: jax.Array):
     """The absorbed form's attention over a cache that already holds the T new entries (at
     slots lengths_B .. lengths_B + T - 1), on the Pallas kernel, per shard:
@@ -98,7 +98,7 @@ def _absorbed_cache_kernel(implementation: str, sm_scale: float, kv_BSK: jax.Arr
                 q_latent, q_pe, kv, lengths_B=lengths + t, sm_scale=sm_scale, causal=True,
                 implementation=implementation)
 
-        return _on_shards(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSK, lengths_B),
+        return _on_shards(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSL, lengths_B),
                           (_HEADS, _HEADS, _SHARED, ("batch",)), _HEADS)
 
     return attend
@@ -113,7 +113,7 @@ class MLA(nnx.Module):
 
         mla = MLA(config, rngs=nnx.Rngs(0))
         out_BTD, _ = mla(x_BTD)  # causal self-attention, positions 0..T-1
-        out_BTD, cache_BSW = mla(x_BTD, cache_BSK=cache.latents[0], lengths_B=cache.lengths_B)
+        out_BTD, cache_BSW = mla(x_BTD, cache_BSW=cache.latents[0], lengths_B=cache.lengths_B)
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
@@ -130,7 +130,7 @@ class MLA(nnx.Module):
             self.wq_b_QNA = param(rngs, (q, n, a), ("q_lora", "heads", "kv"), dtype=pd,
                                   stddev=std)
         k = c.kv_lora_rank + c.qk_rope_head_dim
-        self.wkv_a_DK = param(rngs, (d, k), ("embed", "kv_lora"), dtype=pd, stddev=std)
+        self.wkv_a_DL = param(rngs, (d, k), ("embed", "kv_lora"), dtype=pd, stddev=std)
         self.kv_norm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, config=c, rngs=rngs,
                                axis="kv_lora")
         self.wk_b_CNH = param(rngs, (c.kv_lora_rank, n, c.qk_nope_head_dim),
@@ -156,18 +156,18 @@ class MLA(nnx.Module):
     def latent(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """The per-token cache entry [c_KV (normed); k_pe (roped)]: [B, T, C + R]."""
         c, dt = self.config, x_BTD.dtype
-        kv_BTK = dense(x_BTD, self.wkv_a_DK[...].astype(dt))
-        c_BTC = rms_norm(kv_BTK[..., : c.kv_lora_rank], self.kv_norm.weight[...], LATENT_NORM_EPS)
-        k_pe_BTR = apply_rope(kv_BTK[..., c.kv_lora_rank :], positions_BT, c)
+        kv_BTL = dense(x_BTD, self.wkv_a_DL[...].astype(dt))
+        c_BTC = rms_norm(kv_BTL[..., : c.kv_lora_rank], self.kv_norm.weight[...], LATENT_NORM_EPS)
+        k_pe_BTR = apply_rope(kv_BTL[..., c.kv_lora_rank :], positions_BT, c)
         return jnp.concatenate([c_BTC, k_pe_BTR], axis=-1)
 
     # --- the two forms: how keys and values are formed from the latent -----------------------
-    def naive(self, q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSK: jax.Array,
+    def naive(self, q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
               attend: Callable[..., jax.Array]) -> jax.Array:
-        """Per-head keys and values decompressed from the latent kv_BSK, then
+        """Per-head keys and values decompressed from the latent kv_BSL, then
         attend(q_nope, q_pe, k_nope_BSNH, k_pe_BSR, v_BSNV) -> o [B, T, N, V]."""
         c, dt = self.config, q_nope_BTNH.dtype
-        c_BSC, k_pe_BSR = kv_BSK[..., : c.kv_lora_rank], kv_BSK[..., c.kv_lora_rank :]
+        c_BSC, k_pe_BSR = kv_BSL[..., : c.kv_lora_rank], kv_BSL[..., c.kv_lora_rank :]
         k_nope_BSNH = dense(c_BSC, self.wk_b_CNH[...].astype(dt))
         v_BSNV = dense(c_BSC, self.wv_b_CNV[...].astype(dt))
         return attend(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV)
@@ -182,22 +182,22 @@ class MLA(nnx.Module):
         return jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, self.wv_b_CNV[...].astype(dt))
 
     # --- attention without and with a cache --------------------------------------------------
-    def _self_attention(self, q_nope_BTNH, q_pe_BTNR, kv_BTK, segment_ids_BT, form):
+    def _self_attention(self, q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, form):
         """Causal attention of the T tokens over themselves (index order), per segment."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
-        b, t = kv_BTK.shape[:2]
+        b, t = kv_BTL.shape[:2]
         if form == "naive" and kernel:
-            return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTK,
+            return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTL,
                               _naive_kernel(kernel, scale, segment_ids_BT))
         mask_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
         if form == "naive":
-            return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTK,
+            return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTL,
                               lambda *qkv: attn.naive_attention(*qkv, mask_BTS, scale))
         return self.absorbed(q_nope_BTNH, q_pe_BTNR, lambda q, q_pe: attn.absorbed_attention(
-            q, q_pe, [(kv_BTK, mask_BTS)], scale))
+            q, q_pe, [(kv_BTL, mask_BTS)], scale))
 
-    def _cached_attention(self, q_nope_BTNH, q_pe_BTNR, latent_BTK, cache_BSW, lengths_B,
+    def _cached_attention(self, q_nope_BTNH, q_pe_BTNR, latent_BTL, cache_BSW, lengths_B,
                           form):
         """Attention of the T new tokens over the cache's first lengths_B slots and themselves
         (token t at slot lengths_B + t). Returns (o [B, T, N, V], the cache with the new
@@ -205,8 +205,8 @@ class MLA(nnx.Module):
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
         codec = LatentCodec.of(cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype)
-        new_BTW = codec.write(latent_BTK)
-        b, t = latent_BTK.shape[:2]
+        new_BTW = codec.write(latent_BTL)
+        b, t = latent_BTL.shape[:2]
         s = cache_BSW.shape[1]
         if form == "absorbed" and not kernel:
             # Attends over the cache as it was plus the new entries (as stored), then writes
@@ -219,12 +219,12 @@ class MLA(nnx.Module):
                 attn.absorbed_attention(q, q_pe, segments, scale)))
             return o_BTNV, write_entries(cache_BSW, new_BTW, lengths_B, after=o_BTNV)
         cache_BSW = write_entries(cache_BSW, new_BTW, lengths_B)
-        kv_BSK = codec.read(cache_BSW)
+        kv_BSL = codec.read(cache_BSW)
         if form == "absorbed":
             return self.absorbed(q_nope_BTNH, q_pe_BTNR, _absorbed_cache_kernel(
-                kernel, scale, kv_BSK, lengths_B)), cache_BSW
+                kernel, scale, kv_BSL, lengths_B)), cache_BSW
         mask_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :], s)
-        return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BSK,
+        return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BSL,
                           lambda *qkv: attn.naive_attention(*qkv, mask_BTS, scale)), cache_BSW
 
     # --- forward -----------------------------------------------------------------------------
@@ -233,7 +233,7 @@ class MLA(nnx.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
-        cache_BSK: jax.Array | None = None,
+        cache_BSW: jax.Array | None = None,
         lengths_B: jax.Array | None = None,
         form: str | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
@@ -248,21 +248,21 @@ class MLA(nnx.Module):
         """
         c = self.config
         b, t = x_BTD.shape[:2]
-        form = form or ("naive" if cache_BSK is None else c.decode_attention)
+        form = form or ("naive" if cache_BSW is None else c.decode_attention)
         if form not in ("naive", "absorbed"):
             raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
         if positions_BT is None:
-            start_B = jnp.zeros((b,), jnp.int32) if cache_BSK is None else lengths_B
+            start_B = jnp.zeros((b,), jnp.int32) if cache_BSW is None else lengths_B
             positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT)
-        latent_BTK = self.latent(x_BTD, positions_BT)
-        if cache_BSK is None:
-            o_BTNV = self._self_attention(q_nope_BTNH, q_pe_BTNR, latent_BTK, segment_ids_BT,
+        latent_BTL = self.latent(x_BTD, positions_BT)
+        if cache_BSW is None:
+            o_BTNV = self._self_attention(q_nope_BTNH, q_pe_BTNR, latent_BTL, segment_ids_BT,
                                           form)
         else:
-            o_BTNV, cache_BSK = self._cached_attention(q_nope_BTNH, q_pe_BTNR, latent_BTK,
-                                                       cache_BSK, lengths_B, form)
+            o_BTNV, cache_BSW = self._cached_attention(q_nope_BTNH, q_pe_BTNR, latent_BTL,
+                                                       cache_BSW, lengths_B, form)
         o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
         dt = x_BTD.dtype
         out_BTD = dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
-        return out_BTD, cache_BSK
+        return out_BTD, cache_BSW

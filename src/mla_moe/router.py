@@ -5,13 +5,13 @@ scores s = softmax(z) (V2) or sigmoid(z) (V3), z = u . W_gate, in float32.
 - group_limited_greedy:  keep the `topk_group` groups with the highest max-s, top-K inside.
 - noaux_tc:              s~ = s + b (b the aux-loss-free bias, selection only); keep the
                          `topk_group` groups with the highest sum of their top-2 s~, top-K s~.
-- device-limited (V2, `device_limited_routing`): before the group rule, keep per token the M
-  expert shards with the highest max-s~ over their experts (M = `device_limit`); the shards are
+- device-limited (V2, `device_limited_routing`): before the group rule, keep per token the
+  `device_limit` expert shards with the highest max-s~ over their experts; the shards are
   the real expert placement (`expert_shards`).
 Gate weights g = s[idx] (never the bias), renormalised if `norm_topk_prob`, then scaled by
 `routed_scaling_factor`.
 
-Placement: expert e lives on shard e // (E/D), D = `expert_shards(config)` contiguous blocks
+Placement: expert e lives on shard e // (E/P), P = `expert_shards(config)` contiguous blocks
 (the "exp" -> expert sharding rule).
 """
 
@@ -79,7 +79,7 @@ def _keep_top_blocks(choice_TE: jax.Array, blocks: int, keep: int,
 
 
 def _device_limit(config: ModelConfig) -> tuple[int, int] | None:
-    """(D shards, M kept per token) when device-limited routing acts, else None."""
+    """(P shards, shards kept per token) when device-limited routing acts, else None."""
     if not config.device_limited_routing or not config.n_routed_experts:
         return None
     e, d = config.n_routed_experts, expert_shards(config)

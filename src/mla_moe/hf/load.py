@@ -141,9 +141,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
     def reader_for(path_):
         """(read(index) -> np.ndarray) for one of our leaves."""
         head, rest = path_[0], tuple(path_[1:])
-        if head == "embed_VD":
+        if head == "embed_UD":
             return lambda idx: reader("model.embed_tokens.weight")[idx]
-        if head == "head_DV":
+        if head == "head_DU":
             return lambda idx: reader("lm_head.weight").T[idx]
         if head == "norm":
             return lambda idx: reader("model.norm.weight")[idx]

@@ -48,7 +48,7 @@ def layer_readers(config: ModelConfig, moe: bool) -> dict[tuple, Callable]:
     r = {
         ("attn_norm", "weight"): same("input_layernorm.weight"),
         ("ffn_norm", "weight"): same("post_attention_layernorm.weight"),
-        ("attn", "wkv_a_DK"): lin("self_attn.kv_a_proj_with_mqa.weight"),
+        ("attn", "wkv_a_DL"): lin("self_attn.kv_a_proj_with_mqa.weight"),
         ("attn", "kv_norm", "weight"): same("self_attn.kv_a_layernorm.weight"),
         ("attn", "wk_b_CNH"): kv_b("k"),
         ("attn", "wv_b_CNV"): kv_b("v"),
@@ -109,7 +109,7 @@ def layer_writers(config: ModelConfig, moe: bool) -> list[tuple[str, Callable]]:
     out: list[tuple[str, Callable]] = [
         ("input_layernorm.weight", lambda a: a[("attn_norm", "weight")]),
         ("post_attention_layernorm.weight", lambda a: a[("ffn_norm", "weight")]),
-        ("self_attn.kv_a_proj_with_mqa.weight", lambda a: a[("attn", "wkv_a_DK")].T),
+        ("self_attn.kv_a_proj_with_mqa.weight", lambda a: a[("attn", "wkv_a_DL")].T),
         ("self_attn.kv_a_layernorm.weight", lambda a: a[("attn", "kv_norm", "weight")]),
         ("self_attn.kv_b_proj.weight", lambda a: jnp.concatenate(
             [a[("attn", "wk_b_CNH")], a[("attn", "wv_b_CNV")]], axis=-1

@@ -59,7 +59,7 @@ def _tensor_plan(model: DeepSeekModel):
     def transpose(a):
         return a.T
 
-    add("model.embed_tokens.weight", whole(ident, "embed_VD"))
+    add("model.embed_tokens.weight", whole(ident, "embed_UD"))
     layer = 0
     for g, (moe, n) in enumerate(layer_groups(config)):
         rel = {p[2:]: v for p, v in flat.items() if p[:2] == ("groups", g)}
@@ -69,7 +69,7 @@ def _tensor_plan(model: DeepSeekModel):
                 add(f"model.layers.{layer}.{suffix}", (fn, args))
             layer += 1
     add("model.norm.weight", whole(ident, "norm", "weight"))
-    head = whole(ident, "embed_VD") if config.tie_word_embeddings else whole(transpose, "head_DV")
+    head = whole(ident, "embed_UD") if config.tie_word_embeddings else whole(transpose, "head_DU")
     if not config.tie_word_embeddings:
         add("lm_head.weight", head)
     for k in range(config.num_nextn_predict_layers):
@@ -81,7 +81,7 @@ def _tensor_plan(model: DeepSeekModel):
         for ours, theirs in MTP_READERS.items():
             add(prefix + theirs, whole(ident, "mtp", k, *ours))
         add(prefix + "eh_proj.weight", whole(transpose, "mtp", k, "eh_proj_2DD"))
-        add(prefix + "embed_tokens.weight", whole(ident, "embed_VD"))
+        add(prefix + "embed_tokens.weight", whole(ident, "embed_UD"))
         add(prefix + "shared_head.head.weight", head)
     return plan
 
