@@ -41,7 +41,7 @@ def model_config() -> ml_collections.ConfigDict:
             # expert in most layers (max/mean 4.0 at step 10), and at that rate the bias needs
             # far more than this run's 150 steps to undo it (max/mean 2.4-3.7 at step 150).
             # Three times the rate and thirty times the weight balance the run by its end,
-            # at no cost in validation loss over seeds 0-2 (see README, "The first run").
+            # at no cost in validation loss over seeds 0-2 (the table in README's quickstart).
             seq_balance_alpha=0.003,
             expert_bias_update_rate=0.003,
             mtp_loss_weight=0.3,
