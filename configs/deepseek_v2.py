@@ -64,7 +64,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     `get_config("runlocal")`, i.e. `--config=configs/deepseek_v2.py:runlocal`: the same model
     at toy sizes, two training steps on a CPU.
     """
-    from mla_moe.train.config import run_config
+    from mla_moe.train.config import run_config, runlocal_config
 
     model = model_config()
     # Per layer, only its input and attention output survive the forward pass; "dots" would
@@ -74,18 +74,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     model.attention_impl = "auto"  # the Pallas kernels on TPU and GPU, XLA on CPU
     model.scan_layers = True  # one compiled layer per group: minutes, not hours, at 61 layers
     if variant == "runlocal":
-        # The same model (every feature and routing rule above) at toy sizes, trained for two
-        # steps on the bundled byte corpus: a check on a CPU that the preset runs end to end.
-        model.update(RUNLOCAL_SIZES)
-        return run_config(
-            model,
-            train=dict(steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every_steps=0,
-                       eval_batches=1),
-            data=dict(num_threads=1, prefetch=2),
-            checkpoint=dict(every_steps=2, max_to_keep=1),
-            log=dict(every_steps=1),
-            mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
-        )
+        return runlocal_config(model, RUNLOCAL_SIZES)
     if variant:
         raise ValueError(
             f"configs/deepseek_v2.py: unknown variant {variant!r} (known: 'runlocal')")

@@ -70,6 +70,21 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
     return c
 
 
+def runlocal_config(model: ml_collections.ConfigDict, sizes: dict) -> ml_collections.ConfigDict:
+    """A published preset at toy `sizes` (every other model field as published), trained for
+    two steps on the bundled byte corpus: a CPU check that the preset runs end to end."""
+    model.update(sizes)
+    return run_config(
+        model,
+        train=dict(steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every_steps=0,
+                   eval_batches=1),
+        data=dict(num_threads=1, prefetch=2),
+        checkpoint=dict(every_steps=2, max_to_keep=1),
+        log=dict(every_steps=1),
+        mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
+    )
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
