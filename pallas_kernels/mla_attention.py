@@ -131,6 +131,20 @@ def _specs(unpack):
     return head, shared, stats, segs
 
 
+def _in_specs(specs, has_segments: bool, h: int, r: int, dv: int, q_rows: int, q_tiled: bool,
+              kv_rows: int, kv_tiled: bool, backward: bool) -> list:
+    """The kernels' input specs in call order: (segment ids,) q_nope, q_pe, k_nope, k_pe, v,
+    and for the backward also do, lse, delta; the query side blocked `q_rows` at a time (or
+    whole), the key side `kv_rows`."""
+    head, shared, stats, segs = specs
+    in_specs = segs(q_rows, q_tiled, kv_rows, kv_tiled) if has_segments else []
+    in_specs += [head(q_rows, h, q_tiled), head(q_rows, r, q_tiled), head(kv_rows, h, kv_tiled),
+                 shared(kv_rows, r, kv_tiled), head(kv_rows, dv, kv_tiled)]
+    if backward:
+        in_specs += [head(q_rows, dv, q_tiled), stats(q_rows, q_tiled), stats(q_rows, q_tiled)]
+    return in_specs
+
+
 def _dims(q_nope, q_pe, k_nope, v, head_major):
     b = q_nope.shape[0]
     n, t = (q_nope.shape[1], q_nope.shape[2]) if head_major else (q_nope.shape[2],
@@ -147,10 +161,9 @@ def _forward(cfg: _Config, q_nope, q_pe, k_nope, k_pe, v, segs):
     b, n, t, s, h, r, dv = _dims(q_nope, q_pe, k_nope, v, be.head_major)
     bq, bk = bs.block_q, bs.block_kv
     grid, axis, unpack = _grid(b, n, t // bq)
-    head, shared, stats, seg_specs = _specs(unpack)
-    in_specs = seg_specs(bq, True, s, False) if g.has_segments else []
-    in_specs += [head(bq, h, True), head(bq, r, True), head(s, h, False), shared(s, r, False),
-                 head(s, dv, False)]
+    specs = _specs(unpack)
+    head, _, stats, _ = specs
+    in_specs = _in_specs(specs, g.has_segments, h, r, dv, bq, True, s, False, backward=False)
     out_shape = [jax.ShapeDtypeStruct(q_nope.shape[:-1] + (dv,), q_nope.dtype),
                  jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)]
     out, lse = pl.pallas_call(
@@ -181,10 +194,9 @@ def _backward(cfg: _Config, res, do):
 
     bq, bk = bs.block_q_dq, bs.block_kv_dq
     grid, axis, unpack = _grid(b, n, t // bq)
-    head, shared, stats, seg_specs = _specs(unpack)
-    in_specs = seg_specs(bq, True, s, False) if g.has_segments else []
-    in_specs += [head(bq, h, True), head(bq, r, True), head(s, h, False), shared(s, r, False),
-                 head(s, dv, False), head(bq, dv, True), stats(bq, True), stats(bq, True)]
+    specs = _specs(unpack)
+    head, _, stats, _ = specs
+    in_specs = _in_specs(specs, g.has_segments, h, r, dv, bq, True, s, False, backward=True)
     dq_nope, dq_pe = pl.pallas_call(
         functools.partial(kernels.dq_kernel, g=g, block_q=bq, block_kv=bk, block_axis=axis),
         grid=grid, in_specs=in_specs, out_specs=[head(bq, h, True), head(bq, r, True)],
@@ -195,10 +207,9 @@ def _backward(cfg: _Config, res, do):
 
     bq, bk = bs.block_q_dkv, bs.block_kv_dkv
     grid, axis, unpack = _grid(b, n, s // bk)
-    head, shared, stats, seg_specs = _specs(unpack)
-    in_specs = seg_specs(t, False, bk, True) if g.has_segments else []
-    in_specs += [head(t, h, False), head(t, r, False), head(bk, h, True), shared(bk, r, True),
-                 head(bk, dv, True), head(t, dv, False), stats(t, False), stats(t, False)]
+    specs = _specs(unpack)
+    head, _, stats, _ = specs
+    in_specs = _in_specs(specs, g.has_segments, h, r, dv, t, False, bk, True, backward=True)
     dk_pe_partial_spec = stats(bk, True)  # [B, N, S, R] f32, same indexing as stats
     dk_pe_partial_spec = pl.BlockSpec((None, None, bk, r), dk_pe_partial_spec.index_map)
     dk_nope, dk_pe_BNSR, dv_ = pl.pallas_call(
