@@ -4,7 +4,6 @@ for two steps on a CPU (what the full-size run would do, short of its memory).""
 import importlib
 import math
 
-import jax
 import pytest
 
 from mla_moe.train import train
@@ -31,18 +30,9 @@ def test_runlocal_is_the_published_model_shrunk(name):
         module.get_config("huge")
 
 
-@pytest.fixture
-def fast_compile():
-    """Two steps of a toy model: compiling the step is nearly all the time, so compile it at
-    XLA's lowest optimisation level (a third faster on CPU; the numerics are not checked)."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
-def test_runlocal_trains_two_steps(name, tmp_path, fast_compile):
+def test_runlocal_trains_two_steps(name, tmp_path):
     local = _configs(name)[2]
     result = train(local, str(tmp_path / "w"))
     assert result.step == 2 and not result.preempted
