@@ -9,7 +9,8 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distri
 --workdir to resume from the latest checkpoint.
 
 Compiled programs are kept in a persistent cache (--compilation_cache, default
-~/.cache/mla_moe/jax), so a second run of the same setup starts without compiling.
+~/.cache/mla_moe/jax), so a second run of the same setup starts without compiling (on CPU for
+one-device runs only: see `mla_moe.train.compilation_cache`).
 """
 
 from __future__ import annotations
@@ -40,22 +41,6 @@ _CACHE = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def enable_compilation_cache(path: str) -> None:
-    """Keeps compiled programs on disk: a rerun or resume of the same setup skips compiling.
-    Only programs that took a second or more to compile are stored."""
-    import jax
-
-    if not path or jax.config.jax_compilation_cache_dir:  # off, or set by the environment
-        return
-    path = os.path.expanduser(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return  # a read-only home: run without the cache
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv: list[str]) -> None:
     """Sets up distributed JAX if asked, then trains the configured run in the workdir."""
     from mla_moe.errors import InputError
@@ -73,7 +58,9 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(_COORD.value or None, _NPROC.value, _PID.value)
     elif _DIST.value:
         jax.distributed.initialize()
-    enable_compilation_cache(_CACHE.value)
+    from mla_moe.train.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache(_CACHE.value)  # off for multi-device CPU runs
 
     from mla_moe.train import NonFiniteLossError, train
 

@@ -12,3 +12,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Multi-device XLA:CPU programs reloaded from the persistent cache can deadlock
+# (mla_moe.train.compilation_cache): this process never uses it, whatever the environment says.
+jax.config.update("jax_enable_compilation_cache", False)

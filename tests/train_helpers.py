@@ -32,11 +32,11 @@ def synthetic_store(path: str, num_docs: int = 40, doc_len: int = 300, seed: int
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
-    """Persistent XLA compilation cache (also for subprocesses, through the environment), so
-    repeated test runs of one config compile once."""
+    """A persistent XLA compilation cache for the training subprocesses the tests start (set
+    through their environment), so reruns of one config compile once. Each decides for itself
+    with `mla_moe.train.compilation_cache`: one-device CPU runs use it, multi-device ones do
+    not. The test process itself runs on 8 CPU devices, where the cache stays off (conftest)."""
     import tempfile
-
-    import jax
 
     path = path or os.path.join(tempfile.gettempdir(), "mla_moe_test_jax_cache")
     os.makedirs(path, exist_ok=True)
@@ -46,7 +46,6 @@ def enable_compilation_cache(path: str | None = None) -> str:
         "jax_persistent_cache_min_entry_size_bytes": 0,
     }
     for k, v in settings.items():
-        jax.config.update(k, v)
         os.environ[k.upper()] = str(v)
     return path
 

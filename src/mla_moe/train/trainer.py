@@ -35,6 +35,7 @@ from mla_moe.data import (
 )
 from mla_moe.errors import InputError, MissingInputError
 from mla_moe.train import checkpoint as ckpt_lib
+from mla_moe.train import compilation_cache
 from mla_moe.train import config as config_lib
 from mla_moe.train import metrics as metrics_lib
 from mla_moe.train import optimizer as optimizer_lib
@@ -179,6 +180,7 @@ def train(
     """Trains until `config.train.steps`, resuming from the workdir's latest checkpoint."""
     # Everything traced below (init, step, eval) sees the mesh and the logical rules.
     with run_mesh(config) as (cfg, mesh):
+        compilation_cache.disable_where_unsafe(mesh.devices.size)
         return _train(config, cfg, mesh, workdir, profile_steps=profile_steps,
                       init_from_hf=init_from_hf, hooks=hooks)
 
