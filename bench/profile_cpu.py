@@ -46,11 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_moe.train import metrics
+from mla_moe.train.hlo_collectives import type_bytes
 
 CATEGORIES = ("matmul", "elementwise", "copy/transpose", "reduce", "scatter/gather", "sort",
               "loop control", "async copy", "runtime", "other")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _MATMUL = {"dot", "convolution"}
 _SCATTER_GATHER = {"scatter", "gather", "dynamic-slice", "dynamic-update-slice"}
 _REDUCE = {"reduce", "reduce-window"}
@@ -82,7 +81,7 @@ class Instr:
     called: tuple[str, ...]
     op_name: str
     dims: tuple[int, ...]  # of an array result (empty for a tuple)
-    nbytes: int  # of the result (all arrays of a tuple)
+    nbytes: float  # of the result (all arrays of a tuple)
     text: str  # `opcode(operands), attributes`
 
 
@@ -126,8 +125,7 @@ def parse_hlo(text: str) -> tuple[dict[str, Instr], dict[str, list[str]], set[st
         shape = re.match(r"\w+\[([\d,]*)\]", rest)
         dims = tuple(int(x) for x in shape.group(1).split(",") if x) if shape else ()
         type_text = rest[: len(rest) - len(body)]
-        nbytes = sum(_BYTES.get(t, 4) * math.prod(int(x) for x in d.split(",") if x)
-                     for t, d in re.findall(r"(\w+)\[([\d,]*)\]", type_text))
+        nbytes = type_bytes(type_text)
         instrs[name] = Instr(name, op.group(1), comp, tuple(called), on.group(1) if on else "",
                              dims, nbytes, body)
         comps[comp].append(name)
@@ -286,39 +284,30 @@ def model_step() -> Step:
 
 
 def tiny_config():
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import tiny
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_cpu import tiny_config as config
 
-    config = tiny.get_config()
-    config.mesh.data = -1
-    return config
+    return config()
 
 
 def tiny_step() -> Step:
     """bench/train_cpu.py's tiny train step: the trainer's jitted step, optimizer included."""
-    from mla_moe.train import mesh as mesh_lib
     from mla_moe.train import trainer
+    from mla_moe.train.bench import random_batch
 
     config = tiny_config()
     t = config.train
     with trainer.run_mesh(config) as (cfg, mesh):
         built = trainer.build(config, mesh)
         state = built.init_fn()
-        tok = np.random.default_rng(0).integers(0, cfg.vocab_size,
-                                                (t.batch_size, t.seq_len + 1), dtype=np.int32)
-        shape = (t.batch_size, t.seq_len)
-        batch = mesh_lib.global_batch(
-            {"inputs": tok[:, :-1], "targets": tok[:, 1:],
-             "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), shape),
-             "segment_ids": np.ones(shape, np.int32), "weights": np.ones(shape, np.float32)},
-            built.batch_sh)
+        batch = random_batch(np.random.default_rng(0), cfg.vocab_size, config, built.batch_sh)
         fault = np.int32(-1)
         compiled = built.step_fn.lower(state, batch, fault).compile()
     box = [state]
 
     def run():  # the state is donated: carry it from step to step
-        box[0], metrics = compiled(box[0], batch, fault)
-        jax.block_until_ready((box[0], metrics))
+        box[0], out = compiled(box[0], batch, fault)
+        jax.block_until_ready((box[0], out))
 
     return Step(compiled, run, t.batch_size * t.seq_len)
 

@@ -31,6 +31,19 @@ def time_train_step(config: ml_collections.ConfigDict, steps: int = 3) -> dict:
         return _time(cfg, config, mesh, steps)
 
 
+def random_batch(rng: np.random.Generator, vocab_size: int, config: ml_collections.ConfigDict,
+                 batch_sh) -> dict:
+    """One global batch of `config.train`'s shape: random tokens, one document per row,
+    placed with the train step's batch shardings `batch_sh`."""
+    t = config.train
+    tok = rng.integers(0, vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:],
+         "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), tok[:, 1:].shape),
+         "segment_ids": np.ones_like(tok[:, 1:]),
+         "weights": np.ones(tok[:, 1:].shape, np.float32)}
+    return global_batch(b, batch_sh)
+
+
 def _time(cfg, config, mesh, steps):
     t = config.train
     built = trainer.build(config, mesh)
@@ -38,12 +51,7 @@ def _time(cfg, config, mesh, steps):
     rng = np.random.default_rng(0)
 
     def batch():
-        tok = rng.integers(0, cfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
-        b = {"inputs": tok[:, :-1], "targets": tok[:, 1:],
-             "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), tok[:, 1:].shape),
-             "segment_ids": np.ones_like(tok[:, 1:]),
-             "weights": np.ones(tok[:, 1:].shape, np.float32)}
-        return global_batch(b, built.batch_sh)
+        return random_batch(rng, cfg.vocab_size, config, built.batch_sh)
 
     t0 = time.perf_counter()
     state, m = built.step_fn(state, batch(), np.int32(-1))

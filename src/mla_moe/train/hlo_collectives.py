@@ -63,6 +63,11 @@ def _array_bytes(dtype: str, dims: str) -> float:
     return n * _BYTES.get(dtype, 0)
 
 
+def type_bytes(type_text: str) -> float:
+    """Bytes of every array in an HLO type, e.g. "(f32[8,128]{1,0}, bf16[4])" -> 4104."""
+    return float(sum(_array_bytes(d, s) for d, s in _ARRAY.findall(type_text)))
+
+
 def _split_result(rest: str) -> tuple[str, str]:
     """'TYPE opcode(...)...' -> (TYPE, opcode); TYPE may be a tuple with nested layouts."""
     depth = 0
