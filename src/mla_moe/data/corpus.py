@@ -105,11 +105,6 @@ def cache_dir() -> str:
     return root
 
 
-def stdlib_source_glob() -> str:
-    """A recursive glob of this Python's standard library sources (the default corpus)."""
-    return os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
-
-
 def _stdlib_files_all() -> list[str]:
     root = sysconfig.get_paths()["stdlib"]
     skip = ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3")
