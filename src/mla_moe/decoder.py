@@ -49,13 +49,16 @@ def layer_groups(config: ModelConfig) -> list[tuple[bool, int]]:
 class ModelOutput:
     """What `DeepSeekModel.__call__` returns (a pytree)."""
 
-    logits: jax.Array  # [B, T, vocab] float32
+    logits: jax.Array | None  # [B, T, vocab] float32; None when called with logits=False
     aux_loss: jax.Array  # scalar: weighted balance / z losses summed over MoE layers
     aux_losses: dict[str, jax.Array]  # unweighted, summed over MoE layers
     router: tuple[MoEStats, ...]  # per MoE layer (main layers, then MTP layers)
     hidden: jax.Array  # [B, T, D] last block's output (before the final norm)
     cache: KVCache | None = None
     mtp_logits: jax.Array | None = None  # [num_nextn_predict_layers, B, T, vocab] float32
+    # With logits=False instead: the head's inputs, in the compute dtype (see `head_weight`).
+    normed_hidden: jax.Array | None = None  # [B, T, D] norm(hidden)
+    mtp_normed_hidden: jax.Array | None = None  # [num_nextn_predict_layers, B, T, D]
 
 
 class DecoderLayer(nnx.Module):
@@ -155,10 +158,15 @@ class DeepSeekModel(nnx.Module):
         x_BTD = jnp.take(self.embed_UD[...], tokens_BT, axis=0).astype(dtype_of(self.config.dtype))
         return constrain(x_BTD, ACT_BTD)
 
+    def head_weight(self) -> jax.Array:
+        """The output head w_DU [D, vocab] in the parameter dtype (the embedding's transpose
+        when tied)."""
+        return self.embed_UD[...].T if self.head_DU is None else self.head_DU[...]
+
     def logits(self, h_BTD: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
         """OutHead: head(norm(h)) in float32 (norm defaults to the final norm)."""
         x_BTD = (norm or self.norm)(h_BTD)
-        w_DU = self.embed_UD[...].T if self.head_DU is None else self.head_DU[...]
+        w_DU = self.head_weight()
         return dense(x_BTD, w_DU.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
 
     def unstacked(self) -> DeepSeekModel:
@@ -232,6 +240,7 @@ class DeepSeekModel(nnx.Module):
         cache: KVCache | None = None,
         attention_form: str | None = None,
         inputs_embeds_BTD: jax.Array | None = None,
+        logits: bool = True,
     ) -> ModelOutput:
         """Forward pass.
 
@@ -242,6 +251,9 @@ class DeepSeekModel(nnx.Module):
         attention_form: "naive" or "absorbed" (default: naive without a cache, the config's
         `decode_attention` with one). inputs_embeds_BTD: use these instead of looking up
         `tokens_BT` for the main model (the MTP modules still embed the tokens).
+        logits: False returns the head's inputs (`normed_hidden`, `mtp_normed_hidden`) instead
+        of the logits, for a loss that applies the head itself a chunk at a time
+        (`losses.chunked_cross_entropy`).
         """
         b, t = tokens_BT.shape
         if cache is not None and segment_ids_BT is not None:
@@ -265,10 +277,12 @@ class DeepSeekModel(nnx.Module):
             router_stats.extend(s for s in stats if s is not None)
             first += n
         h_BTD = x_BTD
+        # logits=False: each head's input (its norm of the hidden) in place of its logits.
+        head = self.logits if logits else lambda h, norm=None: (norm or self.norm)(h)
         with jax.named_scope("head"):
-            logits_BTU = self.logits(h_BTD)
+            main_out = head(h_BTD)
 
-        mtp_logits = None
+        mtp_out = None
         if self.mtp and cache is None:
             per_module, h_k = [], h_BTD
             for k, block in enumerate(self.mtp, start=1):
@@ -277,10 +291,10 @@ class DeepSeekModel(nnx.Module):
                 with jax.named_scope(f"mtp_{k}"):
                     h_k, _, stats = block(h_k, self.embed(shifted_BT), positions_BT,
                                           segment_ids_BT)
-                    per_module.append(self.logits(h_k, block.norm))
+                    per_module.append(head(h_k, block.norm))
                 if stats is not None:
                     router_stats.append(stats)
-            mtp_logits = jnp.stack(per_module)
+            mtp_out = jnp.stack(per_module)
 
         aux_loss = sum((s.aux_loss for s in router_stats), jnp.zeros((), jnp.float32))
         aux_losses: dict[str, jax.Array] = {}
@@ -290,9 +304,11 @@ class DeepSeekModel(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(latents=tuple(new_latents), lengths_B=lengths_B + t)
+        heads = (dict(logits=main_out, mtp_logits=mtp_out) if logits else
+                 dict(logits=None, normed_hidden=main_out, mtp_normed_hidden=mtp_out))
         return ModelOutput(
-            logits=logits_BTU, aux_loss=aux_loss, aux_losses=aux_losses, router=tuple(router_stats),
-            hidden=h_BTD, cache=new_cache, mtp_logits=mtp_logits,
+            aux_loss=aux_loss, aux_losses=aux_losses, router=tuple(router_stats), hidden=h_BTD,
+            cache=new_cache, **heads,
         )
 
     # --- expert bias ---------------------------------------------------------------------------

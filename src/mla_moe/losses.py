@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from mla_moe import sharding
 
 
 def cross_entropy(
@@ -20,6 +28,23 @@ def cross_entropy(
     return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
 
 
+def mtp_targets(tokens_BT: jax.Array, k: int, segment_ids_BT: jax.Array | None = None,
+                weights_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(targets_BT, valid_BT) of MTP module k: position i predicts token i + k + 1; positions
+    whose target lies past the end, in another segment, or has zero weight are not valid."""
+    t = tokens_BT.shape[1]
+    shift = k + 1
+    targets_BT = jnp.pad(tokens_BT[:, shift:], ((0, 0), (0, shift)))
+    valid_BT = jnp.broadcast_to(jnp.arange(t)[None, :] < t - shift, tokens_BT.shape)
+    if segment_ids_BT is not None:
+        seg_target = jnp.pad(segment_ids_BT[:, shift:], ((0, 0), (0, shift)), constant_values=-1)
+        valid_BT = valid_BT & (seg_target == segment_ids_BT)
+    if weights_BT is not None:
+        w_target = jnp.pad(weights_BT[:, shift:], ((0, 0), (0, shift)))
+        valid_BT = valid_BT & (w_target > 0)
+    return targets_BT, valid_BT
+
+
 def mtp_loss(
     mtp_logits_IBTU: jax.Array,
     tokens_BT: jax.Array,
@@ -31,19 +56,235 @@ def mtp_loss(
     Positions whose target lies past the end, in another segment, or has zero weight are
     excluded. Multiply by `config.mtp_loss_weight` (lambda) before adding to the main loss.
     """
-    num_i, _, t, _ = mtp_logits_IBTU.shape
+    num_i = mtp_logits_IBTU.shape[0]
     total = jnp.zeros((), jnp.float32)
     for k in range(1, num_i + 1):
-        shift = k + 1
-        targets_BT = jnp.pad(tokens_BT[:, shift:], ((0, 0), (0, shift)))
-        valid_BT = jnp.broadcast_to(jnp.arange(t)[None, :] < t - shift, tokens_BT.shape)
-        if segment_ids_BT is not None:
-            seg_target = jnp.pad(segment_ids_BT[:, shift:], ((0, 0), (0, shift)),
-                                 constant_values=-1)
-            valid_BT = valid_BT & (seg_target == segment_ids_BT)
-        if weights_BT is not None:
-            w_target = jnp.pad(weights_BT[:, shift:], ((0, 0), (0, shift)))
-            valid_BT = valid_BT & (w_target > 0)
+        targets_BT, valid_BT = mtp_targets(tokens_BT, k, segment_ids_BT, weights_BT)
         loss_sum, count = cross_entropy(mtp_logits_IBTU[k - 1], targets_BT, valid_BT)
+        total = total + loss_sum / jnp.maximum(count, 1.0)
+    return total / num_i
+
+
+# --- chunked cross-entropy: the head matmul fused with the loss, one token chunk at a time ---
+#
+# Training never holds the [tokens, vocab] float32 logits whole: a `lax.scan` over chunks of
+# the sequence axis computes each chunk's logits, logsumexp and target logit, keeping only the
+# per-token logsumexp. The backward (a `custom_vjp`) recomputes each chunk's logits, forms its
+# softmax gradient and accumulates the head weight's gradient in float32 across chunks. Under a
+# mesh the whole loss is one `shard_map`: every device chunks its own tokens (the batch stays
+# split as it is), the vocabulary stays split over its axes (logsumexp and the target logit
+# are reduced over them), and the head gradient is reduced over the token axes once, after the
+# last chunk, instead of once per chunk.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the loss splits over the mesh: token axes (of B), vocab axes (of U), and the axes
+    the head gradient's D is scattered over (those of `embed` that also split the tokens)."""
+
+    tokens: tuple[str, ...] = ()
+    vocab: tuple[str, ...] = ()
+    scatter: tuple[str, ...] = ()
+    token_shards: int = 1  # the product of the token axes' sizes
+    chunks: int = 1
+
+
+def _layout(b: int, d: int, u: int) -> _Layout:
+    mesh = sharding.active_mesh()
+    if mesh is None or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return _Layout()
+    rules = sharding.current_rules()
+    sizes = dict(mesh.shape)
+    size = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731
+    tok = list(sharding.batch_axes(mesh, rules))
+    while tok and b % size(tok):
+        tok.pop()
+    voc = [a for a in rules.get("vocab", ()) if sizes.get(a, 1) > 1 and a not in tok]
+    while voc and u % size(voc):
+        voc.pop()
+    emb = [a for a in rules.get("embed", ()) if sizes.get(a, 1) > 1 and a not in voc]
+    scatter = tuple(emb) if emb and set(emb) <= set(tok) and d % size(emb) == 0 else ()
+    return _Layout(tuple(tok), tuple(voc), scatter, size(tok))
+
+
+def _psum(x, axes):
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _varying(x, axes):
+    """A scan's initial carry typed as varying over the manual `axes`, as its updates are."""
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _chunked(a, n):
+    """[B, T, ...] -> [n, B, T / n, ...], the scan's chunks."""
+    b, t = a.shape[:2]
+    return a.reshape(b, n, t // n, *a.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunked(a):
+    """[n, B, T / n, ...] -> [B, T, ...]."""
+    a = a.swapaxes(0, 1)
+    return a.reshape(a.shape[0], -1, *a.shape[3:])
+
+
+def _chunk_logits(x_BTD, w_DU):
+    return jax.lax.dot_general(x_BTD, w_DU, (((2,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _target_mask(logits_BTU, targets_BT, lay: _Layout):
+    """Where the local vocabulary slice holds each token's target."""
+    u = logits_BTU.shape[-1]
+    offset = jax.lax.axis_index(lay.vocab) * u if lay.vocab else 0
+    vocab_BTU = jax.lax.broadcasted_iota(jnp.int32, logits_BTU.shape, 2) + offset
+    return vocab_BTU == targets_BT[..., None]
+
+
+def _local_forward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT):
+    """This device's tokens: (sum of weighted losses over all devices, logz_BT, nll_BT)."""
+
+    def body(loss, xs):
+        x, tgt, wt = xs
+        logits_BTU = _chunk_logits(x, w_DU)
+        m_BT = jnp.max(logits_BTU, axis=-1)
+        if lay.vocab:
+            m_BT = jax.lax.pmax(m_BT, lay.vocab)
+        sum_BT = _psum(jnp.sum(jnp.exp(logits_BTU - m_BT[..., None]), axis=-1), lay.vocab)
+        logz_BT = m_BT + jnp.log(sum_BT)
+        hit_BTU = _target_mask(logits_BTU, tgt, lay)
+        target_BT = _psum(jnp.sum(jnp.where(hit_BTU, logits_BTU, 0.0), axis=-1), lay.vocab)
+        nll_BT = logz_BT - target_BT
+        return loss + jnp.sum(nll_BT * wt), (logz_BT, nll_BT)
+
+    n = lay.chunks
+    xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n))
+    loss, (logz_OBT, nll_OBT) = jax.lax.scan(body, _varying(jnp.zeros((), jnp.float32), lay.tokens),
+                                              xs)
+    return _psum(loss, lay.tokens), _unchunked(logz_OBT), _unchunked(nll_OBT)
+
+
+def _local_backward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT, logz_BT, g):
+    """(d x_BTD, d w_DU reduced over the token axes) for the loss's cotangent g."""
+
+    def body(dw_DU, xs):
+        x, tgt, wt, logz = xs
+        logits_BTU = _chunk_logits(x, w_DU)
+        p_BTU = jnp.exp(logits_BTU - logz[..., None])
+        hit_BTU = _target_mask(logits_BTU, tgt, lay)
+        dlogits_BTU = (p_BTU - hit_BTU) * (g * wt)[..., None]
+        # The same products (and dtypes) as autodiff of the plain head matmul.
+        dx_BTD = jax.lax.dot_general(dlogits_BTU, w_DU, (((2,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        dx_BTD = _psum(dx_BTD, lay.vocab).astype(x.dtype)
+        u = dlogits_BTU.shape[-1]
+        dw_DU = dw_DU + jax.lax.dot_general(
+            x.reshape(-1, x.shape[-1]), dlogits_BTU.reshape(-1, u), (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32)
+        return dw_DU, dx_BTD
+
+    n = lay.chunks
+    xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n),
+          _chunked(logz_BT, n))
+    dw_DU, dx_OBTD = jax.lax.scan(
+        body, _varying(jnp.zeros(w_DU.shape, jnp.float32), lay.tokens + lay.vocab), xs)
+    if lay.scatter:
+        dw_DU = jax.lax.psum_scatter(dw_DU, lay.scatter, scatter_dimension=0, tiled=True)
+    dw_DU = _psum(dw_DU, tuple(a for a in lay.tokens if a not in lay.scatter))
+    return _unchunked(dx_OBTD), dw_DU.astype(w_DU.dtype)
+
+
+def _specs(lay: _Layout):
+    tok = lay.tokens or None
+    voc = lay.vocab or None
+    return P(tok, None, None), P(None, voc), P(tok, None), P(lay.scatter or None, voc)
+
+
+def _forward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT):
+    f = functools.partial(_local_forward, lay)
+    if lay.tokens or lay.vocab:
+        x_s, w_s, bt_s, _ = _specs(lay)
+        f = jax.shard_map(f, in_specs=(x_s, w_s, bt_s, bt_s), out_specs=(P(), bt_s, bt_s))
+    return f(x_BTD, w_DU, targets_BT, weights_BT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_loss(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT):
+    return _forward(lay, x_BTD, w_DU, targets_BT, weights_BT)[0]
+
+
+def _fused_loss_fwd(lay, x_BTD, w_DU, targets_BT, weights_BT):
+    loss, logz_BT, nll_BT = _forward(lay, x_BTD, w_DU, targets_BT, weights_BT)
+    return loss, (x_BTD, w_DU, targets_BT, weights_BT, logz_BT, nll_BT)
+
+
+def _fused_loss_bwd(lay, res, g):
+    x_BTD, w_DU, targets_BT, weights_BT, logz_BT, nll_BT = res
+    f = functools.partial(_local_backward, lay)
+    if lay.tokens or lay.vocab:
+        x_s, w_s, bt_s, dw_s = _specs(lay)
+        f = jax.shard_map(f, in_specs=(x_s, w_s, bt_s, bt_s, bt_s, P()), out_specs=(x_s, dw_s))
+    dx_BTD, dw_DU = f(x_BTD, w_DU, targets_BT, weights_BT, logz_BT, g)
+    d_targets = np.zeros(targets_BT.shape, jax.dtypes.float0)
+    return dx_BTD, dw_DU, d_targets, (g * nll_BT).astype(weights_BT.dtype)
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
+
+
+def chunked_cross_entropy(
+    x_BTD: jax.Array, w_DU: jax.Array, targets_BT: jax.Array,
+    weights_BT: jax.Array | None = None, *, chunk_tokens: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy(x_BTD @ w_DU, targets_BT, weights_BT)` without the whole logits.
+
+    x_BTD: the final-normed hidden states in the compute dtype; w_DU: the head weight (cast
+    to x's dtype; its gradient is accumulated in float32 and returned in w's dtype). Logits
+    are float32. Each device's tokens are split along T into chunks of about `chunk_tokens`
+    tokens (B stays whole: chunk length max(1, chunk_tokens // local B)); T is padded to a
+    whole number of chunks with zero-weight tokens. At most one [chunk, U] float32 block per
+    device is live at a time, forward and backward. Returns (sum of weighted token losses,
+    sum of weights), both float32 scalars.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    b, t, d = x_BTD.shape
+    if w_DU.shape[0] != d:
+        raise ValueError(f"chunked_cross_entropy: x {x_BTD.shape} and w {w_DU.shape} differ in D")
+    if weights_BT is None:
+        weights_BT = jnp.ones((b, t), jnp.float32)
+    weights_BT = weights_BT.astype(jnp.float32)
+    lay = _layout(b, d, w_DU.shape[1])
+    n = -(-t // max(1, min(t, chunk_tokens // (b // lay.token_shards))))
+    pad = n * -(-t // n) - t
+    if pad:
+        pad_BT = ((0, 0), (0, pad))
+        x_BTD = jnp.pad(x_BTD, (*pad_BT, (0, 0)))
+        targets_BT, weights_padded = jnp.pad(targets_BT, pad_BT), jnp.pad(weights_BT, pad_BT)
+    else:
+        weights_padded = weights_BT
+    lay = dataclasses.replace(lay, chunks=n)
+    loss = _fused_loss(lay, x_BTD, w_DU.astype(x_BTD.dtype), targets_BT.astype(jnp.int32),
+                       weights_padded)
+    return loss, jnp.sum(weights_BT)
+
+
+def chunked_mtp_loss(
+    mtp_x_IBTD: jax.Array,
+    w_DU: jax.Array,
+    tokens_BT: jax.Array,
+    segment_ids_BT: jax.Array | None = None,
+    weights_BT: jax.Array | None = None,
+    *,
+    chunk_tokens: int,
+) -> jax.Array:
+    """`mtp_loss` from each module's normed hidden states (mtp_x_IBTD, after that module's
+    norm) and the shared head w_DU, with `chunked_cross_entropy`."""
+    num_i = mtp_x_IBTD.shape[0]
+    total = jnp.zeros((), jnp.float32)
+    for k in range(1, num_i + 1):
+        targets_BT, valid_BT = mtp_targets(tokens_BT, k, segment_ids_BT, weights_BT)
+        loss_sum, count = chunked_cross_entropy(mtp_x_IBTD[k - 1], w_DU, targets_BT, valid_BT,
+                                                chunk_tokens=chunk_tokens)
         total = total + loss_sum / jnp.maximum(count, 1.0)
     return total / num_i

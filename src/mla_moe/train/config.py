@@ -33,6 +33,9 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
         batch_size=32,  # global, in sequences
         seq_len=512,
         grad_accum_steps=1,
+        # Tokens per device per chunk of the chunked CE + MTP loss (losses.chunked_cross_entropy;
+        # the [tokens, vocab] logits are never whole); 0: whole logits, then the plain loss.
+        loss_chunk_tokens=8192,
         learning_rate=3e-4,
         warmup_steps=100,
         decay_steps=0,  # 0: cosine over train.steps
@@ -105,6 +108,9 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
         v = t[name]
         _check(isinstance(v, int) and v > 0, f"train.{name} must be a positive integer, got {v!r}")
+    _check(isinstance(t.loss_chunk_tokens, int) and not isinstance(t.loss_chunk_tokens, bool)
+           and t.loss_chunk_tokens >= 0,
+           f"train.loss_chunk_tokens must be an integer >= 0, got {t.loss_chunk_tokens!r}")
     _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.decay_steps >= 0, f"train.decay_steps must be >= 0, got {t.decay_steps}")
@@ -150,6 +156,7 @@ def check_batch(config: ml_collections.ConfigDict, data_parallel: int,
 # Everything else changes the parameters' structure or the data stream.
 RESUMABLE_FIELDS = (
     "train.steps", "train.eval_every_steps", "train.eval_batches", "train.nan_policy",
+    "train.loss_chunk_tokens",
     "train.fault_nan_step", "data.num_threads", "data.prefetch", "checkpoint", "log", "mesh",
     "model.dtype", "model.remat_policy", "model.moe_impl", "model.capacity_factor",
     "model.attention_impl", "model.decode_attention",

@@ -9,15 +9,19 @@ Train state (a plain dict, every leaf a jax.Array):
 Batch (global arrays, [B, T]): inputs, targets, positions, segment_ids (int32), weights (f32).
 
 Loss = CE (token mean over the whole global batch) + MoE aux losses (already weighted by their
-coefficients in the model) + mtp_loss_weight * MTP loss. With gradient accumulation the batch
-is split into A micro-batches run one after another (lax.scan); CE is normalised by the whole
-batch's weight so the gradient equals the unsplit batch's. The expert-bias update uses the
-token counts summed over all micro-batches and is applied after the optimizer step.
+coefficients in the model) + mtp_loss_weight * MTP loss. With `loss_chunk_tokens` > 0 the CE
+and MTP losses apply the head a chunk of tokens at a time (`losses.chunked_cross_entropy`): the
+[tokens, vocab] logits are never whole in memory; the loss is the same up to float rounding.
+With gradient accumulation the batch is split into A micro-batches run one after another
+(lax.scan); CE is normalised by the whole batch's weight so the gradient equals the unsplit
+batch's. The expert-bias update uses the token counts summed over all micro-batches and is
+applied after the optimizer step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +42,7 @@ class StepConfig:
     """Static settings of the jitted step."""
 
     grad_accum_steps: int = 1
+    loss_chunk_tokens: int = 0  # > 0: chunked CE over about this many tokens per device
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -75,18 +80,37 @@ def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
     return init
 
 
-def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, micro_scale):
+def _forward_losses(model: DeepSeekModel, batch, chunk_tokens: int):
+    """(model output, CE sum, weight sum, MTP loss or None) of one batch; with chunk_tokens > 0
+    the head is applied inside the chunked losses and the output carries no logits."""
+    chunked = chunk_tokens > 0
+    out = model(batch["inputs"], positions_BT=batch["positions"],
+                segment_ids_BT=batch["segment_ids"], logits=not chunked)
+    if chunked:
+        w_DU = model.head_weight()
+        ce_sum, weight_sum = losses.chunked_cross_entropy(
+            out.normed_hidden, w_DU, batch["targets"], batch["weights"],
+            chunk_tokens=chunk_tokens)
+        mtp = None if out.mtp_normed_hidden is None else losses.chunked_mtp_loss(
+            out.mtp_normed_hidden, w_DU, batch["inputs"], batch["segment_ids"],
+            chunk_tokens=chunk_tokens)
+    else:
+        ce_sum, weight_sum = losses.cross_entropy(out.logits, batch["targets"], batch["weights"])
+        mtp = None if out.mtp_logits is None else losses.mtp_loss(
+            out.mtp_logits, batch["inputs"], batch["segment_ids"])
+    return out, ce_sum, weight_sum, mtp
+
+
+def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, micro_scale,
+             chunk_tokens: int = 0):
     model = nnx.merge(graphdef, params, extra)
-    out = model(
-        batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"]
-    )
-    ce_sum, weight_sum = losses.cross_entropy(out.logits, batch["targets"], batch["weights"])
+    out, ce_sum, weight_sum, mtp = _forward_losses(model, batch, chunk_tokens)
     # CE is a token mean over the whole batch; the per-batch-mean terms (aux, MTP) are scaled
     # by 1/A so that summing over A micro-batches averages them.
     other = out.aux_loss
-    mtp = jnp.zeros((), jnp.float32)
-    if out.mtp_logits is not None:
-        mtp = losses.mtp_loss(out.mtp_logits, batch["inputs"], batch["segment_ids"])
+    if mtp is None:
+        mtp = jnp.zeros((), jnp.float32)
+    else:
         other = other + cfg.mtp_loss_weight * mtp
     loss = ce_sum / total_weight + micro_scale * other
     aux = {
@@ -103,7 +127,8 @@ def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, mic
 
 def _grads_and_aux(params, extra, batch, graphdef, cfg, step_cfg: StepConfig):
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+    grad_fn = functools.partial(jax.value_and_grad(_loss_fn, has_aux=True),
+                                chunk_tokens=step_cfg.loss_chunk_tokens)
     a = step_cfg.grad_accum_steps
     if a == 1:
         (loss, aux), grads = grad_fn(params, extra, batch, graphdef, cfg, total_weight, 1.0)
@@ -198,12 +223,9 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], fault_step: A
     return new_state, metrics
 
 
-def eval_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
-              ) -> dict[str, Any]:
+def eval_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+              loss_chunk_tokens: int = 0) -> dict[str, Any]:
     """Sums of token losses and weights (next-token CE only) over one batch."""
     model = nnx.merge(graphdef, state["params"], state["extra"])
-    out = model(
-        batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"]
-    )
-    ce_sum, weight_sum = losses.cross_entropy(out.logits, batch["targets"], batch["weights"])
+    _, ce_sum, weight_sum, _ = _forward_losses(model, batch, loss_chunk_tokens)
     return {"ce_sum": ce_sum, "weight_sum": weight_sum}

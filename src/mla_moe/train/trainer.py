@@ -400,7 +400,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Built:
     `run_mesh(config, ...)` so that the rules in effect are the run's."""
     t = config.train
     return _build(config_lib.model_config(config), optimizer_key(t), config.seed, mesh,
-                  t.grad_accum_steps, sharding.current_rules())
+                  t.grad_accum_steps, sharding.current_rules(), t.loss_chunk_tokens)
 
 
 def _under_rules(fn: Callable, rules: sharding.Rules) -> Callable:
@@ -416,7 +416,7 @@ def _under_rules(fn: Callable, rules: sharding.Rules) -> Callable:
 
 @functools.lru_cache(maxsize=4)
 def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int,
-           rules: sharding.Rules) -> Built:
+           rules: sharding.Rules, loss_chunk_tokens: int = 0) -> Built:
     """`build`, cached so that runs of the same setup in one process (tests, benchmarks,
     restarts) trace and compile once. Everything in the result depends on the logical rules
     (the shardings, and the constraints traced into the steps), so they are part of the key
@@ -429,12 +429,14 @@ def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int,
     abstract_state = jax.eval_shape(init)
     state_sh = sharding.state_shardings(abstract_state, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
-    step_cfg = step_lib.StepConfig(grad_accum_steps=grad_accum_steps)
+    step_cfg = step_lib.StepConfig(grad_accum_steps=grad_accum_steps,
+                                   loss_chunk_tokens=loss_chunk_tokens)
     train_step = functools.partial(step_lib.train_step, graphdef=graphdef, cfg=cfg, tx=tx,
                                    schedule=schedule, step_cfg=step_cfg)
     step_fn = jax.jit(_under_rules(train_step, rules), in_shardings=(state_sh, batch_sh, None),
                       out_shardings=(state_sh, None), donate_argnums=0)
-    eval_step = functools.partial(step_lib.eval_step, graphdef=graphdef)
+    eval_step = functools.partial(step_lib.eval_step, graphdef=graphdef,
+                                  loss_chunk_tokens=loss_chunk_tokens)
     eval_fn = jax.jit(_under_rules(eval_step, rules), in_shardings=(state_sh, batch_sh))
     return Built(tx=tx, abstract_state=abstract_state, state_sh=state_sh, batch_sh=batch_sh,
                  init_fn=jax.jit(init, out_shardings=state_sh), step_fn=step_fn,
