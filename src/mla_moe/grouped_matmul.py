@@ -14,6 +14,10 @@ the MoE layer: y[t] = sum_k weights[t, k] * SwiGLU_{experts[t, k]}(x[t]).
 - "ragged_dot" (TPU): rows sorted by expert (block = 1 layout) and `lax.ragged_dot`, a real
   grouped GEMM there; XLA lowers it to a dense product over every group on CPU (and, per
   reports, on GPU), so its cost grows with the number of experts.
+- "megablox" (TPU default): the same sorted rows through megablox, jax's Pallas TPU grouped
+  matmul, products in the compute dtype and one custom VJP over sort, SwiGLU and unsort
+  (megablox.py); `interpret=True` runs its kernels in Pallas' interpret mode on any host.
+  Not inside a `shard_map` with `check_vma=True` (see `default_implementation`).
 
 The layout comes from a cumulative count over [T, E], not a sort; moving rows into and out
 of the sorted order is a pair of gathers whose transposes are the inverse gathers
@@ -287,36 +291,55 @@ def _ragged_swiglu(x_TD, weights_M, lay: Layout, gate_EDF, up_EDF, down_EFD):
                       preferred_element_type=f32)
 
 
-def default_implementation() -> str:
-    """"ragged_dot" when compiling for TPU, else "blocked"."""
-    return "ragged_dot" if target_platform() == "tpu" else "blocked"
+IMPLEMENTATIONS = ("blocked", "ragged_dot", "megablox")
+
+
+def default_implementation(*operands: jax.Array) -> str:
+    """"megablox" when compiling for TPU, else "blocked"; "ragged_dot" on TPU inside a
+    `shard_map` that checks varying axes (some operand varies over a mesh axis), where
+    megablox's `pallas_call` cannot state its outputs' varying axes and is rejected.
+
+    At DeepSeek-V3 expert shapes (D = 7168, F = 2048, 32 local experts, bf16) megablox's
+    forward + backward needs about half of ragged_dot's temporaries on v5p and v6e
+    (tests/test_aot_megablox.py)."""
+    if target_platform() != "tpu":
+        return "blocked"
+    return "ragged_dot" if any(_vma(a) for a in operands) else "megablox"
 
 
 def grouped_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array | None,
                    gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array, *,
                    implementation: str | None = None,
-                   fuse_gate_up: bool | None = None) -> jax.Array:
+                   fuse_gate_up: bool | None = None, interpret: bool = False,
+                   tiling: tuple[int, int, int] | None = None) -> jax.Array:
     """y[t] = sum_k weights[t, k] * SwiGLU of x[t] by expert experts_TK[t, k], [T, D] float32.
 
     An expert id of E means no expert (contributes 0); each row's K experts must be
     distinct; weights_TK=None means all ones.
-    implementation: "ragged_dot", "blocked", or None (ragged_dot on TPU, blocked elsewhere).
+    implementation: one of IMPLEMENTATIONS, or None (`default_implementation`).
     fuse_gate_up: blocked only; multiply by gate and up as one [D, 2F] operand (one copy of
       both per call). None: when 2F <= FUSE_MAX_WIDTH.
+    interpret, tiling: megablox only; run its kernels in Pallas' interpret mode; its (rows,
+      contraction, columns) tiles (None: `megablox.default_tiling`).
     """
-    implementation = implementation or default_implementation()
-    if implementation not in ("ragged_dot", "blocked"):
+    implementation = implementation or default_implementation(x_TD, gate_EDF)
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            f"implementation must be 'ragged_dot' or 'blocked', got {implementation!r}")
+            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     t, k = experts_TK.shape
     e = gate_EDF.shape[0]
     if weights_TK is None:
         weights_TK = jnp.ones((t, k), jnp.float32)
     weights_M = weights_TK.astype(jnp.float32).reshape(t * k)
-    block = 1 if implementation == "ragged_dot" else block_rows(t * k, e)
+    block = block_rows(t * k, e) if implementation == "blocked" else 1
     lay = layout(experts_TK, e, block)
     if implementation == "ragged_dot":
         return _ragged_swiglu(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD)
+    if implementation == "megablox":
+        from mla_moe.megablox import megablox_swiglu  # it builds on this module's layout
+
+        return megablox_swiglu(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD,
+                               tiling=tiling, interpret=interpret)
     if fuse_gate_up is None:
         fuse_gate_up = 2 * gate_EDF.shape[-1] <= FUSE_MAX_WIDTH
     ins = ((jnp.concatenate([gate_EDF, up_EDF], axis=-1),) if fuse_gate_up
