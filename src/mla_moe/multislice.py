@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from mla_moe.sharding import MESH_AXES, config_value
-
 DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 
 
@@ -33,7 +31,8 @@ def dcn_shape(mesh_cfg: Mapping[str, Any]) -> dict[str, int]:
     """{"data": mesh.dcn_data, "fsdp": mesh.dcn_fsdp}, each a positive integer (default 1)."""
     out = {}
     for axis, field in DCN_FIELDS.items():
-        v = config_value(mesh_cfg, field, 1)
+        v = (mesh_cfg.get(field, 1) if isinstance(mesh_cfg, Mapping)
+             else getattr(mesh_cfg, field, 1))
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"mesh.{field} must be a positive integer, got {v!r}")
         out[axis] = v
@@ -73,10 +72,11 @@ def hybrid_devices(sizes: Mapping[str, int], dcn: Mapping[str, int], devices: Se
                    granules: str) -> np.ndarray:
     """The [data, fsdp, expert, tensor] device array: each slice's devices laid out over its
     ICI topology (`mesh_utils.create_hybrid_device_mesh`), slices stacked along the DCN axes.
-    `sizes` are the whole mesh's axis sizes (DCN sizes included)."""
+    `sizes` are the whole mesh's axis sizes (DCN sizes included), in the mesh's axis order."""
     from jax.experimental import mesh_utils
 
-    dcn_shape_ = tuple(dcn.get(a, 1) for a in MESH_AXES)
-    ici_shape = tuple(sizes[a] // n for a, n in zip(MESH_AXES, dcn_shape_))
+    axes = tuple(sizes)
+    dcn_shape_ = tuple(dcn.get(a, 1) for a in axes)
+    ici_shape = tuple(sizes[a] // n for a, n in zip(axes, dcn_shape_))
     return mesh_utils.create_hybrid_device_mesh(
         ici_shape, dcn_shape_, devices, process_is_granule=granules == "processes")

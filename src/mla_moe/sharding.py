@@ -46,6 +46,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mla_moe import multislice
+
 if TYPE_CHECKING:
     from mla_moe.config import ModelConfig
 
@@ -236,8 +238,6 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, *,
     (a ModelConfig) the sharded dimensions are checked too. Axes are `Auto`: jitted functions
     state their in/out shardings, the compiler propagates the rest.
     """
-    from mla_moe import multislice
-
     devices = jax.devices() if devices is None else list(devices)
     dcn = multislice.dcn_shape(mesh_cfg)
     granules = multislice.check_granules(dcn, devices)
