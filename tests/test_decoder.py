@@ -36,7 +36,9 @@ def plain_run():
 
 
 @pytest.mark.parametrize("scan, remat", [(True, "none"), (False, "full"), (True, "dots"),
-                                         (True, "dots_no_batch"), (False, "save_attention_out")])
+                                         (True, "dots_no_batch"), (False, "save_attention_out"),
+                                         (True, "offload_layer_input"),
+                                         (False, "offload_layer_input_attention_out")])
 def test_scan_and_remat_equal_the_plain_loop(plain_run, scan, remat):
     cfg, tokens, plain_state, ((l0, logits0), g0) = plain_run
     other = DeepSeekModel(cfg.replace(scan_layers=scan, remat_policy=remat), rngs=nnx.Rngs(3))

@@ -21,7 +21,8 @@ MOE_IMPLS = ("dropless", "capacity")
 MOE_DISPATCHES = ("auto", "all_to_all", "ragged_all_to_all", "allgather")
 ATTENTION_IMPLS = ("xla", "pallas", "auto", "interpret", "tpu_interpret")
 DECODE_FORMS = ("absorbed", "naive")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out",
+                  "offload_layer_input", "offload_layer_input_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
