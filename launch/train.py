@@ -50,6 +50,9 @@ def main(argv: list[str]) -> None:
     if _NPROC.value < 1 or not 0 <= _PID.value < _NPROC.value:
         raise InputError(f"--process_id={_PID.value} must be in [0, --num_processes="
                          f"{_NPROC.value})")
+    from mla_moe.train import tpu_flags
+
+    tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"))
     import jax
 
     if _COORD.value or _NPROC.value > 1:

@@ -1,0 +1,55 @@
+"""libtpu compiler flags a run's config needs, set in `LIBTPU_INIT_ARGS` before libtpu starts.
+
+Host offload (the `offload_*` remat policies): without these, XLA:TPU's scheduler does not
+account for the device-host copies' memory and keeps few of them in flight, so the copies of
+the saved layer inputs serialise with compute. The set is the one public TPU recipes for
+DeepSeek-V3 and Llama pass with `decoder_layer_input=offload`: the experimental scheduler
+features with memory-pressure tracking, up to 24 host transfers in flight, and loop-carried
+values allowed in the copy chains that move the scan's saved activations.
+
+A flag the user already put in `LIBTPU_INIT_ARGS` keeps the user's value. libtpu reads the
+variable once, when the TPU backend (or a compile-only TPU topology) is first created: call
+`set_libtpu_flags` before that, as `launch.train` and `launch.compile` do.
+"""
+
+from __future__ import annotations
+
+import os
+
+HOST_OFFLOAD_FLAGS = (
+    "--xla_tpu_enable_all_experimental_scheduler_features=true",
+    "--xla_tpu_enable_scheduler_memory_pressure_tracking=true",
+    "--xla_tpu_host_transfer_overlap_limit=24",
+    "--xla_tpu_aggressive_opt_barrier_removal=ENABLED",
+    "--xla_lhs_prioritize_async_depth_over_stall=ENABLED",
+    "--xla_tpu_enable_ag_backward_pipelining=true",
+    "--xla_should_allow_loop_variant_parameter_in_chain=ENABLED",
+    "--xla_should_add_loop_invariant_op_in_chain=ENABLED",
+    "--xla_max_concurrent_host_send_recv=100",
+    "--xla_tpu_scheduler_percent_shared_memory_limit=100",
+    "--xla_latency_hiding_scheduler_rerun=2",
+)
+
+
+def needed_flags(remat_policy: str) -> tuple[str, ...]:
+    """The libtpu flags a model with this `remat_policy` needs (none unless it offloads)."""
+    return HOST_OFFLOAD_FLAGS if remat_policy.startswith("offload") else ()
+
+
+def _name(flag: str) -> str:
+    return flag.split("=", 1)[0]
+
+
+def merged(existing: str, flags: tuple[str, ...]) -> str:
+    """`existing` (a LIBTPU_INIT_ARGS value) plus those of `flags` it does not set already."""
+    have = {_name(f) for f in existing.split()}
+    extra = [f for f in flags if _name(f) not in have]
+    return " ".join([existing.strip(), *extra]).strip()
+
+
+def set_libtpu_flags(remat_policy: str) -> tuple[str, ...]:
+    """Adds the flags `remat_policy` needs to `LIBTPU_INIT_ARGS`; returns the flags wanted."""
+    flags = needed_flags(remat_policy)
+    if flags:
+        os.environ["LIBTPU_INIT_ARGS"] = merged(os.environ.get("LIBTPU_INIT_ARGS", ""), flags)
+    return flags
