@@ -291,3 +291,17 @@ def test_capacity_impl_under_a_mesh_matches_single_device():
     _assert_close_to_scale(y, y_ref, 1e-6)
     _assert_close_to_scale(stats.losses, stats_ref.losses, 1e-6)
     _assert_close_to_scale(grads, grads_ref, 1e-5)
+
+
+def test_is_dropless_follows_the_exchange_buffers():
+    auto = CFG.replace(moe_dispatch="auto")
+    assert moe_parallel.is_dropless(auto, 1, "tpu")  # pure FSDP: weights to the tokens
+    assert moe_parallel.is_dropless(auto, 8, "cpu")  # allgather
+    ragged = CFG.replace(moe_dispatch="ragged_all_to_all")
+    assert moe_parallel.is_dropless(ragged, 8, "tpu")  # receive buffer for the worst case
+    assert not moe_parallel.is_dropless(ragged.replace(dispatch_capacity_factor=2.0), 8, "tpu")
+    assert moe_parallel.is_dropless(ragged.replace(dispatch_capacity_factor=2.0), 8, "cpu")
+    packed = CFG.replace(moe_dispatch="all_to_all", dispatch_capacity_factor=1.0)
+    assert not moe_parallel.is_dropless(packed, 4, "tpu")
+    assert moe_parallel.is_dropless(packed, 1, "tpu")  # X = T * K: the whole send buffer
+    assert not moe_parallel.is_dropless(CFG.replace(moe_impl="capacity"), 1, "tpu")

@@ -99,6 +99,26 @@ def resolve_exchange(config: ModelConfig, ep: int, backend: str | None = None) -
     return kind
 
 
+def is_dropless(config: ModelConfig, ep: int, backend: str | None = None) -> bool:
+    """True when no routed assignment can be dropped by construction, whatever the routing:
+    no routed experts, or the dropless layer with an exchange whose buffers hold the worst
+    case (the allgather, or an all-to-all without `dispatch_capacity_factor`). With
+    mesh.expert = 1 the experts' weights come to the tokens (gathered over the FSDP axes at
+    the layer) and nothing is exchanged."""
+    if not config.n_routed_experts:
+        return True
+    if config.moe_impl != "dropless":
+        return False
+    kind = resolve_exchange(config, ep, backend)
+    cf, k = config.dispatch_capacity_factor, config.num_experts_per_tok
+    most = min(k, config.n_routed_experts // ep)  # per token, to one destination shard
+    if kind == "all_to_all":  # X rows per destination against a source's most, T * most
+        return cf is None or cf * k / ep >= most
+    if kind == "ragged_all_to_all" and ep > 1:  # x receive rows against P * T * most
+        return cf is None or cf * k >= ep * most
+    return True  # allgather, the dropless packed fallback, or a single expert shard
+
+
 def exchange_capacity(tokens: int, config: ModelConfig, ep: int) -> int:
     """X: rows per (source, destination) buffer for `tokens` tokens in a source shard."""
     k, e = config.num_experts_per_tok, config.n_routed_experts
