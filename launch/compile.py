@@ -1,15 +1,18 @@
 """Will it fit? Compiles a run's train step (or decode step) for a TPU slice or GPU cluster
-from this host, and reports per-chip memory against HBM, collectives and FLOPs.
+from this host, and reports per-device memory against HBM and host RAM, collectives, FLOPs,
+and a roofline estimate of the step time (a lower bound from analysis, not a measurement).
 
     python -m launch.compile --config=configs/deepseek_v3.py --target=tpu:v5p:8x8x8 \
         --config.mesh.expert=8 --config.train.batch_size=1024
     python -m launch.compile --config=configs/deepseek_v2_lite.py --target=gpu:h100:1x1x8
+    python -m launch.compile --config=configs/small.py --target=tpu:tpu7x:2x2x1 \
+        --config.train.batch_size=8
     python -m launch.compile --config=configs/deepseek_v3.py --target=tpu:v5p:8x8x8 \
         --what=decode --cache_length=32768 --json=/tmp/v3_decode.json
 
 Same `--config` and `--config.*` overrides as launch.train. Nothing is allocated and no data
-is read. Exit code: 0 fits, 3 does not fit (the compiler's peak exceeds HBM, or it ran out of
-memory), 1 bad input.
+is read. Exit code: 0 fits, 3 does not fit (the compiler's peak exceeds HBM, it ran out of
+memory, or the step's host-memory buffers exceed the host's RAM), 1 bad input.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
 _TARGET = flags.DEFINE_string(
-    "target", None, "tpu:GEN:TOPOLOGY (GEN: v4, v5e, v5p, v6e; e.g. tpu:v5p:8x8x8) or "
-    "gpu:NAME:PxHxG (NAME: h100, h200; partitions x hosts x GPUs per host).")
+    "target", None, "tpu:GEN:TOPOLOGY (GEN: v4, v5e, v5p, v6e, tpu7x (Ironwood, 2 devices per "
+    "chip); e.g. tpu:v5p:8x8x8, tpu:tpu7x:2x2x1) or gpu:NAME:PxHxG (NAME: a100, h100, h200; "
+    "partitions x hosts x GPUs per host).")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice).")
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"],
                           "train: the trainer's train step; decode: one absorbed decode step.")
@@ -52,11 +56,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from mla_moe.train import ConfigError, aot
+    from mla_moe.train import ConfigError, aot, tpu_flags
     from pallas_kernels import targets
 
     try:
         target = targets.parse_target(_TARGET.value, _SLICES.value)
+        if target.platform == "tpu":  # before libtpu starts (the topology below)
+            tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"))
         devices = targets.devices(target)
         if _WHAT.value == "train":
             report, compiled = aot.compile_train(_CONFIG.value, devices, target=str(target))

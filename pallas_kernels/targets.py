@@ -5,7 +5,7 @@ a `stream_executor.GpuTargetConfigProto` (shipped here as package data, `gpu_tar
 devices returned here cannot run anything; `jax.jit(f).lower(...).compile()` on shardings over
 them runs the real compiler (XLA:TPU + Mosaic, XLA:GPU + Triton) and reports memory.
 
-Target strings: "tpu:v5p:2x2x1" (libtpu topology names: v4, v5e, v5p, v6e + chip grid) and
+Target strings: "tpu:v5p:2x2x1" (libtpu topology names v4, v5e, v5p, v6e, tpu7x + chip grid) and
 "gpu:h100:1x4x8" (partitions x hosts x GPUs per host). Start the process with
 JAX_PLATFORMS=cpu: the CUDA plugin then does not look for a driver, nor libtpu for a TPU.
 """
@@ -23,12 +23,17 @@ if TYPE_CHECKING:
 # H100 / H200 (sm_90a) from XLA's target specs; A100 (sm_80) is the H100 file with the
 # A100-SXM4-80GB's published figures (SMs, shared memory, HBM, bandwidth, L2, clock).
 GPU_TARGETS = {"a100": "a100_sxm_80.txtpb", "h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
-TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+# tpu7x: Ironwood (device_kind "TPU7x"); libtpu names it "tpu7x", not "v7x" or "ironwood".
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e", "tpu7x")
 
 _GIB = 1 << 30
-# Per-chip HBM (public specs); compile-only devices report no memory of their own.
-_TPU_HBM_BYTES = {"TPU v4": 32 * _GIB, "TPU v5 lite": 16 * _GIB, "TPU v5": 95 * _GIB,
-                  "TPU v6 lite": 32 * _GIB}
+# HBM per compile-only device (they report no memory of their own). One device per chip on v5e,
+# v5p and v6e (the published per-chip figure; the compiler allows a little more, e.g. 95.74G on
+# v5p). TPU v4 and TPU7x compile as two devices per chip, one per TensorCore: their figure is
+# the compiler's own limit from an out-of-memory verdict ("exceeds available HBM (15.25G)" on
+# v4:2x2x1, "(94.75G)" on tpu7x:2x2x1), against the published 32 GiB and 192 GiB per chip.
+_TPU_HBM_BYTES = {"TPU v4": int(15.25 * _GIB), "TPU v5 lite": 16 * _GIB, "TPU v5": 95 * _GIB,
+                  "TPU v6 lite": 32 * _GIB, "TPU7x": int(94.75 * _GIB)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,12 @@ must run with JAX_PLATFORMS=cpu.
     print(report.text()); report.fits
 
 A compiler out-of-memory is a result (`fits=False`, with the required and available bytes),
-not an exception.
+not an exception. So is a step whose host-memory buffers (offloaded arguments, outputs and
+temporaries) exceed the host's RAM (`limit_exceeded="host RAM"`).
+
+Each report carries a roofline `estimate` (`roofline.estimate`): the step's compute, HBM,
+ICI, DCN and host-transfer times per device at the chip's published rates, and the largest as
+a lower bound on the step time. It is a lower bound from analysis, not a measurement.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from mla_moe import counting, sharding
 from mla_moe.cache import init_cache
 from mla_moe.generation import decode_step
 from mla_moe.train import config as config_lib
-from mla_moe.train import hlo_collectives, trainer
+from mla_moe.train import hlo_collectives, roofline, trainer
 from pallas_kernels import targets
 
 if TYPE_CHECKING:
@@ -78,6 +83,18 @@ class Report:
     dcn_collectives: dict = dataclasses.field(default_factory=dict)
     model_flops_per_step: float = 0.0
     out_of_memory: str = ""  # the compiler's message when it ran out of memory
+    # Host memory the step's buffers live in (memory_analysis' host_* sizes: arguments +
+    # unaliased outputs + temporaries), against the host's RAM per device (the chip table's
+    # host RAM / devices per host; 0 where the table has no row).
+    host_bytes: int = 0
+    host_ram_bytes: int = 0
+    limit_exceeded: str = ""  # "HBM" or "host RAM" when fits is false
+    # HBM bytes per device per step: the compiler's "bytes accessed" (which counts a loop body
+    # once) plus the loop iterations it misses, from the optimized HLO
+    # (`hlo_collectives.bytes_accessed`). None where the compiler has no cost analysis (GPU).
+    bytes_accessed: float | None = None
+    compiler_bytes_accessed: float | None = None  # cost_analysis()["bytes accessed"] as given
+    estimate: dict = dataclasses.field(default_factory=dict)  # roofline.Estimate.to_json()
 
     @property
     def tokens_per_device(self) -> float:
@@ -105,6 +122,7 @@ class Report:
                      f"({self.tokens_per_device:g} sequences per device)")
         g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
         verdict = "fits" if self.fits else "DOES NOT FIT"
+        hbm_verdict = "DOES NOT FIT" if self.limit_exceeded == "HBM" else "fits"
         lines = [head, shape]
         if self.out_of_memory:
             lines.append(f"per device: the compiler ran out of memory: needs "
@@ -115,7 +133,12 @@ class Report:
                 f"per device: state {g(self.state_bytes)} | arguments {g(self.argument_bytes)}"
                 f" | temporaries {g(self.temp_bytes)} | peak {g(self.per_device_bytes)} of "
                 f"{g(self.hbm_bytes)} HBM ({100 * self.per_device_bytes / self.hbm_bytes:.1f}%)"
-                f" -> {verdict}")
+                f" -> {hbm_verdict}")
+            if self.host_bytes or self.host_ram_bytes:
+                ram = f" of {g(self.host_ram_bytes)} host RAM" if self.host_ram_bytes else ""
+                lines.append(f"host memory per device: {g(self.host_bytes)}{ram}")
+            if not self.fits:
+                lines.append(f"DOES NOT FIT: exceeds {self.limit_exceeded}")
         lines.append(f"compile: {self.compile_s:.1f} s")
         if self.collectives:
             lines.append("collectives per step, per device:")
@@ -131,6 +154,13 @@ class Report:
                              f"{row['bytes'] / GIB:>10.3f}")
         lines.append(f"model FLOPs per step: {self.model_flops_per_step:.3e} "
                      f"({self.model_flops_per_step / self.num_devices:.3e} per device)")
+        if self.bytes_accessed is not None:
+            lines.append(f"HBM bytes accessed per step, per device: "
+                         f"{g(self.bytes_accessed)} (compiler, loop bodies once: "
+                         f"{g(self.compiler_bytes_accessed or 0)})")
+        if self.estimate:
+            lines.extend(roofline.Estimate(**{k: v for k, v in self.estimate.items()
+                                              if k != "kind"}).text())
         return "\n".join(lines)
 
 
@@ -176,6 +206,7 @@ def _compile(lowerable, args, report: Report):
             raise
         report.compile_s = time.perf_counter() - t0
         report.fits = False
+        report.limit_exceeded = "HBM" if oom[2] == "hbm" else oom[2]
         report.per_device_bytes = oom[0]
         if oom[2] != "hbm" and oom[1]:
             report.out_of_memory = f"{oom[2]}: {oom[1]} bytes available. " + str(e)
@@ -195,11 +226,58 @@ def _compile(lowerable, args, report: Report):
     held = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
     report.per_device_bytes = max(held, getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    report.fits = report.per_device_bytes <= report.hbm_bytes
+    report.host_bytes = (mem.host_argument_size_in_bytes + mem.host_output_size_in_bytes
+                         - mem.host_alias_size_in_bytes + mem.host_temp_size_in_bytes)
+    check_fits(report)
     hlo = compiled.as_text()
     report.collectives = hlo_collectives.collectives(hlo)
     report.dcn_collectives = hlo_collectives.dcn_collectives(hlo)
+    report.bytes_accessed, report.compiler_bytes_accessed = bytes_accessed(compiled, hlo)
+    report.estimate = estimate_report(report)
     return compiled
+
+
+def bytes_accessed(compiled, hlo: str = "") -> tuple[float | None, float | None]:
+    """(HBM bytes per device per step, the compiler's own count) of a compiled executable;
+    (None, None) where it has no cost analysis (GPU).
+
+    XLA's "bytes accessed" counts a `while` body once, whatever its trip count; the layer scan
+    runs it once per layer. The HLO walk (`hlo_collectives.bytes_accessed`) counts each
+    computation the same way, once and times its runs per step; the difference is added to the
+    compiler's figure."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    if not cost or "bytes accessed" not in cost:
+        return None, None
+    walk = hlo_collectives.bytes_accessed(hlo or compiled.as_text())
+    once = float(cost["bytes accessed"])
+    return once + walk["per_step"] - walk["once"], once
+
+
+def check_fits(report: Report) -> None:
+    """Sets `fits` and `limit_exceeded` from the report's per-device bytes: the compiler's peak
+    against HBM, and the host memory of the devices on one host against that host's RAM."""
+    row = roofline.chip(report.device_kind)
+    report.host_ram_bytes = int(row.host_ram_per_device) if row else 0
+    report.fits, report.limit_exceeded = True, ""
+    if report.per_device_bytes > report.hbm_bytes:
+        report.fits, report.limit_exceeded = False, "HBM"
+    elif row and report.host_bytes:
+        on_host = min(report.num_devices, row.devices_per_host)
+        if report.host_bytes * on_host > row.host_ram_bytes:
+            report.fits, report.limit_exceeded = False, "host RAM"
+
+
+def estimate_report(report: Report) -> dict:
+    """The roofline estimate of a compiled report, as JSON ({} for a chip not in the table)."""
+    row = roofline.chip(report.device_kind)
+    if row is None:
+        return {}
+    total = lambda table: sum(r["bytes"] for r in table.values())  # noqa: E731
+    return roofline.estimate(
+        row, flops=report.model_flops_per_step / report.num_devices,
+        bytes_accessed=report.bytes_accessed, ici_bytes=total(report.collectives),
+        dcn_bytes=total(report.dcn_collectives), host_bytes=report.host_bytes).to_json()
 
 
 def _new_report(what, target, mesh, batch_size, seq_len) -> Report:

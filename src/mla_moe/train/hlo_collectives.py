@@ -17,7 +17,9 @@ result comes back).
     table["all-gather"] -> {"count": 183, "bytes": 2.1e10, "ops": 3}
 
 Across TPU slices (multislice), `dcn_collectives` reads the transfers XLA hands to the
-data-center network.
+data-center network. `bytes_accessed` walks the same computations for the HBM bytes their
+instructions read and write, counting a loop body once (as XLA's cost analysis does) and once
+per iteration: what the compiler's "bytes accessed" misses of a scanned model.
 """
 
 from __future__ import annotations
@@ -235,3 +237,171 @@ def dcn_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             row["count"] += m
             row["bytes"] += m * (_array_bytes(*arrays[0]) if arrays else 0.0)
     return table
+
+
+# Bytes accessed: what the step reads and writes in HBM, per device. XLA's cost analysis gives it
+# ("bytes accessed") but counts a `while` body once; the layer scan runs its body once per layer.
+# `bytes_accessed` counts the text the same way per computation and walks the trip counts, so
+# that per step = the compiler's count + (per-step count - once count) of this walk.
+_NO_TRAFFIC = frozenset((
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+    "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"))
+_SLICES = frozenset(("dynamic-slice", "slice", "gather"))
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_ENTRY = re.compile(r"^ENTRY\s+%?([\w.\-]+)", re.M)
+
+
+def _operands(line: str, opcode: str) -> list[str]:
+    """The names an instruction's operand list refers to, in order."""
+    args = line.split(opcode + "(", 1)
+    if len(args) < 2:
+        return []
+    depth, end = 1, len(args[1])
+    for i, ch in enumerate(args[1]):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            end = i
+            break
+    return _OPERAND.findall(args[1][:end])
+
+
+class _Module:
+    """A parsed module for the bytes walk: instructions by computation, result types, and the
+    computations whose traffic is their caller's (fusion bodies, reducers)."""
+
+    def __init__(self, hlo_text: str):
+        self.comps, _ = _computations(hlo_text)
+        self.types = _result_types(self.comps)
+        self.insts: dict[str, list[tuple[str, str, str, list[str], str]]] = {}
+        fused: set[str] = set()
+        for name, lines in self.comps:
+            rows = []
+            for line in lines:
+                m = _NAME.match(line)
+                if not m:
+                    continue
+                result, opcode = _split_result(line.split("=", 1)[1].strip())
+                rows.append((m.group(1), opcode, result, _operands(line, opcode), line))
+                if opcode != "call" and opcode != "while" and opcode != "conditional":
+                    fused.update(c for role, targets in _CALLS.findall(line)
+                                 if role in ("calls", "to_apply")
+                                 for c in re.findall(r"[\w.\-]+", targets))
+            self.insts[name] = rows
+        self.fused = fused  # fusion bodies and reducers: their traffic is their caller's
+
+    def bytes_of(self, name: str) -> float:
+        return type_bytes(self.types.get(name, ""))
+
+    def _callee(self, line: str) -> str | None:
+        m = re.search(r"\bcalls=%?([\w.\-]+)", line)
+        return m.group(1) if m else None
+
+    def _param_read(self, comp: str, index: int, full: float) -> float:
+        """Bytes a fusion reads of its operand `index`: the slices taken where every use of the
+        parameter is a slice (the layer scan's weight at step i), else the whole operand."""
+        rows = self.insts.get(comp, [])
+        param = next((n for n, op, _, _, ln in rows
+                      if op == "parameter" and f"parameter({index})" in ln), None)
+        return full if param is None else min(full, self._uses(comp, param, full))
+
+    def _uses(self, comp: str, name: str, full: float) -> float:
+        rows = self.insts.get(comp, [])
+        if any(r[0] == name and r[4].lstrip().startswith("ROOT") for r in rows):
+            return full  # the fusion's result: what its caller reads of it is the caller's
+        total = 0.0
+        for n, opcode, result, operands, line in rows:
+            if name not in operands:
+                continue
+            first = operands[0] == name
+            if opcode in _SLICES and first:
+                total += type_bytes(result)
+            elif opcode == "dynamic-update-slice" and first:
+                pass  # updated in place: the update is counted as the fusion's output
+            elif opcode == "bitcast":
+                total += self._uses(comp, n, full)
+            elif opcode == "fusion" and self._callee(line):
+                for i, o in enumerate(operands):
+                    if o == name:
+                        total += self._param_read(self._callee(line), i, full)
+            else:
+                return full
+        return total
+
+    def _written(self, comp: str, result: str) -> float:
+        """Bytes a fusion writes: its result, less what an in-place dynamic-update-slice root
+        leaves untouched."""
+        rows = self.insts.get(comp, [])
+        root = next((r for r in rows if r[4].lstrip().startswith("ROOT")), None)
+        if root is None:
+            return type_bytes(result)
+        by_name = {r[0]: r for r in rows}
+
+        def written(row) -> float:
+            _, opcode, res, operands, _ = row
+            if opcode == "dynamic-update-slice" and len(operands) > 1:
+                return self.bytes_of(operands[1])
+            if opcode == "tuple":
+                return sum(written(by_name[o]) if o in by_name else 0.0 for o in operands)
+            return type_bytes(res)
+        return written(root)
+
+    def instruction_bytes(self, opcode: str, result: str, operands: list[str],
+                          line: str) -> float:
+        """HBM bytes one instruction reads and writes."""
+        if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
+            return 0.0
+        if opcode.endswith("-start"):
+            return type_bytes(result)  # (operands, results[, context]) buffers
+        if opcode in ("dynamic-slice", "slice"):
+            return 2.0 * type_bytes(result)
+        if opcode == "dynamic-update-slice" and len(operands) > 1:
+            return 2.0 * self.bytes_of(operands[1])
+        callee = self._callee(line) if opcode == "fusion" else None
+        if callee:
+            read = sum(self._param_read(callee, i, self.bytes_of(o))
+                       for i, o in enumerate(operands))
+            return read + self._written(callee, result)
+        return sum(self.bytes_of(o) for o in operands) + type_bytes(result)
+
+
+def bytes_accessed(hlo_text: str) -> dict[str, float]:
+    """HBM bytes per device the module's instructions read and write, from the optimized text:
+    {"per_step": with each loop body times its trip count, "once": each loop body once, as
+    XLA's cost analysis counts it}.
+
+    Per instruction, operands + result, as XLA's HloCostAnalysis counts them: a fusion counts
+    its operands and its result, an operand it only slices (the scan's stacked weights) as the
+    slices, a dynamic-update-slice root as the update; tuples, bitcasts, parameters and
+    constants move nothing. The fusion bodies themselves add nothing (their traffic is the
+    fusion's). A conditional counts its costliest branch. `per_step - once` is what the
+    compiler's count misses."""
+    mod = _Module(hlo_text)
+    bodies = dict(mod.comps)
+    memo: dict[tuple[str, bool], float] = {}
+
+    def total(name: str, trips: bool) -> float:
+        if (name, trips) in memo:
+            return memo[name, trips]
+        memo[name, trips] = 0.0  # a malformed cycle counts nothing
+        out = 0.0
+        for _, op, res, operands, line in mod.insts.get(name, []):
+            out += mod.instruction_bytes(op, res, operands, line)
+            called = {role: re.findall(r"[\w.\-]+", targets)
+                      for role, targets in _CALLS.findall(line)}
+            if op == "while":
+                n = _trip_count(line, bodies) if trips else 1
+                out += n * sum(total(c, trips) for role in ("body", "condition")
+                               for c in called.get(role, []))
+            elif op == "conditional":
+                branches = [c for role in ("branch_computations", "true_computation",
+                                           "false_computation") for c in called.get(role, [])]
+                out += max((total(c, trips) for c in branches), default=0.0)
+            elif op == "call":
+                out += sum(total(c, trips) for c in called.get("to_apply", []))
+        memo[name, trips] = out
+        return out
+
+    m = _ENTRY.search(hlo_text)
+    entry = m.group(1) if m else (mod.comps[-1][0] if mod.comps else "")
+    return {"per_step": total(entry, True), "once": total(entry, False)}
