@@ -2,6 +2,12 @@
 lower bound, forward and forward + backward, interleaved.
 
     python bench/grouped_ffn.py [--tokens 2048] [--experts 16] [--top_k 4] [--reps 7]
+    python bench/grouped_ffn.py --memory tpu:v5p:2x2x1 [--tokens 4096 --experts 32 --top_k 8
+        --d_model 7168 --d_ff 2048]
+
+--memory TARGET: nothing runs; the forward + backward of ragged_dot and megablox (bf16) are
+compiled for one compile-only chip of a TPU target (`pallas_kernels.targets`) and their
+compiled memory printed (temporaries: what the step needs beyond its arguments and outputs).
 
 ragged_dot: the same layout with `lax.ragged_dot` (XLA:CPU lowers it to a dense product
 over every group). dense: the routing gives every expert exactly X = T*K/E rows, and this
@@ -31,8 +37,41 @@ def _dense(x_EXD, w_EX, gate, up, down):
     return jnp.einsum("EXF,EFD->EXD", h, down) * w_EX[..., None]
 
 
+def memory(target, t, e, k, d, f):
+    """Compiles ragged_dot's and megablox's forward + backward for one chip of `target` and
+    prints their memory_analysis (GiB)."""
+    import numpy as np
+
+    from pallas_kernels import aot, targets
+
+    mesh = jax.sharding.Mesh(np.array([targets.devices(target)[0]]), ("x",))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    bf = jnp.bfloat16
+    shapes = [((t, d), bf), ((t, k), jnp.int32), ((t, k), jnp.float32), ((e, d, f), bf),
+              ((e, d, f), bf), ((e, f, d), bf)]
+    args = [jax.ShapeDtypeStruct(s, dt, sharding=rep) for s, dt in shapes]
+    print(f"{target}: rows={t * k} (T={t} K={k}) E={e} D={d} F={f} bf16, forward + backward")
+    print(f"{'case':12s} {'temp GiB':>9s} {'args GiB':>9s} {'out GiB':>8s}  VMEM per kernel")
+    for name in ("ragged_dot", "megablox"):
+        def step(x, experts, weights, gate, up, down, impl=name):
+            def fwd(*a):
+                return grouped_swiglu(a[0], experts, *a[1:], implementation=impl)
+
+            y, vjp = jax.vjp(fwd, x, weights, gate, up, down)
+            return y, vjp(y)
+
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(step).lower(*args).compile()
+        m = compiled.memory_analysis()
+        print(f"{name:12s} {m.temp_size_in_bytes / 2**30:9.3f} "
+              f"{m.argument_size_in_bytes / 2**30:9.3f} {m.output_size_in_bytes / 2**30:8.3f}  "
+              f"{aot.tpu_vmem_bytes(compiled)}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--memory", metavar="TARGET", default=None,
+                    help="compile for this TPU target (e.g. tpu:v5p:2x2x1) and print memory")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--top_k", type=int, default=4)
@@ -41,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
     t, e, k, d, f = args.tokens, args.experts, args.top_k, args.d_model, args.d_ff
+    if args.memory:
+        jax.config.update("jax_platforms", "cpu")  # compile-only devices; nothing runs
+        return memory(args.memory, t, e, k, d, f)
     keys = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(keys[0], (t, d))
     # Equal groups with distinct experts per token: slot k of token t goes to expert
