@@ -13,6 +13,7 @@ import ml_collections
 
 from mla_moe import ModelConfig
 from mla_moe.errors import ConfigError
+from mla_moe.train.optimizer import MOMENT_DTYPES
 
 NAN_POLICIES = ("stop", "skip")
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
@@ -45,6 +46,7 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
         b2=0.95,
         eps=1e-8,
         grad_clip_norm=1.0,
+        moment_dtype="float32",  # storage of both Adam moments: "float32" or "bfloat16"
         nan_policy="stop",  # "stop" or "skip" a step whose loss or gradient is not finite
         eval_every_steps=200,  # 0: only at the end
         eval_batches=4,
@@ -118,6 +120,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1/b2 must be in [0, 1), got {t.b1}, {t.b2}")
     _check(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {t.grad_clip_norm}")
+    _check(t.moment_dtype in MOMENT_DTYPES,
+           f"train.moment_dtype must be one of {tuple(MOMENT_DTYPES)}, got {t.moment_dtype!r}")
     _check(t.nan_policy in NAN_POLICIES,
            f"train.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
     _check(t.eval_every_steps >= 0,

@@ -3,6 +3,11 @@
 Weight decay applies to weight matrices only: norm scales and biases are left alone, as in
 GPT-2/DeepSeek practice. They are found by name, not rank, because scanned layer groups stack
 a norm's [D] scale into [L, D].
+
+Both Adam moments are stored in `train.moment_dtype` ("float32" or "bfloat16": half the
+optimizer memory). The update itself always runs in float32: the stored moments are upcast,
+updated and rounded (to nearest) back to the storage dtype. `bench/moment_dtype.py` compares
+the two on the tiny preset.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 if TYPE_CHECKING:
@@ -44,6 +50,34 @@ def decay_mask(params: Any) -> Any:
     )
 
 
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _cast_moments(state: optax.ScaleByAdamState, dtype) -> optax.ScaleByAdamState:
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)  # noqa: E731
+    return state._replace(mu=cast(state.mu), nu=cast(state.nu))
+
+
+def scale_by_adam_stored_as(dtype, *, b1: float, b2: float, eps: float
+                            ) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` whose state keeps both moments (mu, nu) in `dtype` while the
+    update runs in float32; the state is the same `ScaleByAdamState`, so checkpoints and
+    shardings see the same tree. (optax's own `mu_dtype` covers mu only, and computes
+    `b1 * mu` in mu's dtype.)"""
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+    if jnp.dtype(dtype) == jnp.float32:
+        return adam
+
+    def init(params):
+        return _cast_moments(adam.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = adam.update(updates, _cast_moments(state, jnp.float32), params)
+        return updates, _cast_moments(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(AdamW chained after global-norm clipping when `grad_clip_norm` > 0, the learning-rate
@@ -52,10 +86,12 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict
     parts = []
     if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip_norm)))
-    parts.append(
-        optax.adamw(
-            schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
-            weight_decay=float(train_cfg.weight_decay), mask=decay_mask,
-        )
-    )
+    moment_dtype = MOMENT_DTYPES[train_cfg.get("moment_dtype", "float32")]
+    # optax.adamw's own chain, with the moments' storage dtype chosen.
+    parts.append(optax.chain(
+        scale_by_adam_stored_as(moment_dtype, b1=float(train_cfg.b1), b2=float(train_cfg.b2),
+                                eps=float(train_cfg.eps)),
+        optax.add_decayed_weights(float(train_cfg.weight_decay), decay_mask),
+        optax.scale_by_learning_rate(schedule),
+    ))
     return optax.chain(*parts), schedule

@@ -364,7 +364,7 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
 def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
     """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
     names = ("steps", "warmup_steps", "decay_steps", "learning_rate", "min_lr_ratio",
-             "weight_decay", "b1", "b2", "eps", "grad_clip_norm")
+             "weight_decay", "b1", "b2", "eps", "grad_clip_norm", "moment_dtype")
     return tuple((n, train_cfg[n]) for n in names)
 
 
