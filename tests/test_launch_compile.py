@@ -17,7 +17,11 @@ from pallas_kernels import targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON_KEYS = {"fits", "per_device_bytes", "hbm_bytes", "argument_bytes", "temp_bytes",
-             "compile_s", "collectives", "mesh", "model_flops_per_step"}
+             "compile_s", "collectives", "mesh", "model_flops_per_step", "host_bytes",
+             "host_ram_bytes", "limit_exceeded", "bytes_accessed", "estimate"}
+ESTIMATE_KEYS = {"kind", "compute_s", "hbm_s", "ici_s", "dcn_s", "host_s", "step_s_lower_bound",
+                 "mfu_upper_bound", "peak_flops", "hbm_bandwidth", "ici_bandwidth",
+                 "dcn_bandwidth", "host_bandwidth", "chip", "sources"}
 MESH = dict(data=1, fsdp=2, expert=2, tensor=1)
 
 
@@ -43,7 +47,27 @@ def _check_report(report, devices):
     assert d["mesh"] == MESH
     assert d["state_bytes"] <= d["argument_bytes"]
     assert set(d["collectives"]) == set(hlo_collectives.KINDS)
+    _check_estimate(d)
     json.dumps(d)
+
+
+def _check_estimate(d):
+    """The roofline block: its fields, the terms from the report's own figures, the bound."""
+    est = d["estimate"]
+    assert set(est) == ESTIMATE_KEYS
+    assert est["kind"] == "lower bound from analysis, not a measurement"
+    flops = d["model_flops_per_step"] / d["num_devices"]
+    assert est["compute_s"] == flops / est["peak_flops"] > 0
+    ici = sum(r["bytes"] for r in d["collectives"].values())
+    assert est["ici_s"] == ici / est["ici_bandwidth"] > 0
+    terms = [est[k] for k in ("compute_s", "hbm_s", "ici_s", "dcn_s", "host_s")]
+    assert est["step_s_lower_bound"] == max(t for t in terms if t is not None)
+    assert 0 < est["mfu_upper_bound"] <= 1
+    if d["bytes_accessed"] is None:  # GPU: no cost analysis
+        assert est["hbm_s"] is None
+    else:
+        assert est["hbm_s"] == d["bytes_accessed"] / est["hbm_bandwidth"] > 0
+    assert d["host_bytes"] == 0 and d["host_ram_bytes"] > 0 and d["limit_exceeded"] == ""
 
 
 def _check_batch_split_over_expert(hlo: str):
@@ -83,6 +107,8 @@ def test_gpu_h100_train_step():
     assert JSON_KEYS <= set(d) and d["fits"]
     assert d["hbm_bytes"] == targets.hbm_bytes(devices[0]) > 79 * 2**30
     assert d["device_kind"].startswith("NVIDIA H100")
+    _check_estimate(d)
+    assert d["bytes_accessed"] is None and d["estimate"]["chip"] == "NVIDIA H100"
     params = _entry_params(compiled.as_text())
     assert params.count("s32[1,128]") == 4, params  # 8 sequences over 2 x 2 x 2
 
@@ -107,7 +133,7 @@ def test_out_of_memory_is_a_result(tmp_path):
     assert "Traceback" not in proc.stderr and "DOES NOT FIT" in proc.stdout
     assert report["fits"] is False
     assert report["per_device_bytes"] > report["hbm_bytes"] > 90 * 2**30
-    assert JSON_KEYS <= set(report)
+    assert JSON_KEYS <= set(report) and report["limit_exceeded"] == "HBM"
 
 
 def test_decode_step_compiles_with_the_latent_kernel(tmp_path):
@@ -118,6 +144,8 @@ def test_decode_step_compiles_with_the_latent_kernel(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert report["fits"] and JSON_KEYS <= set(report)
     assert "decode step" in proc.stdout and "cache 256 tokens" in proc.stdout
+    _check_estimate(report)
+    assert "roofline estimate (lower bound from analysis, not a measurement)" in proc.stdout
     _, compiled = aot.compile_decode(_tiny(attention_impl="auto"),
                                      targets.devices("tpu:v5p:2x2x1"), cache_length=256)
     assert "latent_attention_decode" in compiled.as_text()
