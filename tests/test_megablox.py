@@ -1,7 +1,8 @@
 """The megablox grouped SwiGLU (Pallas interpret mode on CPU) equals ragged_dot and a dense
 per-expert loop, forward and gradients w.r.t. x, the routing weights and the three weight
 tensors: uneven groups, an empty expert, assignments with no expert, a row count that is not
-a multiple of the row tile, several contraction and column tiles; float32 and bfloat16."""
+a multiple of the row tile, several contraction and column tiles, partial ones included;
+float32 and bfloat16."""
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +13,11 @@ from tolerance import assert_close_scaled
 from mla_moe.grouped_matmul import grouped_swiglu, layout
 from mla_moe.megablox import megablox_swiglu
 
-E, D, F = 6, 64, 32
+E, D, F = 6, 80, 48
 T, K = 13, 3  # 39 assignments: 5 row tiles of 8, the last one partly padding
-# (rows, contraction, columns): 2 contraction tiles over D, 2 column tiles over F, 4 over D.
-TILING = (8, 32, 16)
+# (rows, contraction, columns): D = 80 is 3 tiles of 32 (the last one partial: megablox masks
+# the contraction), F = 48 two (the last one's columns past F are dropped).
+TILING = (8, 32, 32)
 
 
 def _routing():
@@ -70,7 +72,7 @@ def test_float32_equals_ragged_dot_and_the_loop():
     experts, gates = _routing()
     args = _inputs(jnp.float32)
     got = _value_and_grads(_megablox, experts, gates, *args)
-    # Measured: 4.4e-7 (the x gradient) against either.
+    # Measured: 8.6e-7 (the down weights' gradient) against either.
     assert_close_scaled(got, _value_and_grads(_ragged, experts, gates, *args), rel=5e-6)
     assert_close_scaled(got, _value_and_grads(_dense_loop, experts, gates, *args), rel=5e-6)
     assert float(jnp.abs(got[0][4]).max()) == 0  # the token with no expert
@@ -85,12 +87,13 @@ def test_bfloat16_outputs_and_gradients_keep_their_dtype():
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32] + [jnp.bfloat16] * 3
     # Against ragged_dot on the same bf16 inputs (its products also round to bf16) and the
     # f32 loop on the same (bf16-rounded) values: bf16 rounding of the products and of the
-    # gradients. Measured: 2.9e-3 (y, against the loop), 6.8e-3 (the x gradient).
+    # gradients. Measured: 7e-3 (y, against the loop), 1.5e-2 (the down weights' gradient,
+    # against the loop; 9e-3 against ragged_dot): about two bf16 ulps of the largest entry.
     ragged = _value_and_grads(_ragged, experts, gates, *args)
     loop = _value_and_grads(_dense_loop, experts, gates, *(a.astype(jnp.float32) for a in args))
     f32 = jax.tree.map(lambda a: a.astype(jnp.float32), (y, grads))
-    assert_close_scaled(f32, jax.tree.map(lambda a: a.astype(jnp.float32), ragged), rel=2e-2)
-    assert_close_scaled(f32, loop, rel=2e-2)
+    assert_close_scaled(f32, jax.tree.map(lambda a: a.astype(jnp.float32), ragged), rel=3e-2)
+    assert_close_scaled(f32, loop, rel=3e-2)
 
 
 def test_bad_input():
