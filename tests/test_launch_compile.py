@@ -205,6 +205,49 @@ def test_collectives_count_loop_iterations():
     assert table["all-to-all"]["count"] == 0
 
 
+# A collective offloaded to the SparseCore (TPU7x, v5p): an async call of a computation whose
+# closing brace carries its execution thread, called from the layer loop's body.
+_SPARSECORE = """\
+HloModule m
+
+%sum (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[]{:T(128)S(7)} parameter(0)
+  %y = f32[]{:T(128)S(7)} parameter(1)
+  ROOT %s = f32[]{:T(128)S(7)} add(%x, %y)
+}, execution_thread="sparsecore"
+
+%called_computation.1 (p0: f32[128,16], p1: token[]) -> f32[16,16] {
+  %p1 = token[] parameter(1)
+  %p0 = f32[128,16]{1,0:T(8,128)} parameter(0)
+  ROOT %rs = f32[16,16]{1,0:T(8,128)} reduce-scatter(%p0), channel_id=1, dimensions={0}, to_apply=%sum
+}, execution_thread="sparsecore"
+
+%body (p: (s32[], f32[128,16])) -> (s32[], f32[128,16]) {
+  %p = (s32[], f32[128,16]{1,0}) parameter(0)
+  %g = f32[128,16]{1,0} get-tuple-element(%p), index=1
+  %tok = token[] after-all()
+  %cs = ((f32[128,16]{1,0}, token[]), f32[16,16]{1,0}) call-start(%g, %tok), async_execution_thread="sparsecore", to_apply=%called_computation.1
+  %cd = f32[16,16]{1,0} call-done(%cs)
+  ROOT %t = (s32[], f32[128,16]{1,0}) tuple(%i, %g)
+}
+
+%cond (q: (s32[], f32[128,16])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[128,16]) -> f32[128,16] {
+  %a = f32[128,16]{1,0} parameter(0)
+  %w = (s32[], f32[128,16]{1,0}) while(%t0), condition=%cond, body=%body, backend_config=TRIP
+  ROOT %o = f32[128,16]{1,0} get-tuple-element(%w), index=1
+}
+""".replace("TRIP", '{"known_trip_count":{"n":"3"}}')  # noqa: E501 - HLO instructions are one line each
+
+
+def test_collectives_offloaded_to_the_sparsecore_count_per_iteration():
+    table = hlo_collectives.collectives(_SPARSECORE)
+    assert table["reduce-scatter"] == {"count": 3, "bytes": 3 * 16 * 16 * 4.0, "ops": 1}
+
+
 # The MoE dispatch and combine as compiled TPU modules print them: operands by name only, the
 # receive buffer sized at twice the balanced share (dispatch) or at the rows sent (combine).
 _RAGGED = """\

@@ -102,6 +102,9 @@ def test_host_ram_limit():
     aot.check_fits(report)
     assert not report.fits and report.limit_exceeded == "HBM"
     assert "DOES NOT FIT: exceeds HBM" in report.text()
+    report = _report(per_device_bytes=96 * GIB, host_bytes=int(113e9))
+    aot.check_fits(report)
+    assert not report.fits and report.limit_exceeded == "HBM and host RAM"
 
 
 # A 4-iteration loop whose body reads one [4,8] f32 slice of a stacked [4,4,8] parameter (128 B)

@@ -113,7 +113,7 @@ def _computations(hlo_text: str) -> tuple[list[tuple[str, list[str]]], dict[str,
                 if line.startswith("ENTRY"):
                     entry = m.group(1)
             continue
-        if line.strip() == "}":
+        if line.startswith("}"):  # "}" or, for a SparseCore one, '}, execution_thread="..."'
             comps.append(current)
             current = None
         else:
