@@ -19,6 +19,7 @@ Medians of --reps calls after a compile + warm-up call; ratio = time / dense.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -82,6 +83,7 @@ def main(argv=None):
     t, e, k, d, f = args.tokens, args.experts, args.top_k, args.d_model, args.d_ff
     if args.memory:
         jax.config.update("jax_platforms", "cpu")  # compile-only devices; nothing runs
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside another libtpu user
         return memory(args.memory, t, e, k, d, f)
     keys = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(keys[0], (t, d))

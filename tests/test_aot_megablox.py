@@ -5,8 +5,8 @@ the same as on v5p, `python bench/grouped_ffn.py --memory tpu:v6e:2x2x1`).
 
 Forward + backward of `grouped_swiglu` on one chip: D = 7168, F = 2048, E = 32 local experts
 (256 over an expert-parallel group of 8), top-8, 16,384 rows (2,048 tokens), bf16. Measured
-temporaries (v5p / v6e): megablox 0.47 / 0.47 GiB, ragged_dot 0.85 / 0.85 GiB; at 32,768
-rows 0.81 / 0.80 against 1.69 / 1.69 GiB.
+temporaries (v5p / v6e): megablox 0.469 / 0.468 GiB, ragged_dot 0.847 / 0.845 GiB; at 32,768
+rows 0.808 / 0.803 against 1.691 / 1.689 GiB.
 """
 
 import functools

@@ -49,9 +49,11 @@ class Tiling(NamedTuple):
     tk: int
     tn: int
 
-    def fit(self, m: int, k: int, n: int) -> tuple[int, int, int]:
-        """The tiles for one [m, k] x [k, n] product: tk and tn no larger than k and n."""
-        return self.tm, min(self.tk, k), min(self.tn, n)
+    def fit(self, k: int, n: int, dtype) -> tuple[int, int, int]:
+        """The tiles for one [P, k] x [k, n] product: tk and tn no larger than k and n, and
+        halved for f32 operands (the bf16 tiles' bytes: the same VMEM)."""
+        shrink = 2 if jnp.dtype(dtype).itemsize > 2 else 1
+        return self.tm, min(self.tk // shrink, k), min(self.tn // shrink, n)
 
 
 def default_tiling() -> Tiling:
@@ -101,7 +103,7 @@ def megablox_swiglu(x_TD: jax.Array, weights_M: jax.Array, lay: Layout, gate_EDF
 def _gmm(static: _Static, lhs, rhs, sizes_E, transpose_rhs=False):
     """Grouped lhs [P, k] @ rhs[e] ([E, k, n], or [E, n, k] transposed), in lhs's dtype."""
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tiles = static.tiling.fit(lhs.shape[0], lhs.shape[1], n)
+    tiles = static.tiling.fit(lhs.shape[1], n, lhs.dtype)
     with _kernel_precision(lhs.dtype):
         return _mb.gmm(lhs, rhs.astype(lhs.dtype), sizes_E, lhs.dtype, tiles,
                        transpose_rhs=transpose_rhs, interpret=static.interpret)
@@ -109,8 +111,7 @@ def _gmm(static: _Static, lhs, rhs, sizes_E, transpose_rhs=False):
 
 def _tgmm(static: _Static, lhs_PK, rhs_PN, sizes_E, dtype):
     """Per expert e: lhs[rows of e].T @ rhs[rows of e], [E, K, N] in `dtype`."""
-    p, k = lhs_PK.shape
-    tiles = static.tiling.fit(p, k, rhs_PN.shape[1])
+    tiles = static.tiling.fit(lhs_PK.shape[1], rhs_PN.shape[1], lhs_PK.dtype)
     with _kernel_precision(lhs_PK.dtype):
         return _mb.tgmm(lhs_PK.T, rhs_PN, sizes_E, dtype, tiles, interpret=static.interpret)
 
