@@ -28,6 +28,11 @@ MESHES = {
     "data8": dict(data=8),
 }
 EXCHANGES = ("all_to_all", "allgather")  # the others resolve to these on CPU
+# Expert weights sharded over fsdp on D and gathered inside the layer (chunk experts at a time).
+FSDP_MESHES = {
+    "fsdp8": dict(fsdp=8),
+    "fsdp4_expert2": dict(fsdp=4, expert=2),
+}
 B, T = 8, 4  # 32 tokens: 4 per shard on 8 shards
 # The shared 2-core CI machines spend most of these tests in LLVM: skip its optimisations.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -45,7 +50,7 @@ CFG = ModelConfig(
 
 
 def _ep(mesh_name):
-    return MESHES[mesh_name].get("expert", 1)
+    return {**MESHES, **FSDP_MESHES}[mesh_name].get("expert", 1)
 
 
 @functools.cache
@@ -113,8 +118,9 @@ def _placement(mesh_name):
     return ep if ep > 1 else CFG.num_expert_devices
 
 
-def _assert_matches_single_device(mesh_name, exchange):
-    y, stats, grads = _sharded(MESHES[mesh_name], moe_dispatch=exchange)
+def _assert_matches_single_device(mesh_name, exchange, **overrides):
+    mesh_shape = {**MESHES, **FSDP_MESHES}[mesh_name]
+    y, stats, grads = _sharded(mesh_shape, moe_dispatch=exchange, **overrides)
     y_ref, stats_ref, grads_ref = _reference(_placement(mesh_name))
     assert_close_scaled(y, y_ref, rel=5e-6)
     assert set(stats.losses) == {"expert_balance", "device_balance", "comm_balance",
@@ -137,6 +143,15 @@ def _assert_matches_single_device(mesh_name, exchange):
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_matches_single_device(mesh_name, exchange):
     _assert_matches_single_device(mesh_name, exchange)
+
+
+@pytest.mark.parametrize("mesh_name, exchange, chunk", [
+    ("fsdp8", "auto", 0), ("fsdp8", "auto", 2), ("fsdp4_expert2", "allgather", 2),
+    ("fsdp4_expert2", "all_to_all", 2)])
+def test_fsdp_gathered_experts_match_single_device(mesh_name, exchange, chunk):
+    """Weights gathered over fsdp inside the layer, `chunk` experts at a time (0: all): the
+    same outputs, losses, counts and gradients as one device, nothing dropped."""
+    _assert_matches_single_device(mesh_name, exchange, expert_gather_chunk=chunk)
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)

@@ -159,6 +159,9 @@ class ModelConfig:
     moe_dispatch: str = "auto"  # "all_to_all", "ragged_all_to_all", "allgather", "auto"
     dispatch_capacity_factor: float | None = None  # all_to_all buffers; None: never drop
     device_limited_routing: bool = False  # V2: experts on <= device_limit EP shards
+    # Expert weights gathered over the FSDP axes this many local experts at a time (0: all
+    # at once): bounds the gathered weights and their gradients to one chunk (moe_parallel).
+    expert_gather_chunk: int = 0
 
     # --- ours: MTP ------------------------------------------------------------------------
     mtp_loss_weight: float = 0.3  # lambda
@@ -275,6 +278,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if (not isinstance(self.expert_gather_chunk, int) or self.expert_gather_chunk < 0
+                or (self.n_routed_experts and self.expert_gather_chunk
+                    and self.n_routed_experts % self.expert_gather_chunk)):
+            raise ValueError(
+                f"expert_gather_chunk must be 0 or an integer >= 1 dividing n_routed_experts="
+                f"{self.n_routed_experts}, got {self.expert_gather_chunk!r}")
         if self.dispatch_capacity_factor is not None and not self.dispatch_capacity_factor > 0:
             raise ValueError(
                 f"dispatch_capacity_factor must be > 0 or None, got {self.dispatch_capacity_factor}"

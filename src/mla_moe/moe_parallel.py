@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from mla_moe import sharding
 from mla_moe.config import ModelConfig
-from mla_moe.grouped_matmul import capacity_slots, grouped_swiglu
+from mla_moe.grouped_matmul import _vma, capacity_slots, grouped_swiglu
 from pallas_kernels.dispatch import target_platform
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,36 @@ def _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity):
     return y_TD, dropped
 
 
-def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather):
-    """Each expert shard computes its experts for all tokens of its expert group."""
+def _gather_weights(w, d_axes):
+    """(gate_EDF, up_EDF, down_EFD) whole along D: all-gathered over the FSDP axes `d_axes`
+    that shard it. Inside the shard_map, so that the backward reduce-scatters each weight's
+    gradient (the transpose of the gather) instead of all-reducing it whole, as the implicit
+    gather at the shard_map boundary would."""
+    if not d_axes:
+        return w
+    gate, up, down = w
+    return (jax.lax.all_gather(gate, d_axes, axis=1, tiled=True),
+            jax.lax.all_gather(up, d_axes, axis=1, tiled=True),
+            jax.lax.all_gather(down, d_axes, axis=2, tiled=True))
+
+
+def _varying_like(z, *like):
+    """`z` marked as varying over the mesh axes the arrays `like` vary over (a scan carry that
+    starts as zeros must have the type of what the scan body returns)."""
+    axes = set().union(*(_vma(a) for a in like))
+    missing = tuple(sorted(axes - _vma(z)))
+    return jax.lax.pcast(z, missing, to="varying") if missing else z
+
+
+def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
+    """Each expert shard computes its experts for all tokens of its expert group.
+
+    With mesh.expert = 1 nothing is exchanged: every token is computed on its own shard by
+    every expert, whose weights are gathered over the FSDP axes `d_axes` (dropless by
+    construction, buffers of the shard's own T*K rows). chunk > 0: the local experts are
+    gathered `chunk` at a time in a scan, so one chunk's weights (and, in the backward, their
+    gradient before its reduce-scatter) exist at once; each chunk's rows are the shard's
+    assignments to its experts, the others marked as no expert."""
     e_local = w[0].shape[0]
     if gather:
         x_TD = jax.lax.all_gather(x_TD, "expert", axis=0, tiled=True)
@@ -196,7 +224,24 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather):
     me = jax.lax.axis_index("expert") if ep > 1 else 0
     mine_M = flat_M // e_local == me
     local_M = jnp.where(mine_M, flat_M % e_local, e_local)
-    y_TD = grouped_swiglu(x_TD, local_M.reshape(-1, k), weights_TK, *w)
+    if chunk and chunk < e_local:
+        n = e_local // chunk
+        w_chunks = tuple(a.reshape(n, chunk, *a.shape[1:]) for a in w)
+
+        @jax.checkpoint  # the backward gathers each chunk again rather than keeping them all
+        def step(y_TD, inputs):
+            j, w_j = inputs
+            rel_M = local_M - j * chunk
+            e_M = jnp.where((rel_M >= 0) & (rel_M < chunk), rel_M, chunk)
+            y_j = grouped_swiglu(x_TD, e_M.reshape(-1, k), weights_TK,
+                                 *_gather_weights(w_j, d_axes))
+            return y_TD + y_j, None
+
+        y0 = _varying_like(jnp.zeros(x_TD.shape, jnp.float32), x_TD, weights_TK, *w)
+        y_TD, _ = jax.lax.scan(step, y0, (jnp.arange(n), w_chunks))
+    else:
+        y_TD = grouped_swiglu(x_TD, local_M.reshape(-1, k), weights_TK,
+                              *_gather_weights(w, d_axes))
     if ep > 1:
         if gather:
             y_TD = jax.lax.psum_scatter(y_TD, "expert", scatter_dimension=0, tiled=True)
@@ -283,8 +328,21 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
     f = gate_EDF.shape[-1]
     if f % math.prod(sizes[a] for a in f_axes):
         f_axes = ()
+    # The weights' D stays split over its FSDP axes into the shard_map; the body gathers it.
+    d_axes = tuple(a for a in rules.get("embed", ())
+                   if sizes.get(a, 1) > 1 and a not in f_axes and a != "expert")
+    if gate_EDF.shape[1] % math.prod(sizes[a] for a in d_axes):
+        d_axes = ()
     tok = tok_axes if tok_axes else None
     f_spec = f_axes if f_axes else None
+    d_spec = d_axes if d_axes else None
+    chunk = config.expert_gather_chunk
+    if not set(d_axes) <= set(tok_axes):  # e.g. one decode token: too few to split
+        chunk = 0
+    elif chunk and (gate_EDF.shape[0] // ep) % chunk:
+        _log_once(f"expert_gather_chunk={chunk} does not divide the {gate_EDF.shape[0] // ep} "
+                  "experts of a shard: their weights are gathered all at once")
+        chunk = 0
     e_spec = "expert" if ep > 1 else None
 
     kind = resolve_exchange(config, ep)
@@ -298,8 +356,11 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
     def body(x_TD, experts_TK, weights_TK, affinity_TK, gate, up, down):
         w = (gate, up, down)
         if kind == "allgather":
-            y_TD, dropped = _allgather(x_TD, experts_TK, weights_TK, w, ep, split_over_expert)
-        elif kind == "ragged_all_to_all" and ep > 1:
+            y_TD, dropped = _allgather(x_TD, experts_TK, weights_TK, w, ep, split_over_expert,
+                                       d_axes, chunk)
+            return _reduce(y_TD, dropped)
+        w = _gather_weights(w, d_axes)
+        if kind == "ragged_all_to_all" and ep > 1:
             y_TD, dropped = _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep,
                                     ragged_receive_rows(t_shard, config, ep))
         else:
@@ -308,6 +369,9 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
             else:  # ragged fallback, or P = 1: never drop
                 capacity = t_shard * min(config.num_experts_per_tok, gate.shape[0])
             y_TD, dropped = _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity)
+        return _reduce(y_TD, dropped)
+
+    def _reduce(y_TD, dropped):
         if f_axes:  # F split over the tensor axes: the down-projections are partial sums
             y_TD = jax.lax.psum(y_TD, f_axes)
         if tok_axes:
@@ -315,6 +379,6 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
         return y_TD, dropped
 
     in_specs = (P(tok, None), P(tok, None), P(tok, None), P(tok, None),
-                P(e_spec, None, f_spec), P(e_spec, None, f_spec), P(e_spec, f_spec, None))
+                P(e_spec, d_spec, f_spec), P(e_spec, d_spec, f_spec), P(e_spec, f_spec, d_spec))
     fn = jax.shard_map(body, in_specs=in_specs, out_specs=(P(tok, None), P()))
     return fn(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, down_EFD)
