@@ -153,3 +153,17 @@ def test_fields_a_saved_config_leaves_out_take_their_defaults():
                                                  "n_group": 1}}) == []
     assert incompatible_fields(saved, {"model": {"hidden_size": 64, "n_group": 2}}) == [
         "model.n_group: '<absent>' -> 2"]
+
+
+def test_run_settings_a_saved_config_leaves_out_take_their_defaults():
+    """A workdir written before a run setting existed resumes while the setting has its
+    run_config default, and not once it differs."""
+    import ml_collections
+
+    from mla_moe.train.config import incompatible_fields, run_config
+
+    saved = {"train": {"seq_len": 128}}
+    default = run_config(ml_collections.ConfigDict()).train.moment_dtype
+    assert incompatible_fields(saved, {"train": {"seq_len": 128, "moment_dtype": default}}) == []
+    assert incompatible_fields(saved, {"train": {"seq_len": 128, "moment_dtype": "bfloat16"}}
+                               ) == ["train.moment_dtype: '<absent>' -> 'bfloat16'"]

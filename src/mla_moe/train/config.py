@@ -8,6 +8,7 @@ compiled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import ml_collections
 
@@ -178,6 +179,12 @@ def _flatten(d, prefix=""):
     return out
 
 
+@functools.cache
+def _run_defaults() -> dict:
+    """run_config's defaults for every run setting, flattened ("train.seq_len": 512, ...)."""
+    return _flatten(run_config(ml_collections.ConfigDict()).to_dict())
+
+
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
     """'field: saved -> current' for every difference that forbids resuming."""
     a, b = _flatten(saved), _flatten(current)
@@ -185,9 +192,13 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
             continue
-        # A model field one config leaves out has ModelConfig's default.
-        default = MODEL_DEFAULTS.get(key.removeprefix("model."), "<absent>")
-        if key.startswith("model.") and a.get(key, default) == b.get(key, default):
+        # A field one config leaves out (written before the field existed) has its default:
+        # ModelConfig's for model fields, run_config's for the run settings.
+        if key.startswith("model."):
+            default = MODEL_DEFAULTS.get(key.removeprefix("model."), "<absent>")
+        else:
+            default = _run_defaults().get(key, "<absent>")
+        if a.get(key, default) == b.get(key, default):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
