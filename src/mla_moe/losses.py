@@ -1,4 +1,5 @@
-"""Language-model losses: next-token cross-entropy and the V3 multi-token-prediction loss."""
+"""Language-model losses: next-token cross-entropy and the V3 multi-token-prediction loss, each
+over whole logits or fused with the head a chunk of tokens at a time (training's form)."""
 
 from __future__ import annotations
 
@@ -159,8 +160,8 @@ def _local_forward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT):
 
     n = lay.chunks
     xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n))
-    loss, (logz_OBT, nll_OBT) = jax.lax.scan(body, _varying(jnp.zeros((), jnp.float32), lay.tokens),
-                                              xs)
+    carry = _varying(jnp.zeros((), jnp.float32), lay.tokens)
+    loss, (logz_OBT, nll_OBT) = jax.lax.scan(body, carry, xs)
     return _psum(loss, lay.tokens), _unchunked(logz_OBT), _unchunked(nll_OBT)
 
 
@@ -186,8 +187,8 @@ def _local_backward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT, logz_BT, 
     n = lay.chunks
     xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n),
           _chunked(logz_BT, n))
-    dw_DU, dx_OBTD = jax.lax.scan(
-        body, _varying(jnp.zeros(w_DU.shape, jnp.float32), lay.tokens + lay.vocab), xs)
+    carry = _varying(jnp.zeros(w_DU.shape, jnp.float32), lay.tokens + lay.vocab)
+    dw_DU, dx_OBTD = jax.lax.scan(body, carry, xs)
     if lay.scatter:
         dw_DU = jax.lax.psum_scatter(dw_DU, lay.scatter, scatter_dimension=0, tiled=True)
     dw_DU = _psum(dw_DU, tuple(a for a in lay.tokens if a not in lay.scatter))
