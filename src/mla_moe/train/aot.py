@@ -35,7 +35,7 @@ import ml_collections
 from flax import nnx
 
 import mla_moe
-from mla_moe import counting, sharding
+from mla_moe import counting, moe_parallel, sharding
 from mla_moe.cache import init_cache
 from mla_moe.generation import decode_step
 from mla_moe.train import config as config_lib
@@ -89,6 +89,8 @@ class Report:
     host_bytes: int = 0
     host_ram_bytes: int = 0
     limit_exceeded: str = ""  # "HBM", "host RAM" or both ("HBM and host RAM") when not fits
+    # True when no routed assignment can be dropped by construction (`is_dropless`).
+    dropless: bool = True
     # HBM bytes per device per step: the compiler's "bytes accessed" (which counts a loop body
     # once) plus the loop iterations it misses, from the optimized HLO
     # (`hlo_collectives.bytes_accessed`). None where the compiler has no cost analysis (GPU).
@@ -154,6 +156,8 @@ class Report:
                              f"{row['bytes'] / GIB:>10.3f}")
         lines.append(f"model FLOPs per step: {self.model_flops_per_step:.3e} "
                      f"({self.model_flops_per_step / self.num_devices:.3e} per device)")
+        lines.append("MoE: dropless (no token can be dropped)" if self.dropless else
+                     "MoE: tokens past an expert shard's capacity are DROPPED")
         if self.bytes_accessed is not None:
             lines.append(f"HBM bytes accessed per step, per device: "
                          f"{g(self.bytes_accessed)} (compiler, loop bodies once: "
@@ -303,6 +307,8 @@ def compile_train(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
         batch = built.batch_spec(t.batch_size, t.seq_len)
         report = _new_report("train", target, mesh, t.batch_size, t.seq_len)
         report.state_bytes = _state_bytes(state)
+        report.dropless = moe_parallel.is_dropless(cfg, sharding.mesh_axis_size("expert", mesh),
+                                                   mesh.devices.flat[0].platform)
         report.model_flops_per_step = (mla_moe.flops_per_token(cfg, t.seq_len)
                                        * t.batch_size * t.seq_len)
         fault_step = jax.ShapeDtypeStruct((), jnp.int32)
@@ -341,6 +347,8 @@ def compile_decode(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
         tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=tokens_sh)
         report = _new_report("decode", target, mesh, batch, cache_length)
         report.state_bytes = _state_bytes(state)
+        report.dropless = moe_parallel.is_dropless(cfg, sharding.mesh_axis_size("expert", mesh),
+                                                   mesh.devices.flat[0].platform)
         report.model_flops_per_step = decode_flops_per_token(cfg, cache_length) * batch
         step = _DecodeStep(graphdef)
         compiled = _compile(step, (state, tokens, cache), report)
