@@ -240,11 +240,12 @@ def chunked_cross_entropy(
     """`cross_entropy(x_BTD @ w_DU, targets_BT, weights_BT)` without the whole logits.
 
     x_BTD: the final-normed hidden states in the compute dtype; w_DU: the head weight (cast
-    to x's dtype; its gradient is accumulated in float32 and returned in w's dtype). Logits
-    are float32. Each device's tokens are split along T into chunks of about `chunk_tokens`
-    tokens (B stays whole: chunk length max(1, chunk_tokens // local B)); T is padded to a
-    whole number of chunks with zero-weight tokens. At most one [chunk, U] float32 block per
-    device is live at a time, forward and backward. Returns (sum of weighted token losses,
+    to x's dtype, as `DeepSeekModel.logits` does; its gradient is summed over the chunks in
+    float32 and rounded to that dtype once, as the plain loss's). Logits are float32. Each
+    device's tokens are split along T into chunks of about `chunk_tokens` tokens (B stays
+    whole: chunk length max(1, chunk_tokens // local B)); T is padded to a whole number of
+    chunks with zero-weight tokens. At most one [chunk, U] float32 block per device is live
+    at a time, forward and backward. Returns (sum of weighted token losses,
     sum of weights), both float32 scalars.
     """
     if chunk_tokens <= 0:
@@ -256,6 +257,8 @@ def chunked_cross_entropy(
         weights_BT = jnp.ones((b, t), jnp.float32)
     weights_BT = weights_BT.astype(jnp.float32)
     lay = _layout(b, d, w_DU.shape[1])
+    # n chunks of equal length along T, as few as fit chunk_tokens per device, then the least
+    # padding for that n.
     n = -(-t // max(1, min(t, chunk_tokens // (b // lay.token_shards))))
     pad = n * -(-t // n) - t
     if pad:
