@@ -44,17 +44,26 @@ def _value_and_grads(loss_fn, x_BTD, w_DU, targets_BT, weights_BT):
     return jax.jit(f)(x_BTD, w_DU, weights_BT)
 
 
-# chunk_tokens over B=3 rows: 24, chunks of 8 positions dividing T=24; 15, chunks of 5
-# positions, T padded to 25; 5, one position (3 tokens) per chunk.
-@pytest.mark.parametrize("chunk_tokens", [24, 15, 5])
-def test_chunked_ce_matches_plain(chunk_tokens):
-    x, w, tg, wt = _inputs(0, 3, 24, 32, 96)
+# Over B=3 rows: T=24 in chunks of 8 positions; T=23 (no length in [4, 8] divides it) in 3
+# chunks of 8, padded to 24; T=23 in 5 chunks of 5, padded to 25; one position per chunk.
+@pytest.mark.parametrize("t, chunk_tokens", [(24, 24), (23, 24), (23, 15), (24, 5)])
+def test_chunked_ce_matches_plain(t, chunk_tokens):
+    x, w, tg, wt = _inputs(0, 3, t, 32, 96)
     want = _value_and_grads(_plain_ce, x, w, tg, wt)
     chunked = functools.partial(losses.chunked_cross_entropy, chunk_tokens=chunk_tokens)
     got = _value_and_grads(chunked, x, w, tg, wt)
     assert float(want[0][0]) > 0
     # Measured: up to 3.3e-7 (float32 rounding of the sums in another order).
     assert_close_scaled(got, want, rel=1e-5)
+
+
+def test_chunks_divide_t_when_they_can():
+    # 49,152 tokens per device as 12 rows of 4096 at chunk_tokens=8192: at most 682 positions,
+    # 512 divides 4096.
+    assert losses._num_chunks(4096, 682) == 8
+    assert losses._num_chunks(24, 8) == 3 and losses._num_chunks(24, 5) == 6
+    assert losses._num_chunks(23, 8) == 3 and losses._num_chunks(23, 5) == 5  # padded
+    assert losses._num_chunks(13, 1) == 13 and losses._num_chunks(13, 13) == 1
 
 
 def test_chunked_ce_bfloat16_matches_plain():
@@ -89,9 +98,10 @@ def _mtp_inputs(seed, i, b, t, d, u):
     return x_IBTD, w_DU, tokens_BT, segment_ids_BT, weights_BT
 
 
-@pytest.mark.parametrize("chunk_tokens", [8, 7])
-def test_chunked_mtp_loss_matches_plain(chunk_tokens):
-    x, w, tokens, seg, wt = _mtp_inputs(3, 2, 2, 16, 24, 48)
+# Over B=2 rows: T=16 in 4 chunks of 4; T=13 in 4 chunks of 4, padded to 16.
+@pytest.mark.parametrize("t, chunk_tokens", [(16, 8), (13, 8)])
+def test_chunked_mtp_loss_matches_plain(t, chunk_tokens):
+    x, w, tokens, seg, wt = _mtp_inputs(3, 2, 2, t, 24, 48)
 
     def plain(x_IBTD, w_DU):
         logits_IBTU = jnp.einsum("IBTD,DU->IBTU", x_IBTD, w_DU)
@@ -153,7 +163,7 @@ def test_chunked_loss_never_holds_whole_logits():
 
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-CHUNK = 40  # 5 positions of the 8 rows per chunk: T=32 padded to 35
+CHUNK = 40  # at most 5 positions of the 8 rows per chunk: 8 chunks of 4
 
 
 @functools.cache

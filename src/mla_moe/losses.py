@@ -233,6 +233,17 @@ def _fused_loss_bwd(lay, res, g):
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 
+def _num_chunks(t: int, target: int) -> int:
+    """How many equal chunks T is cut into, each at most `target` positions: chunks that divide
+    T when some length in [target / 2, target] does, else the fewest chunks (T padded). On
+    TPU v5p the V3 head's loss at 49,152 tokens per chip compiled in 12 s with chunks dividing
+    T = 4096, and ran past 200 s with T padded to 4102 or 4144."""
+    for length in range(target, (target + 1) // 2 - 1, -1):
+        if t % length == 0:
+            return t // length
+    return -(-t // target)
+
+
 def chunked_cross_entropy(
     x_BTD: jax.Array, w_DU: jax.Array, targets_BT: jax.Array,
     weights_BT: jax.Array | None = None, *, chunk_tokens: int,
@@ -257,9 +268,7 @@ def chunked_cross_entropy(
         weights_BT = jnp.ones((b, t), jnp.float32)
     weights_BT = weights_BT.astype(jnp.float32)
     lay = _layout(b, d, w_DU.shape[1])
-    # n chunks of equal length along T, as few as fit chunk_tokens per device, then the least
-    # padding for that n.
-    n = -(-t // max(1, min(t, chunk_tokens // (b // lay.token_shards))))
+    n = _num_chunks(t, max(1, min(t, chunk_tokens // (b // lay.token_shards))))
     pad = n * -(-t // n) - t
     if pad:
         pad_BT = ((0, 0), (0, pad))
