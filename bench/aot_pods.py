@@ -1,18 +1,19 @@
 """Will each preset fit its pod? Compiles the train step of every row below with
 `launch.compile` (one process per row, from this CPU host) and writes a table to
-bench/RESULTS.md: preset x target x mesh x tokens per chip x per-chip peak x fits x compile
-time x collective bytes.
+bench/RESULTS.md: preset x target x mesh x tokens per chip x per-chip peak x host memory x
+fits x dropless x the roofline estimate x compile time x collective bytes.
 
     python bench/aot_pods.py                      # every row (V3 rows take minutes each)
-    python bench/aot_pods.py --rows v2_lite_tpu --no-write
-    python bench/aot_pods.py --set model.attention_impl=xla   # an override for every row
+    python bench/aot_pods.py --rows v2_lite_tpu4 --no-write
+    python bench/aot_pods.py --set model.remat_policy=full   # an override for every row
 
 Each row's report is kept in bench/aot_pods.json as soon as it is compiled, and the table is
 made of this run's rows plus the kept rows compiled with the same `--set` overrides: the V3
 rows can be compiled one at a time.
 
-Rows use the presets' own settings (attention_impl=auto: the Pallas kernels on TPU and GPU;
-their remat policy); only the mesh and the batch are set per row.
+Rows use the presets' own settings (mesh, remat policy, dispatch, dtypes, attention_impl=auto:
+the Pallas kernels on TPU and GPU); only the target, the batch and the sequence length are set
+per row.
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 REPORTS = os.path.join(ROOT, "bench", "aot_pods.json")
 TITLE = "## Will it fit? (`python bench/aot_pods.py`, ahead-of-time compiles from a CPU host)"
 
-# name: (preset, target, mesh, sequences per chip, seq_len, HBM fraction the peak must stay under)
+# name: (preset, target, sequences per chip, seq_len, HBM fraction the peak must stay under).
+# Every row runs the preset's own defaults (mesh, remat, dispatch, dtypes): only the target,
+# the batch and the sequence length are given, as a user would.
 ROWS = {
-    "v2_lite_tpu": ("deepseek_v2_lite", "tpu:v5p:2x2x1", dict(fsdp=2, expert=2), 4, 4096, 1.0),
-    "v2_lite_h100": ("deepseek_v2_lite", "gpu:h100:1x1x8", dict(fsdp=4, expert=2), 4, 4096,
-                     1.0),
-    "v2_tpu": ("deepseek_v2", "tpu:v5p:4x4x8", dict(fsdp=16, expert=8), 2, 4096, 1.0),
-    "v3_tpu": ("deepseek_v3", "tpu:v5p:8x8x8", dict(fsdp=64, expert=8), 2, 4096, 0.9),
-    "v3_h200": ("deepseek_v3", "gpu:h200:1x32x8", dict(fsdp=32, expert=8), 1, 4096, 1.0),
-    # The most whole sequences of 4096 per v5p chip that V3 fits (under HBM, not under 90%;
-    # 5 x 4096 needs 113.4 GiB, 6 x 4096 111.5 GiB, 8 x 4096 112.3 GiB).
-    "v3_tpu_max": ("deepseek_v3", "tpu:v5p:8x8x8", dict(fsdp=64, expert=8), 4, 4096, 1.0),
+    "v3_tpu_6x8192": ("deepseek_v3", "tpu:v5p:8x8x8", 6, 8192, 0.9),
+    "v3_tpu_4x4096": ("deepseek_v3", "tpu:v5p:8x8x8", 4, 4096, 0.9),
+    "v2_lite_tpu8": ("deepseek_v2_lite", "tpu:v5p:2x2x2", 12, 4096, 0.9),
+    "v2_lite_tpu4": ("deepseek_v2_lite", "tpu:v5p:2x2x1", 24, 2048, 0.9),
+    "v2_tpu": ("deepseek_v2", "tpu:v5p:4x4x8", 4, 4096, 0.9),
+    "v3_h200": ("deepseek_v3", "gpu:h200:1x32x8", 4, 4096, 0.9),
+    "v2_lite_h100": ("deepseek_v2_lite", "gpu:h100:1x1x8", 4, 4096, 0.9),
 }
 
 
@@ -52,14 +53,13 @@ def chips(target: str) -> int:
 
 
 def run_row(name: str, overrides: list[str], timeout: int) -> dict:
-    preset, target, mesh, per_chip, seq_len, _ = ROWS[name]
+    preset, target, per_chip, seq_len, _ = ROWS[name]
     batch = per_chip * chips(target)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "launch.compile", f"--config=configs/{preset}.py",
-               f"--target={target}", f"--json={out}", "--config.mesh.data=1",
+               f"--target={target}", f"--json={out}",
                f"--config.train.batch_size={batch}", f"--config.train.seq_len={seq_len}",
-               *[f"--config.mesh.{a}={n}" for a, n in mesh.items()],
                *[f"--config.{o}" for o in overrides]]
         print(" ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -84,38 +84,50 @@ def table(results: list[dict], overrides: list[str]) -> str:
     g = 2**30
     lines = [
         TITLE, "",
-        "Per chip: state = parameters + optimizer state (f32 master weights, two Adam "
-        "moments); peak = arguments + unaliased outputs + temporaries as the compiler assigns "
-        "them. Collective GiB: the bytes per chip of every all-gather, reduce-scatter, "
-        "all-reduce, all-to-all and collective-permute run in one step (ops in the layer scan "
-        "counted once per layer); a ragged all-to-all (the MoE dispatch and combine) counts "
-        "the smaller of its input and its receive buffer, an upper bound on what it sends, "
-        "exact for a balanced routing, not the receive buffer sized for the worst case. "
-        "Compile times on a 2-core host. The last V3 row is the most whole 4096-token "
-        "sequences per v5p chip found to compile within HBM. Near the limit the compiler's "
-        "peak stops growing with the tokens (V3: 93.0 GiB at 3 x 4096, 90.0 GiB at 4 x 4096): "
-        "it schedules (and may rematerialise) to fit the HBM it is given, so such a row leaves "
-        "no margin and may run slower per token than its FLOPs say."
+        "Each row is `launch.compile` with the preset's own defaults; only `--target`, "
+        "`--config.train.batch_size` and `--config.train.seq_len` are given. Per chip: state = "
+        "parameters + optimizer state (f32 master weights, two Adam moments); peak = arguments "
+        "+ unaliased outputs + temporaries as the compiler assigns them; host = what the step "
+        "keeps in the host's memory per chip (the offloaded layer inputs), against the host's "
+        "RAM per chip. Dropless: no token can be dropped by construction. Collective GiB: the "
+        "bytes per chip of every all-gather, reduce-scatter, all-reduce, all-to-all and "
+        "collective-permute of one step, loop iterations counted. Step bound and MFU bound: "
+        "the roofline estimate, a lower bound on the step time (and an upper bound on MFU) "
+        "from the compiler's counts and the chip's published rates, not a measurement; "
+        "`bound by` names its largest term. Compile times on a shared 2-core host."
         + (f" Overrides for every row: `{' '.join(overrides)}`." if overrides else ""), "",
-        "| preset | target | mesh | tokens/chip | state GiB | peak GiB | HBM GiB | peak/HBM "
-        "| fits | compile s | collective GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | target | mesh | tokens/chip | state GiB | peak GiB | peak/HBM | host GiB "
+        "| fits | dropless | step bound s | MFU bound | bound by | compile s | collective GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    terms = ("compute_s", "hbm_s", "ici_s", "dcn_s", "host_s")
     for r in results:
-        preset, target, mesh, per_chip, seq_len, limit = ROWS[r["name"]]
-        mesh_s = " x ".join(f"{a}={n}" for a, n in mesh.items())
-        head = f"| {preset} | {target} | {mesh_s} | {per_chip} x {seq_len} "
+        preset, target, per_chip, seq_len, limit = ROWS[r["name"]]
+        head = f"| {preset} | {target} "
         if "error" in r:
-            lines.append(head + f"| error: {r['error']} | | | | | | |")
+            lines.append(head + f"| | {per_chip} x {seq_len} | error: {r['error']} "
+                         + "| " * 10 + "|")
             continue
+        mesh_s = " x ".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1)
         frac = r["per_device_bytes"] / r["hbm_bytes"]
         fits = "yes" if r["fits"] and frac <= limit else "**no**"
         if limit < 1:
-            fits += f" (limit {limit:.0%})"
+            fits += f" ({limit:.0%})"
+        host = r.get("host_bytes", 0) / g
+        ram = r.get("host_ram_bytes", 0) / g
+        host_s = f"{host:.1f} of {ram:.0f}" if ram else f"{host:.1f}"
+        est = r.get("estimate") or {}
+        if est:
+            worst = max((t for t in terms if est.get(t) is not None), key=lambda t: est[t])
+            est_s = (f"{est['step_s_lower_bound']:.2f} | {est['mfu_upper_bound']:.2f} "
+                     f"| {worst.removesuffix('_s')}")
+        else:
+            est_s = "| |"
         coll = sum(row["bytes"] for row in r["collectives"].values()) / g
-        lines.append(head + f"| {r['state_bytes'] / g:.1f} | {r['per_device_bytes'] / g:.1f} "
-                     f"| {r['hbm_bytes'] / g:.1f} | {frac:.0%} | {fits} "
-                     f"| {r['compile_s']:.0f} | {coll:.1f} |")
+        dropless = "yes" if r.get("dropless") else "**no**"
+        lines.append(head + f"| {mesh_s} | {per_chip} x {seq_len} | {r['state_bytes'] / g:.1f} "
+                     f"| {r['per_device_bytes'] / g:.1f} | {frac:.0%} | {host_s} | {fits} "
+                     f"| {dropless} | {est_s} | {r['compile_s']:.0f} | {coll:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ RUNLOCAL_SIZES = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
     num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
     v_head_dim=16, n_routed_experts=16, bos_token_id=None, eos_token_id=None,
-    num_hidden_layers=5, q_lora_rank=32,
+    num_hidden_layers=5, q_lora_rank=32, expert_gather_chunk=8,
 )
 
 
@@ -58,7 +58,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """Published V3; run settings for a large pod (64-way expert parallelism as in the paper).
+    """Published V3; run settings for a large pod (pure FSDP over every chip, dropless).
 
     `get_config("runlocal")`, i.e. `--config=configs/deepseek_v3.py:runlocal`: the same model
     at toy sizes, two training steps on a CPU.
@@ -66,23 +66,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     from mla_moe.train.config import run_config, runlocal_config
 
     model = model_config()
-    # Per layer, only its input survives the forward pass ("full"). "save_attention_out" (V2,
-    # V2-Lite) also keeps each layer's attention output, [tokens, 7168] bf16 per layer: 6.3 GiB
-    # per chip at 2 x 4096 tokens over the 58 MoE layers, 93% of a v5p's HBM in all. Recomputing it
-    # costs only the output projection once more: the backward recomputes the attention's
-    # inside (projections, the kernel's forward) under either policy, to differentiate it.
-    # That is 2 x 128 x 128 x 7168 FLOPs per token per layer, 14.3 GFLOPs per token over 61
-    # layers: 5.7% of the model FLOPs (6N + attention, 250 GFLOPs per token at 4096), 4.5% of
-    # what the step runs. "dots" would also keep every projection and expert matmul output
-    # (V2-Lite at 4 x 4096 tokens per H100: 97 GiB of temporaries against 31 GiB).
-    model.remat_policy = "full"
-    # Expert parallelism 8 with top-8: the allgather dispatch that "auto" picks would run the
-    # grouped matmuls over every assignment of the 8 gathered shards (EP*T*K rows, 14 GiB of
-    # f32 expert outputs per layer at 8192 tokens per chip). The ragged all-to-all receives
-    # at most 2 x the balanced share, T*K rows; past that (a shard's 32 experts drawing over
-    # twice their share of a step's tokens) the lowest-scoring assignments are dropped.
-    model.moe_dispatch = "ragged_all_to_all"
-    model.dispatch_capacity_factor = 2.0
+    # Each layer's input lives in host memory between the forward and the backward; everything
+    # else in a layer is recomputed. At 6 x 8192 tokens per v5p chip the 61 layer inputs are
+    # 43 GB: on the host (448 GB for 4 chips) instead of HBM. launch.train and launch.compile
+    # set the libtpu flags the offload needs (mla_moe.train.tpu_flags).
+    model.remat_policy = "offload_layer_input"
+    # Dropless by construction: mesh.expert = 1, so no token leaves its shard; every shard
+    # gathers the experts' weights over FSDP inside the layer, 32 experts at a time (2.8 GB of
+    # bf16 weights, and their gradient before its reduce-scatter, instead of 22.5 GB), and
+    # runs its own T*K assignments through megablox (TPU). Its buffers are the shard's own
+    # rows, whatever the routing. The cost is the weights' traffic, which the large per-chip
+    # batch amortises (`launch.compile`'s estimate shows the ICI term).
+    model.moe_dispatch = "auto"
+    model.expert_gather_chunk = 32
     model.attention_impl = "auto"  # the Pallas kernels on TPU and GPU, XLA on CPU
     model.scan_layers = True  # one compiled layer per group: minutes, not hours, at 61 layers
     if variant == "runlocal":
@@ -90,12 +86,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant:
         raise ValueError(
             f"configs/deepseek_v3.py: unknown variant {variant!r} (known: 'runlocal')")
+    # Adam moments in bfloat16: half their memory (5.25 GB per chip for V3 on 512 chips); on the
+    # tiny preset they train the same as float32 within the seed spread (bench/RESULTS.md).
     return run_config(
         model,
         train=dict(steps=500_000, batch_size=15360, seq_len=4096, learning_rate=2.2e-4,
                    warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0,
-                   eval_every_steps=2000, eval_batches=8),
+                   eval_every_steps=2000, eval_batches=8,
+                   moment_dtype="bfloat16"),
         checkpoint=dict(every_steps=1000, max_to_keep=3, keep_every_steps=20_000),
         log=dict(every_steps=10),
-        mesh=dict(data=1, fsdp=-1, expert=64, tensor=1),
+        mesh=dict(data=1, fsdp=-1, expert=1, tensor=1),
     )
