@@ -42,6 +42,8 @@ ROWS = {
     "v2_tpu": ("deepseek_v2", "tpu:v5p:4x4x8", 4, 4096, 0.9),
     "v3_h200": ("deepseek_v3", "gpu:h200:1x32x8", 4, 4096, 0.9),
     "v2_lite_h100": ("deepseek_v2_lite", "gpu:h100:1x1x8", 4, 4096, 0.9),
+    # Ironwood: two compile-only devices per chip (one per TensorCore die).
+    "v2_lite_tpu7x": ("deepseek_v2_lite", "tpu:tpu7x:2x2x1", 12, 4096, 0.9),
 }
 
 
@@ -86,7 +88,8 @@ def table(results: list[dict], overrides: list[str]) -> str:
         TITLE, "",
         "Each row is `launch.compile` with the preset's own defaults; only `--target`, "
         "`--config.train.batch_size` and `--config.train.seq_len` are given. Per chip: state = "
-        "parameters + optimizer state (f32 master weights, two Adam moments); peak = arguments "
+        "parameters + optimizer state (f32 master weights; the presets keep both Adam moments "
+        "in bf16); peak = arguments "
         "+ unaliased outputs + temporaries as the compiler assigns them; host = what the step "
         "keeps in the host's memory per chip (the offloaded layer inputs), against the host's "
         "RAM per chip. Dropless: no token can be dropped by construction. Collective GiB: the "
