@@ -233,3 +233,19 @@ def test_tpu7x_train_step_fits_with_an_estimate():
                                             est["dcn_s"], est["host_s"])
     assert report.host_ram_bytes == int(960e9 / 8)
     assert "roofline estimate (lower bound from analysis, not a measurement)" in report.text()
+
+
+def test_gpu_collectives_across_hosts_go_over_the_network():
+    """256 H200s on 32 hosts, one mesh axis: 31/32 of each collective's bytes come from other
+    hosts, over the 400 Gbit/s NIC per GPU; the rest over NVLink (450 GB/s inbound)."""
+    report = _report(target="gpu:h200:1x32x8", mesh={"fsdp": 256},
+                     device_kind="NVIDIA H200 141GB HBM3e", num_devices=256,
+                     model_flops_per_step=256 * 989e12, collectives=_table(32 * 50e9))
+    est = aot.estimate_report(report)
+    assert est["dcn_s"] == pytest.approx(31.0, rel=1e-12)  # 31/32 of 1.6e12 B at 50 GB/s
+    assert est["ici_s"] == pytest.approx(50e9 / 450e9, rel=1e-12)
+    assert est["step_s_lower_bound"] == pytest.approx(31.0, rel=1e-12)
+    one_host = aot.estimate_report(_report(
+        target="gpu:h200:1x1x8", mesh={"fsdp": 8}, device_kind="NVIDIA H200 141GB HBM3e",
+        num_devices=8, model_flops_per_step=8 * 989e12, collectives=_table(450e9)))
+    assert one_host["dcn_s"] == 0 and one_host["ici_s"] == pytest.approx(1.0, rel=1e-12)

@@ -282,10 +282,19 @@ def estimate_report(report: Report) -> dict:
     if row is None:
         return {}
     total = lambda table: sum(r["bytes"] for r in table.values())  # noqa: E731
+    ici_bytes, dcn_bytes = total(report.collectives), total(report.dcn_collectives)
+    split = [n for n in report.mesh.values() if n > 1]
+    if (report.device_kind.startswith("NVIDIA") and report.num_devices > row.devices_per_host
+            and len(split) == 1):
+        # GPU hosts are joined by the network (a NIC per GPU), not NVLink. With one mesh axis
+        # every collective spans every host, and of what a GPU receives, the share held by
+        # the other hosts' GPUs arrives over the network.
+        cross = ici_bytes * (1 - row.devices_per_host / report.num_devices)
+        ici_bytes, dcn_bytes = ici_bytes - cross, dcn_bytes + cross
     return roofline.estimate(
         row, flops=report.model_flops_per_step / report.num_devices,
-        bytes_accessed=report.bytes_accessed, ici_bytes=total(report.collectives),
-        dcn_bytes=total(report.dcn_collectives), host_bytes=report.host_bytes).to_json()
+        bytes_accessed=report.bytes_accessed, ici_bytes=ici_bytes, dcn_bytes=dcn_bytes,
+        host_bytes=report.host_bytes).to_json()
 
 
 def _new_report(what, target, mesh, batch_size, seq_len) -> Report:
