@@ -18,6 +18,10 @@ from mla_moe.train.optimizer import MOMENT_DTYPES
 
 NAN_POLICIES = ("stop", "skip")
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+# The optional numeric model fields ("int | None", "float | None") and their number type.
+_NUMBER_TYPES = {f.name: {"int | None": int, "float | None": float}[str(f.type)]
+                 for f in dataclasses.fields(ModelConfig)
+                 if str(f.type) in ("int | None", "float | None")}
 
 
 def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collections.ConfigDict:
@@ -25,10 +29,16 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
     c = ml_collections.ConfigDict()
     c.model = model
     # Every ModelConfig field can be overridden (--config.model.dtype=bfloat16), not only the
-    # ones the config file spells out; fields whose default is None stay unset (no type).
+    # ones the config file spells out; a field whose default is None gets a typed placeholder
+    # where its type is a number (--config.model.dispatch_capacity_factor=2.0), else stays
+    # unset.
     for name, default in MODEL_DEFAULTS.items():
-        if name not in c.model and default is not None:
+        if name in c.model:
+            continue
+        if default is not None:
             c.model[name] = default
+        elif name in _NUMBER_TYPES:
+            c.model[name] = ml_collections.config_dict.placeholder(_NUMBER_TYPES[name])
     c.seed = 0
     c.train = dict(
         steps=1000,
