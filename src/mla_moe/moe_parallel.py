@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from mla_moe import sharding
 from mla_moe.config import ModelConfig
-from mla_moe.grouped_matmul import _vma, capacity_slots, grouped_swiglu
+from mla_moe.grouped_matmul import capacity_slots, grouped_swiglu
 from pallas_kernels.dispatch import target_platform
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,6 @@ def _gather_weights(w, d_axes):
             jax.lax.all_gather(down, d_axes, axis=2, tiled=True))
 
 
-def _varying_like(z, *like):
-    """`z` marked as varying over the mesh axes the arrays `like` vary over (a scan carry that
-    starts as zeros must have the type of what the scan body returns)."""
-    axes = set().union(*(_vma(a) for a in like))
-    missing = tuple(sorted(axes - _vma(z)))
-    return jax.lax.pcast(z, missing, to="varying") if missing else z
-
-
 def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
     """Each expert shard computes its experts for all tokens of its expert group.
 
@@ -237,7 +229,7 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
                                  *_gather_weights(w_j, d_axes))
             return y_TD + y_j, None
 
-        y0 = _varying_like(jnp.zeros(x_TD.shape, jnp.float32), x_TD, weights_TK, *w)
+        y0 = jnp.zeros(x_TD.shape, jnp.float32)  # the shard_map checks no varying axes
         y_TD, _ = jax.lax.scan(step, y0, (jnp.arange(n), w_chunks))
     else:
         y_TD = grouped_swiglu(x_TD, local_M.reshape(-1, k), weights_TK,
