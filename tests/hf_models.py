@@ -30,6 +30,14 @@ HF_CONFIGS = {
         num_experts_per_tok=4, first_k_dense_replace=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
         rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0), num_nextn_predict_layers=0)),
+    # V3.2: V3 plus a lightning indexer per layer; 8 indexer heads (few heads make exact
+    # ReLU ties likely) and index_topk=8 < the tests' 24 tokens, so attention is sparse.
+    "v32": ("deepseek_v32", dict(
+        COMMON, num_hidden_layers=3, q_lora_rank=48, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0),
+        index_n_heads=8, index_head_dim=16, index_topk=8)),
 }
 
 
@@ -41,9 +49,11 @@ def make_hf_model(name: str, seed: int = 0):
 
     model_type, kwargs = HF_CONFIGS[name]
     cls_cfg = {"deepseek_v2": transformers.DeepseekV2Config,
-               "deepseek_v3": transformers.DeepseekV3Config}[model_type]
+               "deepseek_v3": transformers.DeepseekV3Config,
+               "deepseek_v32": transformers.DeepseekV32Config}[model_type]
     cls_model = {"deepseek_v2": transformers.DeepseekV2ForCausalLM,
-                 "deepseek_v3": transformers.DeepseekV3ForCausalLM}[model_type]
+                 "deepseek_v3": transformers.DeepseekV3ForCausalLM,
+                 "deepseek_v32": transformers.DeepseekV32ForCausalLM}[model_type]
     config = cls_cfg(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -38,6 +38,13 @@ class KVCache:
 
     latents: tuple[jax.Array, ...]
     lengths_B: jax.Array
+    # V3.2 (an indexer per layer): `index_keys[i]` is layer i's indexer keys [B, S, Di] (or
+    # FP8-packed bytes, `IndexKeyCodec`), written beside the latents; () otherwise.
+    index_keys: tuple[jax.Array, ...] = ()
+
+    def layer(self, i: int) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """What layer i's attention takes: its latents, or (latents, indexer keys)."""
+        return (self.latents[i], self.index_keys[i]) if self.index_keys else self.latents[i]
 
     @property
     def max_length(self) -> int:
@@ -50,9 +57,9 @@ class KVCache:
         return self.latents[0].dtype == jnp.uint8
 
     def bytes_per_token_per_layer(self) -> int:
-        """Stored bytes of one token's entry in one layer."""
-        x = self.latents[0]
-        return x.shape[-1] * x.dtype.itemsize
+        """Stored bytes of one token's entry in one layer (latent and indexer key)."""
+        arrays = (self.latents[0],) + self.index_keys[:1]
+        return sum(x.shape[-1] * x.dtype.itemsize for x in arrays)
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int,
@@ -79,7 +86,14 @@ def init_cache(config: ModelConfig, batch: int, max_length: int,
         width = config.kv_lora_rank + config.qk_rope_head_dim
         dtype = jnp.dtype(dtype or config.dtype)
     latents = tuple(jnp.zeros((batch, max_length, width), dtype) for _ in range(layers))
-    return KVCache(latents=latents, lengths_B=jnp.zeros((batch,), jnp.int32))
+    keys = ()
+    if config.has_indexer:
+        di = config.index_head_dim
+        key_width, key_dtype = ((fp8_cache.packed_key_width(di), jnp.uint8) if fp8
+                                else (di, dtype))
+        keys = tuple(jnp.zeros((batch, max_length, key_width), key_dtype)
+                     for _ in range(layers))
+    return KVCache(latents=latents, lengths_B=jnp.zeros((batch,), jnp.int32), index_keys=keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +125,30 @@ class LatentCodec:
         """[..., W] as stored -> [..., C + R] latent in the compute dtype."""
         if self.packed:
             return fp8_cache.unpack(stored_BSW, self.kv_lora_rank, self.compute_dtype)
+        return stored_BSW.astype(self.compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexKeyCodec:
+    """V3.2 indexer keys [..., Di] in the compute dtype <-> a key cache's stored [..., W']:
+    a cast, or FP8 bytes (e4m3 with one power-of-two scale per 128 values, fp8_cache.py)
+    when the cache is uint8."""
+
+    stored_dtype: jnp.dtype
+    compute_dtype: jnp.dtype
+
+    @classmethod
+    def of(cls, keys_BSW: jax.Array, compute_dtype: jax.typing.DTypeLike) -> IndexKeyCodec:
+        return cls(jnp.dtype(keys_BSW.dtype), jnp.dtype(compute_dtype))
+
+    def write(self, k_BTI: jax.Array) -> jax.Array:
+        if self.stored_dtype == jnp.uint8:
+            return fp8_cache.pack_key(k_BTI)
+        return k_BTI.astype(self.stored_dtype)
+
+    def read(self, stored_BSW: jax.Array) -> jax.Array:
+        if self.stored_dtype == jnp.uint8:
+            return fp8_cache.unpack_key(stored_BSW, self.compute_dtype)
         return stored_BSW.astype(self.compute_dtype)
 
 

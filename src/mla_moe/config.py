@@ -24,9 +24,12 @@ DECODE_FORMS = ("absorbed", "naive")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out",
                   "offload_layer_input", "offload_layer_input_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
+INDEX_ATTENTIONS = ("sparse", "dense")
 
 
-HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")  # deepseek_v32 is a deepseek_v3 prefix
+# transformers' DeepseekV32Config defaults, for a V3.2 config.json that omits them.
+HF_V32_INDEXER = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 
 
 def _hf_config_path(source: str | os.PathLike) -> str:
@@ -138,6 +141,10 @@ class ModelConfig:
     eos_token_id: int | None = 100001
     aux_loss_alpha: float = 0.001  # V2 expert-level balance loss (alpha_1)
     seq_aux: bool = True  # balance statistics per sequence (True) or per batch (False)
+    # V3.2 lightning indexer (DeepSeek Sparse Attention, indexer.py); index_n_heads=0: none.
+    index_n_heads: int = 0
+    index_head_dim: int = 128
+    index_topk: int = 2048
 
     # --- ours: numerics ---------------------------------------------------------------------
     dtype: str = "float32"  # activation / compute dtype
@@ -162,6 +169,11 @@ class ModelConfig:
     # Expert weights gathered over the FSDP axes this many local experts at a time (0: all
     # at once): bounds the gathered weights and their gradients to one chunk (moe_parallel).
     expert_gather_chunk: int = 0
+
+    # --- ours: V3.2 sparse attention ---------------------------------------------------------
+    # "sparse": the main attention sees only the indexer's top-k keys (the model as released);
+    # "dense": every causal key (the dense warm-up stage, where only the indexer trains).
+    index_attention: str = "sparse"
 
     # --- ours: MTP ------------------------------------------------------------------------
     mtp_loss_weight: float = 0.3  # lambda
@@ -270,6 +282,7 @@ class ModelConfig:
             ("moe_dispatch", MOE_DISPATCHES),
             ("attention_impl", ATTENTION_IMPLS),
             ("decode_attention", DECODE_FORMS),
+            ("index_attention", INDEX_ATTENTIONS),
             ("remat_policy", REMAT_POLICIES),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
@@ -311,6 +324,19 @@ class ModelConfig:
                     "rope_scaling.original_max_position_embeddings must be > 0, got "
                     f"{rs.original_max_position_embeddings}"
                 )
+        if not isinstance(self.index_n_heads, int) or self.index_n_heads < 0:
+            raise ValueError(f"index_n_heads must be 0 (no indexer) or a positive integer, got "
+                             f"{self.index_n_heads!r}")
+        if self.index_n_heads:
+            positive("index_head_dim")
+            positive("index_topk")
+            if self.q_lora_rank is None:
+                raise ValueError("q_lora_rank: the V3.2 indexer (index_n_heads > 0) reads the "
+                                 "MLA's query latent, so q_lora_rank must be set")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise ValueError(
+                    f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                    f"{self.qk_rope_head_dim} (its first qk_rope_head_dim dims are roped)")
         if self.scan_layers and self.moe_layer_freq != 1 and self.n_routed_experts:
             raise ValueError(
                 "scan_layers needs runs of identical layers: moe_layer_freq must be 1, got "
@@ -322,6 +348,11 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         """Query/key head dim with rope: qk_nope_head_dim + qk_rope_head_dim."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        """Whether every layer has a V3.2 lightning indexer (index_n_heads > 0)."""
+        return self.index_n_heads > 0
 
     @property
     def num_expert_devices(self) -> int:
@@ -393,6 +424,9 @@ class ModelConfig:
             hf.setdefault("scoring_func", "sigmoid")
             hf.setdefault("norm_topk_prob", True)
             hf.setdefault("moe_layer_freq", 1)
+        if model_type == "deepseek_v32":
+            for k, v in HF_V32_INDEXER.items():
+                hf.setdefault(k, v)
         else:
             hf.setdefault("rope_interleave", True)  # V2 rotates interleaved pairs
         if hf.get("n_group") is None:
@@ -412,8 +446,10 @@ class ModelConfig:
 
     @property
     def hf_model_type(self) -> str:
-        """HF's `model_type`: deepseek_v3 for sigmoid noaux_tc routing (or no MoE), else
-        deepseek_v2."""
+        """HF's `model_type`: deepseek_v32 with an indexer, deepseek_v3 for sigmoid noaux_tc
+        routing (or no MoE), else deepseek_v2."""
+        if self.has_indexer:
+            return "deepseek_v32"
         v3 = self.topk_method == "noaux_tc" and self.scoring_func == "sigmoid"
         return "deepseek_v3" if v3 or self.n_routed_experts is None else "deepseek_v2"
 
@@ -426,8 +462,9 @@ class ModelConfig:
         d["n_routed_experts"] = self.n_routed_experts or 0
         d.update(
             model_type=model_type,
-            architectures=["DeepseekV3ForCausalLM" if model_type == "deepseek_v3"
-                           else "DeepseekV2ForCausalLM"],
+            architectures=[{"deepseek_v32": "DeepseekV32ForCausalLM",
+                            "deepseek_v3": "DeepseekV3ForCausalLM"}.get(
+                                model_type, "DeepseekV2ForCausalLM")],
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu",
             attention_bias=False,

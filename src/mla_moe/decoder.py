@@ -72,6 +72,9 @@ class ModelOutput:
     hidden: jax.Array  # [B, T, D] last block's output (before the final norm)
     cache: KVCache | None = None
     mtp_logits: jax.Array | None = None  # [num_nextn_predict_layers, B, T, vocab] float32
+    # V3.2 with indexer_loss=True: the indexer's KL (dsa_loss.py) averaged over the main
+    # model's layers; None otherwise.
+    indexer_loss: jax.Array | None = None
     # With logits=False instead: the head's inputs, in the compute dtype (see `head_weight`).
     normed_hidden: jax.Array | None = None  # [B, T, D] norm(hidden)
     mtp_normed_hidden: jax.Array | None = None  # [num_nextn_predict_layers, B, T, D]
@@ -88,13 +91,15 @@ class DecoderLayer(nnx.Module):
         self.ffn = MoE(c, rngs=rngs) if moe else SwiGLU(c.intermediate_size, config=c, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array | None = None, cache_BSW: jax.Array | None = None,
-                 lengths_B: jax.Array | None = None, form: str | None = None
-                 ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
-        """(x_BTD out, the updated cache or None, the MoE's stats or None for a dense FFN)."""
+                 segment_ids_BT: jax.Array | None = None, cache_BSW=None,
+                 lengths_B: jax.Array | None = None, form: str | None = None,
+                 indexer_loss: bool = False):
+        """(x_BTD out, the updated cache or None, the MoE's stats or None for a dense FFN,
+        the V3.2 indexer's KL or None: see `MLA.attend`)."""
         with jax.named_scope("attention"):
-            a_BTD, cache_BSW = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT,
-                                         cache_BSW, lengths_B, form)
+            a_BTD, cache_BSW, kl = self.attn.attend(
+                self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache_BSW, lengths_B, form,
+                indexer_loss=indexer_loss)
         x_BTD = x_BTD + checkpoint_name(a_BTD, "attention_out")
         stats = None
         if isinstance(self.ffn, MoE):
@@ -104,7 +109,7 @@ class DecoderLayer(nnx.Module):
         else:
             with jax.named_scope("mlp"):
                 f_BTD = self.ffn(self.ffn_norm(x_BTD))
-        return constrain(x_BTD + f_BTD, ACT_BTD), cache_BSW, stats
+        return constrain(x_BTD + f_BTD, ACT_BTD), cache_BSW, stats, kl
 
 
 def _stacked_layers(config: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> DecoderLayer:
@@ -131,9 +136,8 @@ class MTPBlock(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, config=c, rngs=rngs)
 
     def __call__(self, h_BTD: jax.Array, emb_BTD: jax.Array, positions_BT: jax.Array,
-                 segment_ids_BT: jax.Array | None = None, cache_BSW: jax.Array | None = None,
-                 lengths_B: jax.Array | None = None, form: str | None = None
-                 ) -> tuple[jax.Array, jax.Array | None, MoEStats | None]:
+                 segment_ids_BT: jax.Array | None = None, cache_BSW=None,
+                 lengths_B: jax.Array | None = None, form: str | None = None):
         """The block over h_BTD (the previous depth's hidden) and emb_BTD (the shifted
         tokens' embedding); returns what `DecoderLayer` returns."""
         x_BT2D = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
@@ -204,7 +208,7 @@ class DeepSeekModel(nnx.Module):
         return model
 
     def _run_group(self, group, first, x_BTD, positions_BT, segment_ids_BT, cache_group,
-                   lengths_B, form):
+                   lengths_B, form, indexer_loss=False):
         """Runs the layers first, first + 1, ... of one group, each under the name scope
         `layer_<index>` (`layers_<first>_<last>` for a scan), which profiles show."""
         c = self.config
@@ -212,40 +216,44 @@ class DeepSeekModel(nnx.Module):
             n = len(group)
 
             def run_layer(i, x, cache_l):
-                return group[i](x, positions_BT, segment_ids_BT, cache_l, lengths_B, form)
+                return group[i](x, positions_BT, segment_ids_BT, cache_l, lengths_B, form,
+                                indexer_loss)
         else:
             graphdef, state = nnx.split(group)
 
             def body(x, layer_state, cache_l):
                 layer = nnx.merge(graphdef, layer_state)
                 x = checkpoint_name(x, "layer_input")
-                return layer(x, positions_BT, segment_ids_BT, cache_l, lengths_B, form)
+                return layer(x, positions_BT, segment_ids_BT, cache_l, lengths_B, form,
+                             indexer_loss)
 
             if c.remat_policy != "none":
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy])
             n = jax.tree.leaves(state)[0].shape[0]
             if c.scan_layers and cache_group is None:
                 def step(x, layer_state):
-                    x, _, stats = body(x, layer_state, None)
-                    return x, stats
+                    x, _, stats, kl = body(x, layer_state, None)
+                    return x, (stats, kl)
 
                 with jax.named_scope(f"layers_{first}_{first + n - 1}"):
-                    x_BTD, stats = jax.lax.scan(step, x_BTD, state)
-                return x_BTD, None, [_slice(stats, i) for i in range(n)]
+                    x_BTD, (stats, kls) = jax.lax.scan(step, x_BTD, state)
+                kls = [None] * n if kls is None else [kls[i] for i in range(n)]
+                return x_BTD, None, [_slice(stats, i) for i in range(n)], kls
 
             def run_layer(i, x, cache_l):
                 return body(x, _slice(state, i), cache_l)
 
         # With a cache, one traced layer per layer: each layer's own [B, S, W] cache array is
         # read and updated in place (scanning would slice it out of a stacked array and back).
-        caches, stats = [], []
+        caches, stats, kls = [], [], []
         for i in range(n):
             cache_l = None if cache_group is None else cache_group[i]
             with jax.named_scope(f"layer_{first + i}"):
-                x_BTD, cache_l, s = run_layer(i, x_BTD, cache_l)
+                x_BTD, cache_l, s, kl = run_layer(i, x_BTD, cache_l)
             caches.append(cache_l)
             stats.append(s)
-        return x_BTD, (None if cache_group is None else tuple(caches)), stats
+            kls.append(kl)
+        return x_BTD, (None if cache_group is None else tuple(caches)), stats, kls
 
     # --- forward -----------------------------------------------------------------------------
     def __call__(
@@ -258,6 +266,7 @@ class DeepSeekModel(nnx.Module):
         attention_form: str | None = None,
         inputs_embeds_BTD: jax.Array | None = None,
         logits: bool = True,
+        indexer_loss: bool = False,
     ) -> ModelOutput:
         """Forward pass.
 
@@ -270,7 +279,8 @@ class DeepSeekModel(nnx.Module):
         `tokens_BT` for the main model (the MTP modules still embed the tokens).
         logits: False returns the head's inputs (`normed_hidden`, `mtp_normed_hidden`) instead
         of the logits, for a loss that applies the head itself a chunk at a time
-        (`losses.chunked_cross_entropy`).
+        (`losses.chunked_cross_entropy`). indexer_loss: also the V3.2 indexer's KL
+        (`ModelOutput.indexer_loss`; training, without a cache).
         """
         b, t = tokens_BT.shape
         if cache is not None and segment_ids_BT is not None:
@@ -281,17 +291,21 @@ class DeepSeekModel(nnx.Module):
             positions_BT = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         with jax.named_scope("embed"):
             x_BTD = self.embed(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
+        if indexer_loss and not self.config.has_indexer:
+            raise ValueError("indexer_loss=True needs a V3.2 config (index_n_heads > 0)")
         router_stats: list[MoEStats] = []
-        new_latents = []
+        new_layers, kls = [], []
         first = 0
         for group, (_, n) in zip(self.groups, layer_groups(self.config), strict=True):
-            cache_group = None if cache is None else cache.latents[first : first + n]
-            x_BTD, cache_group, stats = self._run_group(
+            cache_group = None if cache is None else tuple(
+                cache.layer(i) for i in range(first, first + n))
+            x_BTD, cache_group, stats, group_kls = self._run_group(
                 group, first, x_BTD, positions_BT, segment_ids_BT, cache_group, lengths_B,
-                attention_form,
+                attention_form, indexer_loss,
             )
-            new_latents.extend(cache_group or ())
+            new_layers.extend(cache_group or ())
             router_stats.extend(s for s in stats if s is not None)
+            kls.extend(k for k in group_kls if k is not None)
             first += n
         h_BTD = x_BTD
         # logits=False: each head's input (its norm of the hidden) in place of its logits.
@@ -306,7 +320,7 @@ class DeepSeekModel(nnx.Module):
                 # Module k sees token i+k at position i (zeros past the end; masked in the loss).
                 shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
                 with jax.named_scope(f"mtp_{k}"):
-                    h_k, _, stats = block(h_k, self.embed(shifted_BT), positions_BT,
+                    h_k, _, stats, _ = block(h_k, self.embed(shifted_BT), positions_BT,
                                           segment_ids_BT)
                     per_module.append(head(h_k, block.norm))
                 if stats is not None:
@@ -320,12 +334,16 @@ class DeepSeekModel(nnx.Module):
                 aux_losses[name] = aux_losses.get(name, 0.0) + value
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(latents=tuple(new_latents), lengths_B=lengths_B + t)
+            keyed = bool(cache.index_keys)
+            new_cache = KVCache(
+                latents=tuple(layer[0] if keyed else layer for layer in new_layers),
+                lengths_B=lengths_B + t,
+                index_keys=tuple(layer[1] for layer in new_layers) if keyed else ())
         heads = (dict(logits=main_out, mtp_logits=mtp_out) if logits else
                  dict(logits=None, normed_hidden=main_out, mtp_normed_hidden=mtp_out))
         return ModelOutput(
             aux_loss=aux_loss, aux_losses=aux_losses, router=tuple(router_stats), hidden=h_BTD,
-            cache=new_cache, **heads,
+            cache=new_cache, indexer_loss=sum(kls) / len(kls) if kls else None, **heads,
         )
 
     # --- expert bias ---------------------------------------------------------------------------

@@ -36,8 +36,9 @@ def packed_width(kv_lora_rank: int, rope_dim: int) -> int:
     return kv_lora_rank + 4 * num_scale_blocks(kv_lora_rank) + 2 * rope_dim
 
 
-def quantize(c_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(e4m3 values [..., C], float32 scales [..., Z]); x ~= value * scale per block."""
+def quantize(c_BTC: jax.Array, *, pow2: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(e4m3 values [..., C], float32 scales [..., Z]); x ~= value * scale per block.
+    pow2: each scale rounded up to a power of two (DeepSeek's ue8m0 scales)."""
     c = c_BTC.shape[-1]
     z = num_scale_blocks(c)
     x = c_BTC.astype(jnp.float32)
@@ -46,6 +47,8 @@ def quantize(c_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
         *x.shape[:-1], z, SCALE_BLOCK
     )
     scale_BTZ = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _TINY) / E4M3_MAX
+    if pow2:
+        scale_BTZ = jnp.exp2(jnp.ceil(jnp.log2(scale_BTZ)))
     q = jnp.clip(blocks / scale_BTZ[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return q.reshape(*x.shape[:-1], z * SCALE_BLOCK)[..., :c], scale_BTZ
 
@@ -88,3 +91,25 @@ def unpack(packed_BSW: jax.Array, kv_lora_rank: int,
     scale = _from_bytes(packed_BSW[..., c : c + 4 * z], jnp.float32)
     rope = _from_bytes(packed_BSW[..., c + 4 * z :], jnp.bfloat16)
     return jnp.concatenate([dequantize(q, scale, dtype), rope.astype(dtype)], axis=-1)
+
+
+# --- V3.2 indexer keys: Di e4m3 values | one power-of-two float32 scale per 128 (132 B at 128) --
+def packed_key_width(index_head_dim: int) -> int:
+    """Bytes per token per layer of an FP8 indexer key."""
+    return index_head_dim + 4 * num_scale_blocks(index_head_dim)
+
+
+def pack_key(k_BTI: jax.Array) -> jax.Array:
+    """[..., Di] indexer key -> [..., Di + 4 Z] uint8."""
+    q, scale = quantize(k_BTI, pow2=True)
+    return jnp.concatenate([_to_bytes(q), _to_bytes(scale)], axis=-1)
+
+
+def unpack_key(packed_BSW: jax.Array, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
+    """[..., W'] uint8 -> [..., Di] indexer key in `dtype`."""
+    z = next(z for z in range(1, packed_BSW.shape[-1])
+             if z * SCALE_BLOCK + 4 * z >= packed_BSW.shape[-1])
+    di = packed_BSW.shape[-1] - 4 * z
+    q = _from_bytes(packed_BSW[..., :di], jnp.float8_e4m3fn)
+    scale = _from_bytes(packed_BSW[..., di:], jnp.float32)
+    return dequantize(q, scale, dtype)

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe import attention as attn
-from mla_moe import sharding
-from mla_moe.cache import LatentCodec, write_entries
+from mla_moe import dsa_loss, sharding
+from mla_moe import indexer as dsa
+from mla_moe.cache import IndexKeyCodec, LatentCodec, write_entries
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, dense, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
@@ -139,15 +140,22 @@ class MLA(nnx.Module):
                               ("kv_lora", "heads", "kv"), dtype=pd, stddev=std)
         self.wo_NVD = param(rngs, (n, c.v_head_dim, d), ("heads", "kv", "embed"), dtype=pd,
                             stddev=std)
+        self.indexer = dsa.Indexer(c, rngs=rngs) if c.has_indexer else None
 
     # --- projections -------------------------------------------------------------------------
-    def queries(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(q_nope [B, T, N, H], q_pe [B, T, N, R] roped at `positions_BT`)."""
+    def query_latent(self, x_BTD: jax.Array) -> jax.Array:
+        """The normed query latent cq [B, T, Q] (q LoRA only; the V3.2 indexer reads it too)."""
+        return self.q_norm(dense(x_BTD, self.wq_a_DQ[...].astype(x_BTD.dtype)))
+
+    def queries(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                cq_BTQ: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(q_nope [B, T, N, H], q_pe [B, T, N, R] roped at `positions_BT`); cq_BTQ: the
+        query latent when already computed."""
         c, dt = self.config, x_BTD.dtype
         if c.q_lora_rank is None:
             q_BTNA = dense(x_BTD, self.wq_DNA[...].astype(dt))
         else:
-            cq_BTQ = self.q_norm(dense(x_BTD, self.wq_a_DQ[...].astype(dt)))
+            cq_BTQ = self.query_latent(x_BTD) if cq_BTQ is None else cq_BTQ
             q_BTNA = dense(cq_BTQ, self.wq_b_QNA[...].astype(dt))
         q_nope_BTNH = q_BTNA[..., : c.qk_nope_head_dim]
         q_pe_BTNR = apply_rope(q_BTNA[..., c.qk_nope_head_dim :], positions_BT, c)
@@ -182,15 +190,19 @@ class MLA(nnx.Module):
         return jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, self.wv_b_CNV[...].astype(dt))
 
     # --- attention without and with a cache --------------------------------------------------
-    def _self_attention(self, q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, form):
-        """Causal attention of the T tokens over themselves (index order), per segment."""
+    def _self_attention(self, q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, form,
+                        selected_BTS=None):
+        """Causal attention of the T tokens over themselves (index order), per segment; with
+        `selected_BTS` (the V3.2 indexer's choice, within the causal mask) over those keys."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
         b, t = kv_BTL.shape[:2]
-        if form == "naive" and kernel:
+        if form == "naive" and kernel and selected_BTS is None:
             return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTL,
                               _naive_kernel(kernel, scale, segment_ids_BT))
         mask_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
+        if selected_BTS is not None:
+            mask_BTS = mask_BTS & selected_BTS
         if form == "naive":
             return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTL,
                               lambda *qkv: attn.naive_attention(*qkv, mask_BTS, scale))
@@ -198,23 +210,31 @@ class MLA(nnx.Module):
             q, q_pe, [(kv_BTL, mask_BTS)], scale))
 
     def _cached_attention(self, q_nope_BTNH, q_pe_BTNR, latent_BTL, cache_BSW, lengths_B,
-                          form):
+                          form, selected_BTS=None):
         """Attention of the T new tokens over the cache's first lengths_B slots and themselves
-        (token t at slot lengths_B + t). Returns (o [B, T, N, V], the cache with the new
-        entries written)."""
+        (token t at slot lengths_B + t); with `selected_BTS` (the V3.2 indexer's choice over
+        the S slots, within the causal mask) over those slots only. Returns (o [B, T, N, V],
+        the cache with the new entries written)."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
         codec = LatentCodec.of(cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype)
         new_BTW = codec.write(latent_BTL)
         b, t = latent_BTL.shape[:2]
         s = cache_BSW.shape[1]
-        if form == "absorbed" and not kernel:
+        if form == "absorbed" and (not kernel or selected_BTS is not None):
             # Attends over the cache as it was plus the new entries (as stored), then writes
             # them: the whole-cache read neither waits for nor copies the updated cache.
             old_mask_BTS = jnp.broadcast_to(
                 jnp.arange(s)[None, None, :] < lengths_B[:, None, None], (b, t, s))
+            new_mask_BTT = attn.causal_segment_mask(None, b, t)
+            if selected_BTS is not None:  # slot lengths_B + j holds new token j
+                old_mask_BTS = old_mask_BTS & selected_BTS
+                new_slots_BTT = jnp.broadcast_to(
+                    lengths_B[:, None, None] + jnp.arange(t)[None, None, :], (b, t, t))
+                new_mask_BTT = new_mask_BTT & jnp.take_along_axis(
+                    selected_BTS, jnp.minimum(new_slots_BTT, s - 1), axis=-1)
             segments = [(codec.read(cache_BSW), old_mask_BTS),
-                        (codec.read(new_BTW), attn.causal_segment_mask(None, b, t))]
+                        (codec.read(new_BTW), new_mask_BTT)]
             o_BTNV = self.absorbed(q_nope_BTNH, q_pe_BTNR, lambda q, q_pe: (
                 attn.absorbed_attention(q, q_pe, segments, scale)))
             return o_BTNV, write_entries(cache_BSW, new_BTW, lengths_B, after=o_BTNV)
@@ -224,8 +244,43 @@ class MLA(nnx.Module):
             return self.absorbed(q_nope_BTNH, q_pe_BTNR, _absorbed_cache_kernel(
                 kernel, scale, kv_BSL, lengths_B)), cache_BSW
         mask_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :], s)
+        if selected_BTS is not None:
+            mask_BTS = mask_BTS & selected_BTS
         return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BSL,
                           lambda *qkv: attn.naive_attention(*qkv, mask_BTS, scale)), cache_BSW
+
+    # --- the V3.2 indexer --------------------------------------------------------------------
+    def _select(self, x_BTD, cq_BTQ, positions_BT, segment_ids_BT, keys_BSI, lengths_B,
+                want_loss):
+        """The indexer's part of a V3.2 layer: (the selected keys [B, T, S] or None for dense
+        attention, the indexer's inputs for its loss or None, the updated key cache or None).
+
+        keys_BSI: the layer's indexer-key cache (None without a cache). Without a cache and
+        with T <= index_topk every visible key is selected, and the indexer is skipped unless
+        its loss is wanted."""
+        c, idx = self.config, self.indexer
+        b, t = x_BTD.shape[:2]
+        if keys_BSI is None:
+            if t <= c.index_topk and not want_loss:
+                return None, None, None
+            k_BSI = idx.keys(x_BTD, positions_BT)
+            visible_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
+        else:
+            key_codec = IndexKeyCodec.of(keys_BSI, x_BTD.dtype)
+            keys_BSI = write_entries(keys_BSI, key_codec.write(idx.keys(x_BTD, positions_BT)),
+                                     lengths_B)
+            k_BSI = key_codec.read(keys_BSI)
+            visible_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :],
+                                          keys_BSI.shape[1])
+        selected_BTS, _ = dsa.sparse_mask(idx, x_BTD, cq_BTQ, positions_BT, k_BSI, visible_BTS)
+        if c.index_attention == "dense":
+            selected_BTS = None
+        loss_inputs = None
+        if want_loss:  # the indexer learns from its own, detached, inputs
+            x_sg, cq_sg = jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(cq_BTQ)
+            loss_inputs = (idx.queries(cq_sg, positions_BT), idx.weights(x_sg),
+                           idx.keys(x_sg, positions_BT), visible_BTS, selected_BTS)
+        return selected_BTS, loss_inputs, keys_BSI
 
     # --- forward -----------------------------------------------------------------------------
     def __call__(
@@ -233,36 +288,75 @@ class MLA(nnx.Module):
         x_BTD: jax.Array,
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
-        cache_BSW: jax.Array | None = None,
+        cache_BSW: jax.Array | tuple[jax.Array, jax.Array] | None = None,
         lengths_B: jax.Array | None = None,
         form: str | None = None,
-    ) -> tuple[jax.Array, jax.Array | None]:
+    ) -> tuple[jax.Array, jax.Array | tuple[jax.Array, jax.Array] | None]:
         """Attention output [B, T, D] and the updated cache layer (or None).
 
         Without a cache: causal self-attention over the T tokens (index order), isolated per
-        segment. With a cache ([B, S, W], see cache.py) and `lengths_B`: the T tokens are
-        written at slots lengths_B + t (in place) and attend to every slot <= their own.
+        segment. With a cache ([B, S, W], see cache.py; for a V3.2 model the pair (latents,
+        indexer keys [B, S, Di'])) and `lengths_B`: the T tokens are written at slots
+        lengths_B + t (in place) and attend to every slot <= their own (V3.2: to the
+        indexer's top-k of those).
         positions_BT: rope positions (default 0..T-1, or lengths_B + t with a cache).
         form: "naive" or "absorbed" (default: naive without a cache, the config's
         `decode_attention` with one).
         """
+        out_BTD, cache_BSW, _ = self.attend(x_BTD, positions_BT, segment_ids_BT, cache_BSW,
+                                            lengths_B, form)
+        return out_BTD, cache_BSW
+
+    def attend(self, x_BTD, positions_BT=None, segment_ids_BT=None, cache_BSW=None,
+               lengths_B=None, form=None, *, indexer_loss: bool = False):
+        """`__call__`, returning also the V3.2 indexer's KL loss (a scalar, averaged over the
+        tokens; dsa_loss.py) when `indexer_loss` (without a cache), else None."""
         c = self.config
         b, t = x_BTD.shape[:2]
         form = form or ("naive" if cache_BSW is None else c.decode_attention)
         if form not in ("naive", "absorbed"):
             raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
+        if indexer_loss and (self.indexer is None or cache_BSW is not None):
+            raise ValueError("indexer_loss needs a V3.2 layer (index_n_heads > 0) and no cache")
         if positions_BT is None:
             start_B = jnp.zeros((b,), jnp.int32) if cache_BSW is None else lengths_B
             positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT)
+        cq_BTQ = None if c.q_lora_rank is None else self.query_latent(x_BTD)
+        q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT, cq_BTQ)
         latent_BTL = self.latent(x_BTD, positions_BT)
+        selected_BTS, loss_inputs, keys_BSI = None, None, None
+        if self.indexer is not None:
+            keys_BSI = None
+            if cache_BSW is not None:
+                if not isinstance(cache_BSW, tuple):
+                    raise ValueError("a V3.2 layer's cache is the pair (latents, indexer keys)")
+                cache_BSW, keys_BSI = cache_BSW
+            selected_BTS, loss_inputs, keys_BSI = self._select(
+                x_BTD, cq_BTQ, positions_BT, segment_ids_BT, keys_BSI, lengths_B, indexer_loss)
         if cache_BSW is None:
             o_BTNV = self._self_attention(q_nope_BTNH, q_pe_BTNR, latent_BTL, segment_ids_BT,
-                                          form)
+                                          form, selected_BTS)
         else:
             o_BTNV, cache_BSW = self._cached_attention(q_nope_BTNH, q_pe_BTNR, latent_BTL,
-                                                       cache_BSW, lengths_B, form)
+                                                       cache_BSW, lengths_B, form, selected_BTS)
+            if keys_BSI is not None:
+                cache_BSW = (cache_BSW, keys_BSI)
         o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
         dt = x_BTD.dtype
         out_BTD = dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
-        return out_BTD, cache_BSW
+        loss = None
+        if loss_inputs is not None:
+            loss = self._indexer_loss(q_nope_BTNH, q_pe_BTNR, latent_BTL, loss_inputs)
+        return out_BTD, cache_BSW, loss
+
+    def _indexer_loss(self, q_nope_BTNH, q_pe_BTNR, latent_BTL, loss_inputs):
+        """KL(p || softmax(I)) over the keys the main attention saw, p its probabilities
+        summed over heads (dsa_loss.py); no gradient reaches anything but the indexer."""
+        q_BTHI, w_BTH, k_BSI, visible_BTS, selected_BTS = loss_inputs
+        mask_BTS = visible_BTS if selected_BTS is None else selected_BTS
+        sg = jax.lax.stop_gradient
+        q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", sg(q_nope_BTNH),
+                                   sg(self.wk_b_CNH[...]).astype(q_nope_BTNH.dtype))
+        target_BTS = dsa_loss.attention_target(q_latent_BTNC, sg(q_pe_BTNR), sg(latent_BTL),
+                                               mask_BTS, softmax_scale(self.config))
+        return dsa_loss.indexer_kl(q_BTHI, w_BTH, k_BSI, target_BTS, mask_BTS)

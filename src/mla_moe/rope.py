@@ -66,15 +66,18 @@ def softmax_scale(config: ModelConfig) -> float:
     return scale
 
 
-def apply_rope(x_BTxR: jax.Array, positions_BT: jax.Array, config: ModelConfig) -> jax.Array:
-    """Rotates the last axis of `x` ([B, T, R] or [B, T, N, R]) at `positions_BT`."""
+def apply_rope(x_BTxR: jax.Array, positions_BT: jax.Array, config: ModelConfig, *,
+               interleave: bool | None = None) -> jax.Array:
+    """Rotates the last axis of `x` ([B, T, R] or [B, T, N, R]) at `positions_BT`, in the
+    layout `interleave` says (default: the config's `rope_interleave`; the V3.2 indexer always
+    rotates half-split pairs)."""
     inv_freq, attention_factor = rope_frequencies(config)
     angles_BTr = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     cos_BTr = (jnp.cos(angles_BTr) * attention_factor).astype(x_BTxR.dtype)
     sin_BTr = (jnp.sin(angles_BTr) * attention_factor).astype(x_BTxR.dtype)
     if x_BTxR.ndim == 4:  # heads axis
         cos_BTr, sin_BTr = cos_BTr[:, :, None], sin_BTr[:, :, None]
-    if config.rope_interleave:
+    if config.rope_interleave if interleave is None else interleave:
         x1, x2 = x_BTxR[..., 0::2], x_BTxR[..., 1::2]
         y1, y2 = x1 * cos_BTr - x2 * sin_BTr, x2 * cos_BTr + x1 * sin_BTr
         return jnp.stack([y1, y2], axis=-1).reshape(x_BTxR.shape)

@@ -45,11 +45,13 @@ def _mtp_logits(model, h_BTD, next_tokens_BT, mcache: KVCache, form):
     block = model.mtp[0]
     t = h_BTD.shape[1]
     positions_BT = mcache.lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    h_BTD, latent_BSW, _ = block(h_BTD, model.embed(next_tokens_BT), positions_BT, None,
-                                 mcache.latents[0], mcache.lengths_B, form)
+    h_BTD, layer_cache, _, _ = block(h_BTD, model.embed(next_tokens_BT), positions_BT, None,
+                                     mcache.layer(0), mcache.lengths_B, form)
+    latent_BSW, keys = ((layer_cache[0], (layer_cache[1],) + mcache.index_keys[1:])
+                        if mcache.index_keys else (layer_cache, ()))
     return model.logits(h_BTD, block.norm), KVCache(
-        latents=(latent_BSW,) + mcache.latents[1:], lengths_B=mcache.lengths_B + t
-    )
+        latents=(latent_BSW,) + mcache.latents[1:], lengths_B=mcache.lengths_B + t,
+        index_keys=keys)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("mcache",))

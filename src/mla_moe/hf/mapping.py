@@ -63,6 +63,14 @@ def layer_readers(config: ModelConfig, moe: bool) -> dict[tuple, Callable]:
         r[("attn", "q_norm", "weight")] = same("self_attn.q_a_layernorm.weight")
         r[("attn", "wq_b_QNA")] = lambda get, p, es: _heads_in(
             np.asarray(get(p + "self_attn.q_b_proj.weight")), n)
+    if c.has_indexer:  # V3.2's lightning indexer
+        ix = "self_attn.indexer."
+        r[("attn", "indexer", "wq_b_QHI")] = lambda get, p, es: _heads_in(
+            np.asarray(get(p + ix + "wq_b.weight")), c.index_n_heads)
+        r[("attn", "indexer", "wk_DI")] = lin(ix + "wk.weight")
+        r[("attn", "indexer", "k_norm_weight")] = same(ix + "k_norm.weight")
+        r[("attn", "indexer", "k_norm_bias")] = same(ix + "k_norm.bias")
+        r[("attn", "indexer", "weights_proj_DH")] = lin(ix + "weights_proj.weight")
     if not moe:
         r[("ffn", "gate_DF")] = lin("mlp.gate_proj.weight")
         r[("ffn", "up_DF")] = lin("mlp.up_proj.weight")
@@ -124,6 +132,15 @@ def layer_writers(config: ModelConfig, moe: bool) -> list[tuple[str, Callable]]:
             ("self_attn.q_a_proj.weight", lambda a: a[("attn", "wq_a_DQ")].T),
             ("self_attn.q_a_layernorm.weight", lambda a: a[("attn", "q_norm", "weight")]),
             ("self_attn.q_b_proj.weight", lambda a: _heads_in_inv(a[("attn", "wq_b_QNA")])),
+        ]
+    if c.has_indexer:
+        ix = ("attn", "indexer")
+        out += [
+            ("self_attn.indexer.wq_b.weight", lambda a: _heads_in_inv(a[ix + ("wq_b_QHI",)])),
+            ("self_attn.indexer.wk.weight", lambda a: a[ix + ("wk_DI",)].T),
+            ("self_attn.indexer.k_norm.weight", lambda a: a[ix + ("k_norm_weight",)]),
+            ("self_attn.indexer.k_norm.bias", lambda a: a[ix + ("k_norm_bias",)]),
+            ("self_attn.indexer.weights_proj.weight", lambda a: a[ix + ("weights_proj_DH",)].T),
         ]
     if not moe:
         out += [
