@@ -1,9 +1,10 @@
 """Compile the kernels for a TPU or GPU target from any host, and read what they need on chip.
 
-`compile_mla_attention` / `compile_latent_attention` compile forward + backward (training) or
-the decode step for a target of `pallas_kernels.targets` at given shapes (bf16, DeepSeek head
-dims by default), with the mesh of the target's first device in effect, so `implementation=
-"auto"` picks the target's kernel exactly as a model would. Nothing runs.
+`compile_mla_attention` / `compile_latent_attention` / `compile_sparse_latent_attention`
+compile forward + backward (training) or the (dense or sparse) decode step for a target of
+`pallas_kernels.targets` at given shapes (bf16, DeepSeek head dims by default), with the mesh
+of the target's first device in effect, so `implementation="auto"` picks the target's
+kernel exactly as a model would. Nothing runs.
 
 What each kernel needs on chip:
   TPU  `tpu_vmem_bytes(compiled)`: the scoped VMEM that Mosaic assigned to each kernel, from
@@ -17,6 +18,7 @@ Limits: `vmem_limit_bytes(device_kind)` (the compiler's scoped default) and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,14 +32,18 @@ import numpy as np
 from pallas_kernels import targets
 from pallas_kernels.latent_attention import latent_attention_cache
 from pallas_kernels.mla_attention import mla_attention
+from pallas_kernels.sparse_latent_attention import BlockSizes as SparseBlockSizes
+from pallas_kernels.sparse_latent_attention import sparse_latent_attention_cache
+from pallas_kernels.sparse_latent_attention_tpu import cache_layout as sparse_cache_layout
 
 _MIB = 1 << 20
 # XLA:TPU's default scoped VMEM limit per kernel (the limit its out-of-memory errors name).
 _TPU_SCOPED_VMEM = {"TPU v4": 16 * _MIB, "TPU v5 lite": 16 * _MIB, "TPU v5": 16 * _MIB,
-                    "TPU v6 lite": 32 * _MIB}
+                    "TPU v6 lite": 32 * _MIB, "TPU7x": 32 * _MIB}
 
 MLA_DIMS = dict(h=128, r=64, v=128)  # DeepSeek-V2/V3 head dims
 LATENT_DIMS = dict(n=128, c=512, r=64)  # DeepSeek-V3: 128 heads over a 512 + 64 latent
+SPARSE_TOPK = 2048  # DeepSeek-V3.2's index_topk
 
 
 def vmem_limit_bytes(device_kind: str) -> int:
@@ -97,6 +103,42 @@ def compile_latent_attention(target: str, *, b: int, t: int, s: int,
                                      ((b, s, c + r), dtype), ((b,), jnp.int32)])
 
 
+def compile_sparse_latent_attention(target: str, *, b: int, t: int, s: int,
+                                    k: int = SPARSE_TOPK, dtype: jnp.dtype = jnp.bfloat16,
+                                    n: int = LATENT_DIMS["n"], c: int = LATENT_DIMS["c"],
+                                    r: int = LATENT_DIMS["r"],
+                                    vmem_limit_bytes: int | None = None) -> jax.stages.Compiled:
+    """One sparse decode step (`sparse_latent_attention_cache`: T queries, K slots each, over
+    the packed [B, S, C + R] cache) for `target`. On TPU the cache argument is held in the
+    kernel's `cache_layout`, as a model keeping its cache that way would pass it (in XLA's
+    default layout it would be relaid out first); `vmem_limit_bytes` sets Mosaic's scoped
+    limit (TPU7x reports the whole limit as the kernel's VMEM, so compiling under a lower one
+    is how to bound what it needs)."""
+    mesh = _one_device_mesh(target)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    block_sizes = None
+    cache_format = replicated
+    if target.startswith("tpu"):
+        from jax.experimental.layout import Format
+
+        cache_format = Format(sparse_cache_layout(dtype), replicated)
+        if vmem_limit_bytes is not None:
+            kind = mesh.devices.flat[0].device_kind
+            block_sizes = dataclasses.replace(SparseBlockSizes.get_default("tpu", kind),
+                                              vmem_limit_bytes=vmem_limit_bytes)
+
+    def decode(q_latent, q_pe, cache, indices):
+        return sparse_latent_attention_cache(q_latent, q_pe, cache, indices, sm_scale=0.1,
+                                             block_sizes=block_sizes)
+
+    args = [jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
+            for shape, dt in [((b, t, n, c), dtype), ((b, t, n, r), dtype),
+                              ((b, s, c + r), dtype), ((b, t, k), jnp.int32)]]
+    with jax.set_mesh(mesh):
+        return jax.jit(decode, in_shardings=(replicated, replicated, cache_format, replicated)
+                       ).lower(*args).compile()
+
+
 def tpu_vmem_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
     """{kernel name: scoped VMEM bytes} of the Mosaic kernels in a compiled TPU program."""
     out = {}
@@ -118,7 +160,8 @@ def gpu_shared_memory_bytes(log: str) -> list[int]:
 def gpu_compile_log(calls: list[dict]) -> list[dict]:
     """Compiles each call for a GPU in a fresh process with XLA:GPU's kernel log on.
 
-    calls: dicts of `run_call`'s arguments (kind "mla" or "latent", target, shape kwargs).
+    calls: dicts of `run_call`'s arguments (kind "mla", "latent" or "sparse", target, shape
+      kwargs).
     Returns, per call, {"ok": bool, "error": str, "shared_memory": [bytes per kernel]}.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="0",
@@ -136,7 +179,8 @@ def gpu_compile_log(calls: list[dict]) -> list[dict]:
 
 def run_call(kind: str, target: str, **shape: int) -> dict:
     """Compiles one kernel call; a compiler rejection is a result ({"ok": False, ...})."""
-    compile_fn = compile_mla_attention if kind == "mla" else compile_latent_attention
+    compile_fn = {"mla": compile_mla_attention, "latent": compile_latent_attention,
+                  "sparse": compile_sparse_latent_attention}[kind]
     try:
         compiled = compile_fn(target, **shape)
     except Exception as e:  # noqa: BLE001 - the compiler's verdict is what is reported

@@ -89,3 +89,65 @@ def test_gpu_kernels_compile_within_shared_memory(target):
             partials_bytes = max(264 * 32, call["b"] * call["t"] * 128) * (512 + 1) * 4
             assert result["temp_bytes"] < partials_bytes + cache_bytes // 50, (
                 call, result["temp_bytes"], cache_bytes)
+
+
+# --- Sparse decode (DeepSeek-V3.2): `sparse_latent_attention_cache`, K = 2048 slots per query ---
+# N = 128, C = 512, R = 64, over caches of 32K and 160K slots. Its VMEM holds K-blocks of
+# gathered rows, never the cache: the same kernel at 5x the slots may ask SEQUENCE_GROWTH more
+# at most (measured: equal). TPU7x reports the whole scoped limit as each kernel's VMEM
+# (32 MiB, whatever the kernel needs), so there the kernel is compiled under half the limit
+# instead, which it must fit (measured: it compiles under 4.9 MiB at S=160K, 5.5 MiB at B=64).
+# On TPU the cache is held in the kernel's layout (`sparse_latent_attention_tpu.cache_layout`),
+# so the temporaries must be the f32 split partials alone, no copy of the cache.
+SPARSE_TPU_TARGETS = ["tpu:v5p:2x2x1", "tpu:v6e:2x2", "tpu:tpu7x:2x2x1"]
+SPARSE_GPU_TARGETS = ["gpu:h100:1x1x1", "gpu:h200:1x1x1"]
+SPARSE = {"B1-T1-S32K": dict(b=1, t=1, s=32768), "B1-T1-S160K": dict(b=1, t=1, s=163840),
+          "B64-T2-S160K": dict(b=64, t=2, s=163840)}
+_REPORTS_WHOLE_LIMIT = ("TPU7x",)
+
+
+@functools.cache
+def _sparse_tpu(target, case):
+    kind = targets.devices(target)[0].device_kind
+    limit = aot.vmem_limit_bytes(kind) // 2 if kind in _REPORTS_WHOLE_LIMIT else None
+    return aot.run_call("sparse", target, **SPARSE[case], vmem_limit_bytes=limit)
+
+
+def _sparse_partials_bytes(b, t, splits):
+    """f32 split partials of the sparse decode: [B * T, O, N, C] outputs and their
+    log-sum-exps, [.., 1] padded to 128 lanes."""
+    return splits * b * t * 128 * (512 + 128) * 4
+
+
+@pytest.mark.parametrize("target", SPARSE_TPU_TARGETS)
+def test_tpu_sparse_decode_compiles_within_vmem(target):
+    limit = aot.vmem_limit_bytes(targets.devices(target)[0].device_kind)
+    for case, shape in SPARSE.items():
+        result = _sparse_tpu(target, case)
+        assert result["ok"], (target, case, result["error"])
+        assert set(result["vmem"]) == {"sparse_latent_attention_decode"}, result["vmem"]
+        used = result["vmem"]["sparse_latent_attention_decode"]
+        assert 0 < used <= limit // 2, (target, case, used, limit)
+        cache_bytes = shape["b"] * shape["s"] * (512 + 64) * 2
+        # at most two splits (one per TensorCore) on TPU
+        assert result["temp_bytes"] < _sparse_partials_bytes(shape["b"], shape["t"], 2) + (
+            cache_bytes // 50), (target, case, result["temp_bytes"], cache_bytes)
+    short = _sparse_tpu(target, "B1-T1-S32K")["vmem"]["sparse_latent_attention_decode"]
+    long = _sparse_tpu(target, "B1-T1-S160K")["vmem"]["sparse_latent_attention_decode"]
+    assert long <= SEQUENCE_GROWTH * short, (target, short, long)
+
+
+@pytest.mark.parametrize("target", SPARSE_GPU_TARGETS)
+def test_gpu_sparse_decode_compiles_within_shared_memory(target):
+    limit = aot.shared_memory_limit_bytes(targets.parse_target(target).chip)
+    calls = [dict(kind="sparse", target=target, **SPARSE[case])
+             for case in ("B1-T1-S160K", "B64-T2-S160K")]
+    for call, result in zip(calls, aot.gpu_compile_log(calls), strict=True):
+        assert result["ok"], (call, result["error"])
+        assert len(result["shared_memory"]) == 1, result  # the one sparse decode kernel
+        assert max(result["shared_memory"]) <= limit, (call, result["shared_memory"], limit)
+        cache_bytes = call["b"] * call["s"] * (512 + 64) * 2
+        # ~264 programs of 32 rows, or one split of all B * T * N rows
+        splits = max(1, 264 * 32 // (call["b"] * call["t"] * 128))
+        assert result["temp_bytes"] < _sparse_partials_bytes(call["b"], call["t"], splits) + (
+            cache_bytes // 50), (call, result["temp_bytes"], cache_bytes)
