@@ -8,7 +8,7 @@ import pytest
 
 from mla_moe.train import train
 
-PRESETS = ["deepseek_v2_lite", "deepseek_v2", "deepseek_v3"]
+PRESETS = ["deepseek_v2_lite", "deepseek_v2", "deepseek_v3", "deepseek_v32"]
 
 
 def _configs(name):

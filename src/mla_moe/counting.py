@@ -14,7 +14,16 @@ def _attention_params(c: ModelConfig) -> int:
     kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
     kv += c.kv_lora_rank * n * (c.qk_nope_head_dim + c.v_head_dim)
     o = n * c.v_head_dim * d
-    return q + kv + o
+    return q + kv + o + _indexer_params(c)
+
+
+def _indexer_params(c: ModelConfig) -> int:
+    """V3.2's lightning indexer: wq_b, wk, the key LayerNorm (weight and bias), weights_proj
+    (13.96M per layer at V3.2 size)."""
+    if not c.has_indexer:
+        return 0
+    hi, di = c.index_n_heads, c.index_head_dim
+    return c.q_lora_rank * hi * di + c.hidden_size * di + 2 * di + c.hidden_size * hi
 
 
 def _ffn_params(c: ModelConfig, moe: bool) -> tuple[int, int]:
@@ -71,7 +80,9 @@ def matmul_params_per_token(config: ModelConfig) -> int:
     n = 0
     for i in range(c.num_hidden_layers):
         _, ffn_active = _ffn_params(c, c.is_moe_layer(i))
-        n += _attention_params(c) - c.kv_lora_rank - (c.q_lora_rank or 0) + ffn_active
+        norms = c.kv_lora_rank + (c.q_lora_rank or 0) + (2 * c.index_head_dim
+                                                          if c.has_indexer else 0)
+        n += _attention_params(c) - norms + ffn_active
     return n + c.vocab_size * c.hidden_size
 
 
@@ -80,8 +91,17 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
     Convention (MaxText / Megatron): 6 x matmul parameters active per token, plus causal
     attention 3 * seq_len * N * (H + R + V) per layer (2 flops per multiply-add, x3 for
-    backward, /2 for the causal mask). MTP modules are not counted.
+    backward, /2 for the causal mask). V3.2 (sparse): the main attention over the keys each
+    query selects, min(t + 1, index_topk) on average over t, plus the indexer's causal scores
+    over every key, 3 * seq_len * Hi * Di (with its KL's backward). MTP modules are not counted.
     """
     c = config
-    attention = 3 * seq_len * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
-    return 6.0 * matmul_params_per_token(c) + float(attention * c.num_hidden_layers)
+    keys = seq_len / 2  # causal: the mean number of keys a query sees
+    indexer = 0.0
+    if c.has_indexer:
+        k = min(c.index_topk, seq_len)
+        if c.index_attention == "sparse":  # t + 1 <= k keys for t < k, then k
+            keys = (k * (k + 1) / 2 + (seq_len - k) * k) / seq_len
+        indexer = 3.0 * seq_len * c.index_n_heads * c.index_head_dim
+    attention = 6.0 * keys * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+    return 6.0 * matmul_params_per_token(c) + (attention + indexer) * c.num_hidden_layers

@@ -47,8 +47,9 @@ def quantize(c_BTC: jax.Array, *, pow2: bool = False) -> tuple[jax.Array, jax.Ar
         *x.shape[:-1], z, SCALE_BLOCK
     )
     scale_BTZ = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), _TINY) / E4M3_MAX
-    if pow2:
-        scale_BTZ = jnp.exp2(jnp.ceil(jnp.log2(scale_BTZ)))
+    if pow2:  # the smallest power of two >= scale, exactly (frexp: scale = m 2^e, m in [.5, 1))
+        m, e = jnp.frexp(scale_BTZ)
+        scale_BTZ = jnp.ldexp(jnp.ones_like(scale_BTZ), jnp.where(m == 0.5, e - 1, e))
     q = jnp.clip(blocks / scale_BTZ[..., None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return q.reshape(*x.shape[:-1], z * SCALE_BLOCK)[..., :c], scale_BTZ
 

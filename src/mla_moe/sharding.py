@@ -343,6 +343,8 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules |
     rules = current_rules() if rules is None else rules
 
     def one(path, x):
+        if isinstance(x, nnx.Variable) and not jax.tree.leaves(x):
+            return x  # no array (optax.MaskedNode: a frozen parameter's optimizer state)
         if isinstance(x, nnx.Variable):
             sh = variable_sharding(x, mesh, rules, what=_path_str(path))
             return jax.tree.map(lambda _: sh, x)

@@ -17,6 +17,10 @@ from mla_moe.errors import ConfigError
 from mla_moe.train.optimizer import MOMENT_DTYPES
 
 NAN_POLICIES = ("stop", "skip")
+# DeepSeek Sparse Attention training (V3.2, dsa_loss.py): "off" (the plain LM loss), "warmup"
+# (dense attention, only the indexer trains, on its KL alone), "sparse" (top-k attention, every
+# weight trains: the LM loss, plus the indexer's KL that reaches the indexer only).
+DSA_STAGES = ("off", "warmup", "sparse")
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 # The optional numeric model fields ("int | None", "float | None") and their number type.
 _NUMBER_TYPES = {f.name: {"int | None": int, "float | None": float}[str(f.type)]
@@ -58,6 +62,8 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
         eps=1e-8,
         grad_clip_norm=1.0,
         moment_dtype="float32",  # storage of both Adam moments: "float32" or "bfloat16"
+        dsa_stage="off",  # V3.2 only: "off", "warmup" or "sparse" (DSA_STAGES above)
+        indexer_loss_coef=1.0,  # the indexer's KL (averaged over tokens and layers) times this
         nan_policy="stop",  # "stop" or "skip" a step whose loss or gradient is not finite
         eval_every_steps=200,  # 0: only at the end
         eval_batches=4,
@@ -107,11 +113,15 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of `config.model`; a bad field is a ConfigError naming it."""
+    """The ModelConfig of `config.model`; a bad field is a ConfigError naming it. The dense
+    warm-up (`train.dsa_stage="warmup"`) trains with the main attention dense."""
     try:
-        return ModelConfig(**config.model.to_dict())
+        cfg = ModelConfig(**config.model.to_dict())
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
+    if config.train.get("dsa_stage", "off") == "warmup":
+        cfg = cfg.replace(index_attention="dense")
+    return cfg
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -133,6 +143,13 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     _check(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {t.grad_clip_norm}")
     _check(t.moment_dtype in MOMENT_DTYPES,
            f"train.moment_dtype must be one of {tuple(MOMENT_DTYPES)}, got {t.moment_dtype!r}")
+    _check(t.dsa_stage in DSA_STAGES,
+           f"train.dsa_stage must be one of {DSA_STAGES}, got {t.dsa_stage!r}")
+    _check(t.dsa_stage == "off" or cfg.has_indexer,
+           f"train.dsa_stage={t.dsa_stage!r} needs a V3.2 model with an indexer "
+           f"(model.index_n_heads > 0, got {cfg.index_n_heads})")
+    _check(t.indexer_loss_coef >= 0,
+           f"train.indexer_loss_coef must be >= 0, got {t.indexer_loss_coef}")
     _check(t.nan_policy in NAN_POLICIES,
            f"train.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
     _check(t.eval_every_steps >= 0,

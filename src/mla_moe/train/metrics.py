@@ -139,8 +139,10 @@ def progress_line(record: dict, total_steps: int) -> str:
     parts += [
         f"ppl {record.get('ppl', float('nan')):.2f}",
         f"lr {record['lr']:.2e}",
-        f"gnorm {record['grad_norm']:.3f}",
+        f"gnorm {record['grad_norm']:.3g}",
     ]
+    if "indexer_loss" in record:  # V3.2 DSA training
+        parts.append(f"indexer KL {record['indexer_loss']:.4f}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         parts.append(f"{record['step_time_s'] * 1e3:.0f} ms/step")

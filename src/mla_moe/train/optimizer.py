@@ -78,10 +78,26 @@ def scale_by_adam_stored_as(dtype, *, b1: float, b2: float, eps: float
     return optax.GradientTransformation(init, update)
 
 
+def trains_in_warmup(path) -> bool:
+    """Whether a parameter trains in the V3.2 dense warm-up: the indexers' weights only."""
+    return any(str(getattr(e, "key", getattr(e, "name", ""))) == "indexer" for e in path)
+
+
+def _freeze_all_but_indexers(tx: optax.GradientTransformation
+                             ) -> optax.GradientTransformation:
+    """`tx` on the indexers' weights; no update, and no optimizer state, for the rest."""
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if trains_in_warmup(path) else "frozen", params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(AdamW chained after global-norm clipping when `grad_clip_norm` > 0, the learning-rate
-    schedule) from the training settings (the run config's `train` section)."""
+    schedule) from the training settings (the run config's `train` section). In the V3.2
+    dense warm-up (`dsa_stage="warmup"`) only the indexers' weights are optimised."""
     schedule = learning_rate_schedule(train_cfg)
     parts = []
     if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
@@ -94,4 +110,7 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict
         optax.add_decayed_weights(float(train_cfg.weight_decay), decay_mask),
         optax.scale_by_learning_rate(schedule),
     ))
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if train_cfg.get("dsa_stage", "off") == "warmup":
+        tx = _freeze_all_but_indexers(tx)
+    return tx, schedule

@@ -16,6 +16,11 @@ With gradient accumulation the batch is split into A micro-batches run one after
 (lax.scan); CE is normalised by the whole batch's weight so the gradient equals the unsplit
 batch's. The expert-bias update uses the token counts summed over all micro-batches and is
 applied after the optimizer step.
+
+V3.2 (`dsa_stage`, dsa_loss.py): "sparse" adds indexer_loss_coef x the indexer's KL, whose
+gradient reaches the indexers only (their inputs are detached, the top-k is discrete); in
+"warmup" that KL is the whole differentiated loss (the optimizer freezes everything else, so the
+backward runs through the indexers alone) and the CE is only reported.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class StepConfig:
 
     grad_accum_steps: int = 1
     loss_chunk_tokens: int = 0  # > 0: chunked CE over about this many tokens per device
+    dsa_stage: str = "off"  # V3.2: "off", "warmup" or "sparse" (train.dsa_stage)
+    indexer_loss_coef: float = 1.0
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -80,12 +87,13 @@ def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
     return init
 
 
-def _forward_losses(model: DeepSeekModel, batch, chunk_tokens: int):
+def _forward_losses(model: DeepSeekModel, batch, chunk_tokens: int, indexer_loss=False):
     """(model output, CE sum, weight sum, MTP loss or None) of one batch; with chunk_tokens > 0
     the head is applied inside the chunked losses and the output carries no logits."""
     chunked = chunk_tokens > 0
     out = model(batch["inputs"], positions_BT=batch["positions"],
-                segment_ids_BT=batch["segment_ids"], logits=not chunked)
+                segment_ids_BT=batch["segment_ids"], logits=not chunked,
+                indexer_loss=indexer_loss)
     if chunked:
         w_DU = model.head_weight()
         ce_sum, weight_sum = losses.chunked_cross_entropy(
@@ -102,9 +110,10 @@ def _forward_losses(model: DeepSeekModel, batch, chunk_tokens: int):
 
 
 def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, micro_scale,
-             chunk_tokens: int = 0):
+             chunk_tokens: int = 0, dsa_stage: str = "off", indexer_loss_coef: float = 1.0):
     model = nnx.merge(graphdef, params, extra)
-    out, ce_sum, weight_sum, mtp = _forward_losses(model, batch, chunk_tokens)
+    out, ce_sum, weight_sum, mtp = _forward_losses(model, batch, chunk_tokens,
+                                                   indexer_loss=dsa_stage != "off")
     # CE is a token mean over the whole batch; the per-batch-mean terms (aux, MTP) are scaled
     # by 1/A so that summing over A micro-batches averages them.
     other = out.aux_loss
@@ -112,13 +121,18 @@ def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, mic
         mtp = jnp.zeros((), jnp.float32)
     else:
         other = other + cfg.mtp_loss_weight * mtp
-    loss = ce_sum / total_weight + micro_scale * other
+    kl = jnp.zeros((), jnp.float32) if out.indexer_loss is None else out.indexer_loss
+    if dsa_stage == "warmup":
+        loss = micro_scale * indexer_loss_coef * kl
+    else:
+        loss = ce_sum / total_weight + micro_scale * (other + indexer_loss_coef * kl)
     aux = {
         "ce_sum": ce_sum,
         "weight_sum": weight_sum,
         "aux_loss": out.aux_loss,
         "aux_losses": dict(out.aux_losses),
         "mtp_loss": mtp,
+        "indexer_loss": kl,
         "tokens_per_expert": tuple(r.tokens_per_expert for r in out.router),
         "dropped_fraction": tuple(r.dropped_fraction for r in out.router),
     }
@@ -128,7 +142,9 @@ def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, mic
 def _grads_and_aux(params, extra, batch, graphdef, cfg, step_cfg: StepConfig):
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     grad_fn = functools.partial(jax.value_and_grad(_loss_fn, has_aux=True),
-                                chunk_tokens=step_cfg.loss_chunk_tokens)
+                                chunk_tokens=step_cfg.loss_chunk_tokens,
+                                dsa_stage=step_cfg.dsa_stage,
+                                indexer_loss_coef=step_cfg.indexer_loss_coef)
     a = step_cfg.grad_accum_steps
     if a == 1:
         (loss, aux), grads = grad_fn(params, extra, batch, graphdef, cfg, total_weight, 1.0)
@@ -151,6 +167,7 @@ def _grads_and_aux(params, extra, batch, graphdef, cfg, step_cfg: StepConfig):
         "aux_loss": mean(aux["aux_loss"]),
         "aux_losses": jax.tree.map(mean, aux["aux_losses"]),
         "mtp_loss": mean(aux["mtp_loss"]),
+        "indexer_loss": mean(aux["indexer_loss"]),
         "dropped_fraction": jax.tree.map(mean, aux["dropped_fraction"]),
     }
     return loss, aux, grads
@@ -202,6 +219,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], fault_step: A
         "total_loss": loss,
         "aux_loss": aux["aux_loss"],
         "mtp_loss": aux["mtp_loss"],
+        **({"indexer_loss": aux["indexer_loss"]} if step_cfg.dsa_stage != "off" else {}),
         "grad_norm": grad_norm,
         "lr": schedule(state["step"]),
         "finite": finite,

@@ -364,8 +364,8 @@ def _train(config, cfg, mesh, workdir, *, profile_steps, init_from_hf, hooks) ->
 def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
     """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
     names = ("steps", "warmup_steps", "decay_steps", "learning_rate", "min_lr_ratio",
-             "weight_decay", "b1", "b2", "eps", "grad_clip_norm", "moment_dtype")
-    return tuple((n, train_cfg[n]) for n in names)
+             "weight_decay", "b1", "b2", "eps", "grad_clip_norm", "moment_dtype", "dsa_stage")
+    return tuple((n, train_cfg.get(n, "off" if n == "dsa_stage" else None)) for n in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,7 +400,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Built:
     `run_mesh(config, ...)` so that the rules in effect are the run's."""
     t = config.train
     return _build(config_lib.model_config(config), optimizer_key(t), config.seed, mesh,
-                  t.grad_accum_steps, sharding.current_rules(), t.loss_chunk_tokens)
+                  t.grad_accum_steps, sharding.current_rules(), t.loss_chunk_tokens,
+                  t.get("dsa_stage", "off"), float(t.get("indexer_loss_coef", 1.0)))
 
 
 def _under_rules(fn: Callable, rules: sharding.Rules) -> Callable:
@@ -416,7 +417,8 @@ def _under_rules(fn: Callable, rules: sharding.Rules) -> Callable:
 
 @functools.lru_cache(maxsize=4)
 def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int,
-           rules: sharding.Rules, loss_chunk_tokens: int = 0) -> Built:
+           rules: sharding.Rules, loss_chunk_tokens: int = 0, dsa_stage: str = "off",
+           indexer_loss_coef: float = 1.0) -> Built:
     """`build`, cached so that runs of the same setup in one process (tests, benchmarks,
     restarts) trace and compile once. Everything in the result depends on the logical rules
     (the shardings, and the constraints traced into the steps), so they are part of the key
@@ -430,7 +432,8 @@ def _build(cfg, optimizer_key: tuple, seed: int, mesh, grad_accum_steps: int,
     state_sh = sharding.state_shardings(abstract_state, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     step_cfg = step_lib.StepConfig(grad_accum_steps=grad_accum_steps,
-                                   loss_chunk_tokens=loss_chunk_tokens)
+                                   loss_chunk_tokens=loss_chunk_tokens, dsa_stage=dsa_stage,
+                                   indexer_loss_coef=indexer_loss_coef)
     train_step = functools.partial(step_lib.train_step, graphdef=graphdef, cfg=cfg, tx=tx,
                                    schedule=schedule, step_cfg=step_cfg)
     step_fn = jax.jit(_under_rules(train_step, rules), in_shardings=(state_sh, batch_sh, None),
