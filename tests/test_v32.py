@@ -186,6 +186,26 @@ def test_prefill_decode_and_chunked_prefill_match_the_full_forward(hf_v32, form)
         assert int(cache.lengths_B[0]) == t
 
 
+def test_decode_on_the_sparse_kernel_matches_the_xla_path(hf_v32):
+    """attention_impl="interpret": the absorbed decode runs pallas_kernels'
+    sparse_latent_attention_cache (interpret mode) over the indexer's top-k slots."""
+    _, _, ours = hf_v32
+    kernel_model = DeepSeekModel(ours.config.replace(attention_impl="interpret"),
+                                 rngs=nnx.Rngs(0))
+    nnx.update(kernel_model, nnx.state(ours))
+    tokens = _tokens(10, (2, 20))
+    logits = []
+    for model in (ours.unstacked(), kernel_model.unstacked()):
+        cache = init_cache(model.config, 2, 32)
+        _, cache = _forward(model, tokens[:, :12], cache, "naive")  # prefill: the same path
+        steps = []
+        for i in range(12, 20):  # decode steps over 12..19 slots, past top-8
+            lg, cache = _forward(model, tokens[:, i:i + 1], cache, "absorbed")
+            steps.append(np.asarray(lg))
+        logits.append(np.concatenate(steps, axis=1))
+    assert_close_scaled(logits[1], logits[0], rel=TOL)
+
+
 def test_fp8_index_key_cache():
     k = jax.random.normal(jax.random.key(0), (2, 5, 200)) * jnp.array([0.01, 30.0])[:, None, None]
     packed = fp8_cache.pack_key(k)

@@ -105,6 +105,25 @@ def _absorbed_cache_kernel(implementation: str, sm_scale: float, kv_BSL: jax.Arr
     return attend
 
 
+def _sparse_cache_kernel(implementation: str, sm_scale: float, kv_BSL: jax.Array,
+                         idx_BTK: jax.Array):
+    """V3.2's absorbed attention over the K cache slots `idx_BTK` names per query (< 0: none),
+    on the Pallas kernel, per shard: attend(q_latent_BTNC, q_pe_BTNR) -> o_latent_BTNC.
+    On TPU the kernel reads the cache in its own tiling (`sparse_latent_attention_tpu.
+    cache_layout`); held in XLA's default layout the cache is relaid out first, a copy."""
+    import pallas_kernels
+
+    def attend(q_latent_BTNC, q_pe_BTNR):
+        def kernel(q_latent, q_pe, kv, idx):
+            return pallas_kernels.sparse_latent_attention_cache(
+                q_latent, q_pe, kv, idx, sm_scale=sm_scale, implementation=implementation)
+
+        return _on_shards(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSL, idx_BTK),
+                          (_HEADS, _HEADS, _SHARED, ("batch", None, None)), _HEADS)
+
+    return attend
+
+
 class MLA(nnx.Module):
     """Multi-head Latent Attention: x [B, T, D] -> (out [B, T, D], the updated cache or None).
 
@@ -213,15 +232,27 @@ class MLA(nnx.Module):
                           form, selected_BTS=None):
         """Attention of the T new tokens over the cache's first lengths_B slots and themselves
         (token t at slot lengths_B + t); with `selected_BTS` (the V3.2 indexer's choice over
-        the S slots, within the causal mask) over those slots only. Returns (o [B, T, N, V],
-        the cache with the new entries written)."""
+        the S slots, within the causal mask) over those slots only: the pair (mask [B, T, S],
+        indices [B, T, K]), the XLA paths masking, the kernel gathering the K slots
+        (pallas_kernels.sparse_latent_attention_cache). Returns (o [B, T, N, V], the cache
+        with the new entries written)."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
+        idx_BTK = None
+        if selected_BTS is not None:
+            selected_BTS, idx_BTK = selected_BTS
+            if form == "absorbed" and kernel:
+                cache_BSW = write_entries(cache_BSW, LatentCodec.of(
+                    cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype).write(latent_BTL), lengths_B)
+                kv_BSL = LatentCodec.of(cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype).read(
+                    cache_BSW)
+                return self.absorbed(q_nope_BTNH, q_pe_BTNR, _sparse_cache_kernel(
+                    kernel, scale, kv_BSL, idx_BTK)), cache_BSW
         codec = LatentCodec.of(cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype)
         new_BTW = codec.write(latent_BTL)
         b, t = latent_BTL.shape[:2]
         s = cache_BSW.shape[1]
-        if form == "absorbed" and (not kernel or selected_BTS is not None):
+        if form == "absorbed" and not kernel:
             # Attends over the cache as it was plus the new entries (as stored), then writes
             # them: the whole-cache read neither waits for nor copies the updated cache.
             old_mask_BTS = jnp.broadcast_to(
@@ -272,9 +303,12 @@ class MLA(nnx.Module):
             k_BSI = key_codec.read(keys_BSI)
             visible_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :],
                                           keys_BSI.shape[1])
-        selected_BTS, _ = dsa.sparse_mask(idx, x_BTD, cq_BTQ, positions_BT, k_BSI, visible_BTS)
+        selected_BTS, idx_BTK = dsa.sparse_mask(idx, x_BTD, cq_BTQ, positions_BT, k_BSI,
+                                                visible_BTS)
         if c.index_attention == "dense":
             selected_BTS = None
+        elif keys_BSI is not None:  # decode: the Pallas kernel attends by index
+            selected_BTS = (selected_BTS, idx_BTK)
         loss_inputs = None
         if want_loss:  # the indexer learns from its own, detached, inputs
             x_sg, cq_sg = jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(cq_BTQ)
