@@ -108,8 +108,8 @@ def pack_key(k_BTI: jax.Array) -> jax.Array:
 
 def unpack_key(packed_BSW: jax.Array, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """[..., W'] uint8 -> [..., Di] indexer key in `dtype`."""
-    z = next(z for z in range(1, packed_BSW.shape[-1])
-             if z * SCALE_BLOCK + 4 * z >= packed_BSW.shape[-1])
+    # W' = Di + 4 ceil(Di / 128) lies in (132 (Z - 1), 132 Z], so Z = ceil(W' / 132).
+    z = -(-packed_BSW.shape[-1] // (SCALE_BLOCK + 4))
     di = packed_BSW.shape[-1] - 4 * z
     q = _from_bytes(packed_BSW[..., :di], jnp.float8_e4m3fn)
     scale = _from_bytes(packed_BSW[..., di:], jnp.float32)

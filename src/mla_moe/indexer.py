@@ -103,16 +103,3 @@ def selection_mask(idx_BTK: jax.Array, num_keys: int) -> jax.Array:
     rows_BTS = jnp.zeros((b, t, num_keys + 1), jnp.bool_)
     bi, ti = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
     return rows_BTS.at[bi, ti, target_BTK].set(True)[..., :num_keys]
-
-
-def sparse_mask(indexer: Indexer, x_BTD: jax.Array, cq_BTQ: jax.Array,
-                positions_BT: jax.Array, k_BSI: jax.Array, visible_BTS: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-    """(the main attention's key mask [B, T, S]: visible and selected, the indices [B, T, K]).
-
-    k_BSI: the indexer keys of the S keys the queries may see (the T tokens' own, or the cache
-    with them written); visible_BTS: the causal / padding / segment mask over them."""
-    q_BTHI = indexer.queries(cq_BTQ, positions_BT)
-    w_BTH = indexer.weights(x_BTD)
-    idx_BTK = top_k(index_scores(q_BTHI, w_BTH, k_BSI), visible_BTS, indexer.config.index_topk)
-    return visible_BTS & selection_mask(idx_BTK, k_BSI.shape[1]), idx_BTK

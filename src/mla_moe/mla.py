@@ -241,13 +241,6 @@ class MLA(nnx.Module):
         idx_BTK = None
         if selected_BTS is not None:
             selected_BTS, idx_BTK = selected_BTS
-            if form == "absorbed" and kernel:
-                cache_BSW = write_entries(cache_BSW, LatentCodec.of(
-                    cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype).write(latent_BTL), lengths_B)
-                kv_BSL = LatentCodec.of(cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype).read(
-                    cache_BSW)
-                return self.absorbed(q_nope_BTNH, q_pe_BTNR, _sparse_cache_kernel(
-                    kernel, scale, kv_BSL, idx_BTK)), cache_BSW
         codec = LatentCodec.of(cache_BSW, c.kv_lora_rank, q_nope_BTNH.dtype)
         new_BTW = codec.write(latent_BTL)
         b, t = latent_BTL.shape[:2]
@@ -272,8 +265,9 @@ class MLA(nnx.Module):
         cache_BSW = write_entries(cache_BSW, new_BTW, lengths_B)
         kv_BSL = codec.read(cache_BSW)
         if form == "absorbed":
-            return self.absorbed(q_nope_BTNH, q_pe_BTNR, _absorbed_cache_kernel(
-                kernel, scale, kv_BSL, lengths_B)), cache_BSW
+            attend = (_absorbed_cache_kernel(kernel, scale, kv_BSL, lengths_B) if idx_BTK is None
+                      else _sparse_cache_kernel(kernel, scale, kv_BSL, idx_BTK))
+            return self.absorbed(q_nope_BTNH, q_pe_BTNR, attend), cache_BSW
         mask_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :], s)
         if selected_BTS is not None:
             mask_BTS = mask_BTS & selected_BTS
@@ -291,6 +285,9 @@ class MLA(nnx.Module):
         its loss is wanted."""
         c, idx = self.config, self.indexer
         b, t = x_BTD.shape[:2]
+        # The indexer reads its inputs detached: its loss trains it alone, and the selection
+        # is discrete (no gradient flows through it either way).
+        x_BTD, cq_BTQ = jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(cq_BTQ)
         if keys_BSI is None:
             if t <= c.index_topk and not want_loss:
                 return None, None, None
@@ -303,17 +300,16 @@ class MLA(nnx.Module):
             k_BSI = key_codec.read(keys_BSI)
             visible_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :],
                                           keys_BSI.shape[1])
-        selected_BTS, idx_BTK = dsa.sparse_mask(idx, x_BTD, cq_BTQ, positions_BT, k_BSI,
-                                                visible_BTS)
+        q_BTHI, w_BTH = idx.queries(cq_BTQ, positions_BT), idx.weights(x_BTD)
+        idx_BTK = dsa.top_k(dsa.index_scores(q_BTHI, w_BTH, k_BSI), visible_BTS, c.index_topk)
+        selected_BTS = visible_BTS & dsa.selection_mask(idx_BTK, k_BSI.shape[1])
         if c.index_attention == "dense":
             selected_BTS = None
-        elif keys_BSI is not None:  # decode: the Pallas kernel attends by index
-            selected_BTS = (selected_BTS, idx_BTK)
         loss_inputs = None
-        if want_loss:  # the indexer learns from its own, detached, inputs
-            x_sg, cq_sg = jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(cq_BTQ)
-            loss_inputs = (idx.queries(cq_sg, positions_BT), idx.weights(x_sg),
-                           idx.keys(x_sg, positions_BT), visible_BTS, selected_BTS)
+        if want_loss:
+            loss_inputs = (q_BTHI, w_BTH, k_BSI, visible_BTS, selected_BTS)
+        if keys_BSI is not None and selected_BTS is not None:  # the kernel attends by index
+            selected_BTS = (selected_BTS, idx_BTK)
         return selected_BTS, loss_inputs, keys_BSI
 
     # --- forward -----------------------------------------------------------------------------
@@ -360,7 +356,6 @@ class MLA(nnx.Module):
         latent_BTL = self.latent(x_BTD, positions_BT)
         selected_BTS, loss_inputs, keys_BSI = None, None, None
         if self.indexer is not None:
-            keys_BSI = None
             if cache_BSW is not None:
                 if not isinstance(cache_BSW, tuple):
                     raise ValueError("a V3.2 layer's cache is the pair (latents, indexer keys)")

@@ -365,7 +365,7 @@ def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
     """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
     names = ("steps", "warmup_steps", "decay_steps", "learning_rate", "min_lr_ratio",
              "weight_decay", "b1", "b2", "eps", "grad_clip_norm", "moment_dtype", "dsa_stage")
-    return tuple((n, train_cfg.get(n, "off" if n == "dsa_stage" else None)) for n in names)
+    return tuple((n, train_cfg[n]) for n in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,7 +401,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Built:
     t = config.train
     return _build(config_lib.model_config(config), optimizer_key(t), config.seed, mesh,
                   t.grad_accum_steps, sharding.current_rules(), t.loss_chunk_tokens,
-                  t.get("dsa_stage", "off"), float(t.get("indexer_loss_coef", 1.0)))
+                  t.dsa_stage, float(t.indexer_loss_coef))
 
 
 def _under_rules(fn: Callable, rules: sharding.Rules) -> Callable:
