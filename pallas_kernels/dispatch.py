@@ -140,6 +140,37 @@ def per_device(table: dict[str, Any], device_kind: str | None) -> Any:
     return table[max((k for k in table if kind.startswith(k)), key=len)]
 
 
+def default_blocks(implementation: str | None, device_kind: str | None,
+                   tpu_blocks: dict[str, Any], gpu_blocks: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """A kernel's `BlockSizes` fields for an implementation: its `tpu_blocks` / `gpu_blocks`
+    entry (`per_device`) for the device compiled for (`device_kind`; None: the target's), {}
+    (the dataclass defaults) for the other implementations."""
+    impl = resolve(implementation)
+    table = (tpu_blocks if impl in ("tpu", "tpu_interpret")
+             else gpu_blocks if impl == "gpu" else None)
+    if table is None:
+        return {}
+    if impl in ("tpu", "gpu") and device_kind is None:
+        device_kind = target_device_kind()
+    return per_device(table, device_kind)
+
+
+def check_block_sizes(blocks: Any) -> None:
+    """Validates a kernel's `BlockSizes` dataclass: every field a positive int (a field whose
+    default is None may also be None), every `block_*` field a multiple of 8."""
+    for field in dataclasses.fields(blocks):
+        value = getattr(blocks, field.name)
+        optional = field.default is None
+        if value is None and optional:
+            continue
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"BlockSizes.{field.name}={value!r} must be "
+                             f"{'None or ' if optional else ''}a positive int")
+        if field.name.startswith("block_") and value % 8:
+            raise ValueError(f"BlockSizes.{field.name}={value} must be a multiple of 8")
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())

@@ -57,30 +57,15 @@ class BlockSizes:
     num_stages: int = 2  # GPU only (Triton)
 
     def __post_init__(self):
-        for name in ("block_kv", "block_rows", "block_kv_xla", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int")
-        for name in ("block_kv", "block_rows", "block_kv_xla"):
-            if getattr(self, name) % 8:
-                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} must be a multiple of 8")
-        if self.num_splits is not None and (
-                not isinstance(self.num_splits, int) or self.num_splits <= 0):
-            raise ValueError(f"BlockSizes.num_splits={self.num_splits!r} must be None or > 0")
+        dispatch.check_block_sizes(self)
 
     @classmethod
     def get_default(cls, implementation: str | None = None,
                     device_kind: str | None = None) -> BlockSizes:
         """Tiles for an implementation and the device compiled for (`device_kind`; None:
         `dispatch.target_device_kind()` for "tpu" / "gpu")."""
-        impl = dispatch.resolve(implementation)
-        if impl in ("tpu", "gpu") and device_kind is None:
-            device_kind = dispatch.target_device_kind()
-        if impl in ("tpu", "tpu_interpret"):
-            return cls(**dispatch.per_device(TPU_BLOCKS, device_kind))
-        if impl == "gpu":
-            return cls(**dispatch.per_device(GPU_BLOCKS, device_kind))
-        return cls()
+        return cls(**dispatch.default_blocks(implementation, device_kind, TPU_BLOCKS,
+                                             GPU_BLOCKS))
 
 
 # Per device kind (the longest matching prefix of `device_kind`; "" is the default). Chosen

@@ -57,24 +57,14 @@ class BlockSizes:
     num_stages: int = 2  # GPU only (Triton)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockSizes.{field.name}={value!r} must be a positive int")
-            if field.name.startswith("block_") and value % 8:
-                raise ValueError(f"BlockSizes.{field.name}={value} must be a multiple of 8")
+        dispatch.check_block_sizes(self)
 
     @classmethod
     def get_default(cls, implementation: str | None = None,
                     device_kind: str | None = None) -> BlockSizes:
         """Tiles for an implementation and the device compiled for (`device_kind`; None:
         `dispatch.target_device_kind()` for "tpu" / "gpu")."""
-        impl = dispatch.resolve(implementation)
-        if impl in ("tpu", "tpu_interpret"):
-            if impl == "tpu" and device_kind is None:
-                device_kind = dispatch.target_device_kind()
-            return cls(**dispatch.per_device(TPU_BLOCKS, device_kind))
-        return cls()
+        return cls(**dispatch.default_blocks(implementation, device_kind, TPU_BLOCKS))
 
     def blocks(self) -> dict[str, int]:
         """The kernel block sizes by field name (`block_*`, without the XLA path's

@@ -66,31 +66,15 @@ class BlockSizes:
     vmem_limit_bytes: int | None = None
 
     def __post_init__(self):
-        for name in ("block_k", "block_rows", "block_k_xla", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int")
-        for name in ("block_k", "block_rows", "block_k_xla"):
-            if getattr(self, name) % 8:
-                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} must be a multiple of 8")
-        for name in ("num_splits", "vmem_limit_bytes"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"BlockSizes.{name}={value!r} must be None or a positive int")
+        dispatch.check_block_sizes(self)
 
     @classmethod
     def get_default(cls, implementation: str | None = None,
                     device_kind: str | None = None) -> BlockSizes:
         """Tiles for an implementation and the device compiled for (`device_kind`; None:
         `dispatch.target_device_kind()` for "tpu" / "gpu")."""
-        impl = dispatch.resolve(implementation)
-        if impl in ("tpu", "gpu") and device_kind is None:
-            device_kind = dispatch.target_device_kind()
-        if impl in ("tpu", "tpu_interpret"):
-            return cls(**dispatch.per_device(TPU_BLOCKS, device_kind))
-        if impl == "gpu":
-            return cls(**dispatch.per_device(GPU_BLOCKS, device_kind))
-        return cls()
+        return cls(**dispatch.default_blocks(implementation, device_kind, TPU_BLOCKS,
+                                             GPU_BLOCKS))
 
 
 # Per device kind (longest matching prefix of `device_kind`; "" is the default). Chosen to fit

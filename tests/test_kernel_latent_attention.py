@@ -161,7 +161,7 @@ def test_bad_shapes_name_the_dim(which, shape, message):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(block_kv=0), "block_kv=0 must be a positive int"),
     (dict(block_rows=20), "block_rows=20 must be a multiple of 8"),
-    (dict(num_splits=0), "num_splits=0 must be None or > 0"),
+    (dict(num_splits=0), "num_splits=0 must be None or a positive int"),
     (dict(block_kv_xla=-16), "block_kv_xla=-16 must be a positive int"),
 ])
 def test_block_sizes_validate(kwargs, message):
