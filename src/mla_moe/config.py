@@ -174,6 +174,13 @@ class ModelConfig:
     # "sparse": the main attention sees only the indexer's top-k keys (the model as released);
     # "dense": every causal key (the dense warm-up stage, where only the indexer trains).
     index_attention: str = "sparse"
+    # Without a cache, sequences longer than index_dense_max_len run DSA blocked
+    # (dsa_blocked.py: top-k, attention and KL a query block at a time, no [B, T, S] array);
+    # shorter ones the dense forms (indexer.py, dsa_loss.py; the reference). Queries per
+    # block, and keys per block of the top-k scan and the dense-stage KL:
+    index_dense_max_len: int = 1024
+    index_block_q: int = 64
+    index_block_k: int = 2048
 
     # --- ours: MTP ------------------------------------------------------------------------
     mtp_loss_weight: float = 0.3  # lambda
@@ -330,6 +337,12 @@ class ModelConfig:
         if self.index_n_heads:
             positive("index_head_dim")
             positive("index_topk")
+            positive("index_block_q")
+            positive("index_block_k")
+            if (not isinstance(self.index_dense_max_len, int)
+                    or isinstance(self.index_dense_max_len, bool) or self.index_dense_max_len < 0):
+                raise ValueError(f"index_dense_max_len must be an integer >= 0, got "
+                                 f"{self.index_dense_max_len!r}")
             if self.q_lora_rank is None:
                 raise ValueError("q_lora_rank: the V3.2 indexer (index_n_heads > 0) reads the "
                                  "MLA's query latent, so q_lora_rank must be set")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe import attention as attn
-from mla_moe import dsa_loss, sharding
+from mla_moe import dsa_blocked, dsa_loss, sharding
 from mla_moe import indexer as dsa
 from mla_moe.cache import IndexKeyCodec, LatentCodec, write_entries
 from mla_moe.config import ModelConfig
@@ -212,10 +212,19 @@ class MLA(nnx.Module):
     def _self_attention(self, q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, form,
                         selected_BTS=None):
         """Causal attention of the T tokens over themselves (index order), per segment; with
-        `selected_BTS` (the V3.2 indexer's choice, within the causal mask) over those keys."""
+        `selected_BTS` (the V3.2 indexer's choice, within the causal mask) over those keys.
+
+        A `dsa_blocked.Selection` (long sequences, see `_select`) runs the blocked sparse
+        attention of dsa_blocked.py: XLA, absorbed form whatever `form` says, a query block at
+        a time. Dense attention (V3, and V3.2's dense warm-up) keeps the Pallas kernel when
+        `attention_impl` asks for it."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
         b, t = kv_BTL.shape[:2]
+        if isinstance(selected_BTS, dsa_blocked.Selection):
+            return dsa_blocked.attention(
+                q_nope_BTNH, q_pe_BTNR, kv_BTL, self.wk_b_CNH[...], self.wv_b_CNV[...],
+                selected_BTS, scale, c.index_block_q)
         if form == "naive" and kernel and selected_BTS is None:
             return self.naive(q_nope_BTNH, q_pe_BTNR, kv_BTL,
                               _naive_kernel(kernel, scale, segment_ids_BT))
@@ -277,12 +286,13 @@ class MLA(nnx.Module):
     # --- the V3.2 indexer --------------------------------------------------------------------
     def _select(self, x_BTD, cq_BTQ, positions_BT, segment_ids_BT, keys_BSI, lengths_B,
                 want_loss):
-        """The indexer's part of a V3.2 layer: (the selected keys [B, T, S] or None for dense
-        attention, the indexer's inputs for its loss or None, the updated key cache or None).
+        """The indexer's part of a V3.2 layer: (the selected keys or None for dense attention,
+        the indexer's inputs for its loss or None, the updated key cache or None).
 
         keys_BSI: the layer's indexer-key cache (None without a cache). Without a cache and
         with T <= index_topk every visible key is selected, and the indexer is skipped unless
-        its loss is wanted."""
+        its loss is wanted. The selection is a [B, T, S] mask or, without a cache and with
+        T > index_dense_max_len, a `dsa_blocked.Selection` of indices (no [B, T, S] array)."""
         c, idx = self.config, self.indexer
         b, t = x_BTD.shape[:2]
         # The indexer reads its inputs detached: its loss trains it alone, and the selection
@@ -292,6 +302,10 @@ class MLA(nnx.Module):
             if t <= c.index_topk and not want_loss:
                 return None, None, None
             k_BSI = idx.keys(x_BTD, positions_BT)
+            if t > c.index_dense_max_len:
+                q_BTHI, w_BTH = idx.queries(cq_BTQ, positions_BT), idx.weights(x_BTD)
+                return dsa_blocked.select(c, q_BTHI, w_BTH, k_BSI, segment_ids_BT,
+                                          want_loss) + (None,)
             visible_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
         else:
             key_codec = IndexKeyCodec.of(keys_BSI, x_BTD.dtype)
@@ -380,12 +394,17 @@ class MLA(nnx.Module):
 
     def _indexer_loss(self, q_nope_BTNH, q_pe_BTNR, latent_BTL, loss_inputs):
         """KL(p || softmax(I)) over the keys the main attention saw, p its probabilities
-        summed over heads (dsa_loss.py); no gradient reaches anything but the indexer."""
+        summed over heads (dsa_loss.py, or dsa_blocked.py for long sequences); no gradient
+        reaches anything but the indexer."""
+        c, sg = self.config, jax.lax.stop_gradient
+        if isinstance(loss_inputs, dsa_blocked.LossInputs):
+            return dsa_blocked.indexer_loss(q_nope_BTNH, q_pe_BTNR, latent_BTL,
+                                            sg(self.wk_b_CNH[...]), loss_inputs,
+                                            softmax_scale(c), c.index_block_q, c.index_block_k)
         q_BTHI, w_BTH, k_BSI, visible_BTS, selected_BTS = loss_inputs
         mask_BTS = visible_BTS if selected_BTS is None else selected_BTS
-        sg = jax.lax.stop_gradient
         q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", sg(q_nope_BTNH),
                                    sg(self.wk_b_CNH[...]).astype(q_nope_BTNH.dtype))
         target_BTS = dsa_loss.attention_target(q_latent_BTNC, sg(q_pe_BTNR), sg(latent_BTL),
-                                               mask_BTS, softmax_scale(self.config))
+                                               mask_BTS, softmax_scale(c))
         return dsa_loss.indexer_kl(q_BTHI, w_BTH, k_BSI, target_BTS, mask_BTS)
