@@ -140,13 +140,19 @@ def compile_sparse_latent_attention(target: str, *, b: int, t: int, s: int,
 
 
 def tpu_vmem_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
-    """{kernel name: scoped VMEM bytes} of the Mosaic kernels in a compiled TPU program."""
+    """{kernel name: scoped VMEM bytes} of the Mosaic kernels in a compiled TPU program.
+
+    Read from each kernel's `used_scoped_memory_configs` (what Mosaic allocated), not its
+    `scoped_memory_configs`: on TPU7x the latter holds the whole scoped limit (32 MiB) for
+    every kernel (libtpu 0.0.42 and 0.0.50; empty on v4-v6e)."""
     out = {}
     for line in compiled.as_text().splitlines():
         if 'custom_call_target="tpu_custom_call"' not in line:
             continue
         name = re.search(r"%([\w.-]+) = ", line).group(1).split(".")[0]
-        sizes = [int(x) for x in re.findall(r'"size\\?":\\?"(\d+)', line)]
+        used = re.search(r'used_scoped_memory_configs\\?":\[([^\]]*)\]', line)
+        sizes = [int(x) for x in re.findall(r'"size\\?":\\?"(\d+)',
+                                            used.group(1) if used else line)]
         out[name] = max(out.get(name, 0), *sizes, 0)
     return out
 

@@ -82,6 +82,11 @@ TPU_BLOCKS = {
              block_kv_dkv=512),
     "TPU v6 lite": dict(block_q=1024, block_kv=512, block_q_dq=1024, block_kv_dq=512,
                         block_q_dkv=512, block_kv_dkv=1024),
+    # Ironwood: v6e's 256-wide MXU and 32 MiB scoped limit (the compiler's verdict: "limit
+    # 32.00M"), so v6e's tiles: 6.8 / 8.9 / 9.2 MiB (fwd / dq / dk/dv at N = 16, T = S = 16K;
+    # the default tiles ask 3.7 / 4.9 / 5.4 MiB, all-1024 tiles up to 14.5 MiB).
+    "TPU7x": dict(block_q=1024, block_kv=512, block_q_dq=1024, block_kv_dq=512,
+                  block_q_dkv=512, block_kv_dkv=1024),
 }
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from pallas_kernels import aot, targets
 
-TPU_TARGETS = ["tpu:v4:2x2x1", "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2"]
+TPU_TARGETS = ["tpu:v4:2x2x1", "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2", "tpu:tpu7x:2x2x1"]
 GPU_TARGETS = ["gpu:a100:1x1x1", "gpu:h100:1x1x1", "gpu:h200:1x1x1"]
 TRAIN = {"N128-1K-packed": dict(b=1, t=1024, n=128, segments=True),
          "N16-16K": dict(b=1, t=16384, n=16), "N16-64K": dict(b=1, t=65536, n=16)}
