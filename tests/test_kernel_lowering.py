@@ -19,9 +19,18 @@ BF16 = jnp.bfloat16
 DISABLED = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
 
+# The GPU the Triton kernels lower for (its compute capability, sm_90): jax >= 0.11 asks for
+# it on an abstract mesh when the host has no GPU; jax 0.10 assumed sm_90.
+H100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu"))
+
+
 def _lower(fn, platform, *args):
-    exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=DISABLED)(*args)
-    return exported.mlir_module()
+    export_fn = export.export(jax.jit(fn), platforms=[platform], disabled_checks=DISABLED)
+    if platform != "cuda":
+        return export_fn(*args).mlir_module()
+    with jax.sharding.use_abstract_mesh(H100):
+        return export_fn(*args).mlir_module()
 
 
 @pytest.mark.parametrize("implementation,platform,marker", [
