@@ -97,7 +97,9 @@ def table(results: list[dict], overrides: list[str]) -> str:
         "collective-permute of one step, loop iterations counted. Step bound and MFU bound: "
         "the roofline estimate, a lower bound on the step time (and an upper bound on MFU) "
         "from the compiler's counts and the chip's published rates, not a measurement; "
-        "`bound by` names its largest term. Compile times on a shared 2-core host."
+        "`bound by` names its largest term. On tpu7x (Ironwood) the compiler's device is one "
+        "TensorCore die, two per chip: tokens are per chip, state, peak and HBM per device "
+        "(94.75 GiB, half the chip's 192 GB). Compile times on a shared 2-core host."
         + (f" Overrides for every row: `{' '.join(overrides)}`." if overrides else ""), "",
         "| preset | target | mesh | tokens/chip | state GiB | peak GiB | peak/HBM | host GiB "
         "| fits | dropless | step bound s | MFU bound | bound by | compile s | collective GiB |",
