@@ -44,6 +44,11 @@ ROWS = {
     "v2_lite_h100": ("deepseek_v2_lite", "gpu:h100:1x1x8", 4, 4096, 0.9),
     # Ironwood: two compile-only devices per chip (one per TensorCore die).
     "v2_lite_tpu7x": ("deepseek_v2_lite", "tpu:tpu7x:2x2x1", 12, 4096, 0.9),
+    # V3 on 256 Ironwood chips (512 devices, as many as v5p:8x8x8): MaxText's v5p batch per
+    # device, 6 x 8192 (12 x 8192 per chip), and 4 x 8192 per device. Neither fits yet
+    # (bench/RESULTS.md, "Ironwood (TPU7x), compile-only").
+    "v3_tpu7x_12x8192": ("deepseek_v3", "tpu:tpu7x:4x8x8", 12, 8192, 0.9),
+    "v3_tpu7x": ("deepseek_v3", "tpu:tpu7x:4x8x8", 8, 8192, 0.9),
 }
 
 

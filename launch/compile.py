@@ -62,7 +62,8 @@ def main(argv: list[str]) -> None:
     try:
         target = targets.parse_target(_TARGET.value, _SLICES.value)
         if target.platform == "tpu":  # before libtpu starts (the topology below)
-            tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"))
+            tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"),
+                                       target.chip)
         devices = targets.devices(target)
         if _WHAT.value == "train":
             report, compiled = aot.compile_train(_CONFIG.value, devices, target=str(target))

@@ -13,6 +13,13 @@ def test_offloading_policies_need_the_host_offload_flags():
     assert tpu_flags.needed_flags("offload_layer_input_attention_out")
     assert tpu_flags.needed_flags("full") == ()
     assert tpu_flags.needed_flags("none") == ()
+    assert tpu_flags.needed_flags("none", "v5p") == ()
+
+
+def test_ironwood_keeps_gathers_off_the_sparsecores():
+    assert tpu_flags.needed_flags("none", "tpu7x") == tpu_flags.TPU7X_FLAGS
+    both = tpu_flags.needed_flags("offload_layer_input", "tpu7x")
+    assert both == tpu_flags.HOST_OFFLOAD_FLAGS + tpu_flags.TPU7X_FLAGS
 
 
 def test_merged_keeps_the_users_value_and_adds_the_rest():
@@ -60,3 +67,26 @@ def test_libtpu_accepts_the_flags():
     assert proc.returncode == 0, proc.stderr[-3000:]
     host = int(proc.stdout.split("host bytes")[1])
     assert host >= 4 * 512 * 256 * 4  # the four saved [512, 256] f32 layer inputs
+
+
+def test_libtpu_accepts_the_ironwood_flags():
+    """The TPU7x flags start a compile-only tpu7x topology and a gather compiles under them."""
+    code = textwrap.dedent("""
+        import os
+        import jax, jax.numpy as jnp
+        from mla_moe.train import tpu_flags
+        from pallas_kernels import targets
+        tpu_flags.set_libtpu_flags("none", "tpu7x")
+        dev = targets.devices("tpu:tpu7x:2x2x1")[0]
+        sh = jax.sharding.SingleDeviceSharding(dev)
+        table = jax.ShapeDtypeStruct((4096, 512), jnp.bfloat16, sharding=sh)
+        idx = jax.ShapeDtypeStruct((8192,), jnp.int32, sharding=sh)
+        jax.jit(lambda t, i: jnp.take(t, i, axis=0)).lower(table, idx).compile()
+        print("flags", os.environ["LIBTPU_INIT_ARGS"])
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               LIBTPU_INIT_ARGS="")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("flags")[1].split() == list(tpu_flags.TPU7X_FLAGS)

@@ -7,6 +7,12 @@ DeepSeek-V3 and Llama pass with `decoder_layer_input=offload`: the experimental 
 features with memory-pressure tracking, up to 24 host transfers in flight, and loop-carried
 values allowed in the copy chains that move the scan's saved activations.
 
+Ironwood (TPU7x): libtpu 0.0.42 moves large gathers onto the SparseCores, and for DeepSeek-V3's
+train step its SparseCore compiler then aborts the process ("LLVM ERROR: Not enough space for
+TILESPMEM spill"). `launch.compile` turns that offload off for `tpu:tpu7x` targets; on an
+Ironwood VM, where the generation is known only once libtpu has started, pass the same flag in
+`LIBTPU_INIT_ARGS` if the compiler stops so.
+
 A flag the user already put in `LIBTPU_INIT_ARGS` keeps the user's value. libtpu reads the
 variable once, when the TPU backend (or a compile-only TPU topology) is first created: call
 `set_libtpu_flags` before that, as `launch.train` and `launch.compile` do.
@@ -31,9 +37,15 @@ HOST_OFFLOAD_FLAGS = (
 )
 
 
-def needed_flags(remat_policy: str) -> tuple[str, ...]:
-    """The libtpu flags a model with this `remat_policy` needs (none unless it offloads)."""
-    return HOST_OFFLOAD_FLAGS if remat_policy.startswith("offload") else ()
+TPU7X_FLAGS = ("--xla_tpu_offload_gather_to_sparsecore=false",)
+
+
+def needed_flags(remat_policy: str, generation: str | None = None) -> tuple[str, ...]:
+    """The libtpu flags a model with this `remat_policy` needs on TPU `generation` ("v5p",
+    "tpu7x"; None when not known): the host-offload set for the `offload_*` policies, and
+    TPU7X_FLAGS on tpu7x."""
+    flags = HOST_OFFLOAD_FLAGS if remat_policy.startswith("offload") else ()
+    return flags + (TPU7X_FLAGS if generation == "tpu7x" else ())
 
 
 def _name(flag: str) -> str:
@@ -47,9 +59,9 @@ def merged(existing: str, flags: tuple[str, ...]) -> str:
     return " ".join([existing.strip(), *extra]).strip()
 
 
-def set_libtpu_flags(remat_policy: str) -> tuple[str, ...]:
-    """Adds the flags `remat_policy` needs to `LIBTPU_INIT_ARGS`; returns the flags wanted."""
-    flags = needed_flags(remat_policy)
+def set_libtpu_flags(remat_policy: str, generation: str | None = None) -> tuple[str, ...]:
+    """Adds the flags `needed_flags` names to `LIBTPU_INIT_ARGS`; returns the flags wanted."""
+    flags = needed_flags(remat_policy, generation)
     if flags:
         os.environ["LIBTPU_INIT_ARGS"] = merged(os.environ.get("LIBTPU_INIT_ARGS", ""), flags)
     return flags
