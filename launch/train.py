@@ -52,7 +52,8 @@ def main(argv: list[str]) -> None:
                          f"{_NPROC.value})")
     from mla_moe.train import tpu_flags
 
-    tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"))
+    tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"),
+                               tpu_flags.generation_from_env())
     import jax
 
     if _COORD.value or _NPROC.value > 1:

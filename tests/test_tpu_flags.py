@@ -22,6 +22,13 @@ def test_ironwood_keeps_gathers_off_the_sparsecores():
     assert both == tpu_flags.HOST_OFFLOAD_FLAGS + tpu_flags.TPU7X_FLAGS
 
 
+def test_the_generation_comes_from_the_accelerator_type():
+    assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": "tpu7x-128"}) == "tpu7x"
+    assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": "v5p-1024"}) == "v5p"
+    assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": " "}) is None
+    assert tpu_flags.generation_from_env({}) is None
+
+
 def test_merged_keeps_the_users_value_and_adds_the_rest():
     user = "--xla_tpu_host_transfer_overlap_limit=2 --xla_tpu_scoped_vmem_limit_kib=65536"
     out = tpu_flags.merged(user, tpu_flags.HOST_OFFLOAD_FLAGS).split()
@@ -70,7 +77,8 @@ def test_libtpu_accepts_the_flags():
 
 
 def test_libtpu_accepts_the_ironwood_flags():
-    """The TPU7x flags start a compile-only tpu7x topology and a gather compiles under them."""
+    """The TPU7x flags start a compile-only tpu7x topology, a gather compiles under them, and
+    the compiler holds a program to the HBM budget."""
     code = textwrap.dedent("""
         import os
         import jax, jax.numpy as jnp
@@ -82,6 +90,15 @@ def test_libtpu_accepts_the_ironwood_flags():
         table = jax.ShapeDtypeStruct((4096, 512), jnp.bfloat16, sharding=sh)
         idx = jax.ShapeDtypeStruct((8192,), jnp.int32, sharding=sh)
         jax.jit(lambda t, i: jnp.take(t, i, axis=0)).lower(table, idx).compile()
+        # The HBM budget reaches the compiler: 84 GiB (an f32 argument and two outputs of its
+        # size), within the die's 94.75 GiB, exceeds it.
+        n = 84 * 2**30 // 4 // 3
+        big = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sh)
+        try:
+            jax.jit(lambda x: (x * 2.0, x + 1.0)).lower(big).compile()
+            print("budget not enforced")
+        except Exception as e:
+            print("budget", str(e).splitlines()[0])
         print("flags", os.environ["LIBTPU_INIT_ARGS"])
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
@@ -90,3 +107,6 @@ def test_libtpu_accepts_the_ironwood_flags():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("flags")[1].split() == list(tpu_flags.TPU7X_FLAGS)
+    budget = proc.stdout.split("budget")[1].split("flags")[0]
+    assert "RESOURCE_EXHAUSTED" in budget, budget
+    assert f"({tpu_flags.TPU7X_HBM_BUDGET_MIB / 1024:.2f}G)" in budget, budget

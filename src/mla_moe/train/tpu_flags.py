@@ -9,9 +9,17 @@ values allowed in the copy chains that move the scan's saved activations.
 
 Ironwood (TPU7x): libtpu 0.0.42 moves large gathers onto the SparseCores, and for DeepSeek-V3's
 train step its SparseCore compiler then aborts the process ("LLVM ERROR: Not enough space for
-TILESPMEM spill"). `launch.compile` turns that offload off for `tpu:tpu7x` targets; on an
-Ironwood VM, where the generation is known only once libtpu has started, pass the same flag in
-`LIBTPU_INIT_ARGS` if the compiler stops so.
+TILESPMEM spill"). And its HBM check counts less than the compiled step then holds (arguments
++ temporaries, from its memory analysis), by 15 GiB and more for V3's train step on
+tpu7x:4x8x8, and what it assigns depends on the HBM size it is given
+(`xla_tpu_max_hbm_size_mib`). At 4 x 8192 tokens per device the step holds 102.2 GiB when the
+compiler is given the die's 94.75 GiB or 80 GiB, and 82.6 GiB when given 70. At 6 x 8192 it
+holds 100.3 GiB given 94.75 and 91.5 given 80, and given 70 the compiler says it needs 76.5.
+So on tpu7x the compiler gets a 70 GiB budget, which keeps what the executable holds within
+the die's HBM with room to spare. Both flags are set for `tpu:tpu7x` targets in
+`launch.compile`, and in `launch.train` where `TPU_ACCELERATOR_TYPE` (set on TPU VMs and GKE
+nodes) names a tpu7x slice; a larger per-device batch can raise the budget in
+`LIBTPU_INIT_ARGS` (e.g. `--xla_tpu_max_hbm_size_mib=81920` for 6 x 8192 tokens).
 
 A flag the user already put in `LIBTPU_INIT_ARGS` keeps the user's value. libtpu reads the
 variable once, when the TPU backend (or a compile-only TPU topology) is first created: call
@@ -37,7 +45,17 @@ HOST_OFFLOAD_FLAGS = (
 )
 
 
-TPU7X_FLAGS = ("--xla_tpu_offload_gather_to_sparsecore=false",)
+TPU7X_HBM_BUDGET_MIB = 70 * 1024
+
+TPU7X_FLAGS = ("--xla_tpu_offload_gather_to_sparsecore=false",
+               f"--xla_tpu_max_hbm_size_mib={TPU7X_HBM_BUDGET_MIB}")
+
+
+def generation_from_env(environ=os.environ) -> str | None:
+    """The TPU generation `TPU_ACCELERATOR_TYPE` names ("v5p-128" -> "v5p", "tpu7x-64" ->
+    "tpu7x"); None when it is unset."""
+    kind = environ.get("TPU_ACCELERATOR_TYPE", "").strip().lower()
+    return kind.split("-")[0] or None
 
 
 def needed_flags(remat_policy: str, generation: str | None = None) -> tuple[str, ...]:
