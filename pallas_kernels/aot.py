@@ -12,8 +12,9 @@ What each kernel needs on chip:
   GPU  the shared memory of each Triton kernel, which XLA:GPU logs (without the kernel's
        name) when its `xtile_compiler` module logs at level 2: `gpu_compile_log` runs each
        compile in a subprocess with that logging on and parses the sizes.
-Limits: `vmem_limit_bytes(device_kind)` (the compiler's scoped default) and
-`shared_memory_limit_bytes(chip)` (the per-block opt-in maximum of the target config).
+Limits, from the chip table (`pallas_kernels.chips`): `vmem_limit_bytes(device_kind)` (the
+compiler's scoped default) and `shared_memory_limit_bytes(chip)` (the per-block opt-in maximum
+of the target config).
 """
 
 from __future__ import annotations
@@ -29,17 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import targets
+from pallas_kernels import chips, targets
 from pallas_kernels.latent_attention import latent_attention_cache
 from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.sparse_latent_attention import BlockSizes as SparseBlockSizes
 from pallas_kernels.sparse_latent_attention import sparse_latent_attention_cache
 from pallas_kernels.sparse_latent_attention_tpu import cache_layout as sparse_cache_layout
-
-_MIB = 1 << 20
-# XLA:TPU's default scoped VMEM limit per kernel (the limit its out-of-memory errors name).
-_TPU_SCOPED_VMEM = {"TPU v4": 16 * _MIB, "TPU v5 lite": 16 * _MIB, "TPU v5": 16 * _MIB,
-                    "TPU v6 lite": 32 * _MIB, "TPU7x": 32 * _MIB}
 
 MLA_DIMS = dict(h=128, r=64, v=128)  # DeepSeek-V2/V3 head dims
 LATENT_DIMS = dict(n=128, c=512, r=64)  # DeepSeek-V3: 128 heads over a 512 + 64 latent
@@ -47,15 +43,21 @@ SPARSE_TOPK = 2048  # DeepSeek-V3.2's index_topk
 
 
 def vmem_limit_bytes(device_kind: str) -> int:
-    """XLA:TPU's default scoped VMEM limit per kernel for a device kind ("TPU v5", ...)."""
-    return _TPU_SCOPED_VMEM[device_kind]
+    """XLA:TPU's default scoped VMEM limit per kernel for a device kind ("TPU v5", ...), from
+    the chip table."""
+    row = chips.by_device_kind(device_kind)
+    if row is None or row.scoped_vmem_bytes is None:
+        raise KeyError(f"no scoped VMEM limit known for device kind {device_kind!r}")
+    return row.scoped_vmem_bytes
 
 
 def shared_memory_limit_bytes(chip: str) -> int:
-    """The opt-in shared memory per block of a GPU target ("h100", ...), from its target
-    config."""
-    config = targets.gpu_target_config(chip)
-    return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", config).group(1))
+    """The opt-in shared memory per block of a GPU target ("h100", ...), from the chip table
+    (its target config's `shared_memory_per_block_optin`)."""
+    row = chips.by_target(chip)
+    if row is None or row.shared_memory_per_block is None:
+        raise KeyError(f"no shared memory per block known for GPU target {chip!r}")
+    return row.shared_memory_per_block
 
 
 def _one_device_mesh(target):

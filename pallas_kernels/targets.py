@@ -17,23 +17,18 @@ import functools
 from importlib import resources
 from typing import TYPE_CHECKING
 
+from pallas_kernels import chips
+
 if TYPE_CHECKING:
     import jax
 
-# H100 / H200 (sm_90a) from XLA's target specs; A100 (sm_80) is the H100 file with the
-# A100-SXM4-80GB's published figures (SMs, shared memory, HBM, bandwidth, L2, clock).
-GPU_TARGETS = {"a100": "a100_sxm_80.txtpb", "h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
-# tpu7x: Ironwood (device_kind "TPU7x"); libtpu names it "tpu7x", not "v7x" or "ironwood".
-TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e", "tpu7x")
-
-_GIB = 1 << 30
-# HBM per compile-only device (they report no memory of their own). One device per chip on v5e,
-# v5p and v6e (the published per-chip figure; the compiler allows a little more, e.g. 95.74G on
-# v5p). TPU v4 and TPU7x compile as two devices per chip, one per TensorCore: their figure is
-# the compiler's own limit from an out-of-memory verdict ("exceeds available HBM (15.25G)" on
-# v4:2x2x1, "(94.75G)" on tpu7x:2x2x1), against the published 32 GiB and 192 GiB per chip.
-_TPU_HBM_BYTES = {"TPU v4": int(15.25 * _GIB), "TPU v5 lite": 16 * _GIB, "TPU v5": 95 * _GIB,
-                  "TPU v6 lite": 32 * _GIB, "TPU7x": int(94.75 * _GIB)}
+# The compile targets are the chip table's rows with a target name. GPU: chip name -> its
+# GpuTargetConfigProto file. H100 / H200 (sm_90a) are XLA's target specs; A100 (sm_80) is the
+# H100 file with the A100-SXM4-80GB's published figures (SMs, shared memory, HBM, bandwidth, L2,
+# clock). TPU: libtpu's topology names; tpu7x is Ironwood (device_kind "TPU7x"), which libtpu
+# names "tpu7x", not "v7x" or "ironwood".
+GPU_TARGETS = {c.target: c.gpu_target_config for c in chips.CHIPS if c.gpu_target_config}
+TPU_GENERATIONS = chips.TPU_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +92,12 @@ def devices(target: Target | str) -> tuple:
 
 
 def hbm_bytes(device: jax.Device) -> int:
-    """Per-device HBM of a (compile-only) TPU or GPU device."""
-    kind = device.device_kind
-    if kind in _TPU_HBM_BYTES:
-        return _TPU_HBM_BYTES[kind]
-    for chip in GPU_TARGETS:
-        config = gpu_target_config(chip)
-        if f'name: "{kind}"' in config:
-            line = next(x for x in config.splitlines() if "device_memory_size:" in x)
-            return int(line.split(":")[1])
-    raise ValueError(f"no HBM size known for device kind {kind!r}")
+    """Per-device HBM of a (compile-only) TPU or GPU device, which such devices do not report:
+    the chip table's `device_hbm_bytes`. One device per chip on v5e, v5p and v6e (the published
+    per-chip figure; the compiler allows a little more, e.g. 95.74G on v5p); TPU v4 and TPU7x
+    compile as two devices per chip, and their figure is the compiler's own limit; a GPU's is its
+    target config's `device_memory_size`."""
+    row = chips.by_device_kind(device.device_kind)
+    if row is None or row.device_hbm_bytes is None:
+        raise ValueError(f"no HBM size known for device kind {device.device_kind!r}")
+    return row.device_hbm_bytes

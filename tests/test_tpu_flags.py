@@ -25,6 +25,8 @@ def test_ironwood_keeps_gathers_off_the_sparsecores():
 def test_the_generation_comes_from_the_accelerator_type():
     assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": "tpu7x-128"}) == "tpu7x"
     assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": "v5p-1024"}) == "v5p"
+    assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": "v5litepod-16"}) == "v5e"
+    assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": "v3-8"}) is None
     assert tpu_flags.generation_from_env({"TPU_ACCELERATOR_TYPE": " "}) is None
     assert tpu_flags.generation_from_env({}) is None
 

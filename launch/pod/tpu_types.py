@@ -1,9 +1,11 @@
-"""Cloud TPU accelerator types ("v5p-128", "v5litepod-16", "v6e-64", "v4-32") as chips,
-topology and hosts: what a GKE node selector and a JobSet's pod count need.
+"""Cloud TPU accelerator types ("v5p-128", "v5litepod-16", "v6e-64", "v4-32", "tpu7x-64") as
+chips, topology and hosts: what a GKE node selector and a JobSet's pod count need.
 
-v4 and v5p types count TensorCores (2 per chip) and have 3-D topologies; v5e ("v5litepod") and
-v6e count chips and have 2-D ones. Multi-host slices have 4 chips per host; a v5e / v6e slice
-of up to 8 chips is one host.
+The type's N counts TensorCores: 2 per chip on v4, v5p and tpu7x (Ironwood), which have 3-D
+topologies; 1 on v5e ("v5litepod") and v6e, which have 2-D ones (so N is their chips).
+Multi-host slices have 4 chips per host (tpu7x-standard-4t on Ironwood); a v5e / v6e slice of
+up to 8 chips is one host. Generations, TensorCores per chip, topology dimensions and GKE
+labels are the chip table's (`pallas_kernels.chips`), which parses the type name.
 """
 
 from __future__ import annotations
@@ -12,15 +14,8 @@ import dataclasses
 import math
 
 from mla_moe.errors import InputError
+from pallas_kernels.chips import parse_accelerator_type
 
-# generation -> (GKE accelerator label, TensorCores per chip counted in the type, topology dims)
-_GENERATIONS = {
-    "v4": ("tpu-v4-podslice", 2, 3),
-    "v5p": ("tpu-v5p-slice", 2, 3),
-    "v5litepod": ("tpu-v5-lite-podslice", 1, 2),
-    "v5e": ("tpu-v5-lite-podslice", 1, 2),
-    "v6e": ("tpu-v6e-slice", 1, 2),
-}
 CHIPS_PER_HOST = 4
 
 
@@ -33,7 +28,7 @@ class TpuType:
     chips: int
     topology: str  # "4x4x4"
     gke_accelerator: str  # "tpu-v5p-slice"
-    dims: int  # of the topology: 3 (v4, v5p) or 2 (v5e, v6e)
+    dims: int  # of the topology: 3 (v4, v5p, tpu7x) or 2 (v5e, v6e)
 
     @property
     def chips_per_host(self) -> int:
@@ -61,18 +56,19 @@ def default_topology(chips: int, dims: int) -> str:
 
 
 def parse(name: str, topology: str = "") -> TpuType:
-    """"v5p-128" -> TpuType (topology: the default for its size unless given)."""
-    gen, _, count = name.partition("-")
-    if gen not in _GENERATIONS or not count.isdigit() or int(count) == 0:
-        raise InputError(f"--tpu={name!r}: expected an accelerator type GEN-N with GEN one of "
-                         f"{', '.join(_GENERATIONS)}, e.g. v5p-128 or v6e-64")
-    label, per_chip, dims = _GENERATIONS[gen]
-    chips = max(1, int(count) // per_chip)
+    """The slice type `name` ("v5p-128") as a TpuType (topology: the default for its size unless
+    given)."""
+    try:
+        accelerator = parse_accelerator_type(name)
+    except ValueError as e:
+        raise InputError(f"--tpu={e}") from None
+    row, chips = accelerator.chip, accelerator.chips
+    dims = row.topology_dims
     topology = topology or default_topology(chips, dims)
     shape = topology.split("x")
     if (len(shape) != dims or not all(s.isdigit() for s in shape)
             or math.prod(map(int, shape)) != chips):
         raise InputError(f"--topology={topology!r} does not hold the {chips} chips of {name} "
                          f"({dims} dimensions, e.g. {default_topology(chips, dims)})")
-    return TpuType(name=name, generation=gen, chips=chips, topology=topology,
-                   gke_accelerator=label, dims=dims)
+    return TpuType(name=name, generation=accelerator.generation, chips=chips, topology=topology,
+                   gke_accelerator=row.gke_accelerator, dims=dims)

@@ -2,8 +2,9 @@
 
 MFU = model FLOPs per step / step time / (peak FLOP/s per device x devices), with model FLOPs
 from `mla_moe.flops_per_token` (6 x active matmul params + causal attention, per token). The
-peak is a published dense bf16 figure for known accelerators; on CPU (and unknown devices) it
-is a large float32 matmul timed once on this machine.
+peak of a known accelerator is its chip's published dense bf16 figure (`pallas_kernels.chips`)
+over the devices jax makes of the chip (two on TPU7x, one per die); on CPU (and unknown devices)
+it is a large float32 matmul timed once on this machine.
 """
 
 from __future__ import annotations
@@ -18,13 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_moe import paths
-
-# Dense bf16 peak FLOP/s per device (vendor figures).
-KNOWN_PEAKS = {
-    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-    "L4": 121e12, "B200": 2250e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
+from pallas_kernels import chips
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5,
@@ -52,12 +47,27 @@ def peak_flops_per_device(override_tflops: float = 0.0,
         return override_tflops * 1e12, "config"
     device = jax.devices()[0] if device is None else device
     kind = device.device_kind
-    for name, peak in KNOWN_PEAKS.items():
-        if name.lower() in kind.lower():
-            return peak, f"{kind} spec"
+    row = chips.by_device_kind(kind, family=True)
+    if row is not None:
+        n = _devices_per_chip(device, row)
+        return row.chip_peak_flops / n, f"{kind} spec" + (f", 1/{n} of a chip" if n > 1 else "")
     if device not in jax.devices():
         raise ValueError(f"no peak FLOP/s known for {kind!r}; set log.peak_tflops")
     return measure_matmul_flops(), f"measured f32 matmul on {kind}"
+
+
+def _devices_per_chip(device: jax.Device, row: chips.Chip) -> int:
+    """How many devices jax makes of `device`'s chip: one per TensorCore where each is its own
+    device (TPU7x; v4 compiled for a topology), one where the chip's cores run as one (a v4 or
+    v5p that runs: megacore) and on GPUs. Read from the TensorCore index of the devices of
+    `device`'s client; the table's compile-only count for a device without one."""
+    if getattr(device, "core_on_chip", None) is None:
+        return row.devices_per_chip
+    try:
+        peers = device.client.devices()
+    except AttributeError:
+        return row.devices_per_chip
+    return 1 + max(d.core_on_chip for d in peers)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

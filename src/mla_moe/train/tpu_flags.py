@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import os
 
+from pallas_kernels.chips import parse_accelerator_type
+
 HOST_OFFLOAD_FLAGS = (
     "--xla_tpu_enable_all_experimental_scheduler_features=true",
     "--xla_tpu_enable_scheduler_memory_pressure_tracking=true",
@@ -52,10 +54,13 @@ TPU7X_FLAGS = ("--xla_tpu_offload_gather_to_sparsecore=false",
 
 
 def generation_from_env(environ=os.environ) -> str | None:
-    """The TPU generation `TPU_ACCELERATOR_TYPE` names ("v5p-128" -> "v5p", "tpu7x-64" ->
-    "tpu7x"); None when it is unset."""
-    kind = environ.get("TPU_ACCELERATOR_TYPE", "").strip().lower()
-    return kind.split("-")[0] or None
+    """The TPU generation `TPU_ACCELERATOR_TYPE` names, as libtpu names its topologies
+    ("v5p-128" -> "v5p", "v5litepod-16" -> "v5e", "tpu7x-64" -> "tpu7x"); None when it is
+    unset or not an accelerator type of the chip table."""
+    try:
+        return parse_accelerator_type(environ.get("TPU_ACCELERATOR_TYPE", "")).chip.target
+    except ValueError:
+        return None
 
 
 def needed_flags(remat_policy: str, generation: str | None = None) -> tuple[str, ...]:
