@@ -134,6 +134,28 @@ def test_bad_mesh_fails_before_compilation(mesh_cfg, message):
         sharding.make_mesh(mesh_cfg, config=SMALL)
 
 
+def test_validate_mesh_reads_the_rules_in_force():
+    """The mesh's own `rules` overrides (mesh.rules, as the trainer activates them) or, without
+    them, the rules in effect decide which mesh axes each model dimension must divide by."""
+    import ml_collections
+
+    with pytest.raises(ValueError, match=r"mesh.tensor=8 does not divide num_attention_heads=4"):
+        sharding.make_mesh(dict(tensor=8), config=SMALL)
+    sharding.make_mesh(dict(tensor=8, rules={"heads": None}), config=SMALL)  # heads replicated
+    sharding.make_mesh(ml_collections.ConfigDict(dict(tensor=8, rules={"heads": "data"})),
+                       config=SMALL)
+    sharding.make_mesh(dict(expert=8), config=SMALL)  # heads are not split over expert ...
+    with pytest.raises(ValueError, match=r"mesh.expert=8 does not divide num_attention_heads=4"):
+        sharding.make_mesh(dict(expert=8, rules={"heads": "expert"}), config=SMALL)
+    with sharding.use_rules({"heads": "expert"}), pytest.raises(
+            ValueError, match=r"mesh.expert=8 does not divide num_attention_heads=4"):
+        sharding.make_mesh(dict(expert=8), config=SMALL)  # ... unless the rules say so
+    with pytest.raises(ValueError, match=r"mesh.expert=4 x mesh.fsdp=2 does not divide "
+                                         r"n_routed_experts=4"):
+        sharding.make_mesh(dict(expert=4, fsdp=2, rules={"exp": ("expert", "fsdp")}),
+                           config=SMALL.replace(n_routed_experts=4, n_group=1, topk_group=1))
+
+
 def test_experts_not_divisible_by_expert_axis():
     cfg = SMALL.replace(n_routed_experts=12, n_group=1, topk_group=1)
     with pytest.raises(ValueError, match=r"mesh.expert=8 does not divide n_routed_experts=12"):

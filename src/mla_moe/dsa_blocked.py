@@ -20,15 +20,21 @@ block of keys) inside a loop, so memory grows with T, never with T x T:
   sum p log p, sum p I and the online logsumexp of I. Its gradient (a custom VJP) runs the key
   blocks once more, with dKL/dI = softmax(I) - p.
 
+The entry points (`select`, `attention`, `indexer_loss`) run per shard of the mesh in effect
+(`sharding.per_shard`, the batch split): left to the partitioner, a scan over query blocks
+reduces each block's weight gradient over the batch shards inside every iteration (2 x 10^5
+all-reduces per step for V3.2 on v5p:8x8x8 at 64K tokens); per shard, a weight is gathered
+once and its gradient reduced once, and every loop is local to its sequences.
+
 The targets are detached: only the indexer's q, w and k receive gradients from the KL.
 Costs worth knowing: `sparse_kl` recomputes the attention scores at the selected keys (about a
 quarter of the sparse attention's forward and backward); `dense_kl` forms the absorbed scores
 (C + R wide, ~3x the naive form's H + R) three times (two passes and the backward) and skips
 the key blocks above each query block's diagonal.
 
-Legend: see layers.py, and indexer.py for the indexer's arrays (q_BTHI, w_BTH, k_BSI: H its
-heads, I its head dim) and K the selected keys per query. Inside a block function T and S are
-one query block's and one key block's lengths; O counts the blocks.
+Legend: see layers.py; as in indexer.py, n the indexer heads and d the indexer head dim (q_BTnd,
+w_BTn, k_BSd), and K the selected keys per query. Inside a block function T and S are one query
+block's and one key block's lengths; O counts the blocks.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import jax.numpy as jnp
 from mla_moe import sharding
 from mla_moe.config import ModelConfig
 from mla_moe.indexer import index_scores
+from mla_moe.sharding import PER_HEAD, PER_TOKEN
 
 _NEG = -1e30  # a finite "masked out": exp underflows to 0, and no inf - inf in the gradients
 
@@ -58,39 +65,14 @@ class LossInputs:
     """What the blocked KL of one layer needs from the indexer: its (detached-input) queries,
     weights and keys, the segments, and the selection (None: the dense stage, every key)."""
 
-    q_BTHI: jax.Array
-    w_BTH: jax.Array
-    k_BSI: jax.Array
+    q_BTnd: jax.Array
+    w_BTn: jax.Array
+    k_BSd: jax.Array
     segment_ids_BT: jax.Array | None
     selection: Selection | None
 
 
-_BATCH = ("batch", None, None)  # [B, T, *] or [B, S, *]: split over the batch axes only
-_HEADS = ("batch", None, "act_heads", None)  # [B, T, N, *]: and the heads over tensor
-
-
-def _per_shard(fn, args, names, out_names):
-    """`fn(*args)` per shard of the mesh in effect (`jax.shard_map`), or directly without one:
-    each array split by its logical names (batch, and heads where named), the rest whole.
-
-    Left to the partitioner, a scan over query blocks reduces each block's weight gradient
-    over the batch shards inside every iteration (2 x 10^5 all-reduces per step for V3.2 on
-    v5p:8x8x8 at 64K tokens); per shard, a weight is gathered once and its gradient reduced
-    once, and every loop is local to its sequences."""
-    mesh = sharding.active_mesh()
-    if mesh is None:
-        return fn(*args)
-
-    def spec(names, shape):
-        return sharding.logical_to_spec(names, shape, mesh, strict=False)
-
-    out_shape = jax.eval_shape(fn, *args)
-    return jax.shard_map(fn, mesh=mesh, check_vma=False,
-                         in_specs=tuple(spec(n, a.shape) for a, n in zip(args, names, strict=True)),
-                         out_specs=spec(out_names, out_shape.shape))(*args)
-
-
-def select(config: ModelConfig, q_BTHI: jax.Array, w_BTH: jax.Array, k_BSI: jax.Array,
+def select(config: ModelConfig, q_BTnd: jax.Array, w_BTn: jax.Array, k_BSd: jax.Array,
            segment_ids_BT: jax.Array | None, want_loss: bool
            ) -> tuple[Selection | None, LossInputs | None]:
     """The selection of a V3.2 layer on a long sequence without a cache, from the indexer's
@@ -100,14 +82,14 @@ def select(config: ModelConfig, q_BTHI: jax.Array, w_BTH: jax.Array, k_BSI: jax.
     c = config
     selection = None
     if c.index_attention == "sparse":
-        seg_BT = _segments(segment_ids_BT, *w_BTH.shape[:2])
-        idx_BTK = _per_shard(
+        seg_BT = _segments(segment_ids_BT, *w_BTn.shape[:2])
+        idx_BTK = sharding.per_shard(
             lambda q, w, k, seg: top_k(q, w, k, seg, c.index_topk, c.index_block_q,
                                        c.index_block_k),
-            (q_BTHI, w_BTH, k_BSI, seg_BT), (_BATCH + (None,), _BATCH, _BATCH, _BATCH[:2]),
-            _BATCH)
+            (q_BTnd, w_BTn, k_BSd, seg_BT),
+            (PER_TOKEN + (None,), PER_TOKEN, PER_TOKEN, PER_TOKEN[:2]), PER_TOKEN)
         selection = Selection(idx_BTK)
-    inputs = LossInputs(q_BTHI, w_BTH, k_BSI, segment_ids_BT, selection) if want_loss else None
+    inputs = LossInputs(q_BTnd, w_BTn, k_BSd, segment_ids_BT, selection) if want_loss else None
     return selection, inputs
 
 
@@ -116,10 +98,10 @@ def attention(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
               block_q: int) -> jax.Array:
     """`sparse_attention` per shard of the mesh in effect (batch and heads split)."""
     weight = (None, "act_heads", None)
-    return _per_shard(
+    return sharding.per_shard(
         lambda *a: sparse_attention(*a, sm_scale, block_q),
         (q_nope_BTNH, q_pe_BTNR, kv_BSL, w_uk_CNH, w_uv_CNV, selection.idx_BTK),
-        (_HEADS, _HEADS, _BATCH, weight, weight, _BATCH), _HEADS)
+        (PER_HEAD, PER_HEAD, PER_TOKEN, weight, weight, PER_TOKEN), PER_HEAD)
 
 
 def indexer_loss(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
@@ -132,18 +114,18 @@ def indexer_loss(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array
         def kl(q_nope, q_pe, kv, w_uk, seg, q, w, k):
             return dense_kl(q_nope, q_pe, kv, w_uk, seg, q, w, k, sm_scale, block_q, block_k)
 
-        keys = _segments(inputs.segment_ids_BT, *inputs.w_BTH.shape[:2])
+        keys = _segments(inputs.segment_ids_BT, *inputs.w_BTn.shape[:2])
     else:
         def kl(q_nope, q_pe, kv, w_uk, idx, q, w, k):
             return sparse_kl(q_nope, q_pe, kv, w_uk, idx, q, w, k, sm_scale, block_q)
 
         keys = inputs.selection.idx_BTK
-    args = (q_nope_BTNH, q_pe_BTNR, kv_BSL, w_uk_CNH, keys, inputs.q_BTHI, inputs.w_BTH,
-            inputs.k_BSI)
+    args = (q_nope_BTNH, q_pe_BTNR, kv_BSL, w_uk_CNH, keys, inputs.q_BTnd, inputs.w_BTn,
+            inputs.k_BSd)
     every_head = ("batch", None, None, None)
-    names = (every_head, every_head, _BATCH, (None, None, None), _BATCH[:keys.ndim],
-             every_head, _BATCH, _BATCH)
-    return jnp.mean(_per_shard(kl, args, names, _BATCH[:2]))
+    names = (every_head, every_head, PER_TOKEN, (None, None, None), PER_TOKEN[:keys.ndim],
+             every_head, PER_TOKEN, PER_TOKEN)
+    return jnp.mean(sharding.per_shard(kl, args, names, PER_TOKEN[:2]))
 
 
 # --- blocking --------------------------------------------------------------------------------
@@ -204,24 +186,24 @@ def _gather(x_BSX: jax.Array, idx_BTK: jax.Array) -> jax.Array:
 
 
 # --- the indexer's top-k ----------------------------------------------------------------------
-def top_k(q_BTHI: jax.Array, w_BTH: jax.Array, k_BSI: jax.Array,
+def top_k(q_BTnd: jax.Array, w_BTn: jax.Array, k_BSd: jax.Array,
           segment_ids_BT: jax.Array | None, k: int, block_q: int, block_k: int) -> jax.Array:
     """The indices [B, T, min(k, T)] int32 of each query's highest indexer scores among the
     keys it sees (causal, same segment), -1 where it sees fewer: `indexer.top_k` over
     `indexer.index_scores` without the [B, T, S] scores. Ties go to whatever lax.top_k picks;
     the selection is a set. Per step: O(block_q x (K + block_k)) scores plus the indexer's
-    [B, block_q, H, block_k] products. No gradient flows (the inputs are stopped)."""
-    b, t = q_BTHI.shape[:2]
+    [B, block_q, n, block_k] products. No gradient flows (the inputs are stopped)."""
+    b, t = q_BTnd.shape[:2]
     k = min(k, t)
     seg_BT = _segments(segment_ids_BT, b, t)
-    q_BTHI, w_BTH, k_BSI = jax.lax.stop_gradient((q_BTHI, w_BTH, k_BSI))
-    k_BSI, seg_BS = _pad(k_BSI, 1, block_k), _pad(seg_BT, 1, block_k, -1)
-    num_key_blocks = k_BSI.shape[1] // block_k
+    q_BTnd, w_BTn, k_BSd = jax.lax.stop_gradient((q_BTnd, w_BTn, k_BSd))
+    k_BSd, seg_BS = _pad(k_BSd, 1, block_k), _pad(seg_BT, 1, block_k, -1)
+    num_key_blocks = k_BSd.shape[1] // block_k
 
-    def query_block(i, q_BTHI, w_BTH, seg_BT):
+    def query_block(i, q_BTnd, w_BTn, seg_BT):
         def merge(j, carry):
             vals_BTK, idx_BTK = carry
-            scores_BTS = index_scores(q_BTHI, w_BTH, _key_block(k_BSI, j, block_k))
+            scores_BTS = index_scores(q_BTnd, w_BTn, _key_block(k_BSd, j, block_k))
             vis_BTS = _visible(i, j, block_q, block_k, seg_BT, _key_block(seg_BS, j, block_k))
             s_BTS = jnp.broadcast_to(j * block_k + jnp.arange(block_k, dtype=jnp.int32),
                                      scores_BTS.shape)
@@ -236,7 +218,7 @@ def top_k(q_BTHI: jax.Array, w_BTH: jax.Array, k_BSI: jax.Array,
         vals_BTK, idx_BTK = jax.lax.fori_loop(0, last + 1, merge, init)
         return jnp.where(vals_BTK > -jnp.inf, idx_BTK, -1)
 
-    qs = (_blocks(q_BTHI, block_q), _blocks(w_BTH, block_q), _blocks(seg_BT, block_q, -2))
+    qs = (_blocks(q_BTnd, block_q), _blocks(w_BTn, block_q), _blocks(seg_BT, block_q, -2))
     idx_OBTK = jax.lax.map(lambda a: query_block(*a), (jnp.arange(qs[0].shape[0]), *qs))
     return _unblock(idx_OBTK, t)
 
@@ -293,40 +275,40 @@ def _kl_rows(p_BTX: jax.Array, scores_BTX: jax.Array, valid_BTX: jax.Array) -> j
 
 
 def sparse_kl(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
-              w_uk_CNH: jax.Array, idx_BTK: jax.Array, q_BTHI: jax.Array, w_BTH: jax.Array,
-              k_BSI: jax.Array, sm_scale: float, block_q: int) -> jax.Array:
+              w_uk_CNH: jax.Array, idx_BTK: jax.Array, q_BTnd: jax.Array, w_BTn: jax.Array,
+              k_BSd: jax.Array, sm_scale: float, block_q: int) -> jax.Array:
     """KL [B, T] float32 from the main attention's probabilities at each query's selected keys
     (summed over the heads, / N; detached) to the softmax of the indexer's scores at the same
     keys: `dsa_loss.kl_to_scores(attention_target(...), index_scores(...), selected)` without
-    [B, T, S]. Gradients reach the indexer's q_BTHI, w_BTH and k_BSI only."""
+    [B, T, S]. Gradients reach the indexer's q_BTnd, w_BTn and k_BSd only."""
     t = q_nope_BTNH.shape[1]
     sg = jax.lax.stop_gradient
     q_nope_BTNH, q_pe_BTNR, kv_BSL, w_uk_CNH = sg((q_nope_BTNH, q_pe_BTNR, kv_BSL, w_uk_CNH))
-    scale = q_BTHI.shape[-1] ** -0.5
-    k_BSI = k_BSI.astype(jnp.float32)  # its gradient is summed over the blocks (as above)
+    scale = q_BTnd.shape[-1] ** -0.5
+    k_BSd = k_BSd.astype(jnp.float32)  # its gradient is summed over the blocks (as above)
 
     @jax.checkpoint
-    def query_block(q_nope_BTNH, q_pe_BTNR, idx_BTK, q_BTHI, w_BTH):
+    def query_block(q_nope_BTNH, q_pe_BTNR, idx_BTK, q_BTnd, w_BTn):
         valid_BTK = idx_BTK >= 0
         q_BTNL = _absorbed_query(q_nope_BTNH, q_pe_BTNR, w_uk_CNH)
         probs_BTNK = _selected_probs(q_BTNL, _gather(kv_BSL, idx_BTK), valid_BTK, sm_scale)
         target_BTK = sg(jnp.mean(probs_BTNK, axis=2))
-        keys_BTKI = _gather(k_BSI, idx_BTK).astype(q_BTHI.dtype)
-        s_BTHK = jnp.einsum("BTHI,BTKI->BTHK", q_BTHI, keys_BTKI,
+        keys_BTKd = _gather(k_BSd, idx_BTK).astype(q_BTnd.dtype)
+        s_BTnK = jnp.einsum("BTnd,BTKd->BTnK", q_BTnd, keys_BTKd,
                             preferred_element_type=jnp.float32)
-        scores_BTK = jnp.einsum("BTHK,BTH->BTK", jax.nn.relu(s_BTHK * scale), w_BTH)
+        scores_BTK = jnp.einsum("BTnK,BTn->BTK", jax.nn.relu(s_BTnK * scale), w_BTn)
         return _kl_rows(target_BTK, scores_BTK, valid_BTK)
 
     xs = (_blocks(q_nope_BTNH, block_q), _blocks(q_pe_BTNR, block_q),
-          _blocks(idx_BTK, block_q, -1), _blocks(q_BTHI, block_q), _blocks(w_BTH, block_q))
+          _blocks(idx_BTK, block_q, -1), _blocks(q_BTnd, block_q), _blocks(w_BTn, block_q))
     _, kl_OBT = jax.lax.scan(lambda _, a: (None, query_block(*a)), None, xs)
     return _unblock(kl_OBT, t)
 
 
 # --- the indexer's KL over every causal key (dense warm-up) ------------------------------------
 def dense_kl(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
-             w_uk_CNH: jax.Array, segment_ids_BT: jax.Array | None, q_BTHI: jax.Array,
-             w_BTH: jax.Array, k_BSI: jax.Array, sm_scale: float, block_q: int, block_k: int
+             w_uk_CNH: jax.Array, segment_ids_BT: jax.Array | None, q_BTnd: jax.Array,
+             w_BTn: jax.Array, k_BSd: jax.Array, sm_scale: float, block_q: int, block_k: int
              ) -> jax.Array:
     """KL [B, T] float32 from the main attention's probabilities over every key each query
     sees (causal, same segment; summed over heads, / N; detached) to the softmax of the
@@ -336,12 +318,12 @@ def dense_kl(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
         KL = sum_s p log p - sum_s p I + logsumexp_s I
 
     lse_n (each head's log-sum-exp) from a first pass over the key blocks, the three terms
-    accumulated over them in a second. Gradients reach q_BTHI, w_BTH and k_BSI only."""
+    accumulated over them in a second. Gradients reach q_BTnd, w_BTn and k_BSd only."""
     b, t = q_nope_BTNH.shape[:2]
     seg_BT = _segments(segment_ids_BT, b, t)
     target_inputs = jax.lax.stop_gradient((q_nope_BTNH, q_pe_BTNR, kv_BSL, w_uk_CNH))
-    kl_OBT = _dense_kl((sm_scale, block_q, block_k), *target_inputs, seg_BT, q_BTHI, w_BTH,
-                       k_BSI)
+    kl_OBT = _dense_kl((sm_scale, block_q, block_k), *target_inputs, seg_BT, q_BTnd, w_BTn,
+                       k_BSd)
     return _unblock(kl_OBT, t)
 
 
@@ -402,13 +384,13 @@ def _dense_kl_fwd(blocks, q_nope, q_pe, kv, w_uk, seg, q, w, k):
     block_k = blocks[2]
     block_ids, queries, keys = _dense_kl_setup(blocks, q_nope, q_pe, kv, seg, q, w, k)
 
-    def query_block(i, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTHI, w_BTH):
+    def query_block(i, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTnd, w_BTn):
         last, target, lse_BTN = _target(blocks, w_uk, keys, i, q_nope_BTNH, q_pe_BTNR, seg_BT)
 
         def step(j, carry):
             plogp_BT, pi_BT, m_BT, l_BT = carry
             p_BTS, vis_BTS = target(j)
-            i_BTS = index_scores(q_BTHI, w_BTH, _key_block(keys[2], j, block_k))
+            i_BTS = index_scores(q_BTnd, w_BTn, _key_block(keys[2], j, block_k))
             i_BTS = jnp.where(vis_BTS, i_BTS, _NEG)
             plogp_BT += jnp.sum(jnp.where(p_BTS > 0, p_BTS * jnp.log(
                 jnp.where(p_BTS > 0, p_BTS, 1.0)), 0.0), axis=-1)
@@ -417,7 +399,7 @@ def _dense_kl_fwd(blocks, q_nope, q_pe, kv, w_uk, seg, q, w, k):
             e_BTS = jnp.where(vis_BTS, jnp.exp(i_BTS - m_new_BT[..., None]), 0.0)
             return plogp_BT, pi_BT, m_new_BT, l_BT * jnp.exp(m_BT - m_new_BT) + jnp.sum(e_BTS, -1)
 
-        zeros_BT = jnp.zeros(q_BTHI.shape[:2], jnp.float32)
+        zeros_BT = jnp.zeros(q_BTnd.shape[:2], jnp.float32)
         init = (zeros_BT, zeros_BT, jnp.full(zeros_BT.shape, _NEG, jnp.float32), zeros_BT)
         plogp_BT, pi_BT, m_BT, l_BT = jax.lax.fori_loop(0, last + 1, step, init)
         seen_BT = l_BT > 0
@@ -436,32 +418,32 @@ def _dense_kl_bwd(blocks, res, g_OBT):
     q_nope, q_pe, kv, w_uk, seg, q, w, k, lse_OBTN, lse_i_OBT = res
     block_ids, queries, keys = _dense_kl_setup(blocks, q_nope, q_pe, kv, seg, q, w, k)
 
-    def query_block(dk_BSI, xs):
-        i, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTHI, w_BTH, lse_BTN, lse_i_BT, g_BT = xs
+    def query_block(dk_BSd, xs):
+        i, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTnd, w_BTn, lse_BTN, lse_i_BT, g_BT = xs
         last, target, _ = _target(blocks, w_uk, keys, i, q_nope_BTNH, q_pe_BTNR, seg_BT,
                                   lse_BTN)
 
         def step(j, carry):
-            dq_BTHI, dw_BTH, dk_BSI = carry
+            dq_BTnd, dw_BTn, dk_BSd = carry
             p_BTS, vis_BTS = target(j)
-            i_BTS, vjp = jax.vjp(index_scores, q_BTHI, w_BTH, _key_block(keys[2], j, block_k))
+            i_BTS, vjp = jax.vjp(index_scores, q_BTnd, w_BTn, _key_block(keys[2], j, block_k))
             soft_BTS = jnp.where(vis_BTS, jnp.exp(i_BTS - lse_i_BT[..., None]), 0.0)
             dq, dw, dk = vjp(g_BT[..., None] * (soft_BTS - p_BTS))
-            dk_BSI_j = _key_block(dk_BSI, j, block_k) + dk.astype(jnp.float32)
-            dk_BSI = jax.lax.dynamic_update_slice_in_dim(dk_BSI, dk_BSI_j, j * block_k, axis=1)
-            return dq_BTHI + dq.astype(jnp.float32), dw_BTH + dw.astype(jnp.float32), dk_BSI
+            dk_BSd_j = _key_block(dk_BSd, j, block_k) + dk.astype(jnp.float32)
+            dk_BSd = jax.lax.dynamic_update_slice_in_dim(dk_BSd, dk_BSd_j, j * block_k, axis=1)
+            return dq_BTnd + dq.astype(jnp.float32), dw_BTn + dw.astype(jnp.float32), dk_BSd
 
-        init = (jnp.zeros(q_BTHI.shape, jnp.float32), jnp.zeros(w_BTH.shape, jnp.float32),
-                dk_BSI)
-        dq_BTHI, dw_BTH, dk_BSI = jax.lax.fori_loop(0, last + 1, step, init)
-        return dk_BSI, (dq_BTHI, dw_BTH)
+        init = (jnp.zeros(q_BTnd.shape, jnp.float32), jnp.zeros(w_BTn.shape, jnp.float32),
+                dk_BSd)
+        dq_BTnd, dw_BTn, dk_BSd = jax.lax.fori_loop(0, last + 1, step, init)
+        return dk_BSd, (dq_BTnd, dw_BTn)
 
     xs = (block_ids, *queries, lse_OBTN, lse_i_OBT, g_OBT)
-    dk_BSI, (dq_OBTHI, dw_OBTH) = jax.lax.scan(
+    dk_BSd, (dq_OBTnd, dw_OBTn) = jax.lax.scan(
         query_block, jnp.zeros(keys[2].shape, jnp.float32), xs)
     t = q.shape[1]
-    return (None, None, None, None, None, _unblock(dq_OBTHI, t).astype(q.dtype),
-            _unblock(dw_OBTH, t).astype(w.dtype), dk_BSI[:, : k.shape[1]].astype(k.dtype))
+    return (None, None, None, None, None, _unblock(dq_OBTnd, t).astype(q.dtype),
+            _unblock(dw_OBTn, t).astype(w.dtype), dk_BSd[:, : k.shape[1]].astype(k.dtype))
 
 
 _dense_kl.defvjp(_dense_kl_fwd, _dense_kl_bwd)

@@ -9,7 +9,7 @@ sparse training), averaged over the tokens (and, in the decoder, over the layers
 These are the dense forms, [B, T, S] at once, for sequences of a few thousand tokens and the
 tests' reference.
 
-Legend: see layers.py and indexer.py.
+Legend: see layers.py; as in indexer.py, n the indexer heads and d the indexer head dim.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def kl_to_scores(target_BTS: jax.Array, scores_BTS: jax.Array, mask_BTS: jax.Arr
     return jnp.sum(terms_BTS, axis=-1)
 
 
-def indexer_kl(q_BTHI: jax.Array, w_BTH: jax.Array, k_BSI: jax.Array, target_BTS: jax.Array,
+def indexer_kl(q_BTnd: jax.Array, w_BTn: jax.Array, k_BSd: jax.Array, target_BTS: jax.Array,
                mask_BTS: jax.Array) -> jax.Array:
     """The loss of one layer: the mean over tokens of KL(target || softmax(I)) with
     I = index_scores(q, w, k), over the keys of `mask_BTS`. Gradients reach q, w and k only."""
-    scores_BTS = index_scores(q_BTHI, w_BTH, k_BSI)
+    scores_BTS = index_scores(q_BTnd, w_BTn, k_BSd)
     return jnp.mean(kl_to_scores(jax.lax.stop_gradient(target_BTS), scores_BTS, mask_BTS))

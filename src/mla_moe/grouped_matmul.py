@@ -19,18 +19,20 @@ the MoE layer: y[t] = sum_k weights[t, k] * SwiGLU_{experts[t, k]}(x[t]).
   (megablox.py); `interpret=True` runs its kernels in Pallas' interpret mode on any host.
   Not inside a `shard_map` with `check_vma=True` (see `default_implementation`).
 
-The layout comes from a cumulative count over [T, E], not a sort; moving rows into and out
-of the sorted order is a pair of gathers whose transposes are the inverse gathers
-(`permute_rows`), never a scatter.
+The layout of the rows grouped by expert, and the gathers that move rows into and out of
+it, are expert_layout.py's.
+
+Legend: see layers.py; O the layout's blocks, and b (this module's own letter) the rows of
+one block.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
+from mla_moe import sharding
+from mla_moe.expert_layout import Layout, gather_rows, layout, permute_rows
 from pallas_kernels.dispatch import target_platform
 
 # The blocked scan multiplies by gate and up as one [D, 2F] operand when 2F is at most this:
@@ -43,53 +45,6 @@ def block_rows(rows: int, groups: int) -> int:
     """Block height: a power of two near half the mean group size, in [8, 128]."""
     target = max(1, rows // (2 * groups))
     return int(min(128, max(8, 1 << (target.bit_length() - 1))))
-
-
-class Layout(NamedTuple):
-    """Where the M = T*K rows (t, k) go in a buffer of O blocks of `block` rows grouped by
-    expert, each group padded to a multiple of `block` (block = 1: sorted, no padding). The
-    buffer's slots are the M rows spread over whole blocks: O * block >= M of them.
-
-    (O, the blocks, and b, the rows of one block, are this module's own letters.)"""
-
-    dest_M: jax.Array  # [M] slot of each row; O * block for rows with no expert
-    src_M: jax.Array  # [O * block] row of each slot; M for padding
-    sizes_E: jax.Array  # [E] rows per expert
-    group_O: jax.Array  # [O] expert of each block
-    used: jax.Array  # () blocks holding rows; the rest of the O are padding
-
-    @property
-    def block(self) -> int:
-        """Rows per block."""
-        return self.src_M.shape[0] // self.group_O.shape[0]
-
-
-def layout(experts_TK: jax.Array, groups: int, block: int) -> Layout:
-    """The grouped layout of rows (t, k) with expert experts_TK[t, k] (== `groups`: none).
-
-    Each row's K experts must be distinct (top-k), so a row's rank within its expert is the
-    count of earlier rows t' < t holding that expert. Within an expert, rows keep (t, k) order.
-    """
-    t, k = experts_TK.shape
-    m = t * k
-    e_TK = experts_TK.astype(jnp.int32)
-    held_TE = (e_TK[:, :, None] == jnp.arange(groups, dtype=jnp.int32)).sum(1, dtype=jnp.int32)
-    count_TE = jnp.cumsum(held_TE, axis=0)
-    sizes_E = count_TE[-1]
-    valid_TK = e_TK < groups
-    e_safe_TK = jnp.where(valid_TK, e_TK, 0)
-    rank_TK = jnp.take_along_axis(count_TE, e_safe_TK, axis=1) - 1
-    padded_E = (sizes_E + block - 1) // block * block
-    padded_ends_E = jnp.cumsum(padded_E)
-    num_blocks = -(-(m + groups * (block - 1)) // block)  # static bound on the padded blocks
-    slots = num_blocks * block
-    dest_M = jnp.where(valid_TK, padded_ends_E[e_safe_TK] - padded_E[e_safe_TK] + rank_TK,
-                       slots).reshape(m).astype(jnp.int32)
-    src_M = jnp.full((slots,), m, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32),
-                                                         mode="drop")
-    group_O = jnp.minimum(jnp.searchsorted(padded_ends_E, jnp.arange(num_blocks) * block,
-                                           side="right"), groups - 1).astype(jnp.int32)
-    return Layout(dest_M, src_M, sizes_E, group_O, padded_ends_E[-1] // block)
 
 
 def capacity_slots(group_M: jax.Array, affinity_M: jax.Array, groups: int,
@@ -109,31 +64,6 @@ def capacity_slots(group_M: jax.Array, affinity_M: jax.Array, groups: int,
     return jnp.where(rank_M < capacity, group_M * capacity + rank_M, groups * capacity)
 
 
-def _gather(a, idx):
-    """Rows idx of a; rows past the end (padding / no row) read as 0."""
-    return a.at[idx].get(mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def permute_rows(x: jax.Array, idx: jax.Array, inv: jax.Array) -> jax.Array:
-    """y[i] = x[idx[i]] (0 where idx[i] is out of range), for `idx` and `inv` mutually
-    inverse partial bijections; the gradient is the inverse gather g[inv[j]]. x: [rows, ...];
-    idx: [rows out] int; inv: [rows] int."""
-    return _gather(x, idx)
-
-
-def _permute_fwd(x, idx, inv):
-    return permute_rows(x, idx, inv), (idx, inv)
-
-
-def _permute_bwd(res, ct):
-    idx, inv = res
-    return _gather(ct, inv), None, None
-
-
-permute_rows.defvjp(_permute_fwd, _permute_bwd)
-
-
 def _expert(w, g):
     """Expert g's slice of a per-expert array w [E, ...]."""
     return jax.lax.dynamic_index_in_dim(w, g, keepdims=False)
@@ -147,16 +77,6 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _vma(x) -> frozenset:
-    """The mesh axes `x` varies over inside `shard_map` (empty elsewhere). jax keeps them in
-    `aval.vma` or, in the 0.10 releases, `aval.manual_axis_type.varying`."""
-    aval = jax.typeof(x)
-    if hasattr(aval, "vma"):
-        return frozenset(aval.vma)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(getattr(mat, "varying", ()))
-
-
 def _scan_used(step, init, lay: Layout, skip_out, per_block=(), *, operands=()):
     """scan `step(carry, rows_b, g, *per_block_b) -> (carry, out)` over the layout's blocks;
     the blocks past `used` keep the carry and give `skip_out`.
@@ -164,13 +84,9 @@ def _scan_used(step, init, lay: Layout, skip_out, per_block=(), *, operands=()):
     Inside `shard_map`, the zeros `init` and `skip_out` are marked as varying over the mesh
     axes that `operands` (every array `step` reads) vary over, as the step's results are."""
     blocks, block = lay.group_O.shape[0], lay.block
-    axes = tuple(sorted(set().union(*(_vma(a) for a in (*operands, *lay)))))
+    axes = tuple(sorted(set().union(*(sharding.varying_axes(a) for a in (*operands, *lay)))))
     if axes:
-        def vary(z):
-            missing = tuple(a for a in axes if a not in _vma(z))
-            return jax.lax.pcast(z, missing, to="varying") if missing else z
-
-        init, skip_out = jax.tree.map(vary, (init, skip_out))
+        init, skip_out = jax.tree.map(lambda z: sharding.vary(z, axes), (init, skip_out))
 
     def body(carry, inputs):
         i, *args = inputs
@@ -203,10 +119,10 @@ def _blocked_fwd(x_TD, weights_M, lay, ins, down_EFD):
 
     def step(y_TD, rows_b, g):
         tok_b = rows_b // k  # padding rows (== M) -> T: out of range, read as 0, dropped
-        x_bD = _gather(x_TD, tok_b)
+        x_bD = gather_rows(x_TD, tok_b)
         au_b2F = _project(x_bD, ins, g)
         h_bF = (jax.nn.silu(au_b2F[:, :f]) * au_b2F[:, f:]).astype(x_TD.dtype)
-        y_bD = _dot(h_bF, _expert(down_EFD, g)) * _gather(weights_M, rows_b)[:, None]
+        y_bD = _dot(h_bF, _expert(down_EFD, g)) * gather_rows(weights_M, rows_b)[:, None]
         return y_TD.at[tok_b].add(y_bD, mode="drop"), au_b2F
 
     y_TD, au_Ob2F = _scan_used(step, jnp.zeros((t, d), jnp.float32), lay,
@@ -228,7 +144,8 @@ def _blocked_bwd(res, dy_TD):
     def step(carry, rows_b, g, au_b2F):
         dx_TD, dins, ddown = carry
         tok_b = rows_b // k
-        x_bD, dy_bD, w_b = _gather(x_TD, tok_b), _gather(dy_TD, tok_b), _gather(weights_M, rows_b)
+        x_bD, dy_bD = gather_rows(x_TD, tok_b), gather_rows(dy_TD, tok_b)
+        w_b = gather_rows(weights_M, rows_b)
         a_bF, u_bF = au_b2F[:, :f], au_b2F[:, f:]
         sig_bF = jax.nn.sigmoid(a_bF)
         silu_bF = a_bF * sig_bF
@@ -251,18 +168,11 @@ def _blocked_bwd(res, dy_TD):
     (dx_TD, dins, ddown), dw_Ob = _scan_used(
         step, init, lay, jnp.zeros((lay.block,), jnp.float32), (au_Ob2F,),
         operands=(x_TD, dy_TD, weights_M, *ins, down_EFD, au_Ob2F))
-    dweights_M = _gather(dw_Ob.reshape(-1), lay.dest_M)
-    dx_TD, dweights_M, ddown = (_like(ct, p) for ct, p in
+    dweights_M = gather_rows(dw_Ob.reshape(-1), lay.dest_M)
+    dx_TD, dweights_M, ddown = (sharding.cotangent_like(ct, p) for ct, p in
                                 zip((dx_TD, dweights_M, ddown), (x_TD, weights_M, down_EFD)))
-    dins = tuple(_like(ct, p) for ct, p in zip(dins, ins))
+    dins = tuple(sharding.cotangent_like(ct, p) for ct, p in zip(dins, ins))
     return dx_TD, dweights_M, None, dins, ddown
-
-
-def _like(ct, primal):
-    """A cotangent in its primal's dtype, summed over the mesh axes it varies over and the
-    primal does not (inside `shard_map`: the transpose of the implicit broadcast)."""
-    extra = tuple(sorted(_vma(ct) - _vma(primal)))
-    return (jax.lax.psum(ct, extra) if extra else ct).astype(primal.dtype)
 
 
 _blocked_swiglu.defvjp(_blocked_fwd, _blocked_bwd)
@@ -304,7 +214,7 @@ def default_implementation(*operands: jax.Array) -> str:
     (tests/test_aot_megablox.py)."""
     if target_platform() != "tpu":
         return "blocked"
-    return "ragged_dot" if any(_vma(a) for a in operands) else "megablox"
+    return "ragged_dot" if any(sharding.varying_axes(a) for a in operands) else "megablox"
 
 
 def grouped_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array | None,
@@ -336,7 +246,7 @@ def grouped_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
     if implementation == "ragged_dot":
         return _ragged_swiglu(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD)
     if implementation == "megablox":
-        from mla_moe.megablox import megablox_swiglu  # it builds on this module's layout
+        from mla_moe.megablox import megablox_swiglu  # Pallas TPU modules: loaded when used
 
         return megablox_swiglu(x_TD, weights_M, lay, gate_EDF, up_EDF, down_EFD,
                                tiling=tiling, interpret=interpret)

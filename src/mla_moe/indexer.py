@@ -2,7 +2,7 @@
 
 DeepSeek Sparse Attention (DSA) scores every visible key s for query t with a few small heads,
 
-    I[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s] * Di^-0.5),   w = weights_proj(x) * Hi^-0.5
+    I[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s] * d^-0.5),   w = weights_proj(x) * n^-0.5
 
 and the main attention then sees only the `index_topk` keys of highest I (all of them while
 fewer are visible, which makes a short sequence exactly dense V3). q comes from the MLA's query
@@ -11,8 +11,8 @@ indexer head. The first R = qk_rope_head_dim dims of q and k are roped with the 
 (YaRN) frequencies but in the half-split layout (pairs i, i + R/2), while the main MLA rotates
 interleaved pairs. `weights_proj` and the scores run in float32.
 
-Legend: see layers.py; Hi indexer heads (`index_n_heads`), Di indexer head dim
-(`index_head_dim`), K the selected keys per query (`index_topk`).
+Legend: see layers.py; this module's own letters: n the indexer heads (`index_n_heads`), d the
+indexer head dim (`index_head_dim`); and K the selected keys per query (`index_topk`).
 """
 
 from __future__ import annotations
@@ -40,48 +40,50 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
 
 class Indexer(nnx.Module):
     """The lightning indexer of one layer (weights as HF names them, einsum-ready):
-    wq_b_QHI [Q, Hi, Di], wk_DI [D, Di], k_norm (LayerNorm weight and bias [Di]),
-    weights_proj_DH [D, Hi] kept in float32 whatever the parameter dtype."""
+    wq_b_QHI [Q, n, d], wk_DI [D, d], k_norm (LayerNorm weight and bias [d]),
+    weights_proj_DH [D, n] kept in float32 whatever the parameter dtype. The parameters keep
+    the names checkpoints and the HF mapping know them by, whose H and I are n and d."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = c = config
-        d, q, hi, di = c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim
+        hidden, q, n, d = c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim
         std, pd = c.initializer_range, c.param_dtype
-        self.wq_b_QHI = param(rngs, (q, hi, di), ("q_lora", None, None), dtype=pd, stddev=std)
-        self.wk_DI = param(rngs, (d, di), ("embed", None), dtype=pd, stddev=std)
-        self.k_norm_weight = param(rngs, (di,), ("norm",), dtype=pd, value=1.0)
-        self.k_norm_bias = param(rngs, (di,), ("norm",), dtype=pd, value=0.0)
-        self.weights_proj_DH = param(rngs, (d, hi), ("embed", None), dtype="float32",
+        self.wq_b_QHI = param(rngs, (q, n, d), ("q_lora", None, None), dtype=pd, stddev=std)
+        self.wk_DI = param(rngs, (hidden, d), ("embed", None), dtype=pd, stddev=std)
+        self.k_norm_weight = param(rngs, (d,), ("norm",), dtype=pd, value=1.0)
+        self.k_norm_bias = param(rngs, (d,), ("norm",), dtype=pd, value=0.0)
+        self.weights_proj_DH = param(rngs, (hidden, n), ("embed", None), dtype="float32",
                                      stddev=std)
 
-    def _rope(self, x_BTxI: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def _rope(self, x_BTxd: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """The first R dims of [B, T, (n,) d] roped (half-split pairs)."""
         r = self.config.qk_rope_head_dim
-        roped = apply_rope(x_BTxI[..., :r], positions_BT, self.config, interleave=False)
-        return jnp.concatenate([roped, x_BTxI[..., r:]], axis=-1)
+        roped = apply_rope(x_BTxd[..., :r], positions_BT, self.config, interleave=False)
+        return jnp.concatenate([roped, x_BTxd[..., r:]], axis=-1)
 
     def queries(self, cq_BTQ: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        """q [B, T, Hi, Di] (roped) from the MLA's normed query latent."""
-        q_BTHI = dense(cq_BTQ, self.wq_b_QHI[...].astype(cq_BTQ.dtype))
-        return self._rope(q_BTHI, positions_BT)
+        """q [B, T, n, d] (roped) from the MLA's normed query latent."""
+        q_BTnd = dense(cq_BTQ, self.wq_b_QHI[...].astype(cq_BTQ.dtype))
+        return self._rope(q_BTnd, positions_BT)
 
     def keys(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        """k [B, T, Di] (normed, roped): one key per token for every indexer head."""
-        k_BTI = dense(x_BTD, self.wk_DI[...].astype(x_BTD.dtype))
-        k_BTI = layer_norm(k_BTI, self.k_norm_weight[...], self.k_norm_bias[...], KEY_NORM_EPS)
-        return self._rope(k_BTI, positions_BT)
+        """k [B, T, d] (normed, roped): one key per token for every indexer head."""
+        k_BTd = dense(x_BTD, self.wk_DI[...].astype(x_BTD.dtype))
+        k_BTd = layer_norm(k_BTd, self.k_norm_weight[...], self.k_norm_bias[...], KEY_NORM_EPS)
+        return self._rope(k_BTd, positions_BT)
 
     def weights(self, x_BTD: jax.Array) -> jax.Array:
-        """w [B, T, Hi] float32: each indexer head's weight for its query, times Hi^-0.5."""
-        w_BTH = dense(x_BTD.astype(jnp.float32), self.weights_proj_DH[...])
-        return w_BTH * self.config.index_n_heads**-0.5
+        """w [B, T, n] float32: each indexer head's weight for its query, times n^-0.5."""
+        w_BTn = dense(x_BTD.astype(jnp.float32), self.weights_proj_DH[...])
+        return w_BTn * self.config.index_n_heads**-0.5
 
 
-def index_scores(q_BTHI: jax.Array, w_BTH: jax.Array, k_BSI: jax.Array) -> jax.Array:
-    """I [B, T, S] float32 = sum_h w[t, h] relu(q[t, h] . k[s] / sqrt(Di)) (no mask)."""
-    scale = q_BTHI.shape[-1] ** -0.5
-    s_BTHS = jnp.einsum("BTHI,BSI->BTHS", q_BTHI, k_BSI.astype(q_BTHI.dtype),
+def index_scores(q_BTnd: jax.Array, w_BTn: jax.Array, k_BSd: jax.Array) -> jax.Array:
+    """I [B, T, S] float32 = sum_h w[t, h] relu(q[t, h] . k[s] / sqrt(d)) (no mask)."""
+    scale = q_BTnd.shape[-1] ** -0.5
+    s_BTnS = jnp.einsum("BTnd,BSd->BTnS", q_BTnd, k_BSd.astype(q_BTnd.dtype),
                         preferred_element_type=jnp.float32)
-    return jnp.einsum("BTHS,BTH->BTS", jax.nn.relu(s_BTHS * scale), w_BTH)
+    return jnp.einsum("BTnS,BTn->BTS", jax.nn.relu(s_BTnS * scale), w_BTn)
 
 
 def top_k(scores_BTS: jax.Array, visible_BTS: jax.Array, k: int) -> jax.Array:

@@ -30,7 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mla_moe.grouped_matmul import Layout, _gather, _like, _vma
+from mla_moe import sharding
+from mla_moe.expert_layout import Layout, gather_rows
 from pallas_kernels.dispatch import per_device, round_up, target_device_kind
 
 # (tm, tk, tn) per TPU kind. At V3 expert shapes (D = 7168, F = 2048, bf16) these compile for
@@ -81,7 +82,8 @@ def megablox_swiglu(x_TD: jax.Array, weights_M: jax.Array, lay: Layout, gate_EDF
         raise ValueError(f"megablox_swiglu needs the sorted (block = 1) layout, got {lay.block=}")
     if x_TD.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"megablox takes bfloat16 or float32 inputs, got {x_TD.dtype}")
-    varying = set().union(*(_vma(a) for a in (x_TD, weights_M, gate_EDF, up_EDF, down_EFD)))
+    varying = set().union(*(sharding.varying_axes(a)
+                            for a in (x_TD, weights_M, gate_EDF, up_EDF, down_EFD)))
     if varying:
         raise ValueError(
             f"megablox_swiglu inside a shard_map with check_vma=True (operands vary over "
@@ -125,8 +127,8 @@ def _kernel_precision(dtype):
 def _sorted_inputs(static, x_TD, weights_M, src_P, sizes_E):
     """x's rows in expert order [P, D], their routing weights [P] f32 (0 on padding) and the
     mask of rows inside a group [P, 1]."""
-    xs_PD = _gather(x_TD, src_P // static.k)  # padding (m) -> token T: out of range, 0
-    w_P = _gather(weights_M, src_P)
+    xs_PD = gather_rows(x_TD, src_P // static.k)  # padding (m) -> token T: out of range, 0
+    w_P = gather_rows(weights_M, src_P)
     valid_P1 = (jnp.arange(src_P.shape[0]) < jnp.sum(sizes_E))[:, None]
     return xs_PD, w_P, valid_P1
 
@@ -134,7 +136,7 @@ def _sorted_inputs(static, x_TD, weights_M, src_P, sizes_E):
 def _unsort_sum(static, ys_PD, dest_M, weights_M=None):
     """sum over each token's k sorted rows (times their routing weights), [T, D] f32."""
     k = static.k
-    y_TKD = _gather(ys_PD, dest_M).reshape(-1, k, ys_PD.shape[-1])
+    y_TKD = gather_rows(ys_PD, dest_M).reshape(-1, k, ys_PD.shape[-1])
     if weights_M is None:
         return jnp.sum(y_TKD, axis=1, dtype=jnp.float32)
     return jnp.einsum("TKD,TK->TD", y_TKD, weights_M.reshape(-1, k),
@@ -164,7 +166,7 @@ def _swiglu_bwd(static, res, dy_TD):
     dt = x_TD.dtype
     f32 = jnp.float32
     xs_PD, w_P, valid_P1 = _sorted_inputs(static, x_TD, weights_M, src_P, sizes_E)
-    g_PD = _gather(dy_TD.astype(dt), src_P // static.k)  # dy of each sorted row's token
+    g_PD = gather_rows(dy_TD.astype(dt), src_P // static.k)  # dy of each sorted row's token
     # d(out)/dh before the routing weight: g @ down[e].T (down [E, F, D] is rhs [E, n, k]).
     dhu_PF = jnp.where(valid_P1, _gmm(static, g_PD, down_EFD, sizes_E, transpose_rhs=True), 0)
     a, u = a_PF.astype(f32), u_PF.astype(f32)
@@ -172,7 +174,7 @@ def _swiglu_bwd(static, res, dy_TD):
     silu = a * sig
     h = silu * u
     dhu = dhu_PF.astype(f32)
-    dweights_M = _gather(jnp.sum(h.astype(dt).astype(f32) * dhu, axis=-1), dest_M)
+    dweights_M = gather_rows(jnp.sum(h.astype(dt).astype(f32) * dhu, axis=-1), dest_M)
     dh = dhu * w_P[:, None]
     ddown = _tgmm(static, (h * w_P[:, None]).astype(dt), g_PD, sizes_E, down_EFD.dtype)
     da_PF = (dh * u * sig * (1 + a * (1 - sig))).astype(dt)
@@ -183,9 +185,9 @@ def _swiglu_bwd(static, res, dy_TD):
                          dest_M)
              + _unsort_sum(static, _gmm(static, du_PF, up_EDF, sizes_E, transpose_rhs=True),
                            dest_M))
-    grads = (_like(dx_TD, x_TD), _like(dweights_M, weights_M), None, None, None,
-             _like(dgate, gate_EDF), _like(dup, up_EDF), _like(ddown, down_EFD))
-    return grads
+    like = sharding.cotangent_like
+    return (like(dx_TD, x_TD), like(dweights_M, weights_M), None, None, None,
+            like(dgate, gate_EDF), like(dup, up_EDF), like(ddown, down_EFD))
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -9,6 +9,8 @@ Legend: see layers.py. Weight layout ([in, ..., out], einsum-ready):
   wq_DNA or (wq_a_DQ, q_norm, wq_b_QNA)   A = H + R (nope first, then rope, per head)
   wkv_a_DL  L = C + R (latent first, then the shared rope key)
   wk_b_CNH, wv_b_CNV (the two halves of HF's kv_b_proj), wo_NVD
+The V3.2 indexer's arrays use indexer.py's own letters: n its heads, d its head dim
+(q_BTnd, w_BTn, k_BSd).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from mla_moe.cache import IndexKeyCodec, LatentCodec, write_entries
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, dense, param, rms_norm
 from mla_moe.rope import apply_rope, softmax_scale
-from mla_moe.sharding import constrain
+from mla_moe.sharding import PER_HEAD, PER_TOKEN, constrain
 from pallas_kernels.dispatch import target_platform
 
 # The q/kv latent norms use a hard-coded eps in the reference and in HF.
@@ -41,29 +43,9 @@ def _kernel_implementation(config: ModelConfig) -> str | None:
     return {"pallas": "auto", "interpret": "interpret", "tpu_interpret": "tpu_interpret"}.get(impl)
 
 
-def _on_shards(fn, args, arg_names, out_names):
-    """`fn(*args)` per shard of the mesh in effect (`jax.shard_map`), or directly without one.
-
-    Pallas kernels cannot be partitioned by the compiler (Mosaic refuses outright). Each
-    argument is split by its logical names, e.g. ("batch", None, "act_heads", None): batch
-    and heads over the axes the rules give them, everything else whole on every shard. The
-    sequence dims are always whole, since attention needs every key. Mesh axes that carry
-    neither see the kernel's inputs replicated."""
-    mesh = sharding.active_mesh()
-    if mesh is None:
-        return fn(*args)
-    in_specs = tuple(sharding.logical_to_spec(names, x.shape, mesh, strict=False)
-                     for x, names in zip(args, arg_names, strict=True))
-    out_spec = sharding.logical_to_spec(out_names, args[0].shape[:-1] + (1,), mesh,
-                                        strict=False)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
-                         check_vma=False)(*args)
-
-
-_HEADS = ("batch", None, "act_heads", None)  # [B, T, N, *] per-head kernel operands
-_SHARED = ("batch", None, None)  # [B, S, *] one row per token for all heads
-
-
+# The Pallas kernels run per shard (`sharding.per_shard`): the compiler cannot partition a
+# pallas_call (Mosaic refuses outright). Batch and heads are split as the rules say; the
+# sequences stay whole on every shard, since attention needs every key.
 def _naive_kernel(implementation: str, sm_scale: float, segment_ids_BT: jax.Array | None):
     """The naive form's causal attention on the Pallas kernel, per shard:
     attend(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV) -> o_BTNV."""
@@ -77,9 +59,10 @@ def _naive_kernel(implementation: str, sm_scale: float, segment_ids_BT: jax.Arra
     segs = () if segment_ids_BT is None else (segment_ids_BT,)
 
     def attend(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV):
-        return _on_shards(
+        return sharding.per_shard(
             kernel, (q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, *segs),
-            (_HEADS, _HEADS, _HEADS, _SHARED, _HEADS) + (("batch", None),) * len(segs), _HEADS)
+            (PER_HEAD, PER_HEAD, PER_HEAD, PER_TOKEN, PER_HEAD) + (("batch", None),) * len(segs),
+            PER_HEAD, out_shapes=q_nope_BTNH.shape)
 
     return attend
 
@@ -99,8 +82,9 @@ def _absorbed_cache_kernel(implementation: str, sm_scale: float, kv_BSL: jax.Arr
                 q_latent, q_pe, kv, lengths_B=lengths + t, sm_scale=sm_scale, causal=True,
                 implementation=implementation)
 
-        return _on_shards(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSL, lengths_B),
-                          (_HEADS, _HEADS, _SHARED, ("batch",)), _HEADS)
+        return sharding.per_shard(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSL, lengths_B),
+                                  (PER_HEAD, PER_HEAD, PER_TOKEN, ("batch",)), PER_HEAD,
+                                  out_shapes=q_latent_BTNC.shape)
 
     return attend
 
@@ -118,8 +102,9 @@ def _sparse_cache_kernel(implementation: str, sm_scale: float, kv_BSL: jax.Array
             return pallas_kernels.sparse_latent_attention_cache(
                 q_latent, q_pe, kv, idx, sm_scale=sm_scale, implementation=implementation)
 
-        return _on_shards(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSL, idx_BTK),
-                          (_HEADS, _HEADS, _SHARED, ("batch", None, None)), _HEADS)
+        return sharding.per_shard(kernel, (q_latent_BTNC, q_pe_BTNR, kv_BSL, idx_BTK),
+                                  (PER_HEAD, PER_HEAD, PER_TOKEN, ("batch", None, None)), PER_HEAD,
+                                  out_shapes=q_latent_BTNC.shape)
 
     return attend
 
@@ -284,12 +269,12 @@ class MLA(nnx.Module):
                           lambda *qkv: attn.naive_attention(*qkv, mask_BTS, scale)), cache_BSW
 
     # --- the V3.2 indexer --------------------------------------------------------------------
-    def _select(self, x_BTD, cq_BTQ, positions_BT, segment_ids_BT, keys_BSI, lengths_B,
+    def _select(self, x_BTD, cq_BTQ, positions_BT, segment_ids_BT, keys_BSW, lengths_B,
                 want_loss):
         """The indexer's part of a V3.2 layer: (the selected keys or None for dense attention,
         the indexer's inputs for its loss or None, the updated key cache or None).
 
-        keys_BSI: the layer's indexer-key cache (None without a cache). Without a cache and
+        keys_BSW: the layer's indexer-key cache (None without a cache). Without a cache and
         with T <= index_topk every visible key is selected, and the indexer is skipped unless
         its loss is wanted. The selection is a [B, T, S] mask or, without a cache and with
         T > index_dense_max_len, a `dsa_blocked.Selection` of indices (no [B, T, S] array)."""
@@ -298,33 +283,33 @@ class MLA(nnx.Module):
         # The indexer reads its inputs detached: its loss trains it alone, and the selection
         # is discrete (no gradient flows through it either way).
         x_BTD, cq_BTQ = jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(cq_BTQ)
-        if keys_BSI is None:
+        if keys_BSW is None:
             if t <= c.index_topk and not want_loss:
                 return None, None, None
-            k_BSI = idx.keys(x_BTD, positions_BT)
+            k_BSd = idx.keys(x_BTD, positions_BT)
             if t > c.index_dense_max_len:
-                q_BTHI, w_BTH = idx.queries(cq_BTQ, positions_BT), idx.weights(x_BTD)
-                return dsa_blocked.select(c, q_BTHI, w_BTH, k_BSI, segment_ids_BT,
+                q_BTnd, w_BTn = idx.queries(cq_BTQ, positions_BT), idx.weights(x_BTD)
+                return dsa_blocked.select(c, q_BTnd, w_BTn, k_BSd, segment_ids_BT,
                                           want_loss) + (None,)
             visible_BTS = attn.causal_segment_mask(segment_ids_BT, b, t)
         else:
-            key_codec = IndexKeyCodec.of(keys_BSI, x_BTD.dtype)
-            keys_BSI = write_entries(keys_BSI, key_codec.write(idx.keys(x_BTD, positions_BT)),
+            key_codec = IndexKeyCodec.of(keys_BSW, x_BTD.dtype)
+            keys_BSW = write_entries(keys_BSW, key_codec.write(idx.keys(x_BTD, positions_BT)),
                                      lengths_B)
-            k_BSI = key_codec.read(keys_BSI)
+            k_BSd = key_codec.read(keys_BSW)
             visible_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :],
-                                          keys_BSI.shape[1])
-        q_BTHI, w_BTH = idx.queries(cq_BTQ, positions_BT), idx.weights(x_BTD)
-        idx_BTK = dsa.top_k(dsa.index_scores(q_BTHI, w_BTH, k_BSI), visible_BTS, c.index_topk)
-        selected_BTS = visible_BTS & dsa.selection_mask(idx_BTK, k_BSI.shape[1])
+                                          keys_BSW.shape[1])
+        q_BTnd, w_BTn = idx.queries(cq_BTQ, positions_BT), idx.weights(x_BTD)
+        idx_BTK = dsa.top_k(dsa.index_scores(q_BTnd, w_BTn, k_BSd), visible_BTS, c.index_topk)
+        selected_BTS = visible_BTS & dsa.selection_mask(idx_BTK, k_BSd.shape[1])
         if c.index_attention == "dense":
             selected_BTS = None
         loss_inputs = None
         if want_loss:
-            loss_inputs = (q_BTHI, w_BTH, k_BSI, visible_BTS, selected_BTS)
-        if keys_BSI is not None and selected_BTS is not None:  # the kernel attends by index
+            loss_inputs = (q_BTnd, w_BTn, k_BSd, visible_BTS, selected_BTS)
+        if keys_BSW is not None and selected_BTS is not None:  # the kernel attends by index
             selected_BTS = (selected_BTS, idx_BTK)
-        return selected_BTS, loss_inputs, keys_BSI
+        return selected_BTS, loss_inputs, keys_BSW
 
     # --- forward -----------------------------------------------------------------------------
     def __call__(
@@ -340,7 +325,7 @@ class MLA(nnx.Module):
 
         Without a cache: causal self-attention over the T tokens (index order), isolated per
         segment. With a cache ([B, S, W], see cache.py; for a V3.2 model the pair (latents,
-        indexer keys [B, S, Di'])) and `lengths_B`: the T tokens are written at slots
+        indexer keys [B, S, W'] as stored)) and `lengths_B`: the T tokens are written at slots
         lengths_B + t (in place) and attend to every slot <= their own (V3.2: to the
         indexer's top-k of those).
         positions_BT: rope positions (default 0..T-1, or lengths_B + t with a cache).
@@ -368,22 +353,22 @@ class MLA(nnx.Module):
         cq_BTQ = None if c.q_lora_rank is None else self.query_latent(x_BTD)
         q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT, cq_BTQ)
         latent_BTL = self.latent(x_BTD, positions_BT)
-        selected_BTS, loss_inputs, keys_BSI = None, None, None
+        selected_BTS, loss_inputs, keys_BSW = None, None, None
         if self.indexer is not None:
             if cache_BSW is not None:
                 if not isinstance(cache_BSW, tuple):
                     raise ValueError("a V3.2 layer's cache is the pair (latents, indexer keys)")
-                cache_BSW, keys_BSI = cache_BSW
-            selected_BTS, loss_inputs, keys_BSI = self._select(
-                x_BTD, cq_BTQ, positions_BT, segment_ids_BT, keys_BSI, lengths_B, indexer_loss)
+                cache_BSW, keys_BSW = cache_BSW
+            selected_BTS, loss_inputs, keys_BSW = self._select(
+                x_BTD, cq_BTQ, positions_BT, segment_ids_BT, keys_BSW, lengths_B, indexer_loss)
         if cache_BSW is None:
             o_BTNV = self._self_attention(q_nope_BTNH, q_pe_BTNR, latent_BTL, segment_ids_BT,
                                           form, selected_BTS)
         else:
             o_BTNV, cache_BSW = self._cached_attention(q_nope_BTNH, q_pe_BTNR, latent_BTL,
                                                        cache_BSW, lengths_B, form, selected_BTS)
-            if keys_BSI is not None:
-                cache_BSW = (cache_BSW, keys_BSI)
+            if keys_BSW is not None:
+                cache_BSW = (cache_BSW, keys_BSW)
         o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
         dt = x_BTD.dtype
         out_BTD = dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
@@ -401,10 +386,10 @@ class MLA(nnx.Module):
             return dsa_blocked.indexer_loss(q_nope_BTNH, q_pe_BTNR, latent_BTL,
                                             sg(self.wk_b_CNH[...]), loss_inputs,
                                             softmax_scale(c), c.index_block_q, c.index_block_k)
-        q_BTHI, w_BTH, k_BSI, visible_BTS, selected_BTS = loss_inputs
+        q_BTnd, w_BTn, k_BSd, visible_BTS, selected_BTS = loss_inputs
         mask_BTS = visible_BTS if selected_BTS is None else selected_BTS
         q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", sg(q_nope_BTNH),
                                    sg(self.wk_b_CNH[...]).astype(q_nope_BTNH.dtype))
         target_BTS = dsa_loss.attention_target(q_latent_BTNC, sg(q_pe_BTNR), sg(latent_BTL),
                                                mask_BTS, softmax_scale(c))
-        return dsa_loss.indexer_kl(q_BTHI, w_BTH, k_BSI, target_BTS, mask_BTS)
+        return dsa_loss.indexer_kl(q_BTnd, w_BTn, k_BSd, target_BTS, mask_BTS)
