@@ -9,10 +9,11 @@ from flax import nnx
 from model_configs import small_config
 from tolerance import assert_close_scaled
 
-from mla_moe import DeepSeekModel, apply_expert_bias_update, update_expert_bias
+from mla_moe import DeepSeekModel, update_expert_bias
 from mla_moe.balance import balance_losses
 from mla_moe.moe import MoE, expert_capacity
 from mla_moe.router import select_experts
+from mla_moe.train.expert_bias import apply_expert_bias_update
 
 
 def moe_loop_reference(moe: MoE, x_BTD, keep_TK=None):

@@ -8,7 +8,7 @@ works without a separate import.
 
 import importlib
 
-from mla_moe.balance import apply_expert_bias_update, update_expert_bias
+from mla_moe.balance import update_expert_bias
 from mla_moe.cache import KVCache, init_cache
 from mla_moe.config import ModelConfig, RopeScaling
 from mla_moe.counting import flops_per_token, param_count
@@ -19,16 +19,19 @@ from mla_moe.moe import MoE, MoEOutput, MoEStats
 from mla_moe.router import ExpertBias, Router, Routing
 
 _SUBPACKAGES = ("data", "hf", "train")
+_FROM_TRAIN = {"apply_expert_bias_update": "mla_moe.train.expert_bias"}
 
 
 def __getattr__(name: str):
     if name in _SUBPACKAGES:
         return importlib.import_module(f"mla_moe.{name}")
+    if name in _FROM_TRAIN:  # lives in mla_moe.train (it needs the decoder): on first use
+        return getattr(importlib.import_module(_FROM_TRAIN[name]), name)
     raise AttributeError(f"module 'mla_moe' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SUBPACKAGES))
+    return sorted(set(globals()) | set(_SUBPACKAGES) | set(_FROM_TRAIN))
 
 
 __all__ = [

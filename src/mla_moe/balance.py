@@ -13,16 +13,10 @@ Devices d are `expert_devices` contiguous blocks of experts (the expert-parallel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
 from mla_moe.config import ModelConfig
-
-if TYPE_CHECKING:  # the decoder imports this module (through moe.py)
-    from mla_moe.decoder import DeepSeekModel
 
 
 def balance_losses(
@@ -41,8 +35,7 @@ def balance_losses(
     # Counts by a scatter-add of the B*T*K choices: a one-hot [B, T, K, E] summed over T and K
     # is materialised by XLA:CPU, 40 ms against 0.5 ms at T=16384, K=16, E=64.
     b = experts_BTK.shape[0]
-    count_BE = jnp.zeros((b, e), jnp.float32).at[jnp.arange(b)[:, None, None],
-                                                 experts_BTK].add(1.0)
+    count_BE = jnp.zeros((b, e), jnp.float32).at[jnp.arange(b)[:, None, None], experts_BTK].add(1.0)
     f_BE = count_BE * (e / (k * t))
     p_BE = scores_BTE.mean(1)
     losses, weighted = {}, jnp.zeros((), jnp.float32)
@@ -86,9 +79,7 @@ def balance_losses(
     return weighted, losses
 
 
-def update_expert_bias(
-    bias_E: jax.Array, tokens_per_expert_E: jax.Array, rate: float
-) -> jax.Array:
+def update_expert_bias(bias_E: jax.Array, tokens_per_expert_E: jax.Array, rate: float) -> jax.Array:
     """V3 aux-loss-free balancing: b_i += rate * sign(mean(c) - c_i).
 
     Overloaded experts (above the mean load) become less attractive to the selection, and
@@ -97,21 +88,3 @@ def update_expert_bias(
     """
     counts = tokens_per_expert_E.astype(jnp.float32)
     return bias_E + rate * jnp.sign(counts.mean() - counts)
-
-
-def apply_expert_bias_update(model: DeepSeekModel, tokens_per_expert: Sequence[jax.Array],
-                             rate: float) -> None:
-    """Applies `update_expert_bias` in place to every noaux_tc router of `model`.
-
-    `tokens_per_expert`: one [E] count per MoE layer, in the order of `model.moe_routers()` and
-    `ModelOutput.router` (e.g. `[s.tokens_per_expert for s in out.router]`), ideally summed
-    over all data shards.
-    """
-    for (router, idx), counts_E in zip(model.moe_routers(), tokens_per_expert, strict=True):
-        bias = router.e_score_correction_bias
-        if bias is None:
-            continue
-        if idx is None:
-            bias[...] = update_expert_bias(bias[...], counts_E, rate)
-        else:
-            bias[...] = bias[...].at[idx].set(update_expert_bias(bias[...][idx], counts_E, rate))

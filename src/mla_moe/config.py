@@ -1,31 +1,19 @@
 """`ModelConfig`: the model's hyperparameters, named as in HuggingFace's DeepSeek configs.
 
-Every field is checked at construction; a bad value raises `ValueError` naming the field,
-before any array is allocated.
+Every field is checked at construction (`config_checks.py`, one check per topic); a bad value
+raises `ValueError` naming the field, before any array is allocated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from mla_moe.config_checks import DTYPES, check_model_config
 from mla_moe.errors import InputError, MissingInputError
-
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
-MOE_IMPLS = ("dropless", "capacity")
-MOE_DISPATCHES = ("auto", "all_to_all", "ragged_all_to_all", "allgather")
-ATTENTION_IMPLS = ("xla", "pallas", "auto", "interpret", "tpu_interpret")
-DECODE_FORMS = ("absorbed", "naive")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out",
-                  "offload_layer_input", "offload_layer_input_attention_out")
-DTYPES = ("float32", "bfloat16", "float16")
-INDEX_ATTENTIONS = ("sparse", "dense")
-
 
 HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")  # deepseek_v32 is a deepseek_v3 prefix
 # transformers' DeepseekV32Config defaults, for a V3.2 config.json that omits them.
@@ -52,8 +40,9 @@ def _read_json(path: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object of config "
-                         "fields")
+        raise InputError(
+            f"{path} holds a JSON {type(data).__name__}, not an object of config fields"
+        )
     return data
 
 
@@ -200,161 +189,15 @@ class ModelConfig:
         if rope is not None:
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(rope))
         elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ValueError(f"rope_scaling must be a mapping (e.g. {{'type': 'yarn', "
-                             f"'factor': 40}}) or None, got {self.rope_scaling!r}")
+            raise ValueError(
+                f"rope_scaling must be a mapping (e.g. {{'type': 'yarn', "
+                f"'factor': 40}}) or None, got {self.rope_scaling!r}"
+            )
         if self.q_lora_rank == 0:  # the reference code spells "no q LoRA" as 0
             object.__setattr__(self, "q_lora_rank", None)
         if self.n_routed_experts == 0:
             object.__setattr__(self, "n_routed_experts", None)
-        self._validate()
-
-    def _validate(self):
-        def positive(name, allow_none=False):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-            "v_head_dim", "max_position_embeddings", "moe_layer_freq",
-        ):
-            positive(name)
-        positive("q_lora_rank", allow_none=True)
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ValueError(
-                f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}],"
-                f" got {self.first_k_dense_replace}"
-            )
-        if self.num_nextn_predict_layers < 0:
-            raise ValueError(
-                f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}"
-            )
-        if self.n_routed_experts is not None:
-            positive("n_routed_experts")
-            positive("moe_intermediate_size")
-            positive("num_experts_per_tok")
-            positive("n_group")
-            positive("topk_group")
-            if self.n_shared_experts < 0:
-                raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-            if self.num_experts_per_tok > self.n_routed_experts:
-                raise ValueError(
-                    f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
-                    f"n_routed_experts={self.n_routed_experts}"
-                )
-            if self.n_routed_experts % self.n_group:
-                raise ValueError(
-                    f"n_routed_experts={self.n_routed_experts} is not divisible by "
-                    f"n_group={self.n_group}"
-                )
-            if self.topk_group > self.n_group:
-                raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
-            per_group = self.n_routed_experts // self.n_group
-            if self.topk_method == "noaux_tc" and per_group < 2:
-                raise ValueError(
-                    "n_group: noaux_tc scores each group by its top-2 experts, so each group "
-                    f"needs >= 2 experts, got {per_group}"
-                )
-            grouped = self.topk_method != "greedy"
-            if grouped and self.topk_group * per_group < self.num_experts_per_tok:
-                raise ValueError(
-                    f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
-                    f"num_experts_per_tok={self.num_experts_per_tok}"
-                )
-            for name in ("expert_devices", "device_limit"):
-                positive(name, allow_none=True)
-            if self.n_routed_experts % self.num_expert_devices:
-                raise ValueError(
-                    f"expert_devices={self.num_expert_devices} does not divide "
-                    f"n_routed_experts={self.n_routed_experts}"
-                )
-            if self.num_device_limit > self.num_expert_devices:
-                raise ValueError(
-                    f"device_limit={self.num_device_limit} exceeds "
-                    f"expert_devices={self.num_expert_devices}"
-                )
-        if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}")
-        if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(
-                f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}"
-            )
-        for name, allowed in (
-            ("moe_impl", MOE_IMPLS),
-            ("moe_dispatch", MOE_DISPATCHES),
-            ("attention_impl", ATTENTION_IMPLS),
-            ("decode_attention", DECODE_FORMS),
-            ("index_attention", INDEX_ATTENTIONS),
-            ("remat_policy", REMAT_POLICIES),
-            ("dtype", DTYPES),
-            ("param_dtype", DTYPES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
-        if (not isinstance(self.expert_gather_chunk, int) or self.expert_gather_chunk < 0
-                or (self.n_routed_experts and self.expert_gather_chunk
-                    and self.n_routed_experts % self.expert_gather_chunk)):
-            raise ValueError(
-                f"expert_gather_chunk must be 0 or an integer >= 1 dividing n_routed_experts="
-                f"{self.n_routed_experts}, got {self.expert_gather_chunk!r}")
-        if self.dispatch_capacity_factor is not None and not self.dispatch_capacity_factor > 0:
-            raise ValueError(
-                f"dispatch_capacity_factor must be > 0 or None, got {self.dispatch_capacity_factor}"
-            )
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if not (self.routed_scaling_factor > 0 and math.isfinite(self.routed_scaling_factor)):
-            raise ValueError(
-                f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor}"
-            )
-        for name in (
-            "aux_loss_alpha", "device_balance_alpha", "comm_balance_alpha", "seq_balance_alpha",
-            "router_z_loss_coef", "expert_bias_update_rate", "mtp_loss_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.rope_scaling is not None:
-            rs = self.rope_scaling
-            if not rs.factor > 0:
-                raise ValueError(f"rope_scaling.factor must be > 0, got {rs.factor}")
-            if rs.original_max_position_embeddings <= 0:
-                raise ValueError(
-                    "rope_scaling.original_max_position_embeddings must be > 0, got "
-                    f"{rs.original_max_position_embeddings}"
-                )
-        if not isinstance(self.index_n_heads, int) or self.index_n_heads < 0:
-            raise ValueError(f"index_n_heads must be 0 (no indexer) or a positive integer, got "
-                             f"{self.index_n_heads!r}")
-        if self.index_n_heads:
-            positive("index_head_dim")
-            positive("index_topk")
-            positive("index_block_q")
-            positive("index_block_k")
-            if (not isinstance(self.index_dense_max_len, int)
-                    or isinstance(self.index_dense_max_len, bool) or self.index_dense_max_len < 0):
-                raise ValueError(f"index_dense_max_len must be an integer >= 0, got "
-                                 f"{self.index_dense_max_len!r}")
-            if self.q_lora_rank is None:
-                raise ValueError("q_lora_rank: the V3.2 indexer (index_n_heads > 0) reads the "
-                                 "MLA's query latent, so q_lora_rank must be set")
-            if self.index_head_dim < self.qk_rope_head_dim:
-                raise ValueError(
-                    f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
-                    f"{self.qk_rope_head_dim} (its first qk_rope_head_dim dims are roped)")
-        if self.scan_layers and self.moe_layer_freq != 1 and self.n_routed_experts:
-            raise ValueError(
-                "scan_layers needs runs of identical layers: moe_layer_freq must be 1, got "
-                f"{self.moe_layer_freq}"
-            )
+        check_model_config(self)
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -407,7 +250,8 @@ class ModelConfig:
         if not str(model_type).startswith(HF_MODEL_TYPES):
             raise InputError(
                 f"{where}: model_type={model_type!r} is not a DeepSeek model; supported: "
-                f"{', '.join(HF_MODEL_TYPES)} (DeepSeek-V2, V2-Lite, V2.5, V3, R1)")
+                f"{', '.join(HF_MODEL_TYPES)} (DeepSeek-V2, V2-Lite, V2.5, V3, R1)"
+            )
         try:
             return cls._from_hf_dict(hf, model_type, overrides)
         except (ValueError, TypeError) as e:
@@ -469,15 +313,21 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict (transformers v5 names, plus the legacy ones)."""
         # Our own fields ride along (HF keeps unknown keys), so a save/load keeps them.
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("dtype", "param_dtype", "rope_scaling")}
+        d = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("dtype", "param_dtype", "rope_scaling")
+        }
         model_type = self.hf_model_type
         d["n_routed_experts"] = self.n_routed_experts or 0
         d.update(
             model_type=model_type,
-            architectures=[{"deepseek_v32": "DeepseekV32ForCausalLM",
-                            "deepseek_v3": "DeepseekV3ForCausalLM"}.get(
-                                model_type, "DeepseekV2ForCausalLM")],
+            architectures=[
+                {
+                    "deepseek_v32": "DeepseekV32ForCausalLM",
+                    "deepseek_v3": "DeepseekV3ForCausalLM",
+                }.get(model_type, "DeepseekV2ForCausalLM")
+            ],
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu",
             attention_bias=False,

@@ -7,6 +7,7 @@ import glob
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 FP8_BLOCK = 128
 # Tensors we do not need: rope buffers, the MTP modules' copies of the shared embedding/head.
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq$|shared_head\.head\.weight$|"
-                      r"layers\.\d+\.embed_tokens\.weight$)")
+_IGNORED = re.compile(
+    r"(rotary_emb\.inv_freq$|shared_head\.head\.weight$|"
+    r"layers\.\d+\.embed_tokens\.weight$)"
+)
+_EXPERT_PARAMS = ("gate_EDF", "up_EDF", "down_EFD")  # routed experts: read per expert slice
 
 
 class CheckpointReader:
@@ -43,8 +47,9 @@ class CheckpointReader:
                     "they are refused because loading them can run arbitrary code. Convert "
                     "them to safetensors first."
                 )
-            raise MissingInputError(f"no *.safetensors files in {path}; convert the weights "
-                                    "to safetensors")
+            raise MissingInputError(
+                f"no *.safetensors files in {path}; convert the weights to safetensors"
+            )
         self._where: dict[str, SafetensorsFile] = {}
         for f in files:
             st = SafetensorsFile(f)
@@ -101,9 +106,13 @@ def _has_mtp(reader: CheckpointReader, config: ModelConfig) -> bool:
     return any(n.startswith(prefix + "eh_proj") for n in reader.names())
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
-                    mesh: jax.sharding.Mesh | None = None,
-                    **config_overrides: Any) -> DeepSeekModel:
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    **config_overrides: Any,
+) -> DeepSeekModel:
     """Loads a HuggingFace DeepSeek-V2/V3 checkpoint directory.
 
     dtype: parameter and compute dtype (default: the checkpoint's `dtype`/`torch_dtype`).
@@ -124,22 +133,34 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
 
     abstract = sharding.abstract_model(lambda: DeepSeekModel(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    starts, first = [], 0
-    for _, n in layer_groups(config):
-        starts.append(first)
-        first += n
-    groups = layer_groups(config)
+    sources = _Sources(reader, config)
+    flat = [
+        (leaf, _load_leaf(path, leaf, variable, sources(leaf), mesh))
+        for leaf, variable in nnx.to_flat_state(state)
+    ]
+    _check_all_read(reader, path)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-    experts_params = ("gate_EDF", "up_EDF", "down_EFD")
 
-    def read_layer(fn, prefix, experts_axis, idx):
+class _Sources:
+    """Our parameter path -> (read(index) -> np.ndarray) over the checkpoint's tensors."""
+
+    def __init__(self, reader: CheckpointReader, config: ModelConfig):
+        self._reader, self._config = reader, config
+        self._groups = layer_groups(config)
+        self._starts, first = [], 0
+        for _, n in self._groups:
+            self._starts.append(first)
+            first += n
+
+    def _layer(self, fn, prefix, experts_axis, idx):
         """One layer's array at `idx`; routed experts are read for the expert slice only."""
         if experts_axis:
-            return fn(reader, prefix, idx[0])[(slice(None),) + tuple(idx[1:])]
-        return fn(reader, prefix, slice(None))[tuple(idx)]
+            return fn(self._reader, prefix, idx[0])[(slice(None),) + tuple(idx[1:])]
+        return fn(self._reader, prefix, slice(None))[tuple(idx)]
 
-    def reader_for(path_):
-        """(read(index) -> np.ndarray) for one of our leaves."""
+    def __call__(self, path_: tuple) -> Callable[[tuple], np.ndarray]:
+        reader, config = self._reader, self._config
         head, rest = path_[0], tuple(path_[1:])
         if head == "embed_UD":
             return lambda idx: reader("model.embed_tokens.weight")[idx]
@@ -149,14 +170,15 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
             return lambda idx: reader("model.norm.weight")[idx]
         if head == "groups":
             g, rel = rest[0], rest[1:]
-            fn = layer_readers(config, groups[g][0])[rel]
-            experts_axis = rel[-1] in experts_params
+            fn = layer_readers(config, self._groups[g][0])[rel]
+            experts_axis = rel[-1] in _EXPERT_PARAMS
+            first, count = self._starts[g], self._groups[g][1]
 
             def read(idx):
-                return np.stack([
-                    read_layer(fn, f"model.layers.{starts[g] + i}.", experts_axis, idx[1:])
-                    for i in range(groups[g][1])[idx[0]]
-                ])
+                layers = range(first, first + count)[idx[0]]
+                prefixes = [f"model.layers.{i}." for i in layers]
+                return np.stack([self._layer(fn, p, experts_axis, idx[1:]) for p in prefixes])
+
             return read
         if head == "mtp":
             k, rel = rest[0], rest[1:]
@@ -166,35 +188,42 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
             if rel == ("eh_proj_2DD",):
                 return lambda idx: reader(prefix + "eh_proj.weight").T[idx]
             fn = layer_readers(config, config.is_moe_layer(config.num_hidden_layers + k))[rel[1:]]
-            return functools.partial(read_layer, fn, prefix, rel[-1] in experts_params)
+            return functools.partial(self._layer, fn, prefix, rel[-1] in _EXPERT_PARAMS)
         raise KeyError(f"no HF source for parameter {path_}")
 
-    flat = []
-    for path_, variable in nnx.to_flat_state(state):
-        read = reader_for(path_)
-        target = jnp.dtype(variable.dtype)
-        shape = variable.shape
 
-        def callback(idx, read=read, target=target, shape=shape):
-            idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
-            return np.asarray(read(idx), np.float32).astype(target)
+def _load_leaf(path: str, path_: tuple, variable, read: Callable, mesh):
+    """`variable` holding its array read through `read`, placed in its sharding."""
+    target = jnp.dtype(variable.dtype)
+    shape = variable.shape
 
-        try:
-            value = jax.make_array_from_callback(shape, _sharding(variable, mesh), callback)
-        except KeyError as e:
-            raise InputError(f"{path}: missing tensor {e} (needed for {'.'.join(map(str, path_))})"
-                             "; the weights do not match its config.json") from None
-        if value.shape != shape:
-            raise InputError(f"{path}: {'.'.join(map(str, path_))} has shape {value.shape}, its "
-                         f"config.json implies {shape}")
-        flat.append((path_, variable.replace(value)))
+    def callback(idx):
+        idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+        return np.asarray(read(idx), np.float32).astype(target)
 
+    try:
+        value = jax.make_array_from_callback(shape, _sharding(variable, mesh), callback)
+    except KeyError as e:
+        raise InputError(
+            f"{path}: missing tensor {e} (needed for {'.'.join(map(str, path_))})"
+            "; the weights do not match its config.json"
+        ) from None
+    if value.shape != shape:
+        raise InputError(
+            f"{path}: {'.'.join(map(str, path_))} has shape {value.shape}, its "
+            f"config.json implies {shape}"
+        )
+    return variable.replace(value)
+
+
+def _check_all_read(reader: CheckpointReader, path: str) -> None:
+    """Refuses a checkpoint with tensors the model has no place for."""
     unexpected = [
-        n for n in reader.names()
+        n
+        for n in reader.names()
         if n not in reader.used and not n.endswith("_scale_inv") and not _IGNORED.search(n)
     ]
     if unexpected:
         raise InputError(
             f"{path}: {len(unexpected)} tensors do not fit its config.json, e.g. {unexpected[:5]}"
         )
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))

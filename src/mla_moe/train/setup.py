@@ -1,0 +1,294 @@
+"""Run setup: the mesh, the data, and the optimizer, state layout and jitted steps on it.
+
+Nothing here compiles except `jitted_steps` with several processes: `run_mesh` and
+`open_data` fail on bad input first, `build` only traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mla_moe import paths, sharding
+from mla_moe.data import (
+    PipelineConfig,
+    TokenSplit,
+    default_corpus,
+    eval_batches,
+    global_batch,
+    train_iterator,
+)
+from mla_moe.errors import MissingInputError
+from mla_moe.train import checkpoint as ckpt_lib
+from mla_moe.train import config as config_lib
+from mla_moe.train import optimizer as optimizer_lib
+from mla_moe.train import preemption
+from mla_moe.train import train_step as step_lib
+from mla_moe.train.config import ConfigError
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from mla_moe.config import ModelConfig
+
+
+@contextlib.contextmanager
+def run_mesh(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Iterator[tuple[ModelConfig, jax.sharding.Mesh]]:
+    """Validates `config`, builds its mesh over `devices` (default: all of this job's; or the
+    compile-only devices of another machine) and activates it with the config's rules
+    (`config.mesh.rules`). Yields (ModelConfig, mesh); fails before compiling on bad input."""
+    cfg = config_lib.validate(config)
+    try:
+        mesh = sharding.make_mesh(config.mesh, devices, config=cfg)
+    except ValueError as e:  # sizes that do not fit the devices or the model, naming the axis
+        raise ConfigError(str(e)) from None
+    rules = config.mesh.get("rules") if hasattr(config.mesh, "get") else None
+    with sharding.use_mesh(mesh, rules.to_dict() if hasattr(rules, "to_dict") else rules):
+        yield cfg, mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The run's token store: its train split, the pipeline reading it, the train iterator
+    (checkpointed with the state) and the validation batches (empty without evaluation)."""
+
+    path: str
+    train: TokenSplit
+    pipe: PipelineConfig
+    iterator: Any
+    val: list
+
+
+def open_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> RunData:
+    """Opens `config.data.path` (default: the bundled corpus) for this process; a missing,
+    empty or too small store, or one whose vocabulary the model cannot embed, raises."""
+    path = _resolve_data(config)
+    train_split = TokenSplit(path, "train")
+    if train_split.vocab_size > cfg.vocab_size:
+        raise ConfigError(
+            f"data.path uses a vocabulary of {train_split.vocab_size} tokens but "
+            f"model.vocab_size={cfg.vocab_size}"
+        )
+    t = config.train
+    pipe = PipelineConfig(
+        seq_len=t.seq_len,
+        global_batch=t.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_threads=config.data.num_threads,
+        prefetch=config.data.prefetch,
+    )
+    iterator = train_iterator(train_split, pipe)  # raises if the data is too small
+    val = []
+    if t.eval_batches:
+        val = eval_batches(TokenSplit(path, "val"), pipe, t.eval_batches)
+    return RunData(path=path, train=train_split, pipe=pipe, iterator=iterator, val=val)
+
+
+def _resolve_data(config) -> str:
+    path = config.data.path
+    if not path:
+        return default_corpus()
+    if not paths.resolve(path).exists():
+        raise MissingInputError(
+            f"data.path={path!r} does not exist; pass a token store from "
+            "`python -m launch.prepare_data`, or '' for the default corpus"
+        )
+    return path
+
+
+def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
+    """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
+    names = (
+        "steps",
+        "warmup_steps",
+        "decay_steps",
+        "learning_rate",
+        "min_lr_ratio",
+        "weight_decay",
+        "b1",
+        "b2",
+        "eps",
+        "grad_clip_norm",
+        "moment_dtype",
+        "dsa_stage",
+    )
+    return tuple((n, train_cfg[n]) for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """One run setup: optimizer, the state's abstract layout and shardings, jitted functions.
+
+    Nothing here holds device memory: `init_fn` allocates the state only when called, and
+    `step_fn` / `eval_fn` compile on first call or through `.lower(...).compile()`.
+    """
+
+    tx: object
+    abstract_state: object
+    state_sh: object
+    batch_sh: object
+    init_fn: Callable
+    step_fn: Callable
+    eval_fn: Callable
+
+    def state_spec(self) -> Any:
+        """The train state as ShapeDtypeStructs carrying the run's shardings."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state,
+            self.state_sh,
+        )
+
+    def batch_spec(self, batch_size: int, seq_len: int) -> dict:
+        """A global [batch_size, seq_len] batch as ShapeDtypeStructs over the batch axes."""
+        return step_lib.batch_spec(batch_size, seq_len, self.batch_sh)
+
+
+def build(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, cfg: ModelConfig | None = None
+) -> Built:
+    """The run's optimizer, state layout and jitted step functions on `mesh`, used by `train`
+    and by `launch.compile` alike. Reads no data, allocates nothing; call it inside
+    `run_mesh(config, ...)` so that the rules in effect are the run's. `cfg`: the
+    ModelConfig `run_mesh` yielded (derived from `config` when None)."""
+    t = config.train
+    if cfg is None:
+        cfg = config_lib.model_config(config)
+    return _build(
+        cfg,
+        optimizer_key(t),
+        config.seed,
+        mesh,
+        t.grad_accum_steps,
+        sharding.current_rules(),
+        t.loss_chunk_tokens,
+        t.dsa_stage,
+        float(t.indexer_loss_coef),
+    )
+
+
+def _under_rules(fn: Callable, rules: sharding.Rules) -> Callable:
+    """`fn` run (traced) under `rules`, whatever rules are in effect where it is called."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.use_rules(rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=4)
+def _build(
+    cfg,
+    optimizer_key: tuple,
+    seed: int,
+    mesh,
+    grad_accum_steps: int,
+    rules: sharding.Rules,
+    loss_chunk_tokens: int = 0,
+    dsa_stage: str = "off",
+    indexer_loss_coef: float = 1.0,
+) -> Built:
+    """`build`, cached so that runs of the same setup in one process (tests, benchmarks,
+    restarts) trace and compile once. Everything in the result depends on the logical rules
+    (the shardings, and the constraints traced into the steps), so they are part of the key
+    and every function is traced under them."""
+    import ml_collections
+
+    tx, schedule = optimizer_lib.make_optimizer(ml_collections.ConfigDict(dict(optimizer_key)))
+    graphdef, _, _ = step_lib.abstract_model(cfg)
+    init = _under_rules(step_lib.make_init_fn(cfg, tx, seed), rules)
+    abstract_state = jax.eval_shape(init)
+    state_sh = sharding.state_shardings(abstract_state, mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    step_cfg = step_lib.StepConfig(
+        grad_accum_steps=grad_accum_steps,
+        loss_chunk_tokens=loss_chunk_tokens,
+        dsa_stage=dsa_stage,
+        indexer_loss_coef=indexer_loss_coef,
+    )
+    train_step = functools.partial(
+        step_lib.train_step, graphdef=graphdef, cfg=cfg, tx=tx, schedule=schedule, step_cfg=step_cfg
+    )
+    step_fn = jax.jit(
+        _under_rules(train_step, rules),
+        in_shardings=(state_sh, batch_sh, None),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+    eval_step = functools.partial(
+        step_lib.eval_step, graphdef=graphdef, loss_chunk_tokens=loss_chunk_tokens
+    )
+    eval_fn = jax.jit(_under_rules(eval_step, rules), in_shardings=(state_sh, batch_sh))
+    return Built(
+        tx=tx,
+        abstract_state=abstract_state,
+        state_sh=state_sh,
+        batch_sh=batch_sh,
+        init_fn=jax.jit(init, out_shardings=state_sh),
+        step_fn=step_fn,
+        eval_fn=eval_fn,
+    )
+
+
+def init_from_hf(path: str, cfg: ModelConfig, built: Built):
+    """Initial state from a HuggingFace checkpoint whose shapes match the configured model."""
+    from mla_moe.hf import load_pretrained
+
+    # Each tensor goes straight into its sharding on the run's mesh.
+    mesh = jax.tree.leaves(built.state_sh)[0].mesh
+    model = load_pretrained(path, dtype=cfg.param_dtype, mesh=mesh)
+    _, params, extra = nnx.split(model, nnx.Param, ...)
+    want = ckpt_lib.flatten_state(built.abstract_state["params"])
+    got = ckpt_lib.flatten_state(params)
+    mismatch = [k for k in want if k not in got or tuple(got[k].shape) != tuple(want[k].shape)]
+    if mismatch or set(got) != set(want):
+        raise ConfigError(
+            f"--init_from_hf={path!r} does not match the configured model (e.g. "
+            f"{(mismatch or sorted(set(got) ^ set(want)))[:3]}); set model.* to its config"
+        )
+    tx = built.tx
+
+    def build(params, extra):
+        return {
+            "step": jax.numpy.zeros((), jax.numpy.int32),
+            "params": params,
+            "extra": extra,
+            "opt_state": tx.init(params),
+        }
+
+    return jax.jit(build, out_shardings=built.state_sh)(params, extra)
+
+
+def jitted_steps(
+    built: Built, state, data: RunData, fault_step: np.int32
+) -> tuple[Callable, Callable]:
+    """(step_fn, eval_fn) for the loop. With several processes both are compiled here, and the
+    processes then meet: Gloo gives processes 30 s to meet at their first collective, and
+    compilation times can differ by more on a loaded machine, so compile first, then meet at a
+    barrier of the coordination service (no collective), then warm up the stop-flag
+    all-gather."""
+    step_fn, eval_fn = built.step_fn, built.eval_fn
+    if jax.process_count() == 1:
+        return step_fn, eval_fn
+    import orbax.checkpoint as ocp
+
+    probe = global_batch(next(train_iterator(data.train, data.pipe)), built.batch_sh)
+    step_fn = step_fn.lower(state, probe, fault_step).compile()
+    if data.val:
+        eval_fn = eval_fn.lower(state, probe).compile()
+    ocp.multihost.sync_global_processes("mla_moe_train_compiled", timeout=1800)
+    preemption.stop_requested(False)
+    return step_fn, eval_fn
