@@ -31,8 +31,8 @@ Token exchange (how each token reaches its experts' shards; the config field is
   min(worst case, ceil(dispatch_capacity_factor * T*K)), the same total as the all_to_all's P
   buffers of X rows but shared by the sources: source s's chunk lands after those of sources
   < s, and the rows past x are dropped (each source sends its best-scoring assignments
-  first). XLA:CPU lacks the op, so on CPU this falls back to the dropless all_to_all path
-  (logged once).
+  first). XLA:CPU lacks the op: there `ragged_exchange.py` emulates it exactly (an
+  all_gather, P x the volume), so the same layout and drops run in the CPU tests.
 - allgather: tokens all-gathered over `expert`, each shard runs its own experts on all of
   them, `psum_scatter` back. No drops; good for small P.
 - auto: on TPU/GPU, allgather for P <= max(2, K) (it receives P x the shard's tokens where
@@ -50,9 +50,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from mla_moe import sharding
+from mla_moe import ragged_exchange, sharding
 from mla_moe.config import ModelConfig
 from mla_moe.grouped_matmul import capacity_slots, grouped_swiglu
 from pallas_kernels.dispatch import target_platform
@@ -82,7 +81,7 @@ def use_parallel(config: ModelConfig) -> bool:
 
 
 def resolve_exchange(config: ModelConfig, ep: int, backend: str | None = None) -> str:
-    """The exchange actually used: resolves `auto` and the CPU fallback of ragged_all_to_all."""
+    """The exchange actually used: resolves `auto` (ragged_all_to_all is emulated on CPU)."""
     backend = backend or target_platform()
     kind = config.moe_dispatch
     if kind == "auto":
@@ -92,10 +91,11 @@ def resolve_exchange(config: ModelConfig, ep: int, backend: str | None = None) -
         if backend not in ("tpu", "gpu") or ep <= max(2, config.num_experts_per_tok):
             return "allgather"
         kind = "ragged_all_to_all"
-    if kind == "ragged_all_to_all" and backend not in ("tpu", "gpu"):
+    if kind == "ragged_all_to_all" and not ragged_exchange.supports_ragged_all_to_all(backend):
+        # Emulated (ragged_exchange.py): the same packing, receive layout and drops as on
+        # TPU/GPU, with P x the exchanged volume.
         _log_once(f"moe_dispatch='ragged_all_to_all': XLA:{backend} has no ragged-all-to-all; "
-                  "using the dropless packed all_to_all path instead")
-        return "all_to_all_dropless"
+                  "running its all_gather emulation")
     return kind
 
 
@@ -243,8 +243,8 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
 
 
 def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
-    """Variable-size exchange with `lax.ragged_all_to_all` (TPU/GPU only) into `recv_rows`
-    receive rows; assignments past them are dropped. Returns (y_TD, dropped)."""
+    """Variable-size exchange with `lax.ragged_all_to_all` (emulated where XLA lacks it) into
+    `recv_rows` receive rows; assignments past them are dropped. Returns (y_TD, dropped)."""
     t, k = experts_TK.shape
     e_local = w[0].shape[0]
     d = x_TD.shape[-1]
@@ -264,10 +264,10 @@ def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
     me = jax.lax.axis_index("expert")
     send_P, out_off_P = sizes_PP[me], out_off_PP[me]
     recv_P = sizes_PP[:, me]
-    recv_xD = jax.lax.ragged_all_to_all(
+    recv_xD = ragged_exchange.ragged_all_to_all(
         xs_MD, jnp.zeros((recv_rows, d), x_TD.dtype), in_off_P, send_P, out_off_P, recv_P,
         axis_name="expert")
-    recv_x1 = jax.lax.ragged_all_to_all(
+    recv_x1 = ragged_exchange.ragged_all_to_all(
         es_M1, jnp.full((recv_rows, 1), e_local, jnp.int32), in_off_P, send_P, out_off_P,
         recv_P, axis_name="expert")
     # Back in the activation dtype: the receive buffer's f32 copies (outputs, their return
@@ -278,7 +278,7 @@ def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
     back_in_off_P = out_off_PP[:, me]
     in_off_PP = jax.lax.all_gather(in_off_P, "expert", axis=0, tiled=False)
     back_out_off_P = in_off_PP[:, me]
-    ys_MD = jax.lax.ragged_all_to_all(
+    ys_MD = ragged_exchange.ragged_all_to_all(
         y_xD, jnp.zeros((m, d), y_xD.dtype), back_in_off_P, recv_P, back_out_off_P, send_P,
         axis_name="expert")
     y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)
@@ -287,14 +287,11 @@ def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
 
 
 def _token_axes(mesh, tokens: int, rules) -> tuple[tuple[str, ...], bool]:
-    """(mesh axes splitting the tokens inside the layer, whether `expert` is among them)."""
-    sizes = dict(mesh.shape)
-    axes = list(sharding.batch_axes(mesh, rules))
-    if sizes.get("expert", 1) > 1 and "expert" not in axes:
-        axes.append("expert")
-    while axes and tokens % math.prod(sizes[a] for a in axes):
-        axes.pop()  # drop `expert` first, then the data axes, until the tokens divide
-    return tuple(axes), "expert" in axes
+    """(mesh axes splitting the tokens inside the layer, whether `expert` is among them): the
+    batch rule's axes and `expert`, dropping `expert` first, then the data axes, until the
+    tokens divide."""
+    axes = sharding.dividing_axes("batch", tokens, mesh, rules, extra=("expert",))
+    return axes, "expert" in axes
 
 
 def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array,
@@ -312,22 +309,15 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
     ep = sizes.get("expert", 1)
     t = x_TD.shape[0]
     tok_axes, split_over_expert = _token_axes(mesh, t, rules)
-    exp_axes = tuple(a for a in rules.get("exp", ()) if sizes.get(a, 1) > 1)
+    exp_axes = sharding.rule_axes("exp", mesh, rules)
     if exp_axes not in ((), ("expert",)) or (ep > 1 and exp_axes != ("expert",)):
         raise ValueError(f"expert parallelism needs the rule exp -> ('expert',), got {exp_axes}")
-    f_axes = tuple(a for a in rules.get("moe_mlp", ())
-                   if sizes.get(a, 1) > 1 and a not in tok_axes and a != "expert")
-    f = gate_EDF.shape[-1]
-    if f % math.prod(sizes[a] for a in f_axes):
-        f_axes = ()
-    # The weights' D stays split over its FSDP axes into the shard_map; the body gathers it.
-    d_axes = tuple(a for a in rules.get("embed", ())
-                   if sizes.get(a, 1) > 1 and a not in f_axes and a != "expert")
-    if gate_EDF.shape[1] % math.prod(sizes[a] for a in d_axes):
-        d_axes = ()
-    tok = tok_axes if tok_axes else None
-    f_spec = f_axes if f_axes else None
-    d_spec = d_axes if d_axes else None
+    # F over the moe_mlp axes that split neither the tokens nor the experts (or none); the
+    # weights' D stays split over its FSDP axes into the shard_map, and the body gathers it.
+    f_axes = sharding.dividing_axes("moe_mlp", gate_EDF.shape[-1], mesh, rules,
+                                    exclude=(*tok_axes, "expert"), whole=True)
+    d_axes = sharding.dividing_axes("embed", gate_EDF.shape[1], mesh, rules,
+                                    exclude=(*f_axes, "expert"), whole=True)
     chunk = config.expert_gather_chunk
     if not set(d_axes) <= set(tok_axes):  # e.g. one decode token: too few to split
         chunk = 0
@@ -335,7 +325,6 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
         _log_once(f"expert_gather_chunk={chunk} does not divide the {gate_EDF.shape[0] // ep} "
                   "experts of a shard: their weights are gathered all at once")
         chunk = 0
-    e_spec = "expert" if ep > 1 else None
 
     kind = resolve_exchange(config, ep)
     if not split_over_expert and ep > 1:
@@ -358,7 +347,7 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
         else:
             if kind == "all_to_all":
                 capacity = exchange_capacity(t_shard, config, ep)
-            else:  # ragged fallback, or P = 1: never drop
+            else:  # ragged_all_to_all with P = 1: nothing exchanged, never drop
                 capacity = t_shard * min(config.num_experts_per_tok, gate.shape[0])
             y_TD, dropped = _packed(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, capacity)
         return _reduce(y_TD, dropped)
@@ -370,10 +359,14 @@ def routed_experts(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: jax.Array
             dropped = jax.lax.psum(dropped, tok_axes)
         return y_TD, dropped
 
-    in_specs = (P(tok, None), P(tok, None), P(tok, None), P(tok, None),
-                P(e_spec, d_spec, f_spec), P(e_spec, d_spec, f_spec), P(e_spec, f_spec, d_spec))
+    # The shard_map's own rules: tokens, experts, F and D over the axes chosen above.
+    layer_rules = sharding.Rules({"batch": tok_axes, "exp": exp_axes, "moe_mlp": f_axes,
+                                  "embed": d_axes})
+    rows, w_in, w_out = ("batch", None), ("exp", "embed", "moe_mlp"), ("exp", "moe_mlp", "embed")
     # Unchecked varying axes: megablox's `pallas_call` (the TPU grouped matmul) cannot state
     # its outputs' and is rejected by a checked shard_map; the tests hold every exchange's
     # forward and gradients to one device's.
-    fn = jax.shard_map(body, in_specs=in_specs, out_specs=(P(tok, None), P()), check_vma=False)
-    return fn(x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, down_EFD)
+    return sharding.per_shard(
+        body, (x_TD, experts_TK, weights_TK, affinity_TK, gate_EDF, up_EDF, down_EFD),
+        (rows, rows, rows, rows, w_in, w_in, w_out), (rows, ()), out_shapes=(x_TD.shape, ()),
+        rules=layer_rules, strict=True)
