@@ -10,7 +10,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from mla_moe import sharding
 
@@ -57,13 +56,31 @@ def mtp_loss(
     Positions whose target lies past the end, in another segment, or has zero weight are
     excluded. Multiply by `config.mtp_loss_weight` (lambda) before adding to the main loss.
     """
-    num_i = mtp_logits_IBTU.shape[0]
-    total = jnp.zeros((), jnp.float32)
-    for k in range(1, num_i + 1):
+    return mtp_mean(*mtp_loss_sums(mtp_logits_IBTU, tokens_BT, segment_ids_BT, weights_BT))
+
+
+def mtp_loss_sums(
+    mtp_logits_IBTU: jax.Array,
+    tokens_BT: jax.Array,
+    segment_ids_BT: jax.Array | None = None,
+    weights_BT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(loss sums [I], target counts [I]), float32: module k's summed token losses and its
+    number of valid targets (`mtp_targets`). A loss over several micro-batches adds both
+    before dividing (`mtp_mean`), as one batch would."""
+    sums, counts = [], []
+    for k in range(1, mtp_logits_IBTU.shape[0] + 1):
         targets_BT, valid_BT = mtp_targets(tokens_BT, k, segment_ids_BT, weights_BT)
         loss_sum, count = cross_entropy(mtp_logits_IBTU[k - 1], targets_BT, valid_BT)
-        total = total + loss_sum / jnp.maximum(count, 1.0)
-    return total / num_i
+        sums.append(loss_sum)
+        counts.append(count)
+    return jnp.stack(sums), jnp.stack(counts)
+
+
+def mtp_mean(sums_I: jax.Array, counts_I: jax.Array) -> jax.Array:
+    """The MTP loss from `mtp_loss_sums`: the mean over modules of sum / count (a module with no
+    valid target counts 0)."""
+    return jnp.mean(sums_I / jnp.maximum(counts_I, 1.0))
 
 
 # --- chunked cross-entropy: the head matmul fused with the loss, one token chunk at a time ---
@@ -94,27 +111,16 @@ def _layout(b: int, d: int, u: int) -> _Layout:
     mesh = sharding.active_mesh()
     if mesh is None or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
         return _Layout()
-    rules = sharding.current_rules()
-    sizes = dict(mesh.shape)
-    size = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731
-    tok = list(sharding.batch_axes(mesh, rules))
-    while tok and b % size(tok):
-        tok.pop()
-    voc = [a for a in rules.get("vocab", ()) if sizes.get(a, 1) > 1 and a not in tok]
-    while voc and u % size(voc):
-        voc.pop()
-    emb = [a for a in rules.get("embed", ()) if sizes.get(a, 1) > 1 and a not in voc]
-    scatter = tuple(emb) if emb and set(emb) <= set(tok) and d % size(emb) == 0 else ()
-    return _Layout(tuple(tok), tuple(voc), scatter, size(tok))
+    rules, sizes = sharding.current_rules(), dict(mesh.shape)
+    tok = sharding.dividing_axes("batch", b, mesh, rules)
+    voc = sharding.dividing_axes("vocab", u, mesh, rules, exclude=tok)
+    emb = sharding.dividing_axes("embed", d, mesh, rules, exclude=voc, whole=True)
+    scatter = emb if emb and set(emb) <= set(tok) else ()
+    return _Layout(tok, voc, scatter, math.prod(sizes[a] for a in tok))
 
 
 def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
-
-
-def _varying(x, axes):
-    """A scan's initial carry typed as varying over the manual `axes`, as its updates are."""
-    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _chunked(a, n):
@@ -160,7 +166,7 @@ def _local_forward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT):
 
     n = lay.chunks
     xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n))
-    carry = _varying(jnp.zeros((), jnp.float32), lay.tokens)
+    carry = sharding.vary(jnp.zeros((), jnp.float32), lay.tokens)
     loss, (logz_OBT, nll_OBT) = jax.lax.scan(body, carry, xs)
     return _psum(loss, lay.tokens), _unchunked(logz_OBT), _unchunked(nll_OBT)
 
@@ -187,7 +193,7 @@ def _local_backward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT, logz_BT, 
     n = lay.chunks
     xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n),
           _chunked(logz_BT, n))
-    carry = _varying(jnp.zeros(w_DU.shape, jnp.float32), lay.tokens + lay.vocab)
+    carry = sharding.vary(jnp.zeros(w_DU.shape, jnp.float32), lay.tokens + lay.vocab)
     dw_DU, dx_OBTD = jax.lax.scan(body, carry, xs)
     if lay.scatter:
         dw_DU = jax.lax.psum_scatter(dw_DU, lay.scatter, scatter_dimension=0, tiled=True)
@@ -195,18 +201,28 @@ def _local_backward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT, logz_BT, 
     return _unchunked(dx_OBTD), dw_DU.astype(w_DU.dtype)
 
 
-def _specs(lay: _Layout):
-    tok = lay.tokens or None
-    voc = lay.vocab or None
-    return P(tok, None, None), P(None, voc), P(tok, None), P(lay.scatter or None, voc)
+# The logical names of the loss's operands: per shard, the tokens' rows over the token axes,
+# the head over the vocab axes, and the head gradient's D scattered (see `_sharded`).
+_BTD, _BT = ("batch", None, None), ("batch", None)
+_W_DU, _DW_DU = (None, "vocab"), ("embed", "vocab")
+
+
+def _sharded(lay: _Layout, fn, args, in_names, out_names, out_shapes):
+    """`fn(*args)` per shard (`sharding.per_shard`) under the loss's own rules: batch -> the
+    token axes, vocab -> the vocab axes, embed -> the scatter axes; directly when the layout
+    splits nothing."""
+    if not (lay.tokens or lay.vocab):
+        return fn(*args)
+    rules = sharding.Rules({"batch": lay.tokens, "vocab": lay.vocab, "embed": lay.scatter})
+    return sharding.per_shard(fn, args, in_names, out_names, out_shapes=out_shapes,
+                              rules=rules, check_vma=True)
 
 
 def _forward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT):
-    f = functools.partial(_local_forward, lay)
-    if lay.tokens or lay.vocab:
-        x_s, w_s, bt_s, _ = _specs(lay)
-        f = jax.shard_map(f, in_specs=(x_s, w_s, bt_s, bt_s), out_specs=(P(), bt_s, bt_s))
-    return f(x_BTD, w_DU, targets_BT, weights_BT)
+    bt = targets_BT.shape
+    return _sharded(lay, functools.partial(_local_forward, lay),
+                    (x_BTD, w_DU, targets_BT, weights_BT), (_BTD, _W_DU, _BT, _BT),
+                    ((), _BT, _BT), ((), bt, bt))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -221,11 +237,10 @@ def _fused_loss_fwd(lay, x_BTD, w_DU, targets_BT, weights_BT):
 
 def _fused_loss_bwd(lay, res, g):
     x_BTD, w_DU, targets_BT, weights_BT, logz_BT, nll_BT = res
-    f = functools.partial(_local_backward, lay)
-    if lay.tokens or lay.vocab:
-        x_s, w_s, bt_s, dw_s = _specs(lay)
-        f = jax.shard_map(f, in_specs=(x_s, w_s, bt_s, bt_s, bt_s, P()), out_specs=(x_s, dw_s))
-    dx_BTD, dw_DU = f(x_BTD, w_DU, targets_BT, weights_BT, logz_BT, g)
+    dx_BTD, dw_DU = _sharded(
+        lay, functools.partial(_local_backward, lay),
+        (x_BTD, w_DU, targets_BT, weights_BT, logz_BT, g),
+        (_BTD, _W_DU, _BT, _BT, _BT, ()), (_BTD, _DW_DU), (x_BTD.shape, w_DU.shape))
     d_targets = np.zeros(targets_BT.shape, jax.dtypes.float0)
     return dx_BTD, dw_DU, d_targets, (g * nll_BT).astype(weights_BT.dtype)
 
@@ -293,11 +308,29 @@ def chunked_mtp_loss(
 ) -> jax.Array:
     """`mtp_loss` from each module's normed hidden states (mtp_x_IBTD, after that module's
     norm) and the shared head w_DU, with `chunked_cross_entropy`."""
-    num_i = mtp_x_IBTD.shape[0]
-    total = jnp.zeros((), jnp.float32)
-    for k in range(1, num_i + 1):
+    return mtp_mean(
+        *chunked_mtp_loss_sums(
+            mtp_x_IBTD, w_DU, tokens_BT, segment_ids_BT, weights_BT, chunk_tokens=chunk_tokens
+        )
+    )
+
+
+def chunked_mtp_loss_sums(
+    mtp_x_IBTD: jax.Array,
+    w_DU: jax.Array,
+    tokens_BT: jax.Array,
+    segment_ids_BT: jax.Array | None = None,
+    weights_BT: jax.Array | None = None,
+    *,
+    chunk_tokens: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`mtp_loss_sums` with `chunked_cross_entropy` (the arguments of `chunked_mtp_loss`)."""
+    sums, counts = [], []
+    for k in range(1, mtp_x_IBTD.shape[0] + 1):
         targets_BT, valid_BT = mtp_targets(tokens_BT, k, segment_ids_BT, weights_BT)
-        loss_sum, count = chunked_cross_entropy(mtp_x_IBTD[k - 1], w_DU, targets_BT, valid_BT,
-                                                chunk_tokens=chunk_tokens)
-        total = total + loss_sum / jnp.maximum(count, 1.0)
-    return total / num_i
+        loss_sum, count = chunked_cross_entropy(
+            mtp_x_IBTD[k - 1], w_DU, targets_BT, valid_BT, chunk_tokens=chunk_tokens
+        )
+        sums.append(loss_sum)
+        counts.append(count)
+    return jnp.stack(sums), jnp.stack(counts)

@@ -23,9 +23,11 @@ NAN_POLICIES = ("stop", "skip")
 DSA_STAGES = ("off", "warmup", "sparse")
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 # The optional numeric model fields ("int | None", "float | None") and their number type.
-_NUMBER_TYPES = {f.name: {"int | None": int, "float | None": float}[str(f.type)]
-                 for f in dataclasses.fields(ModelConfig)
-                 if str(f.type) in ("int | None", "float | None")}
+_NUMBER_TYPES = {
+    f.name: {"int | None": int, "float | None": float}[str(f.type)]
+    for f in dataclasses.fields(ModelConfig)
+    if str(f.type) in ("int | None", "float | None")
+}
 
 
 def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collections.ConfigDict:
@@ -48,6 +50,14 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
         steps=1000,
         batch_size=32,  # global, in sequences
         seq_len=512,
+        # A micro-batches of batch_size / A sequences run one after another (train_step.py).
+        # Every loss is summed over them and divided once by the whole batch's count, so the
+        # loss, the gradient and the logged losses are the batch's, whatever the micro-batches'
+        # valid tokens. Per micro-batch by definition: with model.seq_aux=False the balance
+        # losses' "batch" (the load f_i and mean score P_i of each expert) is the micro-batch,
+        # and the loss is their mean over the A micro-batches (the whole batch's f_i would need
+        # every micro-batch's routing before the first backward); likewise moe_impl="capacity"
+        # and dispatch_capacity_factor size expert capacity from the micro-batch's tokens.
         grad_accum_steps=1,
         # Tokens per device per chunk of the chunked CE + MTP loss (losses.chunked_cross_entropy;
         # the [tokens, vocab] logits are never whole); 0: whole logits, then the plain loss.
@@ -98,8 +108,9 @@ def runlocal_config(model: ml_collections.ConfigDict, sizes: dict) -> ml_collect
     model.update(sizes)
     return run_config(
         model,
-        train=dict(steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every_steps=0,
-                   eval_batches=1),
+        train=dict(
+            steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every_steps=0, eval_batches=1
+        ),
         data=dict(num_threads=1, prefetch=2),
         checkpoint=dict(every_steps=2, max_to_keep=1),
         log=dict(every_steps=1),
@@ -131,9 +142,12 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
         v = t[name]
         _check(isinstance(v, int) and v > 0, f"train.{name} must be a positive integer, got {v!r}")
-    _check(isinstance(t.loss_chunk_tokens, int) and not isinstance(t.loss_chunk_tokens, bool)
-           and t.loss_chunk_tokens >= 0,
-           f"train.loss_chunk_tokens must be an integer >= 0, got {t.loss_chunk_tokens!r}")
+    _check(
+        isinstance(t.loss_chunk_tokens, int)
+        and not isinstance(t.loss_chunk_tokens, bool)
+        and t.loss_chunk_tokens >= 0,
+        f"train.loss_chunk_tokens must be an integer >= 0, got {t.loss_chunk_tokens!r}",
+    )
     _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.decay_steps >= 0, f"train.decay_steps must be >= 0, got {t.decay_steps}")
@@ -141,57 +155,92 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1/b2 must be in [0, 1), got {t.b1}, {t.b2}")
     _check(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {t.grad_clip_norm}")
-    _check(t.moment_dtype in MOMENT_DTYPES,
-           f"train.moment_dtype must be one of {tuple(MOMENT_DTYPES)}, got {t.moment_dtype!r}")
-    _check(t.dsa_stage in DSA_STAGES,
-           f"train.dsa_stage must be one of {DSA_STAGES}, got {t.dsa_stage!r}")
-    _check(t.dsa_stage == "off" or cfg.has_indexer,
-           f"train.dsa_stage={t.dsa_stage!r} needs a V3.2 model with an indexer "
-           f"(model.index_n_heads > 0, got {cfg.index_n_heads})")
-    _check(t.indexer_loss_coef >= 0,
-           f"train.indexer_loss_coef must be >= 0, got {t.indexer_loss_coef}")
-    _check(t.nan_policy in NAN_POLICIES,
-           f"train.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
-    _check(t.eval_every_steps >= 0,
-           f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}")
+    _check(
+        t.moment_dtype in MOMENT_DTYPES,
+        f"train.moment_dtype must be one of {tuple(MOMENT_DTYPES)}, got {t.moment_dtype!r}",
+    )
+    _check(
+        t.dsa_stage in DSA_STAGES,
+        f"train.dsa_stage must be one of {DSA_STAGES}, got {t.dsa_stage!r}",
+    )
+    _check(
+        t.dsa_stage == "off" or cfg.has_indexer,
+        f"train.dsa_stage={t.dsa_stage!r} needs a V3.2 model with an indexer "
+        f"(model.index_n_heads > 0, got {cfg.index_n_heads})",
+    )
+    _check(
+        t.indexer_loss_coef >= 0, f"train.indexer_loss_coef must be >= 0, got {t.indexer_loss_coef}"
+    )
+    _check(
+        t.nan_policy in NAN_POLICIES,
+        f"train.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}",
+    )
+    _check(
+        t.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}"
+    )
     _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
-    _check(t.batch_size % t.grad_accum_steps == 0,
-           f"train.batch_size={t.batch_size} is not divisible by "
-           f"train.grad_accum_steps={t.grad_accum_steps}")
-    _check(t.seq_len <= cfg.max_position_embeddings,
-           f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
-           f"{cfg.max_position_embeddings}")
-    _check(config.checkpoint.every_steps > 0,
-           f"checkpoint.every_steps must be > 0, got {config.checkpoint.every_steps}")
-    _check(config.checkpoint.max_to_keep >= 0,
-           f"checkpoint.max_to_keep must be >= 0, got {config.checkpoint.max_to_keep}")
+    _check(
+        t.batch_size % t.grad_accum_steps == 0,
+        f"train.batch_size={t.batch_size} is not divisible by "
+        f"train.grad_accum_steps={t.grad_accum_steps}",
+    )
+    _check(
+        t.seq_len <= cfg.max_position_embeddings,
+        f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+        f"{cfg.max_position_embeddings}",
+    )
+    _check(
+        config.checkpoint.every_steps > 0,
+        f"checkpoint.every_steps must be > 0, got {config.checkpoint.every_steps}",
+    )
+    _check(
+        config.checkpoint.max_to_keep >= 0,
+        f"checkpoint.max_to_keep must be >= 0, got {config.checkpoint.max_to_keep}",
+    )
     _check(config.log.every_steps > 0, f"log.every_steps must be > 0, got {config.log.every_steps}")
-    _check(config.data.num_threads >= 0 and config.data.prefetch >= 0,
-           "data.num_threads and data.prefetch must be >= 0")
+    _check(
+        config.data.num_threads >= 0 and config.data.prefetch >= 0,
+        "data.num_threads and data.prefetch must be >= 0",
+    )
     return cfg
 
 
-def check_batch(config: ml_collections.ConfigDict, data_parallel: int,
-                process_count: int) -> None:
+def check_batch(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:
     """The global (micro-)batch must split evenly over data-parallel devices and processes."""
     t = config.train
     micro = t.batch_size // t.grad_accum_steps
-    _check(micro % data_parallel == 0,
-           f"train.batch_size={t.batch_size} (micro-batch {micro} with "
-           f"grad_accum_steps={t.grad_accum_steps}) is not divisible by the data-parallel size "
-           f"{data_parallel} (mesh.data x mesh.fsdp x mesh.expert)")
-    _check(t.batch_size % process_count == 0,
-           f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
+    _check(
+        micro % data_parallel == 0,
+        f"train.batch_size={t.batch_size} (micro-batch {micro} with "
+        f"grad_accum_steps={t.grad_accum_steps}) is not divisible by the data-parallel size "
+        f"{data_parallel} (mesh.data x mesh.fsdp x mesh.expert)",
+    )
+    _check(
+        t.batch_size % process_count == 0,
+        f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes",
+    )
 
 
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
 # Everything else changes the parameters' structure or the data stream.
 RESUMABLE_FIELDS = (
-    "train.steps", "train.eval_every_steps", "train.eval_batches", "train.nan_policy",
+    "train.steps",
+    "train.eval_every_steps",
+    "train.eval_batches",
+    "train.nan_policy",
     "train.loss_chunk_tokens",
-    "train.fault_nan_step", "data.num_threads", "data.prefetch", "checkpoint", "log", "mesh",
-    "model.dtype", "model.remat_policy", "model.moe_impl", "model.capacity_factor",
-    "model.attention_impl", "model.decode_attention",
+    "train.fault_nan_step",
+    "data.num_threads",
+    "data.prefetch",
+    "checkpoint",
+    "log",
+    "mesh",
+    "model.dtype",
+    "model.remat_policy",
+    "model.moe_impl",
+    "model.capacity_factor",
+    "model.attention_impl",
+    "model.decode_attention",
 )
 
 

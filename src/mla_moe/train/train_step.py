@@ -13,9 +13,12 @@ coefficients in the model) + mtp_loss_weight * MTP loss. With `loss_chunk_tokens
 and MTP losses apply the head a chunk of tokens at a time (`losses.chunked_cross_entropy`): the
 [tokens, vocab] logits are never whole in memory; the loss is the same up to float rounding.
 With gradient accumulation the batch is split into A micro-batches run one after another
-(lax.scan); CE is normalised by the whole batch's weight so the gradient equals the unsplit
-batch's. The expert-bias update uses the token counts summed over all micro-batches and is
-applied after the optimizer step.
+(lax.scan). Each loss is a sum over the micro-batches divided once by the whole batch's count
+(CE: the target weight; MTP: each module's valid targets; the balance and z losses and the
+indexer's KL: the sequences, T tokens each), so loss and gradient equal the unsplit batch's; the
+exception, the balance losses with seq_aux=False, is in train/config.py (grad_accum_steps). The
+expert-bias update uses the token counts summed over all micro-batches and is applied after the
+optimizer step.
 
 V3.2 (`dsa_stage`, dsa_loss.py): "sparse" adds indexer_loss_coef x the indexer's KL, whose
 gradient reaches the indexers only (their inputs are detached, the top-k is discrete); in
@@ -36,10 +39,10 @@ import optax
 from flax import nnx
 
 from mla_moe import losses, sharding
-from mla_moe.balance import apply_expert_bias_update
 from mla_moe.config import ModelConfig
 from mla_moe.decoder import DeepSeekModel
 from mla_moe.router import ExpertBias
+from mla_moe.train.expert_bias import apply_expert_bias_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +61,29 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State
     return nnx.split(model, nnx.Param, ...)
 
 
-BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
-                "segment_ids": jnp.int32, "weights": jnp.float32}
+BATCH_FIELDS = {
+    "inputs": jnp.int32,
+    "targets": jnp.int32,
+    "positions": jnp.int32,
+    "segment_ids": jnp.int32,
+    "weights": jnp.float32,
+}
 
 
-def batch_spec(batch_size: int, seq_len: int, sharding: jax.sharding.Sharding | None = None
-               ) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(
+    batch_size: int, seq_len: int, sharding: jax.sharding.Sharding | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
     """The batch as ShapeDtypeStructs [batch_size, seq_len] (with `sharding`, e.g. over the
     batch axes): what the step compiles for, without reading any data."""
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=sharding)
-            for k, d in BATCH_FIELDS.items()}
+    return {
+        k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=sharding)
+        for k, d in BATCH_FIELDS.items()
+    }
 
 
-def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
-                 ) -> Callable[[], dict[str, Any]]:
+def make_init_fn(
+    cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
+) -> Callable[[], dict[str, Any]]:
     """A function () -> train state; jit it with out_shardings for a sharded init."""
 
     def init():
@@ -88,89 +100,152 @@ def make_init_fn(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
 
 
 def _forward_losses(model: DeepSeekModel, batch, chunk_tokens: int, indexer_loss=False):
-    """(model output, CE sum, weight sum, MTP loss or None) of one batch; with chunk_tokens > 0
-    the head is applied inside the chunked losses and the output carries no logits."""
+    """(model output, CE sum, weight sum, MTP (loss sums [I], target counts [I]) or None) of one
+    batch; with chunk_tokens > 0 the head is applied inside the chunked losses and the output
+    carries no logits."""
     chunked = chunk_tokens > 0
-    out = model(batch["inputs"], positions_BT=batch["positions"],
-                segment_ids_BT=batch["segment_ids"], logits=not chunked,
-                indexer_loss=indexer_loss)
+    out = model(
+        batch["inputs"],
+        positions_BT=batch["positions"],
+        segment_ids_BT=batch["segment_ids"],
+        logits=not chunked,
+        indexer_loss=indexer_loss,
+    )
     if chunked:
         w_DU = model.head_weight()
         ce_sum, weight_sum = losses.chunked_cross_entropy(
-            out.normed_hidden, w_DU, batch["targets"], batch["weights"],
-            chunk_tokens=chunk_tokens)
-        mtp = None if out.mtp_normed_hidden is None else losses.chunked_mtp_loss(
-            out.mtp_normed_hidden, w_DU, batch["inputs"], batch["segment_ids"],
-            chunk_tokens=chunk_tokens)
+            out.normed_hidden, w_DU, batch["targets"], batch["weights"], chunk_tokens=chunk_tokens
+        )
+        mtp = None
+        if out.mtp_normed_hidden is not None:
+            tokens, segments = batch["inputs"], batch["segment_ids"]
+            mtp = losses.chunked_mtp_loss_sums(
+                out.mtp_normed_hidden, w_DU, tokens, segments, chunk_tokens=chunk_tokens
+            )
     else:
         ce_sum, weight_sum = losses.cross_entropy(out.logits, batch["targets"], batch["weights"])
-        mtp = None if out.mtp_logits is None else losses.mtp_loss(
-            out.mtp_logits, batch["inputs"], batch["segment_ids"])
+        mtp = None
+        if out.mtp_logits is not None:
+            mtp = losses.mtp_loss_sums(out.mtp_logits, batch["inputs"], batch["segment_ids"])
     return out, ce_sum, weight_sum, mtp
 
 
-def _loss_fn(params, extra, batch, graphdef, cfg: ModelConfig, total_weight, micro_scale,
-             chunk_tokens: int = 0, dsa_stage: str = "off", indexer_loss_coef: float = 1.0):
+def _batch_counts(batch, cfg: ModelConfig) -> dict[str, Any]:
+    """The denominators of the step's losses over the whole batch, known before any micro-batch
+    runs: the CE's target weight, each MTP module's valid targets (as `losses.mtp_loss_sums`
+    counts them; at least 1), and the number of sequences (static)."""
+    inputs, segments = batch["inputs"], batch["segment_ids"]
+    mtp = [
+        jnp.sum(losses.mtp_targets(inputs, k, segments)[1], dtype=jnp.float32)
+        for k in range(1, cfg.num_nextn_predict_layers + 1)
+    ]
+    return {
+        "weight": jnp.maximum(jnp.sum(batch["weights"]), 1.0),
+        "mtp": jnp.maximum(jnp.stack(mtp), 1.0) if mtp else jnp.ones((0,), jnp.float32),
+        "sequences": inputs.shape[0],
+    }
+
+
+def _loss_fn(
+    params,
+    extra,
+    batch,
+    graphdef,
+    cfg: ModelConfig,
+    counts,
+    chunk_tokens: int = 0,
+    dsa_stage: str = "off",
+    indexer_loss_coef: float = 1.0,
+):
+    """(this micro-batch's part of the batch's loss, its sums): every term is the micro-batch's
+    sum over its tokens (or sequences) divided by the whole batch's count (`_batch_counts`),
+    so the parts of the micro-batches add up to the loss of the whole batch."""
     model = nnx.merge(graphdef, params, extra)
-    out, ce_sum, weight_sum, mtp = _forward_losses(model, batch, chunk_tokens,
-                                                   indexer_loss=dsa_stage != "off")
-    # CE is a token mean over the whole batch; the per-batch-mean terms (aux, MTP) are scaled
-    # by 1/A so that summing over A micro-batches averages them.
-    other = out.aux_loss
+    out, ce_sum, weight_sum, mtp = _forward_losses(
+        model, batch, chunk_tokens, indexer_loss=dsa_stage != "off"
+    )
     if mtp is None:
-        mtp = jnp.zeros((), jnp.float32)
-    else:
-        other = other + cfg.mtp_loss_weight * mtp
+        mtp = (jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32))
+    mtp_sums, mtp_counts = mtp
+    # The balance and z losses and the indexer's KL are means over this micro-batch's
+    # sequences, or over all its tokens (T per sequence, whatever their weights): times its
+    # share of the batch's sequences, each is its sum over the batch's count. With seq_aux=False
+    # the balance losses' statistics are the micro-batch's (train/config.py, grad_accum_steps).
+    seqs = batch["inputs"].shape[0]
+    share = seqs / counts["sequences"]
     kl = jnp.zeros((), jnp.float32) if out.indexer_loss is None else out.indexer_loss
     if dsa_stage == "warmup":
-        loss = micro_scale * indexer_loss_coef * kl
+        loss = share * indexer_loss_coef * kl
     else:
-        loss = ce_sum / total_weight + micro_scale * (other + indexer_loss_coef * kl)
-    aux = {
+        mtp_part = jnp.sum(mtp_sums / counts["mtp"]) / max(mtp_sums.shape[0], 1)
+        loss = (
+            ce_sum / counts["weight"]
+            + cfg.mtp_loss_weight * mtp_part
+            + share * (out.aux_loss + indexer_loss_coef * kl)
+        )
+    by_seqs = lambda x: seqs * x  # noqa: E731  (a per-sequence or per-token mean -> a sum)
+    sums = {
         "ce_sum": ce_sum,
         "weight_sum": weight_sum,
-        "aux_loss": out.aux_loss,
-        "aux_losses": dict(out.aux_losses),
-        "mtp_loss": mtp,
-        "indexer_loss": kl,
+        "mtp_sums": mtp_sums,
+        "mtp_counts": mtp_counts,
+        "sequences": jnp.asarray(seqs, jnp.float32),
+        "aux_loss": by_seqs(out.aux_loss),
+        "aux_losses": {k: by_seqs(v) for k, v in out.aux_losses.items()},
+        "indexer_loss": by_seqs(kl),
         "tokens_per_expert": tuple(r.tokens_per_expert for r in out.router),
-        "dropped_fraction": tuple(r.dropped_fraction for r in out.router),
+        "dropped_fraction": tuple(by_seqs(r.dropped_fraction) for r in out.router),
     }
-    return loss, aux
+    return loss, sums
+
+
+def _metrics_of_sums(sums) -> dict[str, Any]:
+    """The logged losses from the sums of every micro-batch: each divided once by its count."""
+    per_seq = lambda x: x / sums["sequences"]  # noqa: E731
+    mtp = jnp.zeros((), jnp.float32)
+    if sums["mtp_sums"].size:
+        mtp = losses.mtp_mean(sums["mtp_sums"], sums["mtp_counts"])
+    return {
+        "ce_sum": sums["ce_sum"],
+        "weight_sum": sums["weight_sum"],
+        "aux_loss": per_seq(sums["aux_loss"]),
+        "aux_losses": jax.tree.map(per_seq, sums["aux_losses"]),
+        "mtp_loss": mtp,
+        "indexer_loss": per_seq(sums["indexer_loss"]),
+        "tokens_per_expert": sums["tokens_per_expert"],
+        "dropped_fraction": jax.tree.map(per_seq, sums["dropped_fraction"]),
+    }
 
 
 def _grads_and_aux(params, extra, batch, graphdef, cfg, step_cfg: StepConfig):
-    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    grad_fn = functools.partial(jax.value_and_grad(_loss_fn, has_aux=True),
-                                chunk_tokens=step_cfg.loss_chunk_tokens,
-                                dsa_stage=step_cfg.dsa_stage,
-                                indexer_loss_coef=step_cfg.indexer_loss_coef)
+    """(loss, metrics of its parts, gradients) of the whole batch, run as
+    `step_cfg.grad_accum_steps` micro-batches one after another (lax.scan): the losses' and
+    gradients' sums are added over micro-batches, each loss divided once by the whole batch's
+    count."""
+    counts = _batch_counts(batch, cfg)
+    grad_fn = functools.partial(
+        jax.value_and_grad(_loss_fn, has_aux=True),
+        chunk_tokens=step_cfg.loss_chunk_tokens,
+        dsa_stage=step_cfg.dsa_stage,
+        indexer_loss_coef=step_cfg.indexer_loss_coef,
+    )
     a = step_cfg.grad_accum_steps
     if a == 1:
-        (loss, aux), grads = grad_fn(params, extra, batch, graphdef, cfg, total_weight, 1.0)
-        return loss, aux, grads
+        (loss, sums), grads = grad_fn(params, extra, batch, graphdef, cfg, counts)
+        return loss, _metrics_of_sums(sums), grads
 
     micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
 
     def body(carry, mb):
-        (loss, aux), grads = grad_fn(params, extra, mb, graphdef, cfg, total_weight, 1.0 / a)
-        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+        (loss, sums), grads = grad_fn(params, extra, mb, graphdef, cfg, counts)
+        return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
-    zero = jax.eval_shape(lambda: grad_fn(params, extra, jax.tree.map(lambda x: x[0], micro),
-                                          graphdef, cfg, total_weight, 1.0 / a))
+    zero = jax.eval_shape(
+        lambda: grad_fn(params, extra, jax.tree.map(lambda x: x[0], micro), graphdef, cfg, counts)
+    )
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1]))
-    (loss, aux, grads), _ = jax.lax.scan(body, zero, micro)
-    # Logged per-micro-batch means are averaged; token counts and CE sums stay summed.
-    mean = lambda x: x / a  # noqa: E731
-    aux = {
-        **aux,
-        "aux_loss": mean(aux["aux_loss"]),
-        "aux_losses": jax.tree.map(mean, aux["aux_losses"]),
-        "mtp_loss": mean(aux["mtp_loss"]),
-        "indexer_loss": mean(aux["indexer_loss"]),
-        "dropped_fraction": jax.tree.map(mean, aux["dropped_fraction"]),
-    }
-    return loss, aux, grads
+    (loss, sums, grads), _ = jax.lax.scan(body, zero, micro)
+    return loss, _metrics_of_sums(sums), grads
 
 
 def _global_norm(tree) -> jax.Array:
@@ -180,10 +255,17 @@ def _global_norm(tree) -> jax.Array:
     return optax.global_norm(tree)
 
 
-def train_step(state: dict[str, Any], batch: dict[str, jax.Array], fault_step: Any = -1, *,
-               graphdef: nnx.GraphDef, cfg: ModelConfig, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, step_cfg: StepConfig
-               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def train_step(
+    state: dict[str, Any],
+    batch: dict[str, jax.Array],
+    fault_step: Any = -1,
+    *,
+    graphdef: nnx.GraphDef,
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    step_cfg: StepConfig,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """One optimizer step. Returns (new state, metrics dict of scalars / small vectors).
 
     `fault_step` (a traced int, -1 = off) poisons that step's loss with NaN: the fault-handling
@@ -232,8 +314,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], fault_step: A
         metrics["expert_load_mean"] = counts.mean(-1)
         metrics["drop_fraction"] = jnp.stack(aux["dropped_fraction"])
         biases = [
-            v[...] for path, v in nnx.to_flat_state(new_state["extra"])
-            if isinstance(v, ExpertBias)
+            v[...] for path, v in nnx.to_flat_state(new_state["extra"]) if isinstance(v, ExpertBias)
         ]
         if biases:
             metrics["bias_min"] = jnp.min(jnp.stack([b.min() for b in biases]))
@@ -241,8 +322,13 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], fault_step: A
     return new_state, metrics
 
 
-def eval_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-              loss_chunk_tokens: int = 0) -> dict[str, Any]:
+def eval_step(
+    state: dict[str, Any],
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    loss_chunk_tokens: int = 0,
+) -> dict[str, Any]:
     """Sums of token losses and weights (next-token CE only) over one batch."""
     model = nnx.merge(graphdef, state["params"], state["extra"])
     _, ce_sum, weight_sum, _ = _forward_losses(model, batch, loss_chunk_tokens)
