@@ -189,7 +189,9 @@ def sparse_latent_attention_cache(q_latent_BTNC: jax.Array, q_pe_BTNR: jax.Array
         rope. On TPU it is read in place when held in `sparse_latent_attention_tpu.
         cache_layout(dtype)` (otherwise XLA relays it out first, a copy) and S is even.
       indices_BTK: int, the K cache slots each query attends to; < 0: none. Non-negative
-        indices must be valid, visible, distinct slots (not checked; no causal mask applied).
+        indices must be valid, visible slots (not checked; no causal mask applied). A slot
+        listed twice counts twice in the softmax, as in the blocked reference (the
+        indexer's top-k never lists one twice; the mask-based oracle counts it once).
       sm_scale: softmax scale (Python float, static).
       block_sizes: kernel tiles; None uses `BlockSizes.get_default(implementation)`.
       implementation: see `pallas_kernels.dispatch`.

@@ -6,9 +6,10 @@ of indices, S is one block's selected slots, as in a kernel block.
 
 Query t of sequence b attends only to the cache slots indices_BTK[b, t, :]; an index < 0
 selects nothing (padding when fewer than K slots are visible). Every non-negative index is a
-valid, causally visible slot, and no index repeats: the caller (the indexer's top-k)
-guarantees it, so no causal mask is applied here. Each selected slot gives the shared key
-[c; k_pe] and value c of all N heads:
+valid, causally visible slot: the caller (the indexer's top-k) guarantees it, so no causal
+mask is applied here. The top-k never repeats an index; a repeated one counts once per listing
+in the blocked reference (as in the kernels) and once in the mask-based oracle. Each selected
+slot gives the shared key [c; k_pe] and value c of all N heads:
   score[b, t, n, k] = sm_scale * (q_latent[b, t, n] . c[b, i] + q_pe[b, t, n] . k_pe[b, i]),
   i = indices_BTK[b, t, k]
 A query with no valid index returns 0.

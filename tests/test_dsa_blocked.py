@@ -1,6 +1,7 @@
 """Blocked DeepSeek Sparse Attention (dsa_blocked.py) against the dense forms it replaces at
 long context: the top-k of indexer.py, the masked attention of attention.py and the KL of
-dsa_loss.py, forward and gradients; then a whole V3.2 model on each path.
+dsa_loss.py, forward and gradients; then one attention layer (indexer included) and a whole
+V3.2 model on each path.
 
 Every case has packed segments and lengths that are not multiples of the blocks. Tolerances
 are relative to the largest value compared (tolerance.py); the errors measured on CPU in
@@ -16,7 +17,7 @@ import pytest
 from flax import nnx
 from tolerance import assert_close_scaled
 
-from mla_moe import DeepSeekModel, ModelConfig, dsa_blocked, dsa_loss, sharding
+from mla_moe import MLA, DeepSeekModel, ModelConfig, dsa_blocked, dsa_loss, sharding
 from mla_moe import attention as attn
 from mla_moe import indexer as dsa
 
@@ -202,6 +203,48 @@ def test_blocked_model_has_no_sequence_squared_array():
     assert not {shape for shape in shapes if shape.count(SEQ) >= 2}
     # The walk reaches the loops: a block's attention scores [B, block_q, N, K] are there.
     assert (2, TINY["index_block_q"], TINY["num_attention_heads"], TINY["index_topk"]) in shapes
+
+
+# --- one attention layer ------------------------------------------------------------------------
+@functools.cache
+def _layer_vjp(index_attention, dense_max_len):
+    """One V3.2 MLA layer (its indexer included) over SEQ packed tokens: (its output, its
+    indexer loss) and their vjp for random cotangents, w.r.t. x and every parameter."""
+    cfg = ModelConfig(**TINY, index_attention=index_attention, index_dense_max_len=dense_max_len)
+    graphdef, params = nnx.split(MLA(cfg, rngs=nnx.Rngs(0)))
+    kx, kg = jax.random.split(jax.random.key(5))
+    x_BTD = jax.random.normal(kx, (2, SEQ, TINY["hidden_size"]))
+    g_BTD = jax.random.normal(kg, x_BTD.shape)
+    segments_BT = jnp.asarray([[0] * SEQ, [0] * 11 + [1] * (SEQ - 11)])
+
+    def layer(params, x_BTD):
+        mla = nnx.merge(graphdef, params)
+        out_BTD, _, loss = mla.attend(x_BTD, segment_ids_BT=segments_BT, indexer_loss=True)
+        return out_BTD, loss
+
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    def run(params, x_BTD):
+        outs, vjp = jax.vjp(layer, params, x_BTD)
+        return outs, vjp((g_BTD, jnp.float32(0.7)))
+
+    return run(params, x_BTD)
+
+
+def test_layer_on_the_blocked_path_matches_the_dense_path():
+    """The sparse stage: SEQ = 30 tokens > index_topk = 6, so each later query attends to 6
+    of its visible keys and the indexer's KL covers them; forward, and the gradients w.r.t.
+    the layer's input and each of its weights (the indexer's from its KL alone). (The dense
+    stage's blocked KL is checked above with its gradients, and in the whole model below.)"""
+    (out, kl), (grads, dx) = _layer_vjp("sparse", 16)  # blocked
+    (want_out, want_kl), (want_grads, want_dx) = _layer_vjp("sparse", 1024)  # dense
+    assert float(want_kl) > 0
+    # (measured: <= 3.7e-7)
+    assert_close_scaled(out, want_out, rel=REL)
+    assert_close_scaled(kl, want_kl, rel=REL)
+    assert_close_scaled(dx, want_dx, rel=REL, err_msg="x")
+    assert_close_scaled(grads, want_grads, rel=REL, err_msg="params")
+    for path, g in nnx.to_flat_state(want_grads):
+        assert float(jnp.max(jnp.abs(g[...]))) > 0, path  # every weight has a gradient
 
 
 @pytest.mark.parametrize("field", ["index_block_q", "index_block_k", "index_dense_max_len"])

@@ -1,5 +1,6 @@
 """pallas_kernels.sparse_latent_attention_cache (DeepSeek-V3.2's sparse decode) vs the dense
-oracle, in Pallas interpret mode on CPU, and the blocked XLA reference vs the same oracle.
+oracle, in Pallas interpret mode on CPU, and the blocked XLA reference vs the same oracle;
+both vs a float64 loop on a short cache's top-k and on indices that repeat a slot.
 
 Legend: B batch, T query len, S cache slots, N heads, C kv latent rank, R rope dim, K selected
 slots per query. Slots that no query selects hold NaN / inf, so any read of an unselected
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 from tolerance import assert_close_scaled
 
+from mla_moe import attention as attn
+from mla_moe import indexer
 from pallas_kernels import (
     SparseLatentBlockSizes,
     latent_attention_naive,
@@ -48,8 +51,24 @@ def _indices(seed, b, t, k, pattern, s):
     """[B, T, K] distinct slots per query, with -1 padding:
     "full": every index valid; "padded": query (b, t) keeps its first 3 + 5 b + 7 t and
     the rest is -1, scattered positions of b = 0, t = 0 are -1 too; the last query of the
-    last sequence has no valid index at all; "strided": every 7th index valid, the rest -1."""
+    last sequence has no valid index at all; "strided": every 7th index valid, the rest -1;
+    "short": the indexer's top-k of random scores over a cache that holds 3 (sequence 0) or
+    30 (sequence 1) tokens before the T new ones, which query t sees too: -1 past the
+    visible slots while fewer than K are, in score order, not slot order;
+    "repeats": "short" with slots listed twice or three times (outside the kernel's
+    contract), within a block of 8 indices and across blocks and splits."""
     rng = np.random.default_rng(seed)
+    if pattern in ("short", "repeats"):
+        lengths_B = jnp.asarray([3, 30][:b])
+        visible_BTS = attn.cache_mask(lengths_B[:, None] + jnp.arange(t)[None, :], s)
+        scores_BTS = jnp.asarray(rng.standard_normal((b, t, s)), jnp.float32)
+        idx = np.array(indexer.top_k(scores_BTS, visible_BTS, k))
+        if pattern == "repeats":
+            idx[0, 0, 1:3] = idx[0, 0, 0]  # the top slot three times, in one block
+            idx[0, -1, 3] = idx[0, -1, 2]
+            idx[1, :, 20] = idx[1, :, 0]  # the last split repeats a slot of the first
+            idx[1, 0, 9:12] = idx[1, 0, 5:8]  # three slots twice, across two blocks
+        return idx.astype(np.int32)
     idx = np.stack([np.stack([rng.permutation(s)[:k] for _ in range(t)]) for _ in range(b)])
     if pattern == "padded":
         for bi in range(b):
@@ -124,6 +143,54 @@ def test_kernel_matches_oracle(seed, b, t, k, pattern, dtype, s, implementation,
     _assert_close(got, want, dtype)
     if pattern == "padded":  # the query without a valid index outputs zeros
         assert not np.asarray(got)[-1, -1].any()
+
+
+def _numpy_decode(q_lat, q_pe, kv, idx):
+    """Each query's softmax over its index list as written, in float64: an index < 0 adds no
+    term, a slot listed m times adds m equal terms (m times its weight), no term gives 0."""
+    q_lat, q_pe, kv = (np.asarray(a).astype(np.float64) for a in (q_lat, q_pe, kv))
+    idx = np.asarray(idx)
+    out = np.zeros(q_lat.shape)
+    for b, t in np.ndindex(*idx.shape[:2]):
+        rows = kv[b, idx[b, t][idx[b, t] >= 0]]
+        if len(rows):
+            s_NS = SM_SCALE * (q_lat[b, t] @ rows[:, :C].T + q_pe[b, t] @ rows[:, C:].T)
+            p_NS = np.exp(s_NS - s_NS.max(axis=-1, keepdims=True))
+            out[b, t] = (p_NS / p_NS.sum(axis=-1, keepdims=True)) @ rows[:, :C]
+    return out
+
+
+SHORT_CACHE_CASES = [  # pattern, dtype, implementation, block sizes
+    pytest.param("short", jnp.float32, "interpret", SMALL, id="short-cache"),
+    pytest.param("repeats", jnp.float32, "interpret", SMALL, id="repeats"),
+    pytest.param("repeats", jnp.bfloat16, "tpu_interpret", TPU_SMALL, id="tpu-repeats-bf16"),
+]
+
+
+@pytest.mark.parametrize("pattern,dtype,implementation,block_sizes", SHORT_CACHE_CASES)
+def test_short_cache_and_repeated_indices(pattern, dtype, implementation, block_sizes):
+    """The kernel and the blocked reference against `_numpy_decode`, on the indices a top-k
+    over a short cache gives (-1 padding in score order; sequence 1 sees K or more slots) and
+    on indices that repeat a slot. The documented contract wants distinct slots; a repeat
+    counts once per listing in both (as in any softmax over the K listed scores), while the
+    mask-built oracle would count it once: pinned here so that kernel and reference agree."""
+    args = _inputs(7, 2, 2, 24, pattern, dtype)
+    idx = np.asarray(args[-1])
+    assert np.any(idx[0] < 0) and not np.any(idx[1] < 0)  # sequence 0 sees fewer than K
+    if pattern == "repeats":
+        assert len(set(idx[1, 0])) < idx.shape[-1] - 3
+    want = _numpy_decode(*args)
+    kernel = functools.partial(
+        sparse_latent_attention_cache,
+        sm_scale=SM_SCALE,
+        block_sizes=block_sizes,
+        implementation=implementation,
+    )
+    reference = functools.partial(sparse_latent_attention_reference, sm_scale=SM_SCALE, block_k=16)
+    got, reference = (_run(lambda a, fn=fn: fn(*a), args) for fn in (kernel, reference))
+    assert got.dtype == dtype
+    _assert_close(got, want, dtype)
+    _assert_close(reference, want, dtype)
 
 
 @pytest.mark.parametrize("seed,b,t,k,pattern,dtype", [

@@ -233,8 +233,8 @@ def test_cache_bytes_per_token_at_v32_size():
 
 def test_fp8_cache_decodes_close_to_the_float_cache(hf_v32):
     """Teacher-forced steps over float32, bfloat16 and FP8 caches (latents and indexer keys)
-    of the sparse model: the FP8 error is larger than bfloat16's but bounded, and the greedy
-    choices mostly agree."""
+    of the sparse model: the FP8 error is larger than bfloat16's but bounded (the indexer's
+    share of it is bounded per logit in the test below)."""
     _, _, ours = hf_v32
     model = ours.unstacked()
     tokens = _tokens(8, (2, 24))
@@ -246,14 +246,86 @@ def test_fp8_cache_decodes_close_to_the_float_cache(hf_v32):
         _, cache = _forward(model, tokens[:, :12], cache)
         outs[name] = np.asarray(_forward(model, tokens[:, 12:], cache)[0])  # 12 of 24 > top-8
     # A key near the top-k cutoff may flip in or out of the selection under bf16 or FP8
-    # rounding, which moves that token's logits by O(spread): bound the typical error and
-    # the greedy agreement, not the worst token. Measured: median |error| bf16 1.4e-3, fp8
-    # 4.6e-2 at logit std 0.5; the same argmax as float32 for 96% (bf16) and 71% (fp8) of the
-    # 24 tokens of this random model's flat logits (chance: 1%).
+    # rounding, which moves that token's logits by O(spread): bound the typical error, not the
+    # worst token. Measured: median |error| bf16 1.4e-3, fp8 4.6e-2 at logit std 0.5.
     med = {k: float(np.median(np.abs(v - outs["f32"]))) for k, v in outs.items()}
-    agree = {k: float(np.mean(v.argmax(-1) == outs["f32"].argmax(-1))) for k, v in outs.items()}
     assert 0 < med["bf16"] < med["fp8"] < 0.25 * outs["f32"].std(), med
-    assert agree["fp8"] >= 0.5, agree
+
+
+def _e4m3_logit_bound(q_BTHI, w_BTH, k_BSI):
+    """A bound on |I_fp8 - I| per logit [B, T, S] when the keys are stored as e4m3 with one
+    power-of-two scale per 128 values (the smallest >= max|block| / 448) and read back.
+
+    Each stored key value is within 2^-4 |k_j| of k_j (3 mantissa bits, rounding to nearest),
+    or within 2^-10 of its scale where the scaled value is subnormal (below 2^-6, spacing
+    2^-9). So head h's dot a = q . k / sqrt(Di) moves by at most
+    d = sum_j |q_j| (2^-4 |k_j| + 2^-10 scale_j) / sqrt(Di), its relu by at most
+    clip(a + d, 0, d) (0 where a + d <= 0: both sides are cut off), and the logit by the sum
+    of those times |w_h|; plus float32 rounding of both computations (Di + Hi terms)."""
+    q, w, k = (np.asarray(a, np.float64) for a in (q_BTHI, w_BTH, k_BSI))
+    di, hi = k.shape[-1], w.shape[-1]
+    z = -(-di // 128)
+    blocks = np.pad(np.abs(k), [(0, 0), (0, 0), (0, 128 * z - di)]).reshape(*k.shape[:2], z, 128)
+    scale_BSZ = 2.0 ** np.ceil(np.log2(blocks.max(-1) / 448))
+    err_BSI = 2.0**-4 * np.abs(k) + 2.0**-10 * np.repeat(scale_BSZ, 128, axis=-1)[..., :di]
+    a_BTHS = np.einsum("BTHI,BSI->BTHS", q, k) / np.sqrt(di)
+    d_BTHS = np.einsum("BTHI,BSI->BTHS", np.abs(q), err_BSI) / np.sqrt(di)
+    size_BTHS = np.einsum("BTHI,BSI->BTHS", np.abs(q), np.abs(k)) / np.sqrt(di)
+    per_head_BTHS = np.clip(a_BTHS + d_BTHS, 0, d_BTHS) + (di + hi) * 2.0**-23 * size_BTHS
+    return np.einsum("BTH,BTHS->BTS", np.abs(w), per_head_BTHS)
+
+
+def test_fp8_index_keys_move_the_indexer_logits_within_the_e4m3_bound(hf_v32):
+    """The indexer's logits over keys written to and read from an FP8 key cache, against the
+    float32 keys: every logit within `_e4m3_logit_bound`, and every row whose reference top-k
+    margin (k-th minus (k+1)-th visible logit) exceeds twice the row's largest bound selects
+    the same keys (no logit can cross the cutoff).
+
+    The random model's queries hardly prefer any key: their margins sit below the bound. So
+    each sequence repeats one key K times among its first 2K tokens (a repeated token), and
+    each later query looks for it with a strength u uniform in [0, 2) (u |q| along the key,
+    against the sign of heads of negative weight): rows from no preference to a clear one."""
+    _, _, ours = hf_v32
+    model = ours.unstacked()
+    cfg = model.config
+    b, t, k = 4, 48, cfg.index_topk
+    codec = IndexKeyCodec.of(init_cache(cfg, b, t, fp8=True).index_keys[0], jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    visible = np.asarray(attn.causal_segment_mask(None, b, t))
+    rng = np.random.default_rng(0)
+    checked = 0
+    for i, layer in enumerate(layer for group in model.groups for layer in group):
+        mla, ix = layer.attn, layer.attn.indexer
+        x = jax.random.normal(jax.random.key(i), (b, t, cfg.hidden_size))
+        q = np.array(ix.queries(mla.query_latent(x), positions))
+        w, keys = ix.weights(x), np.array(ix.keys(x, positions))
+        sign_w = np.sign(np.asarray(w))[..., None]
+        for bi in range(b):
+            repeats = rng.choice(2 * k, k, replace=False)
+            keys[bi, repeats] = keys[bi, repeats[0]]
+            unit = keys[bi, repeats[0]] / np.linalg.norm(keys[bi, repeats[0]])
+            for ti in range(2 * k, t):
+                size = np.linalg.norm(q[bi, ti], axis=-1, keepdims=True)
+                q[bi, ti] += rng.uniform(0, 2) * size * sign_w[bi, ti] * unit
+        q, keys = jnp.asarray(q), jnp.asarray(keys)
+        ref = np.asarray(dsa.index_scores(q, w, keys))
+        got = np.asarray(dsa.index_scores(q, w, codec.read(codec.write(keys))))
+        bound = _e4m3_logit_bound(q, w, keys)
+        err = np.abs(got - ref)
+        assert err.max() > 0  # the keys were rounded
+        # (measured: the largest error is 0.52 of its bound)
+        assert np.all(err <= bound), float(np.max(err / bound))
+        idx = (dsa.top_k(jnp.asarray(s), jnp.asarray(visible), k) for s in (ref, got))
+        ref_sets, got_sets = (_sets(np.asarray(a), visible) for a in idx)
+        top = -np.sort(-np.where(visible, ref, -np.inf), axis=-1)
+        margin = top[..., k - 1] - top[..., k]
+        beta = np.max(np.where(visible, bound, 0), axis=-1)
+        clear = ((margin > 2 * beta) & (visible.sum(-1) > k)).reshape(-1)  # a real top-k
+        assert all(ref_sets[r] == got_sets[r] for r in np.flatnonzero(clear))
+        checked += int(clear.sum())
+    # Measured: 207 clear rows (204 of the 3 x 128 after the repeats); 22 other rows select
+    # differently on FP8 keys.
+    assert checked >= 0.25 * 3 * b * (t - 2 * k), checked
 
 
 # --- checkpoints -------------------------------------------------------------------------------
