@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -19,19 +20,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_moe import DeepSeekModel, ModelConfig
-from mla_moe.hf import save_pretrained
-from mla_moe.losses import cross_entropy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import tiny  # noqa: E402
+from mla_moe import DeepSeekModel, ModelConfig  # noqa: E402
+from mla_moe.hf import save_pretrained  # noqa: E402
+from mla_moe.losses import cross_entropy  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-    num_hidden_layers=4, num_attention_heads=4, q_lora_rank=192, kv_lora_rank=128,
-    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16,
-    n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, n_group=4,
-    topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-    routed_scaling_factor=2.5, max_position_embeddings=4096, aux_loss_alpha=0.0,
-    bos_token_id=None, eos_token_id=None,
-)
+# The tiny model (configs/tiny.py) at twice its widths with a 4096-token vocabulary, without MTP
+# and the balancing terms, which the timed step (and transformers' model) leaves out.
+CONFIG = tiny.model_config(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=768,
+    moe_intermediate_size=128,
+    q_lora_rank=192,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    max_position_embeddings=4096,
+    num_nextn_predict_layers=0,
+    seq_balance_alpha=0.0,
+    expert_bias_update_rate=0.0,
+).to_dict()
 
 
 def jax_step(model):
@@ -50,6 +61,7 @@ def jax_step(model):
                 weights_BT = jnp.ones(tokens_BT.shape).at[:, -1].set(0.0)
                 s, n = cross_entropy(out.logits, targets_BT, weights_BT)
                 return s / n
+
         return jax.value_and_grad(loss)(params)
 
     return step, params
@@ -70,8 +82,9 @@ def main():
     model = DeepSeekModel(cfg, rngs=nnx.Rngs(0))
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(model, os.path.join(d, "m"))
-        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(d, "m"),
-                                                               dtype=torch.float32)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.join(d, "m"), dtype=torch.float32
+        )
     hf.config._attn_implementation = "sdpa"
     hf.train()
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
@@ -100,11 +113,15 @@ def main():
             acc.append(time.perf_counter() - t0)
     n_tok = args.batch * args.seq
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-    print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"batch {args.batch} x seq {args.seq}, median of {args.repeats}")
+    print(
+        f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"batch {args.batch} x seq {args.seq}, median of {args.repeats}"
+    )
     print(f"{'case':<28}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}{'target':>10}")
-    print(f"{'fwd+bwd 4L h256 E16 top4':<28}{n_tok / mo:>12.0f}{n_tok / mt:>12.0f}"
-          f"{mt / mo:>8.2f}{'> 1':>10}")
+    print(
+        f"{'fwd+bwd 4L h256 E16 top4':<28}{n_tok / mo:>12.0f}{n_tok / mt:>12.0f}"
+        f"{mt / mo:>8.2f}{'> 1':>10}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,29 +45,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_moe.train import metrics
-from mla_moe.train.hlo_collectives import type_bytes
+from mla_moe.train import hlo_collectives, metrics
 
-CATEGORIES = ("matmul", "elementwise", "copy/transpose", "reduce", "scatter/gather", "sort",
-              "loop control", "async copy", "runtime", "other")
+CATEGORIES = (
+    "matmul",
+    "elementwise",
+    "copy/transpose",
+    "reduce",
+    "scatter/gather",
+    "sort",
+    "loop control",
+    "async copy",
+    "runtime",
+    "other",
+)
 _MATMUL = {"dot", "convolution"}
 _SCATTER_GATHER = {"scatter", "gather", "dynamic-slice", "dynamic-update-slice"}
 _REDUCE = {"reduce", "reduce-window"}
 _TRANSPOSE = {"transpose", "copy"}
-_MOVE = {"slice", "concatenate", "pad", "broadcast", "reshape", "bitcast", "parameter",
-         "constant", "tuple", "get-tuple-element", "iota", "reverse", "transpose", "copy"}
+_MOVE = {
+    "slice",
+    "concatenate",
+    "pad",
+    "broadcast",
+    "reshape",
+    "bitcast",
+    "parameter",
+    "constant",
+    "tuple",
+    "get-tuple-element",
+    "iota",
+    "reverse",
+    "transpose",
+    "copy",
+}
 _CONTROL = {"while", "conditional", "call"}
 _ASYNC_COPY = {"copy-start", "copy-done"}  # XLA:TPU's prefetches between memory spaces
-_OTHER = {"rng-bit-generator", "rng", "custom-call", "infeed", "outfeed", "after-all",
-          "partition-id", "replica-id", "all-reduce", "all-gather", "all-to-all",
-          "collective-permute", "reduce-scatter", "send", "recv", "copy-start", "copy-done"}
+_OTHER = {
+    "rng-bit-generator",
+    "rng",
+    "custom-call",
+    "infeed",
+    "outfeed",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "all-reduce",
+    "all-gather",
+    "all-to-all",
+    "collective-permute",
+    "reduce-scatter",
+    "send",
+    "recv",
+    "copy-start",
+    "copy-done",
+}
 
-# `  ROOT %name = type opcode(operands), attrs`; a tuple type is in parentheses.
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\{\s*$")
-_OPCODE = re.compile(r"^\s*([\w\-]+)\(")
-_CALLED = re.compile(r"(?:calls|to_apply|condition|body|branch_computations)=\{?([^}]*?)\}?"
-                     r"(?:, [a-z_]+=|$)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _SCOPE = re.compile(r"\b(layers?_[\d_]+|mtp_\d+|embed|head|loss)\b")
 _PART = re.compile(r"\b(attention|moe|mlp)\b")
@@ -85,50 +118,27 @@ class Instr:
     text: str  # `opcode(operands), attributes`
 
 
-def _strip_type(rest: str) -> str:
-    """`type opcode(...)...` -> `opcode(...)...` (the type may be a nested tuple)."""
-    if not rest.startswith("("):
-        return rest.split(" ", 1)[1] if " " in rest else rest
-    depth = 0
-    for i, ch in enumerate(rest):
-        depth += ch == "("
-        depth -= ch == ")"
-        if depth == 0:
-            return rest[i + 1:].lstrip()
-    return rest
-
-
 def parse_hlo(text: str) -> tuple[dict[str, Instr], dict[str, list[str]], set[str]]:
-    """(instructions by name, instruction names by computation, while-condition names)."""
+    """(instructions by name, instruction names by computation, while-condition names), from
+    hlo_collectives' reading of the module."""
     instrs, comps, conditions = {}, collections.defaultdict(list), set()
-    comp = ""
-    for line in text.splitlines():
-        m = _COMP.match(line)
-        if m and "=" not in line.split("(", 1)[0]:
-            comp = m.group(1)
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name, rest = m.groups()
-        body = _strip_type(rest)
-        op = _OPCODE.match(body)
-        if not op:
-            continue
-        called = []
-        for group in _CALLED.findall(body):
-            called += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-        cond = re.search(r"condition=%?([\w.\-]+)", body)
-        if cond:
-            conditions.add(cond.group(1))
-        on = _OP_NAME.search(body)
-        shape = re.match(r"\w+\[([\d,]*)\]", rest)
+    for ins in hlo_collectives.instructions(text):
+        conditions.update(ins.called.get("condition", ()))
+        on = _OP_NAME.search(ins.text)
+        shape = re.match(r"\w+\[([\d,]*)\]", ins.result)
         dims = tuple(int(x) for x in shape.group(1).split(",") if x) if shape else ()
-        type_text = rest[: len(rest) - len(body)]
-        nbytes = type_bytes(type_text)
-        instrs[name] = Instr(name, op.group(1), comp, tuple(called), on.group(1) if on else "",
-                             dims, nbytes, body)
-        comps[comp].append(name)
+        called = tuple(c for names in ins.called.values() for c in names)
+        instrs[ins.name] = Instr(
+            ins.name,
+            ins.opcode,
+            ins.computation,
+            called,
+            on.group(1) if on else "",
+            dims,
+            hlo_collectives.type_bytes(ins.result),
+            ins.text,
+        )
+        comps[ins.computation].append(ins.name)
     return instrs, comps, conditions
 
 
@@ -159,9 +169,10 @@ def category(instr: Instr, instrs, comps, conditions) -> str:
         return "sort"
     if ops & _REDUCE:
         return "reduce"
-    if ops & _TRANSPOSE or (ops <= _MOVE and ops - {"parameter", "constant", "bitcast",
-                                                    "reshape", "tuple",
-                                                    "get-tuple-element"}):
+    if ops & _TRANSPOSE or (
+        ops <= _MOVE
+        and ops - {"parameter", "constant", "bitcast", "reshape", "tuple", "get-tuple-element"}
+    ):
         return "copy/transpose"
     if ops & _OTHER:
         return "other"
@@ -170,8 +181,13 @@ def category(instr: Instr, instrs, comps, conditions) -> str:
 
 def matmul_flops(instr: Instr, instrs, comps) -> int:
     """2 x output elements x contracted size, over the dots in `instr` (or `instr` itself)."""
-    dots = [instr] if instr.opcode == "dot" else [
-        instrs[n] for c in instr.called for n in comps.get(c, ()) if instrs[n].opcode == "dot"]
+    dots = (
+        [instr]
+        if instr.opcode == "dot"
+        else [
+            instrs[n] for c in instr.called for n in comps.get(c, ()) if instrs[n].opcode == "dot"
+        ]
+    )
     flops = 0
     for d in dots:
         lhs = re.match(r"dot\(%?([\w.\-]+)", d.text).group(1)
@@ -183,8 +199,13 @@ def matmul_flops(instr: Instr, instrs, comps) -> int:
 
 def dot_form(instr: Instr, instrs, comps) -> str:
     """`[2048,256]x[256,4096] c(1|0)`: the dot's operand shapes and contracting dims."""
-    dots = [instr] if instr.opcode == "dot" else [
-        instrs[n] for c in instr.called for n in comps.get(c, ()) if instrs[n].opcode == "dot"]
+    dots = (
+        [instr]
+        if instr.opcode == "dot"
+        else [
+            instrs[n] for c in instr.called for n in comps.get(c, ()) if instrs[n].opcode == "dot"
+        ]
+    )
     if not dots:
         return ""
     d = dots[0]
@@ -219,9 +240,14 @@ def self_times(xplane_path: str, names) -> tuple[collections.Counter, collection
         if plane.name != "/host:CPU":
             continue
         for line in plane.lines:
-            evs = sorted(((e.start_ns, e.duration_ns, e.name) for e in line.events
-                          if e.name in names or e.name == _EXECUTOR),
-                         key=lambda e: (e[0], -e[1]))
+            evs = sorted(
+                (
+                    (e.start_ns, e.duration_ns, e.name)
+                    for e in line.events
+                    if e.name in names or e.name == _EXECUTOR
+                ),
+                key=lambda e: (e[0], -e[1]),
+            )
             stack: list[list] = []  # [end, name, self, is_op]
             for start, dur, name in evs:
                 while stack and stack[-1][0] <= start:
@@ -339,7 +365,13 @@ def count_table(text: str) -> tuple[collections.Counter, collections.Counter]:
     counts, nbytes = collections.Counter(), collections.Counter()
     for ins in instrs.values():
         if ins.computation in fused or ins.opcode in (
-                "parameter", "tuple", "get-tuple-element", "constant", "bitcast", "copy-done"):
+            "parameter",
+            "tuple",
+            "get-tuple-element",
+            "constant",
+            "bitcast",
+            "copy-done",
+        ):
             continue
         cat = category(ins, instrs, comps, conditions)
         counts[cat] += 1
@@ -353,12 +385,24 @@ def main():
     ap.add_argument("--case", choices=("model", "tiny"), default="model")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps")
     ap.add_argument("--top", type=int, default=15, help="rows of the slowest-instruction table")
-    ap.add_argument("--tpu", default="", help="also count the tiny step's ops compiled for "
-                    "this TPU topology, e.g. v5p:2x2x1 (compile only, libtpu)")
-    ap.add_argument("--list", default="", choices=("",) + CATEGORIES,
-                    help="also list the slowest instructions of this category")
-    ap.add_argument("--where", default="", help="list only instructions whose 'where' label "
-                    "contains this, e.g. 'layer_1/attention fwd'")
+    ap.add_argument(
+        "--tpu",
+        default="",
+        help="also count the tiny step's ops compiled for "
+        "this TPU topology, e.g. v5p:2x2x1 (compile only, libtpu)",
+    )
+    ap.add_argument(
+        "--list",
+        default="",
+        choices=("",) + CATEGORIES,
+        help="also list the slowest instructions of this category",
+    )
+    ap.add_argument(
+        "--where",
+        default="",
+        help="list only instructions whose 'where' label "
+        "contains this, e.g. 'layer_1/attention fwd'",
+    )
     ap.add_argument("--hlo_out", default="", help="write the CPU step's optimized HLO here")
     args = ap.parse_args()
 
@@ -378,8 +422,11 @@ def main():
     ns, calls, walls = trace_step(step.run, args.steps, set(instrs))
     peak = max(metrics.measure_matmul_flops(2048, 5, jnp.float32) for _ in range(2))
 
-    by_cat, by_where, by_where_cat = (collections.Counter(), collections.Counter(),
-                                      collections.defaultdict(collections.Counter))
+    by_cat, by_where, by_where_cat = (
+        collections.Counter(),
+        collections.Counter(),
+        collections.defaultdict(collections.Counter),
+    )
     for name, t in ns.items():
         if name == "runtime":
             cat, loc = "runtime", "(runtime)"
@@ -393,69 +440,101 @@ def main():
     per_step = 1e-6 / args.steps  # ns summed over the steps -> ms per step
     wall = statistics.median(untraced)
 
-    print(f"\n{args.case}: {step.tokens} tokens/step; untraced step {wall * 1e3:.0f} ms wall, "
-          f"{statistics.median(cpu) * 1e3:.0f} ms process CPU time (medians of {args.steps}; "
-          f"CPU time is the steadier figure on a shared machine), "
-          f"{statistics.median(walls) * 1e3:.0f} ms traced; busy thread time "
-          f"{total * per_step:.0f} ms/step over {os.cpu_count()} CPUs; "
-          f"{len(instrs)} HLO instructions; jax {jax.__version__}")
+    print(
+        f"\n{args.case}: {step.tokens} tokens/step; untraced step {wall * 1e3:.0f} ms wall, "
+        f"{statistics.median(cpu) * 1e3:.0f} ms process CPU time (medians of {args.steps}; "
+        f"CPU time is the steadier figure on a shared machine), "
+        f"{statistics.median(walls) * 1e3:.0f} ms traced; busy thread time "
+        f"{total * per_step:.0f} ms/step over {os.cpu_count()} CPUs; "
+        f"{len(instrs)} HLO instructions; jax {jax.__version__}"
+    )
     counts, _ = count_table(text)
     print("\n| category | ms/step | share | HLO ops |\n|---|---|---|---|")
     for cat in CATEGORIES:
         if by_cat[cat] or counts[cat]:
-            print(f"| {cat} | {by_cat[cat] * per_step:.1f} | {by_cat[cat] / total:.1%} | "
-                  f"{counts[cat]} |")
+            print(
+                f"| {cat} | {by_cat[cat] * per_step:.1f} | {by_cat[cat] / total:.1%} | "
+                f"{counts[cat]} |"
+            )
     print("\n| where | ms/step | share | matmul | non-matmul: largest |\n|---|---|---|---|---|")
     for loc, t in sorted(by_where.items(), key=lambda kv: -kv[1]):
         cats = by_where_cat[loc]
         rest = [(c, v) for c, v in cats.most_common() if c != "matmul"]
         big = f"{rest[0][0]} {rest[0][1] * per_step:.1f}" if rest else "-"
-        print(f"| {loc} | {t * per_step:.1f} | {t / total:.1%} | "
-              f"{cats['matmul'] * per_step:.1f} | {big} |")
-    print("\n| slowest instructions | category | where | ms/step | calls/step |\n"
-          "|---|---|---|---|---|")
+        print(
+            f"| {loc} | {t * per_step:.1f} | {t / total:.1%} | "
+            f"{cats['matmul'] * per_step:.1f} | {big} |"
+        )
+    print(
+        "\n| slowest instructions | category | where | ms/step | calls/step |\n"
+        "|---|---|---|---|---|"
+    )
     for name, t in ns.most_common(args.top):
         if name == "runtime":
             continue
         ins = instrs[name]
-        print(f"| {name} ({ins.opcode}) | {category(ins, instrs, comps, conditions)} | "
-              f"{where(ins)} | {t * per_step:.1f} | {calls[name] / args.steps:g} |")
-    mm = [(n, t) for n, t in ns.items() if n != "runtime"
-          and category(instrs[n], instrs, comps, conditions) == "matmul"]
-    print("\n| slowest matmuls | form (operands, contracting dims) | ms/step | calls/step "
-          "| GFLOP/s |\n|---|---|---|---|---|")
-    for name, t in sorted(mm, key=lambda kv: -kv[1])[:args.top]:
+        print(
+            f"| {name} ({ins.opcode}) | {category(ins, instrs, comps, conditions)} | "
+            f"{where(ins)} | {t * per_step:.1f} | {calls[name] / args.steps:g} |"
+        )
+    mm = [
+        (n, t)
+        for n, t in ns.items()
+        if n != "runtime" and category(instrs[n], instrs, comps, conditions) == "matmul"
+    ]
+    print(
+        "\n| slowest matmuls | form (operands, contracting dims) | ms/step | calls/step "
+        "| GFLOP/s |\n|---|---|---|---|---|"
+    )
+    for name, t in sorted(mm, key=lambda kv: -kv[1])[: args.top]:
         ins = instrs[name]
         flops = matmul_flops(ins, instrs, comps) * calls[name]
-        print(f"| {name} | {dot_form(ins, instrs, comps)} | {t * per_step:.1f} | "
-              f"{calls[name] / args.steps:g} | {flops / t:.0f} |")
+        print(
+            f"| {name} | {dot_form(ins, instrs, comps)} | {t * per_step:.1f} | "
+            f"{calls[name] / args.steps:g} | {flops / t:.0f} |"
+        )
     mm_flops = sum(matmul_flops(instrs[n], instrs, comps) * calls[n] for n, _ in mm)
     rate = mm_flops / sum(t for _, t in mm) * 1e9
-    print(f"\nmatmuls: {mm_flops / args.steps / 1e9:.2f} GFLOP/step at {rate / 1e9:.0f} GFLOP/s "
-          f"of their own time, {rate / peak:.2f} of the f32 peak ({peak / 1e9:.0f} GFLOP/s, a "
-          f"2048^3 jnp.dot timed in this run); the step's matmul FLOPs over its wall time: "
-          f"{mm_flops / args.steps / wall / peak:.3f} of the peak")
+    print(
+        f"\nmatmuls: {mm_flops / args.steps / 1e9:.2f} GFLOP/step at {rate / 1e9:.0f} GFLOP/s "
+        f"of their own time, {rate / peak:.2f} of the f32 peak ({peak / 1e9:.0f} GFLOP/s, a "
+        f"2048^3 jnp.dot timed in this run); the step's matmul FLOPs over its wall time: "
+        f"{mm_flops / args.steps / wall / peak:.3f} of the peak"
+    )
     if args.list or args.where:
-        print(f"\n| {args.list or 'all'} instructions in '{args.where or 'all'}' | category | "
-              "where | ms/step | calls/step | shape | op_name |\n|---|---|---|---|---|---|---|")
-        rows = [(n, t) for n, t in ns.items() if n != "runtime"
-                and args.list in ("", category(instrs[n], instrs, comps, conditions))
-                and args.where in where(instrs[n])]
-        for name, t in sorted(rows, key=lambda kv: -kv[1])[:args.top]:
+        print(
+            f"\n| {args.list or 'all'} instructions in '{args.where or 'all'}' | category | "
+            "where | ms/step | calls/step | shape | op_name |\n|---|---|---|---|---|---|---|"
+        )
+        rows = [
+            (n, t)
+            for n, t in ns.items()
+            if n != "runtime"
+            and args.list in ("", category(instrs[n], instrs, comps, conditions))
+            and args.where in where(instrs[n])
+        ]
+        for name, t in sorted(rows, key=lambda kv: -kv[1])[: args.top]:
             ins = instrs[name]
-            print(f"| {name} | {category(ins, instrs, comps, conditions)} | {where(ins)} | "
-                  f"{t * per_step:.1f} | {calls[name] / args.steps:g} | {list(ins.dims)} | "
-                  f"{ins.op_name.split('/', 1)[-1]} |")
+            print(
+                f"| {name} | {category(ins, instrs, comps, conditions)} | {where(ins)} | "
+                f"{t * per_step:.1f} | {calls[name] / args.steps:g} | {list(ins.dims)} | "
+                f"{ins.op_name.split('/', 1)[-1]} |"
+            )
     if args.tpu:
         tpu, tpu_bytes = count_table(tpu_text(args.tpu))
-        cpu, cpu_bytes = count_table(text if args.case == "tiny"
-                                     else tiny_step().compiled.as_text())
-        print(f"\n| tiny train step, optimized HLO | CPU ops | CPU MB written | TPU {args.tpu} "
-              "ops | TPU MB written per chip |\n|---|---|---|---|---|")
+        cpu, cpu_bytes = count_table(
+            text if args.case == "tiny" else tiny_step().compiled.as_text()
+        )
+        print(
+            f"\n| tiny train step, optimized HLO | CPU ops | CPU MB written | TPU {args.tpu} "
+            "ops | TPU MB written per chip |\n|---|---|---|---|---|"
+        )
         for cat in CATEGORIES:
             if cpu[cat] or tpu[cat]:
-                print(f"| {cat} | {cpu[cat]} | {cpu_bytes[cat] / 1e6:.1f} | {tpu[cat]} | "
-                      f"{tpu_bytes[cat] / 1e6:.1f} |")
+                print(
+                    f"| {cat} | {cpu[cat]} | {cpu_bytes[cat] / 1e6:.1f} | {tpu[cat]} | "
+                    f"{tpu_bytes[cat] / 1e6:.1f} |"
+                )
 
 
 if __name__ == "__main__":

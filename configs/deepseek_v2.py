@@ -2,18 +2,35 @@
 
 import ml_collections
 
+import configs
+
 YARN = dict(
-    type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
-    beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
+    type="yarn",
+    factor=40.0,
+    original_max_position_embeddings=4096,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=0.707,
+    mscale_all_dim=0.707,
 )
 
 # `get_config("runlocal")`: the sizes that shrink; everything else stays as published.
 RUNLOCAL_SIZES = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-    num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=16, n_routed_experts=16, expert_gather_chunk=8, bos_token_id=None,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_attention_heads=2,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=16,
+    expert_gather_chunk=8,
+    bos_token_id=None,
     eos_token_id=None,
-    num_hidden_layers=3, q_lora_rank=32,
+    num_hidden_layers=3,
+    q_lora_rank=32,
 )
 
 
@@ -65,8 +82,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     `get_config("runlocal")`, i.e. `--config=configs/deepseek_v2.py:runlocal`: the same model
     at toy sizes, two training steps on a CPU.
     """
-    from mla_moe.train.config import run_config, runlocal_config
-
     model = model_config()
     # Each layer's input lives in host memory between the forward and the backward; the rest
     # of a layer is recomputed (launch.train / launch.compile set the libtpu flags for it).
@@ -78,20 +93,28 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     model.moe_dispatch = "auto"
     model.expert_gather_chunk = 32
     model.attention_impl = "auto"  # the Pallas kernels on TPU and GPU, XLA on CPU
-    model.scan_layers = True  # one compiled layer per group: minutes, not hours, at 61 layers
-    if variant == "runlocal":
-        return runlocal_config(model, RUNLOCAL_SIZES)
-    if variant:
-        raise ValueError(
-            f"configs/deepseek_v2.py: unknown variant {variant!r} (known: 'runlocal')")
-    # Adam moments in bfloat16: half their memory (5.25 GB per chip for V3 on 512 chips); on the
-    # tiny preset they train the same as float32 within the seed spread (bench/RESULTS.md).
-    return run_config(
+    model.scan_layers = True  # one compiled layer per group: minutes, not hours, at 60 layers
+    return configs.published(
+        __file__,
+        variant,
         model,
-        train=dict(steps=500_000, batch_size=2304, seq_len=4096, learning_rate=2.4e-4,
-                   warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0,
-                   eval_every_steps=2000, eval_batches=8,
-                   moment_dtype="bfloat16"),
+        RUNLOCAL_SIZES,
+        train=dict(
+            steps=500_000,
+            batch_size=2304,
+            seq_len=4096,
+            learning_rate=2.4e-4,
+            warmup_steps=2000,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            grad_clip_norm=1.0,
+            eval_every_steps=2000,
+            eval_batches=8,
+            # Adam moments in bfloat16: half their memory (5.25 GB per chip for V3 on 512
+            # chips); on the tiny preset they train the same as float32 within the seed
+            # spread (bench/RESULTS.md).
+            moment_dtype="bfloat16",
+        ),
         checkpoint=dict(every_steps=1000, max_to_keep=3, keep_every_steps=20_000),
         log=dict(every_steps=10),
         mesh=dict(data=1, fsdp=-1, expert=1, tensor=1),

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+import configs
+
 
 def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -45,14 +47,26 @@ def model_config() -> ml_collections.ConfigDict:
     )
 
 
-def get_config() -> ml_collections.ConfigDict:
+def _run() -> ml_collections.ConfigDict:
     from mla_moe.train.config import run_config
 
     return run_config(
         model_config(),
-        train=dict(steps=20_000, batch_size=64, seq_len=2048, learning_rate=1e-3,
-                   warmup_steps=500, eval_every_steps=500, eval_batches=8),
+        train=dict(
+            steps=20_000,
+            batch_size=64,
+            seq_len=2048,
+            learning_rate=1e-3,
+            warmup_steps=500,
+            eval_every_steps=500,
+            eval_batches=8,
+        ),
         checkpoint=dict(every_steps=500, max_to_keep=3, keep_every_steps=5000),
         log=dict(every_steps=10),
         mesh=dict(data=1, fsdp=-1, expert=1, tensor=1),
     )
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """`--config=configs/small.py`: one accelerator host; no variants."""
+    return configs.pick(__file__, variant, {"": _run})

@@ -19,12 +19,14 @@ result comes back).
 Across TPU slices (multislice), `dcn_collectives` reads the transfers XLA hands to the
 data-center network. `bytes_accessed` walks the same computations for the HBM bytes their
 instructions read and write, counting a loop body once (as XLA's cost analysis does) and once
-per iteration: what the compiler's "bytes accessed" misses of a scanned model.
+per iteration: what the compiler's "bytes accessed" misses of a scanned model. `instructions`
+lists the module's instructions as parsed here, for other readers of the text.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 KINDS = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
          "collective-permute")
@@ -405,3 +407,33 @@ def bytes_accessed(hlo_text: str) -> dict[str, float]:
     m = _ENTRY.search(hlo_text)
     entry = m.group(1) if m else (mod.comps[-1][0] if mod.comps else "")
     return {"per_step": total(entry, True), "once": total(entry, False)}
+
+
+class Instruction(NamedTuple):
+    """One instruction of an HLO module's text, as `instructions` reads it."""
+
+    computation: str  # the computation that holds it
+    name: str
+    result: str  # its result type: "f32[8,128]{1,0}", or a tuple "(f32[8]{0}, s32[])"
+    opcode: str
+    called: dict[str, tuple[str, ...]]  # computations it calls, by role ("calls", "body", ...)
+    text: str  # what follows the result type: "opcode(operands), attributes"
+
+
+def instructions(hlo_text: str) -> list[Instruction]:
+    """Every instruction of the module, computation by computation, in text order."""
+    comps, _ = _computations(hlo_text)
+    out = []
+    for comp, lines in comps:
+        for line in lines:
+            m = _NAME.match(line)
+            if not m:
+                continue
+            rest = line.split("=", 1)[1].strip()
+            result, opcode = _split_result(rest)
+            called: dict[str, tuple[str, ...]] = {}
+            for role, targets in _CALLS.findall(line):
+                called[role] = called.get(role, ()) + tuple(re.findall(r"[\w.\-]+", targets))
+            text = rest[len(result) :].lstrip()
+            out.append(Instruction(comp, m.group(1), result, opcode, called, text))
+    return out
