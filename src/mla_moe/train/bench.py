@@ -69,4 +69,5 @@ def _time(cfg, config, mesh, steps):
     flops = mla_moe.flops_per_token(cfg, t.seq_len) * tokens
     total, active = mla_moe.param_count(cfg)
     return dict(step_s=step_s, tokens_per_s=tokens / step_s, flops_per_s=flops / step_s,
-                compile_s=compile_s, params=total, active=active, loss=float(m["loss"]))
+                compile_s=compile_s, params=total, active=active, loss=float(m["loss"]),
+                step_times_s=times)

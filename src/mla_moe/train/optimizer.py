@@ -6,7 +6,7 @@ a norm's [D] scale into [L, D].
 
 Both Adam moments are stored in `train.moment_dtype` ("float32" or "bfloat16": half the
 optimizer memory). The update itself always runs in float32: the stored moments are upcast,
-updated and rounded (to nearest) back to the storage dtype. `bench/moment_dtype.py` compares
+updated and rounded (to nearest) back to the storage dtype. `bench/tiny_runs.py` compares
 the two on the tiny preset.
 """
 
