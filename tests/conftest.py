@@ -10,8 +10,30 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Multi-device XLA:CPU programs reloaded from the persistent cache can deadlock
 # (mla_moe.train.compilation_cache): this process never uses it, whatever the environment says.
 jax.config.update("jax_enable_compilation_cache", False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(request, tmp_path_factory):
+    """A persistent XLA compilation cache for the training subprocesses the tests start (set
+    through the environment they inherit), so that runs of one config compile once per test
+    run. Each decides for itself with `mla_moe.train.compilation_cache`: one-device CPU runs use
+    it, multi-device ones do not (nor this process, above). The directory is this run's own: in
+    pytest's base temporary directory, the one xdist's local workers share (each has a
+    `popen-gwN` directory in it), so runs at once do not share it."""
+    base = tmp_path_factory.getbasetemp()
+    worker = getattr(request.config, "workerinput", None)
+    if worker is not None and base.name == f"popen-{worker['workerid']}":
+        base = base.parent
+    path = base / "jax_compilation_cache"
+    path.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JAX_COMPILATION_CACHE_DIR", str(path))
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        yield path

@@ -5,7 +5,7 @@ machine (the tests put a `gcloud` that runs this script first on PATH).
 - `scp SRC NAME:DEST --worker=all` copies SRC to $FAKE_GCLOUD_ROOT/worker-K/DEST for each worker.
 - `ssh NAME --command=CMD --worker=all` runs `bash -c CMD` once per worker, at once, in
   $FAKE_GCLOUD_ROOT/worker-K (the worker's home), with what a host of a 2-worker slice knows:
-  TPU_WORKER_ID=K, and the coordinator (worker 0, a free port) and process ids given as
+  TPU_WORKER_ID=K, and the coordinator (worker 0, a port held for it) and process ids given as
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. Outputs are merged as gcloud
   merges them; the exit status is the largest of the workers'.
 """
@@ -13,17 +13,12 @@ machine (the tests put a `gcloud` that runs this script first on PATH).
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
+from ports import reserved_port
+
 WORKERS = int(os.environ.get("FAKE_GCLOUD_WORKERS", "2"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str]) -> int:
@@ -44,14 +39,14 @@ def main(argv: list[str]) -> int:
             shutil.copy(src, os.path.join(home, dest))
         return 0
     assert verb == "ssh", argv
-    port = _free_port()
-    procs = []
-    for k, home in enumerate(homes):
-        env = dict(os.environ, HOME=home, TPU_WORKER_ID=str(k),
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES=str(WORKERS), JAX_PROCESS_ID=str(k))
-        procs.append(subprocess.Popen(["bash", "-c", options["command"]], cwd=home, env=env))
-    return max(p.wait() for p in procs)
+    with reserved_port() as port:
+        procs = []
+        for k, home in enumerate(homes):
+            env = dict(os.environ, HOME=home, TPU_WORKER_ID=str(k),
+                       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       JAX_NUM_PROCESSES=str(WORKERS), JAX_PROCESS_ID=str(k))
+            procs.append(subprocess.Popen(["bash", "-c", options["command"]], cwd=home, env=env))
+        return max(p.wait() for p in procs)
 
 
 if __name__ == "__main__":

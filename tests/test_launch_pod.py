@@ -12,12 +12,11 @@ import cli_output
 import numpy as np
 import pytest
 import yaml
-from train_helpers import enable_compilation_cache, micro_config, synthetic_store
+from train_helpers import micro_config, synthetic_store
 
 from launch.pod import tpu_types
 from mla_moe.train import train
 
-enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--config=configs/tiny.py", "--workdir=gs://bucket/run 1", "--config.train.steps=10"]
 
@@ -206,7 +205,7 @@ def test_bad_input_is_one_line(args, message):
 @pytest.mark.parametrize("name, chips, topology, hosts", [
     ("v5p-8", 4, "2x2x1", 1), ("v5p-128", 64, "4x4x4", 16), ("v5p-256", 128, "4x4x8", 32),
     ("v4-32", 16, "2x2x4", 4), ("v5litepod-8", 8, "2x4", 1), ("v6e-64", 64, "8x8", 16),
-    ("v5litepod-16", 16, "4x4", 4),
+    ("v5litepod-16", 16, "4x4", 4), ("tpu7x-8", 4, "2x2x1", 1), ("tpu7x-128", 64, "4x4x4", 16),
 ])
 def test_tpu_types(name, chips, topology, hosts):
     t = tpu_types.parse(name)

@@ -5,18 +5,17 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import cli_output
 import numpy as np
 import pytest
-from train_helpers import enable_compilation_cache, micro_config, synthetic_store
+from ports import reserved_port
+from train_helpers import micro_config, synthetic_store
 
 from mla_moe.train import train
 
-enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -96,12 +95,6 @@ def test_prepare_data_cli(tmp_path):
     assert errors[0].startswith("error: --output=") and "already exists" in errors[0]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
     store = synthetic_store(str(tmp_path / "store"))
     steps = 3
@@ -110,26 +103,26 @@ def test_two_processes_match_one(tmp_path):
     one = {r["step"]: r["loss"] for r in _records(str(tmp_path / "one"))}
 
     workdir = str(tmp_path / "two")
-    port = _free_port()
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:micro",
-             f"--workdir={workdir}", f"--config.data.path={store}",
-             f"--config.train.steps={steps}", "--config.log.tensorboard=False",
-             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-             f"--process_id={i}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
     outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    with reserved_port() as port:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:micro",
+                 f"--workdir={workdir}", f"--config.data.path={store}",
+                 f"--config.train.steps={steps}", "--config.log.tensorboard=False",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}"],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)
+        ]
+        try:
+            for p in procs:
+                outs.append(p.communicate(timeout=400)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
     assert "'data': 8" in outs[0]  # 2 processes x 4 devices in one mesh

@@ -3,23 +3,16 @@ exit 0, and the resumed run is bitwise equal to an uninterrupted one."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
-from train_helpers import enable_compilation_cache, synthetic_store
+from ports import reserved_port
+from train_helpers import synthetic_store
 
-enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_processes(store, workdir, *, sigterm_step=-1, sigterm_pid=-1):
@@ -27,18 +20,18 @@ def _two_processes(store, workdir, *, sigterm_step=-1, sigterm_pid=-1):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                    [os.path.join(ROOT, "src"), ROOT, os.environ.get("PYTHONPATH", "")]))
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "preempt_worker.py"), str(port), str(i),
-         store, workdir, str(STEPS), str(sigterm_step), str(sigterm_pid)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    try:
-        return [(p.wait(timeout=400), p.stdout.read()) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    with reserved_port() as port:
+        procs = [subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "preempt_worker.py"), str(port),
+             str(i), store, workdir, str(STEPS), str(sigterm_step), str(sigterm_pid)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+        try:
+            return [(p.wait(timeout=400), p.stdout.read()) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
 
 
 def _records(workdir):

@@ -7,12 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import (
-    enable_compilation_cache,
-    micro_config,
-    sigterm_at,
-    synthetic_store,
-)
+from train_helpers import micro_config, sigterm_at, synthetic_store
 
 from mla_moe.data import write_store
 from mla_moe.train import (
@@ -21,8 +16,6 @@ from mla_moe.train import (
     NonFiniteLossError,
     train,
 )
-
-enable_compilation_cache()
 
 
 @pytest.fixture(scope="module")

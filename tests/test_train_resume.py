@@ -10,16 +10,10 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import (
-    enable_compilation_cache,
-    micro_config,
-    sigterm_at,
-    synthetic_store,
-)
+from train_helpers import micro_config, sigterm_at, synthetic_store
 
 from mla_moe.train import train
 
-enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 

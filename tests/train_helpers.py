@@ -1,5 +1,5 @@
-"""Helpers for the training tests: the micro run config, small token stores, a persistent
-compilation cache and a simulated preemption."""
+"""Helpers for the training tests: the micro run config, small token stores and a simulated
+preemption (the persistent compilation cache their subprocesses use is set up in conftest)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 from configs.tiny import micro_config, micro_model
 from mla_moe.data import token_store
 
-__all__ = ["enable_compilation_cache", "micro_config", "micro_model", "sigterm_at",
-           "synthetic_store"]
+__all__ = ["micro_config", "micro_model", "sigterm_at", "synthetic_store"]
 
 
 def synthetic_store(path: str, num_docs: int = 40, doc_len: int = 300, seed: int = 0) -> str:
@@ -29,25 +28,6 @@ def synthetic_store(path: str, num_docs: int = 40, doc_len: int = 300, seed: int
         source="synthetic",
     )
     return os.path.abspath(path)
-
-
-def enable_compilation_cache(path: str | None = None) -> str:
-    """A persistent XLA compilation cache for the training subprocesses the tests start (set
-    through their environment), so reruns of one config compile once. Each decides for itself
-    with `mla_moe.train.compilation_cache`: one-device CPU runs use it, multi-device ones do
-    not. The test process itself runs on 8 CPU devices, where the cache stays off (conftest)."""
-    import tempfile
-
-    path = path or os.path.join(tempfile.gettempdir(), "mla_moe_test_jax_cache")
-    os.makedirs(path, exist_ok=True)
-    settings = {
-        "jax_compilation_cache_dir": path,
-        "jax_persistent_cache_min_compile_time_secs": 0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    for k, v in settings.items():
-        os.environ[k.upper()] = str(v)
-    return path
 
 
 def sigterm_at(step: int):
