@@ -28,6 +28,23 @@ def pick(
     return variants[variant]()
 
 
+def published_train(**fields) -> dict:
+    """The train section of a published DeepSeek run (V2-Lite, V2, V3): the recipe they share,
+    with `fields` (steps, batch, learning rate, eval cadence) set per model."""
+    return dict(
+        warmup_steps=2000,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        grad_clip_norm=1.0,
+        eval_batches=8,
+        # Adam moments in bfloat16: half their memory (5.25 GB per chip for V3 on 512 chips);
+        # on the tiny preset they train the same as float32 within the seed spread
+        # (bench/RESULTS.md).
+        moment_dtype="bfloat16",
+        **fields,
+    )
+
+
 def published(
     preset_file: str,
     variant: str,

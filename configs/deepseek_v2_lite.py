@@ -92,21 +92,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         variant,
         model,
         RUNLOCAL_SIZES,
-        train=dict(
+        train=configs.published_train(
             steps=100_000,
             batch_size=512,
             seq_len=4096,
             learning_rate=4.2e-4,
-            warmup_steps=2000,
-            min_lr_ratio=0.1,
-            weight_decay=0.1,
-            grad_clip_norm=1.0,
             eval_every_steps=1000,
-            eval_batches=8,
-            # Adam moments in bfloat16: half their memory (5.25 GB per chip for V3 on 512
-            # chips); on the tiny preset they train the same as float32 within the seed
-            # spread (bench/RESULTS.md).
-            moment_dtype="bfloat16",
         ),
         checkpoint=dict(every_steps=1000, max_to_keep=3, keep_every_steps=10_000),
         log=dict(every_steps=10),
