@@ -76,6 +76,9 @@ def inputs(tmp_path_factory):
     (foreign / "config.json").write_text("this is not json")
     docs = d / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"body": f"text {i}"}) for i in range(20)))
+    import zstandard  # the data extra, in the test extra
+
+    (d / "cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(docs.read_bytes())[:-9])
     return {"dir": d, "store": store}
 
 
@@ -150,6 +153,8 @@ def test_generate_flags(inputs, args, names):
     (["--input={dir}/docs.jsonl", "--output={dir}/new", "--text_key=body", "--val_fraction=1.5"],
      ["--val_fraction"]),
     (["--input={dir}/docs.jsonl", "--output={dir}/new", "--tokenizer=gpt2"], ["tokenizer", "gpt2"]),
+    (["--input={dir}/cut.jsonl.zst", "--output={dir}/new", "--text_key=body", "--workers=1"],
+     ["cut.jsonl.zst", "truncated zstd"]),
 ])
 def test_prepare_data_flags(inputs, args, names):
     d = inputs["dir"]

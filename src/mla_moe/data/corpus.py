@@ -1,4 +1,4 @@
-"""Text corpora: reading documents, tokenizing them into a token store, and the bundled default.
+"""The bundled default corpus (reading and tokenizing other corpora: `prepare_store`).
 
 The default corpus is the Python standard library's own source (every machine with Python has
 it; no network, no licence question beyond the PSF licence of the files themselves, which are
@@ -8,44 +8,16 @@ not redistributed). It is tokenized with the byte tokenizer on first use and cac
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
 
 import numpy as np
 
 from mla_moe.data import token_store
-from mla_moe.data.tokenizer import load_tokenizer
-from mla_moe.errors import InputError, MissingInputError
+from mla_moe.errors import InputError
 
 DEFAULT_CORPUS_VERSION = 1
-
-
-def iter_documents(input_pattern: str, text_key: str = "text") -> Iterator[str]:
-    """Documents from a glob of text files (one document per file) or `.jsonl` files (one per
-    line, text under `text_key`). Files are read in sorted order so a store is reproducible."""
-    paths = sorted(p for p in glob.glob(input_pattern, recursive=True) if os.path.isfile(p))
-    if not paths:
-        raise MissingInputError(f"--input={input_pattern!r} matches no files; give a file, "
-                                "a directory glob such as 'dir/**/*.txt', or .jsonl file(s)")
-    for path in paths:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)[text_key]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise InputError(
-                            f"{path}:{lineno}: expected a JSON object with a {text_key!r} string "
-                            "(set --text_key to the field holding the text)"
-                        ) from e
-        else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
 
 
 def split_documents(docs: list[np.ndarray],
@@ -67,32 +39,6 @@ def split_documents(docs: list[np.ndarray],
     train = [d for i, d in enumerate(docs) if i % every != every - 1]
     val = [d for i, d in enumerate(docs) if i % every == every - 1]
     return train, val
-
-
-def prepare(
-    input_pattern: str,
-    output: str,
-    tokenizer: str = "byte",
-    *,
-    val_fraction: float = 0.01,
-    text_key: str = "text",
-    overwrite: bool = False,
-) -> dict:
-    """Tokenizes `input_pattern` into a token store at `output`; returns its metadata."""
-    tok = load_tokenizer(tokenizer)
-    dtype = token_store.token_dtype(tok.vocab_size)
-    docs = []
-    for text in iter_documents(input_pattern, text_key):
-        if hasattr(tok, "encode_bytes"):
-            ids = np.frombuffer(tok.encode_bytes(text), np.uint8).astype(dtype)
-        else:
-            ids = np.asarray(tok.encode(text), dtype)
-        docs.append(ids)
-    train, val = split_documents(docs, val_fraction)
-    return token_store.write_store(
-        output, {"train": train, "val": val}, tokenizer=tok.spec, vocab_size=tok.vocab_size,
-        source=input_pattern, overwrite=overwrite,
-    )
 
 
 def cache_dir() -> str:
