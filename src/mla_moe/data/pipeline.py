@@ -5,6 +5,9 @@ token, so every token is a target once per epoch). A window that crosses documen
 is packed: each document in it gets its own segment id (1, 2, ...), positions restart at 0 in
 each segment, and the target that would cross a boundary gets weight 0.
 
+Several stores (`mixture.TokenMixture`) are mixed per global example by `mixture.Schedule`;
+one store reads exactly as before mixtures existed.
+
 Per-process sharding keeps the global batch independent of the process count: global batch k
 holds shuffled windows [k*G, (k+1)*G), and process p reads its contiguous slice
 [k*G + p*L, k*G + (p+1)*L) with L = G / process_count, which is exactly the slice of the batch
@@ -23,6 +26,7 @@ import grain
 import jax
 import numpy as np
 
+from mla_moe.data.mixture import Schedule, TokenMixture
 from mla_moe.data.token_store import TokenSplit
 from mla_moe.errors import ConfigError, InputError
 
@@ -79,46 +83,70 @@ def num_windows(split: TokenSplit, seq_len: int) -> int:
     return (split.num_tokens - 1) // seq_len
 
 
-def train_dataset(split: TokenSplit, cfg: PipelineConfig) -> grain.MapDataset:
-    """An endless MapDataset of this process's local batches (reshuffled every epoch)."""
-    n = num_windows(split, cfg.seq_len)
-    if n < cfg.global_batch:
-        raise InputError(
-            f"the training data has {split.num_tokens} tokens, {n} windows of "
-            f"train.seq_len={cfg.seq_len}: fewer than train.batch_size={cfg.global_batch}"
-        )
-    order = grain.MapDataset.range(n).shuffle(seed=cfg.seed).repeat(None)
+def source_seed(seed: int, s: int) -> int:
+    """The window-shuffle seed of source `s` (source 0 shuffles as a single store does)."""
+    return seed + 1_000_003 * s
+
+
+def train_dataset(source: TokenSplit | TokenMixture, cfg: PipelineConfig) -> grain.MapDataset:
+    """An endless MapDataset of this process's local batches (reshuffled every epoch); a
+    mixture picks each global example's source by `mixture.Schedule`."""
+    splits = source.splits if isinstance(source, TokenMixture) else [source]
     G, L, p, T = cfg.global_batch, cfg.local_batch, cfg.process_index, cfg.seq_len
+    orders = []
+    for s, split in enumerate(splits):
+        n = num_windows(split, cfg.seq_len)
+        if n < (cfg.global_batch if len(splits) == 1 else 1):
+            where = "" if len(splits) == 1 else f" (data.path source {s}: {split.path})"
+            raise InputError(
+                f"the training data{where} has {split.num_tokens} tokens, {n} windows of "
+                f"train.seq_len={cfg.seq_len}: fewer than "
+                + (f"train.batch_size={cfg.global_batch}" if len(splits) == 1 else "one"))
+        orders.append(grain.MapDataset.range(n).shuffle(seed=source_seed(cfg.seed, s))
+                      .repeat(None))
+    schedule = Schedule(source.weights, cfg.seed) if len(splits) > 1 else None
 
     def example(i: int) -> dict[str, np.ndarray]:
-        w = order[(i // L) * G + p * L + i % L]
-        return pack_window(split, w * T, T)
+        g = (i // L) * G + p * L + i % L
+        s, j = schedule.slot(g) if schedule else (0, g)
+        return pack_window(splits[s], orders[s][j] * T, T)
 
     steps = sys.maxsize // (2 * G)
     return grain.MapDataset.range(steps * L).map(example).batch(L, drop_remainder=True)
 
 
-def train_iterator(split: TokenSplit, cfg: PipelineConfig) -> grain.DatasetIterator:
+def train_iterator(source: TokenSplit | TokenMixture,
+                   cfg: PipelineConfig) -> grain.DatasetIterator:
     """Prefetching, checkpointable iterator (`get_state`/`set_state`) over local batches."""
-    ds = train_dataset(split, cfg).to_iter_dataset(
+    ds = train_dataset(source, cfg).to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
     )
     return iter(ds)
 
 
-def eval_batches(split: TokenSplit, cfg: PipelineConfig, num_batches: int) -> list[dict]:
-    """A fixed list of local validation batches: the split's first windows, in order (wrapping
-    around a small split), so every evaluation scores the same tokens."""
-    n = num_windows(split, cfg.seq_len)
-    if n == 0:
-        raise InputError(
-            f"the validation split has {split.num_tokens} tokens: fewer than "
-            f"train.seq_len + 1 = {cfg.seq_len + 1}"
-        )
+def eval_batches(source: TokenSplit | TokenMixture, cfg: PipelineConfig,
+                 num_batches: int) -> list[dict]:
+    """A fixed list of local validation batches: each source's first windows, in order
+    (wrapping around a small split), so every evaluation scores the same tokens; a mixture
+    takes its sources' windows by the same schedule as training."""
+    splits = source.splits if isinstance(source, TokenMixture) else [source]
+    counts = []
+    for split in splits:
+        counts.append(num_windows(split, cfg.seq_len))
+        if counts[-1] == 0:
+            raise InputError(
+                f"the validation split{'' if len(splits) == 1 else ' of ' + split.path} has "
+                f"{split.num_tokens} tokens: fewer than train.seq_len + 1 = {cfg.seq_len + 1}"
+            )
+    schedule = Schedule(source.weights, cfg.seed) if len(splits) > 1 else None
     G, L, p, T = cfg.global_batch, cfg.local_batch, cfg.process_index, cfg.seq_len
     out = []
     for k in range(num_batches):
-        examples = [pack_window(split, ((k * G + p * L + j) % n) * T, T) for j in range(L)]
+        examples = []
+        for j in range(L):
+            g = k * G + p * L + j
+            s, w = schedule.slot(g) if schedule else (0, g)
+            examples.append(pack_window(splits[s], (w % counts[s]) * T, T))
         out.append({key: np.stack([e[key] for e in examples]) for key in examples[0]})
     return out
 

@@ -13,6 +13,7 @@ import functools
 import ml_collections
 
 from mla_moe import ModelConfig
+from mla_moe.data.mixture import parse_weights
 from mla_moe.errors import ConfigError
 from mla_moe.train.optimizer import MOMENT_DTYPES
 
@@ -80,7 +81,10 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
         fault_nan_step=-1,  # test hook: make this step's loss NaN
     )
     c.data = dict(
-        path="",  # a token store from launch.prepare_data; "" = the bundled default corpus
+        # Token store(s) from launch.prepare_data, comma-separated to mix several (each may be
+        # a store of parts from a multi-host prepare); "" = the bundled default corpus.
+        path="",
+        weights="",  # the sources' sampling weights, e.g. "0.7,0.3"; "" = equal (mixture.py)
         num_threads=2,
         prefetch=4,
     )
@@ -202,6 +206,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         config.data.num_threads >= 0 and config.data.prefetch >= 0,
         "data.num_threads and data.prefetch must be >= 0",
     )
+    parse_weights(config.data.path, config.data.get("weights", ""))
     return cfg
 
 

@@ -69,10 +69,15 @@ class RunData:
 
 
 def open_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> RunData:
-    """Opens `config.data.path` (default: the bundled corpus) for this process; a missing,
-    empty or too small store, or one whose vocabulary the model cannot embed, raises."""
-    path = _resolve_data(config)
-    train_split = TokenSplit(path, "train")
+    """Opens `config.data.path` (default: the bundled corpus; several comma-separated stores
+    are mixed by `data.weights`) for this process; a missing, empty or too small store, or one
+    whose vocabulary the model cannot embed, raises."""
+    from mla_moe.data import mixture
+
+    weights = mixture.parse_weights(config.data.path, config.data.get("weights", ""))
+    sources = [_resolve_data(p) for p in mixture.source_paths(config.data.path)]
+    sources = sources or [default_corpus()]
+    train_split = mixture.open_split(sources, "train", weights)
     if train_split.vocab_size > cfg.vocab_size:
         raise ConfigError(
             f"data.path uses a vocabulary of {train_split.vocab_size} tokens but "
@@ -91,14 +96,12 @@ def open_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> RunData:
     iterator = train_iterator(train_split, pipe)  # raises if the data is too small
     val = []
     if t.eval_batches:
-        val = eval_batches(TokenSplit(path, "val"), pipe, t.eval_batches)
-    return RunData(path=path, train=train_split, pipe=pipe, iterator=iterator, val=val)
+        val = eval_batches(mixture.open_split(sources, "val", weights), pipe, t.eval_batches)
+    return RunData(path=",".join(sources), train=train_split, pipe=pipe, iterator=iterator,
+                   val=val)
 
 
-def _resolve_data(config) -> str:
-    path = config.data.path
-    if not path:
-        return default_corpus()
+def _resolve_data(path: str) -> str:
     if not paths.resolve(path).exists():
         raise MissingInputError(
             f"data.path={path!r} does not exist; pass a token store from "
