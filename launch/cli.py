@@ -7,6 +7,9 @@
 A bad flag, config file or config override, and any `mla_moe.errors.InputError` raised by
 `main`, ends the program with one `error: ...` line on stderr and exit status 1. Any other
 exception is a bug and keeps its traceback.
+
+Importing this module starts jax (`launch.startup`): a launcher imports it before anything
+that imports jax.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from typing import NoReturn
 from absl import app, flags
 from absl import logging as absl_logging
 
-from mla_moe.errors import InputError
+from launch import startup
+
+startup.start(sys.argv)  # before jax is imported: `mla_moe` imports it
+
+from mla_moe.errors import InputError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -146,11 +153,14 @@ def quiet_console() -> None:
     absl_logging.get_absl_handler().addFilter(_OnlyOurWarnings())
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """`app.run(main)` with one-line errors for bad flags and for `InputError`s."""
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None,
+        positional: bool = False) -> None:
+    """`app.run(main)` with one-line errors for bad flags and for `InputError`s. `argv`: the
+    program's arguments if not `sys.argv`; `positional`: `main` takes arguments other than
+    flags (else any is an error)."""
 
     def guarded(argv):
-        if len(argv) > 1:
+        if len(argv) > 1 and not positional:
             fail(f"unexpected arguments {argv[1:]}: flags are passed as --name=value")
         quiet_console()
         try:
@@ -158,4 +168,4 @@ def run(main: Callable[[list[str]], None]) -> None:
         except InputError as e:
             fail(str(e))
 
-    app.run(guarded, flags_parser=parse_flags)
+    app.run(guarded, argv=argv, flags_parser=parse_flags)

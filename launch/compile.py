@@ -20,15 +20,20 @@ from __future__ import annotations
 import os
 
 # Compile-only devices: the host's backend stays the CPU, so neither the CUDA plugin nor libtpu
-# look for hardware. This must precede the first `import jax` (the config file may import it).
+# look for hardware. This must precede the first `import jax` (launch.cli starts it).
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from launch import cli, startup  # noqa: E402
+from mla_moe.errors import InputError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
@@ -50,30 +55,64 @@ flags.mark_flags_as_required(["config", "target"])
 EXIT_DOES_NOT_FIT = 3
 
 
-def main(argv: list[str]) -> None:
-    """Compiles the configured step for the target and prints (or writes) its report."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    from mla_moe.train import ConfigError, aot, tpu_flags
+# The modules that give jax each target's compiler: libtpu, the CUDA plugin (CUDA 12 or 13).
+_COMPILERS = {"tpu": ("libtpu",), "gpu": ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that is not a package, or a stub module
+        return False
+
+
+def parse_target():
+    """The --target, checked before any compiling: its syntax, and that this Python has the
+    compiler for its platform."""
     from pallas_kernels import targets
 
     try:
         target = targets.parse_target(_TARGET.value, _SLICES.value)
-        if target.platform == "tpu":  # before libtpu starts (the topology below)
-            tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"),
-                                       target.chip)
-        devices = targets.devices(target)
+    except ValueError as e:  # "target 'tpu:v9:2x2x1': ..." or "num_slices=2: ...": the flag's
+        raise InputError(f"--{e}") from None
+    if not any(_installed(m) for m in _COMPILERS[target.platform]):
+        what = "libtpu" if target.platform == "tpu" else "jax's CUDA plugin"
+        raise InputError(f"--target={_TARGET.value}: compiling for {target.platform.upper()}s "
+                         f"needs {what}; install the aot extra: pip install -e '.[aot]'")
+    return target
+
+
+def main(argv: list[str]) -> None:
+    """Compiles the configured step for the target and prints (or writes) its report."""
+    target = parse_target()
+    from jax.errors import JaxRuntimeError
+
+    from mla_moe.train import aot, tpu_flags
+    from pallas_kernels import targets
+
+    if target.platform == "tpu":  # before libtpu starts (the topology below)
+        tpu_flags.set_libtpu_flags(_CONFIG.value.model.get("remat_policy", "none"), target.chip)
+    # Opening a compile-only topology on a host without the chips starts their runtime, which
+    # logs that it found none (libtpu's host-bounds and worker-hostname lines): held back.
+    verbose = flags.FLAGS["verbosity"].present
+    with contextlib.nullcontext() if verbose else startup.held_stderr():
+        try:
+            devices = targets.devices(target)
+        except JaxRuntimeError as e:  # a topology the chip cannot form, e.g. v5p:3x1x1
+            if "INVALID_ARGUMENT" not in str(e):
+                raise
+            raise InputError(f"--target={_TARGET.value}: {str(e).splitlines()[0]}") from None
+    try:
         if _WHAT.value == "train":
             report, compiled = aot.compile_train(_CONFIG.value, devices, target=str(target))
         else:
             report, compiled = aot.compile_decode(
                 _CONFIG.value, devices, cache_length=_CACHE.value, batch=_DECODE_BATCH.value,
                 target=str(target))
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    except InputError:
+        raise
+    except ValueError as e:  # the run's sizes against the target's mesh, naming the field
+        raise InputError(str(e)) from None
     print(report.text(), flush=True)
     if _JSON.value:
         with open(_JSON.value, "w") as f:
@@ -86,4 +125,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

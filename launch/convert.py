@@ -10,9 +10,13 @@ directory is written atomically and an existing one is never overwritten without
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
+from mla_moe.errors import ExistingOutputError, InputError
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Training workdir to export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -23,12 +27,27 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", 4.0, "Largest safetensors file, i
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 
 
+def check_flags() -> None:
+    """What needs no loading: one source, an output that may be written. Before any weight
+    is read (minutes at V3 size)."""
+    if (_CKPT.value is None) == (_HF.value is None):
+        raise InputError("pass exactly one of --checkpoint=WORKDIR or --hf=DIR")
+    if _STEP.value is not None and _HF.value is not None:
+        raise InputError("--step applies to --checkpoint only")
+    if _SHARD_GB.value <= 0:
+        raise InputError(f"--max_shard_gb must be > 0, got {_SHARD_GB.value}")
+    out = _OUT.value
+    if not out:
+        raise InputError("--output is empty; pass the HuggingFace directory to write")
+    if os.path.exists(out) and not _OVERWRITE.value and (
+            not os.path.isdir(out) or os.listdir(out)):
+        raise ExistingOutputError(f"--output={out!r} exists and is not empty; choose another "
+                                  "directory or pass --overwrite to replace it")
+
+
 def main(argv: list[str]) -> None:
     """Converts between an Orbax training checkpoint and a HuggingFace directory."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if (_CKPT.value is None) == (_HF.value is None):
-        raise app.UsageError("give exactly one of --checkpoint or --hf")
+    check_flags()
     from mla_moe.hf import load_pretrained, save_pretrained
 
     if _HF.value is not None:
@@ -63,4 +82,4 @@ def cast_params(params: Any, dtype: str) -> Any:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

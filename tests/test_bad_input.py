@@ -1,9 +1,9 @@
 """Every bad input to the launchers ends in one `error:` line on stderr naming the field, flag
 or file, exit status 1, no traceback, and no change on disk.
 
-The launchers run as a user runs them (subprocesses). Lines written by native start-up code
-before Python runs ours (an installed CUDA plugin on a machine without GPUs logs "Could not
-find cuda drivers" through absl's C++ logging) are not the launchers' and are set aside.
+The launchers run as a user runs them: subprocesses, no JAX_PLATFORMS, the `aot` extra's
+plugins installed (cli_output.user_env); stderr holds the error line and nothing else, none of
+the plugins' start-up notices included.
 """
 
 import json
@@ -20,9 +20,8 @@ launcher_errors = cli_output.lines
 
 
 def run_launcher(module, *args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["src", ".", os.environ.get(
-        "PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                          env=cli_output.user_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

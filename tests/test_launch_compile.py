@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import cli_output
 import jax
 import pytest
 
@@ -117,16 +118,22 @@ def test_gpu_h100_train_step():
     assert params.count("s32[1,128]") == 4, params  # 8 sequences over 2 x 2 x 2
 
 
-def _launch(*args, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(ROOT, "src"), ROOT, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
+def _launch(*args, tmp_path, python=("-m", "launch.compile")):
+    """launch.compile as a user runs it (cli_output.user_env); `python`: what runs it."""
     out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "launch.compile", "--config=configs/tiny.py:micro",
+    cmd = [sys.executable, *python, "--config=configs/tiny.py:micro",
            "--target=tpu:v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=2",
            "--config.mesh.expert=2", f"--json={out}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_output.user_env(), capture_output=True,
+                          text=True, timeout=600)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def _one_error(proc, start):
+    errors = cli_output.lines(proc.stderr)
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(start), errors[0]
+    return errors[0]
 
 
 def test_out_of_memory_is_a_result(tmp_path):
@@ -135,6 +142,9 @@ def test_out_of_memory_is_a_result(tmp_path):
                            tmp_path=tmp_path)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "DOES NOT FIT" in proc.stdout
+    # libtpu, opened for a compile-only topology on a host without TPUs, and the CUDA plugin
+    # say nothing.
+    assert cli_output.noise(proc.stderr) == [], proc.stderr[-3000:]
     assert report["fits"] is False
     assert report["per_device_bytes"] > report["hbm_bytes"] > 90 * 2**30
     assert JSON_KEYS <= set(report) and report["limit_exceeded"] == "HBM"
@@ -157,8 +167,23 @@ def test_decode_step_compiles_with_the_latent_kernel(tmp_path):
 
 def test_bad_target_is_one_line(tmp_path):
     proc, report = _launch("--target=tpu:v9:2x2x1", tmp_path=tmp_path)
-    assert proc.returncode == 1 and report is None
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: target 'tpu:v9:2x2x1'")
+    assert report is None
+    _one_error(proc, "error: --target 'tpu:v9:2x2x1': unknown tpu 'v9'")
+
+
+def test_misspelt_override_is_one_line(tmp_path):
+    proc, _ = _launch("--config.train.stesp=3", tmp_path=tmp_path)
+    _one_error(proc, "error: --config.train.stesp: train has no field 'stesp'; did you mean "
+                     "--config.train.steps?")
+
+
+def test_a_target_without_its_compiler_names_the_extra(tmp_path):
+    """Without libtpu (as before `pip install -e '.[aot]'`): one line naming the extra."""
+    hide = ("import runpy, sys; sys.modules['libtpu'] = None; "
+            "runpy.run_module('launch.compile', run_name='__main__', alter_sys=True)")
+    proc, _ = _launch(tmp_path=tmp_path, python=("-c", hide))
+    error = _one_error(proc, "error: --target=tpu:v5p:2x2x1: compiling for TPUs needs libtpu")
+    assert error.endswith("install the aot extra: pip install -e '.[aot]'")
 
 
 _HLO = """\

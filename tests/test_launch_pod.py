@@ -22,8 +22,7 @@ TRAIN = ["--config=configs/tiny.py", "--workdir=gs://bucket/run 1", "--config.tr
 
 
 def _env(**extra):
-    path = os.pathsep.join(["src", ".", os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, **extra}
+    return cli_output.user_env(**extra)  # no JAX_PLATFORMS, as a user runs it
 
 
 def _pod(*args, env=None, timeout=120):

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
 from launch import cli
 from launch.pod.tpu_vm import display
@@ -190,17 +190,8 @@ def main(argv: list[str], forwarded: list[str]) -> None:
 
 
 def _entry() -> None:
-    from mla_moe.errors import InputError
-
     own, forwarded = split_argv(sys.argv)
-
-    def guarded(argv):
-        try:
-            main(argv, forwarded)
-        except InputError as e:
-            cli.fail(str(e))
-
-    app.run(guarded, argv=own, flags_parser=cli.parse_flags)
+    cli.run(lambda argv: main(argv, forwarded), argv=own, positional=True)
 
 
 if __name__ == "__main__":
