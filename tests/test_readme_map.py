@@ -23,7 +23,7 @@ _ENTRY = re.compile(
 def _map_block() -> list[str]:
     """The lines of the code block in README's "## Architecture map" section."""
     text = README.read_text()
-    section = re.search(r"^## Architecture map\n(.*?)(?=^## )", text, re.S | re.M)
+    section = re.search(r"^## Architecture map\n(.*?)(?=^## |\Z)", text, re.S | re.M)
     assert section, 'README.md has no "## Architecture map" section'
     block = re.search(r"^```[^\n]*\n(.*?)^```", section.group(1), re.S | re.M)
     assert block, "the architecture map has no code block"
