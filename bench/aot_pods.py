@@ -98,9 +98,11 @@ def table(results: list[dict], overrides: list[str]) -> str:
         "in bf16); peak = arguments "
         "+ unaliased outputs + temporaries as the compiler assigns them; host = what the step "
         "keeps in the host's memory per chip (the offloaded layer inputs), against the host's "
-        "RAM per chip. Dropless: no token can be dropped by construction. Collective GiB: the "
-        "bytes per chip of every all-gather, reduce-scatter, all-reduce, all-to-all and "
-        "collective-permute of one step, loop iterations counted. Step bound and MFU bound: "
+        "RAM per chip. Dropless: no token can be dropped by construction. Collective GiB: what "
+        "each device receives over links in one step, from every all-gather, reduce-scatter, "
+        "all-reduce, all-to-all and collective-permute, loop iterations counted "
+        "(`mla_moe.train.hlo_collectives`' convention; rows compiled before 2026-12-07 counted "
+        "each collective's full array instead). Step bound and MFU bound: "
         "the roofline estimate, a lower bound on the step time (and an upper bound on MFU) "
         "from the compiler's counts and the chip's published rates, not a measurement; "
         "`bound by` names its largest term. On tpu7x (Ironwood) the compiler's device is one "
@@ -120,16 +122,18 @@ def table(results: list[dict], overrides: list[str]) -> str:
                          + "| " * 10 + "|")
             continue
         mesh_s = " x ".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1)
+        # Rows kept from before the field's rename name the capacity `hbm_bytes`.
+        r.setdefault("hbm_capacity_bytes", r.get("hbm_bytes", 0))
         if r.get("limit_exceeded") and not r.get("temp_bytes"):
             # The compiler refused the program: its message gives only what it needed against
-            # the budget it had (hbm_bytes is then that budget, not the device's HBM).
+            # the budget it had (the capacity is then that budget, not the device's HBM).
             lines.append(head + f"| {mesh_s} | {per_chip} x {seq_len} "
                          f"| {r['state_bytes'] / g:.1f} | needs {r['per_device_bytes'] / g:.1f} "
-                         f"of the compiler's {r['hbm_bytes'] / g:.1f} | - | - | **no** "
+                         f"of the compiler's {r['hbm_capacity_bytes'] / g:.1f} | - | - | **no** "
                          f"| {'yes' if r.get('dropless') else '**no**'} | | | "
                          f"| {r['compile_s']:.0f} | - |")
             continue
-        frac = r["per_device_bytes"] / r["hbm_bytes"]
+        frac = r["per_device_bytes"] / r["hbm_capacity_bytes"]
         fits = "yes" if r["fits"] and frac <= limit else "**no**"
         if limit < 1:
             fits += f" ({limit:.0%})"

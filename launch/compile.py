@@ -50,6 +50,8 @@ _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 0,
                                      "decode: sequences (0: one per batch shard).")
 _JSON = flags.DEFINE_string("json", "", "Also write the report as JSON to this path.")
 _SAVE = flags.DEFINE_string("save", "", "Serialize the compiled executable to this path.")
+_HLO = flags.DEFINE_string("hlo", "", "Write the optimized HLO text to this path (gzip if it "
+                           "ends in .gz), for bench/hlo_bound.py.")
 flags.mark_flags_as_required(["config", "target"])
 
 EXIT_DOES_NOT_FIT = 3
@@ -117,6 +119,12 @@ def main(argv: list[str]) -> None:
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(report.to_json(), f, indent=2)
+    if _HLO.value and compiled is not None:
+        import gzip
+
+        opener = gzip.open if _HLO.value.endswith(".gz") else open
+        with opener(_HLO.value, "wt") as f:
+            f.write(compiled.as_text())
     if _SAVE.value and compiled is not None:
         aot.save(compiled, _SAVE.value)
         print(f"saved the compiled executable to {_SAVE.value}", flush=True)

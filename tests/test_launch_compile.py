@@ -17,9 +17,10 @@ from mla_moe.train import aot, hlo_collectives
 from pallas_kernels import targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JSON_KEYS = {"fits", "per_device_bytes", "hbm_bytes", "argument_bytes", "temp_bytes",
+JSON_KEYS = {"fits", "per_device_bytes", "hbm_capacity_bytes", "argument_bytes", "temp_bytes",
              "compile_s", "collectives", "mesh", "model_flops_per_step", "host_bytes",
-             "host_ram_bytes", "limit_exceeded", "bytes_accessed", "estimate", "dropless"}
+             "host_ram_bytes", "limit_exceeded", "hbm_traffic_bytes",
+             "compiler_bytes_accessed_once", "ici_bytes", "dcn_bytes", "estimate", "dropless"}
 ESTIMATE_KEYS = {"kind", "compute_s", "hbm_s", "ici_s", "dcn_s", "host_s", "step_s_lower_bound",
                  "mfu_upper_bound", "peak_flops", "hbm_bandwidth", "ici_bandwidth",
                  "dcn_bandwidth", "host_bandwidth", "chip", "sources"}
@@ -43,8 +44,8 @@ def _entry_params(hlo: str) -> list[str]:
 def _check_report(report, devices):
     d = report.to_json()
     assert JSON_KEYS <= set(d)
-    assert d["fits"] and 0 < d["argument_bytes"] <= d["per_device_bytes"] < d["hbm_bytes"]
-    assert d["hbm_bytes"] == targets.hbm_bytes(devices[0])
+    assert d["fits"] and 0 < d["argument_bytes"] <= d["per_device_bytes"]
+    assert d["per_device_bytes"] < d["hbm_capacity_bytes"] == targets.hbm_bytes(devices[0])
     assert d["mesh"] == MESH
     assert d["state_bytes"] <= d["argument_bytes"]
     assert set(d["collectives"]) == set(hlo_collectives.KINDS)
@@ -59,15 +60,16 @@ def _check_estimate(d):
     assert est["kind"] == "lower bound from analysis, not a measurement"
     flops = d["model_flops_per_step"] / d["num_devices"]
     assert est["compute_s"] == flops / est["peak_flops"] > 0
-    ici = sum(r["bytes"] for r in d["collectives"].values())
-    assert est["ici_s"] == ici / est["ici_bandwidth"] > 0
+    link = sum(r["bytes"] for r in d["collectives"].values())
+    network = sum(r.get("network_bytes", 0) for r in d["collectives"].values())
+    assert d["ici_bytes"] == pytest.approx(link - network) and d["ici_bytes"] > 0
+    assert est["ici_s"] == d["ici_bytes"] / est["ici_bandwidth"]
     terms = [est[k] for k in ("compute_s", "hbm_s", "ici_s", "dcn_s", "host_s")]
     assert est["step_s_lower_bound"] == max(t for t in terms if t is not None)
     assert 0 < est["mfu_upper_bound"] <= 1
-    if d["bytes_accessed"] is None:  # GPU: no cost analysis
-        assert est["hbm_s"] is None
-    else:
-        assert est["hbm_s"] == d["bytes_accessed"] / est["hbm_bandwidth"] > 0
+    assert est["hbm_s"] == d["hbm_traffic_bytes"] / est["hbm_bandwidth"] > 0
+    if d["compiler_bytes_accessed_once"] is not None:  # TPU: the compiler's own count
+        assert d["compiler_bytes_accessed_once"] > 0
     assert d["host_bytes"] == 0 and d["host_ram_bytes"] > 0 and d["limit_exceeded"] == ""
 
 
@@ -110,10 +112,11 @@ def test_gpu_h100_train_step():
         report, compiled = aot.compile_train(config, devices, target="gpu:h100:1x1x8")
     d = report.to_json()
     assert JSON_KEYS <= set(d) and d["fits"]
-    assert d["hbm_bytes"] == targets.hbm_bytes(devices[0]) > 79 * 2**30
+    assert d["hbm_capacity_bytes"] == targets.hbm_bytes(devices[0]) > 79 * 2**30
     assert d["device_kind"].startswith("NVIDIA H100")
     _check_estimate(d)
-    assert d["bytes_accessed"] is None and d["estimate"]["chip"] == "NVIDIA H100"
+    # No cost analysis on GPU: the HBM term is the HLO walk's alone.
+    assert d["compiler_bytes_accessed_once"] is None and d["estimate"]["chip"] == "NVIDIA H100"
     params = _entry_params(compiled.as_text())
     assert params.count("s32[1,128]") == 4, params  # 8 sequences over 2 x 2 x 2
 
@@ -146,7 +149,7 @@ def test_out_of_memory_is_a_result(tmp_path):
     # say nothing.
     assert cli_output.noise(proc.stderr) == [], proc.stderr[-3000:]
     assert report["fits"] is False
-    assert report["per_device_bytes"] > report["hbm_bytes"] > 90 * 2**30
+    assert report["per_device_bytes"] > report["hbm_capacity_bytes"] > 90 * 2**30
     assert JSON_KEYS <= set(report) and report["limit_exceeded"] == "HBM"
 
 
@@ -187,7 +190,7 @@ def test_a_target_without_its_compiler_names_the_extra(tmp_path):
 
 
 _HLO = """\
-HloModule m
+HloModule m, num_partitions=4
 
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %p = (s32[], f32[8]{0}) parameter(0)
@@ -226,18 +229,25 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_collectives_count_loop_iterations():
+    """Over the module's 4 devices, per run: the all-gather's 32-byte result arrives 3/4 over
+    links, the all-reduce's 32 bytes twice 3/4, the reduce-scatter's 512-byte input 3/4, the
+    permute's 32 bytes whole."""
     table = hlo_collectives.collectives(_HLO)
-    assert table["all-gather"] == {"count": 61, "bytes": 61 * 32.0, "ops": 1}
-    assert table["all-reduce"] == {"count": 61, "bytes": 61 * 32.0, "ops": 1}
-    assert table["reduce-scatter"] == {"count": 1, "bytes": 128.0, "ops": 1}
-    assert table["collective-permute"] == {"count": 3, "bytes": 3 * 32.0, "ops": 1}
+    assert table["all-gather"] == {"count": 61, "bytes": 61 * 24.0, "array_bytes": 61 * 32.0,
+                                   "ops": 1}
+    assert table["all-reduce"] == {"count": 61, "bytes": 61 * 48.0, "array_bytes": 61 * 32.0,
+                                   "ops": 1}
+    assert table["reduce-scatter"] == {"count": 1, "bytes": 384.0, "array_bytes": 512.0,
+                                       "ops": 1}
+    assert table["collective-permute"] == {"count": 3, "bytes": 3 * 32.0,
+                                           "array_bytes": 3 * 32.0, "ops": 1}
     assert table["all-to-all"]["count"] == 0
 
 
 # A collective offloaded to the SparseCore (TPU7x, v5p): an async call of a computation whose
 # closing brace carries its execution thread, called from the layer loop's body.
 _SPARSECORE = """\
-HloModule m
+HloModule m, num_partitions=8
 
 %sum (x: f32[], y: f32[]) -> f32[] {
   %x = f32[]{:T(128)S(7)} parameter(0)
@@ -274,13 +284,15 @@ ENTRY %main (a: f32[128,16]) -> f32[128,16] {
 
 def test_collectives_offloaded_to_the_sparsecore_count_per_iteration():
     table = hlo_collectives.collectives(_SPARSECORE)
-    assert table["reduce-scatter"] == {"count": 3, "bytes": 3 * 16 * 16 * 4.0, "ops": 1}
+    full = 128 * 16 * 4.0  # the input scattered over 8 devices: 7/8 of it arrives
+    assert table["reduce-scatter"] == {"count": 3, "bytes": 3 * full * 7 / 8,
+                                       "array_bytes": 3 * full, "ops": 1}
 
 
 # The MoE dispatch and combine as compiled TPU modules print them: operands by name only, the
 # receive buffer sized at twice the balanced share (dispatch) or at the rows sent (combine).
 _RAGGED = """\
-HloModule m
+HloModule m, num_partitions=2
 
 ENTRY %main (a: bf16[64,128]) -> bf16[64,128] {
   %a = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
@@ -301,8 +313,8 @@ def test_ragged_all_to_all_counts_bytes_sent_not_the_receive_buffer():
     # dispatch: the 64-row input (not the 128-row buffer); combine: the 64-row result (not the
     # 128-row input); inline operand types: the 8-row input; the async form (GPU), whose
     # result is ((operands), output): the 32-row output, not the 256-row input.
-    assert row == {"count": 4, "bytes": 64 * 128 * 2.0 * 2 + 8 * 4 * 4.0 + 32 * 8 * 2.0,
-                   "ops": 4}
+    sent = 64 * 128 * 2.0 * 2 + 8 * 4 * 4.0 + 32 * 8 * 2.0
+    assert row == {"count": 4, "bytes": sent / 2, "array_bytes": sent, "ops": 4}  # 2 devices
 
 
 @pytest.mark.parametrize("message, want", [

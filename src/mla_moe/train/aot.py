@@ -39,7 +39,7 @@ from mla_moe import counting, moe_parallel, sharding
 from mla_moe.cache import init_cache
 from mla_moe.generation import decode_step
 from mla_moe.train import config as config_lib
-from mla_moe.train import hlo_collectives, roofline, trainer
+from mla_moe.train import hlo_bound, roofline, trainer
 from pallas_kernels import targets
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class Report:
     # The compiler's peak: arguments + unaliased outputs + temporaries (required bytes when it
     # ran out of memory).
     per_device_bytes: int
-    hbm_bytes: int
+    hbm_capacity_bytes: int  # the device's HBM, as the compiler allows it
     argument_bytes: int = 0  # parameters + optimizer state + batch (train)
     state_bytes: int = 0  # parameters + optimizer state alone, from the shardings
     output_bytes: int = 0
@@ -91,11 +91,15 @@ class Report:
     limit_exceeded: str = ""  # "HBM", "host RAM" or both ("HBM and host RAM") when not fits
     # True when no routed assignment can be dropped by construction (`is_dropless`).
     dropless: bool = True
-    # HBM bytes per device per step: the compiler's "bytes accessed" (which counts a loop body
-    # once) plus the loop iterations it misses, from the optimized HLO
-    # (`hlo_collectives.bytes_accessed`). None where the compiler has no cost analysis (GPU).
-    bytes_accessed: float | None = None
-    compiler_bytes_accessed: float | None = None  # cost_analysis()["bytes accessed"] as given
+    # HBM traffic per device per step, a lower bound from the optimized HLO
+    # (`hlo_traffic.hbm_bytes`: HBM-resident operands and results, loop bodies once per
+    # iteration), and the compiler's own "bytes accessed" (loop bodies once; None on GPU).
+    hbm_traffic_bytes: float | None = None
+    compiler_bytes_accessed_once: float | None = None
+    # Collective bytes per device per step within a slice (NVLink on GPU) and across slices or
+    # hosts (DCN; a GPU host's NICs), as `hlo_bound.measure` splits them.
+    ici_bytes: float = 0.0
+    dcn_bytes: float = 0.0
     estimate: dict = dataclasses.field(default_factory=dict)  # roofline.Estimate.to_json()
 
     @property
@@ -108,7 +112,7 @@ class Report:
         """The report's fields plus the derived ones, for `--json`."""
         d = dataclasses.asdict(self)
         d["tokens_per_device"] = self.tokens_per_device
-        d["peak_fraction_of_hbm"] = self.per_device_bytes / self.hbm_bytes
+        d["peak_fraction_of_hbm"] = self.per_device_bytes / self.hbm_capacity_bytes
         return d
 
     def text(self) -> str:
@@ -128,13 +132,14 @@ class Report:
         lines = [head, shape]
         if self.out_of_memory:
             lines.append(f"per device: the compiler ran out of memory: needs "
-                         f"{g(self.per_device_bytes)} of {g(self.hbm_bytes)} -> {verdict}")
+                         f"{g(self.per_device_bytes)} of {g(self.hbm_capacity_bytes)} -> {verdict}")
             lines.append(f"  {self.out_of_memory.splitlines()[0][:300]}")
         else:
             lines.append(
                 f"per device: state {g(self.state_bytes)} | arguments {g(self.argument_bytes)}"
                 f" | temporaries {g(self.temp_bytes)} | peak {g(self.per_device_bytes)} of "
-                f"{g(self.hbm_bytes)} HBM ({100 * self.per_device_bytes / self.hbm_bytes:.1f}%)"
+                f"{g(self.hbm_capacity_bytes)} HBM "
+                f"({100 * self.per_device_bytes / self.hbm_capacity_bytes:.1f}%)"
                 f" -> {hbm_verdict}")
             if self.host_bytes or self.host_ram_bytes:
                 ram = f" of {g(self.host_ram_bytes)} host RAM" if self.host_ram_bytes else ""
@@ -143,12 +148,13 @@ class Report:
                 lines.append(f"DOES NOT FIT: exceeds {self.limit_exceeded}")
         lines.append(f"compile: {self.compile_s:.1f} s")
         if self.collectives:
-            lines.append("collectives per step, per device:")
-            lines.append(f"  {'kind':<20}{'ops':>6}{'runs':>8}{'GiB':>10}")
+            lines.append("collectives per step, per device (GiB received over links; the "
+                         "full arrays' GiB):")
+            lines.append(f"  {'kind':<20}{'ops':>6}{'runs':>8}{'GiB':>10}{'arrays':>10}")
             for kind, row in self.collectives.items():
                 if row["ops"]:
                     lines.append(f"  {kind:<20}{row['ops']:>6}{row['count']:>8}"
-                                 f"{row['bytes'] / GIB:>10.3f}")
+                                 f"{row['bytes'] / GIB:>10.3f}{row['array_bytes'] / GIB:>10.3f}")
         if self.dcn_collectives:
             lines.append("across slices (DCN), per step, per device:")
             for kind, row in self.dcn_collectives.items():
@@ -158,10 +164,12 @@ class Report:
                      f"({self.model_flops_per_step / self.num_devices:.3e} per device)")
         lines.append("MoE: dropless (no token can be dropped)" if self.dropless else
                      "MoE: tokens past an expert shard's capacity are DROPPED")
-        if self.bytes_accessed is not None:
-            lines.append(f"HBM bytes accessed per step, per device: "
-                         f"{g(self.bytes_accessed)} (compiler, loop bodies once: "
-                         f"{g(self.compiler_bytes_accessed or 0)})")
+        if self.hbm_traffic_bytes is not None:
+            once = ("" if self.compiler_bytes_accessed_once is None else
+                    f"; the compiler's count, loop bodies once: "
+                    f"{g(self.compiler_bytes_accessed_once)}")
+            lines.append(f"HBM traffic per step, per device (lower bound): "
+                         f"{g(self.hbm_traffic_bytes)}{once}")
         if self.estimate:
             lines.extend(roofline.Estimate(**{k: v for k, v in self.estimate.items()
                                               if k != "kind"}).text())
@@ -215,7 +223,7 @@ def _compile(lowerable, args, report: Report):
         if oom[2] != "hbm" and oom[1]:
             report.out_of_memory = f"{oom[2]}: {oom[1]} bytes available. " + str(e)
         else:
-            report.hbm_bytes = oom[1] or report.hbm_bytes
+            report.hbm_capacity_bytes = oom[1] or report.hbm_capacity_bytes
             report.out_of_memory = str(e)
         return None
     report.compile_s = time.perf_counter() - t0
@@ -233,33 +241,23 @@ def _compile(lowerable, args, report: Report):
     report.host_bytes = (mem.host_argument_size_in_bytes + mem.host_output_size_in_bytes
                          - mem.host_alias_size_in_bytes + mem.host_temp_size_in_bytes)
     check_fits(report)
-    hlo = compiled.as_text()
-    report.collectives = hlo_collectives.collectives(hlo)
-    report.dcn_collectives = hlo_collectives.dcn_collectives(hlo)
-    report.bytes_accessed, report.compiler_bytes_accessed = bytes_accessed(compiled, hlo)
-    report.estimate = estimate_report(report)
+    bound = hlo_bound.measure(compiled.as_text(), chip=roofline.chip(report.device_kind),
+                              flops_per_device=report.model_flops_per_step / report.num_devices,
+                              host_bytes=report.host_bytes)
+    report.collectives, report.dcn_collectives = bound.collectives, bound.dcn_collectives
+    report.ici_bytes, report.dcn_bytes = bound.ici_bytes, bound.dcn_bytes
+    report.hbm_traffic_bytes = bound.hbm_traffic_bytes
+    report.compiler_bytes_accessed_once = compiler_bytes_accessed(compiled)
+    report.estimate = bound.estimate
     return compiled
 
 
-def bytes_accessed(compiled, hlo: str = "") -> tuple[float | None, float | None]:
-    """(HBM bytes per device per step, the compiler's own count) of a compiled executable;
-    (None, None) where it has no cost analysis (GPU).
-
-    XLA's "bytes accessed" counts a `while` body once, whatever its trip count; the layer scan
-    runs it once per layer. The HLO walk (`hlo_collectives.bytes_accessed`) counts each
-    computation the same way, once and times its runs per step; the difference is added to the
-    compiler's figure. Counted once, the walk agrees with the compiler on a plain scan (0.6%
-    apart, tests/test_roofline.py) but counts less on a whole train step (the tiny model's on
-    v5p, no loop: 0.53 GB against the compiler's 5.2 GB; its TPU cost model sees more traffic
-    per instruction than operands + result), so the iterations it adds are if anything too few:
-    the HBM term stays a lower bound."""
+def compiler_bytes_accessed(compiled) -> float | None:
+    """The compiler's own "bytes accessed" of an executable (a loop body counted once); None
+    where it has no cost analysis (GPU)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    if not cost or "bytes accessed" not in cost:
-        return None, None
-    walk = hlo_collectives.bytes_accessed(hlo or compiled.as_text())
-    once = float(cost["bytes accessed"])
-    return once + walk["per_step"] - walk["once"], once
+    return float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
 
 
 def check_fits(report: Report) -> None:
@@ -268,7 +266,7 @@ def check_fits(report: Report) -> None:
     row = roofline.chip(report.device_kind)
     report.host_ram_bytes = int(row.host_ram_per_device) if row else 0
     exceeded = []
-    if report.per_device_bytes > report.hbm_bytes:
+    if report.per_device_bytes > report.hbm_capacity_bytes:
         exceeded.append("HBM")
     on_host = min(report.num_devices, row.devices_per_host) if row else 0
     if row and report.host_bytes * on_host > row.host_ram_bytes:
@@ -276,32 +274,11 @@ def check_fits(report: Report) -> None:
     report.fits, report.limit_exceeded = not exceeded, " and ".join(exceeded)
 
 
-def estimate_report(report: Report) -> dict:
-    """The roofline estimate of a compiled report, as JSON ({} for a chip not in the table)."""
-    row = roofline.chip(report.device_kind)
-    if row is None:
-        return {}
-    total = lambda table: sum(r["bytes"] for r in table.values())  # noqa: E731
-    ici_bytes, dcn_bytes = total(report.collectives), total(report.dcn_collectives)
-    split = [n for n in report.mesh.values() if n > 1]
-    if (report.device_kind.startswith("NVIDIA") and report.num_devices > row.devices_per_host
-            and len(split) == 1):
-        # GPU hosts are joined by the network (a NIC per GPU), not NVLink. With one mesh axis
-        # every collective spans every host, and of what a GPU receives, the share held by
-        # the other hosts' GPUs arrives over the network.
-        cross = ici_bytes * (1 - row.devices_per_host / report.num_devices)
-        ici_bytes, dcn_bytes = ici_bytes - cross, dcn_bytes + cross
-    return roofline.estimate(
-        row, flops=report.model_flops_per_step / report.num_devices,
-        bytes_accessed=report.bytes_accessed, ici_bytes=ici_bytes, dcn_bytes=dcn_bytes,
-        host_bytes=report.host_bytes).to_json()
-
-
 def _new_report(what, target, mesh, batch_size, seq_len) -> Report:
     device = mesh.devices.flat[0]
     return Report(what=what, target=target, mesh=dict(mesh.shape), device_kind=device.device_kind,
                   num_devices=mesh.size, batch_size=batch_size, seq_len=seq_len, fits=False,
-                  per_device_bytes=0, hbm_bytes=targets.hbm_bytes(device))
+                  per_device_bytes=0, hbm_capacity_bytes=targets.hbm_bytes(device))
 
 
 def compile_train(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
