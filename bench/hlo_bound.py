@@ -19,12 +19,13 @@ import argparse
 import gzip
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "src"), ROOT]
 
-from mla_moe.train import hlo_bound, hlo_collectives, roofline  # noqa: E402
+from mla_moe.train import hlo_bound, hlo_collectives, hlo_traffic, roofline  # noqa: E402
 from pallas_kernels import chips, targets  # noqa: E402
 
 GIB = 1 << 30
@@ -44,6 +45,31 @@ def measure(path: str, target: str, flops: float) -> dict:
     bound = hlo_bound.measure(read(path), chip=chip, flops_per_device=flops,
                               devices_per_host=per_host)
     return {"hlo": path, "target": target, "flops_per_device": flops, **bound.to_json()}
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# op_name path components that say how, not what: jit, autodiff and control-flow wrappers.
+_WRAPPERS = ("jit(", "jvp(", "transpose(", "checkpoint", "remat", "while", "body", "cond",
+             "closed_call", "eval_jaxpr", "shard_map", "pjit", "vmap(")
+
+
+def op_key(ins, depth: int = 2) -> str:
+    """What an instruction computes, from its op_name: "bwd dot_general", "ffn_act/mul"."""
+    m = _OP_NAME.search(ins.text)
+    if not m:
+        return f"<{ins.opcode}>"
+    parts = [p for p in m.group(1).split("/") if not p.startswith(_WRAPPERS)]
+    return ("bwd " if "transpose(" in m.group(1) else "") + "/".join(parts[:depth])
+
+
+def top(path: str, n: int) -> str:
+    """The `n` largest shares of a program's HBM traffic, by what the instructions compute."""
+    parts = hlo_traffic.breakdown(read(path), op_key)
+    total = sum(parts.values())
+    lines = [f"  HBM traffic by op_name (of {total / GIB:,.0f} GiB):"]
+    for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:n]:
+        lines.append(f"    {v / GIB:>10,.1f} GiB {100 * v / total:5.1f}%  {k}")
+    return "\n".join(lines)
 
 
 def text(name: str, r: dict) -> str:
@@ -90,13 +116,17 @@ def main() -> None:
     ap.add_argument("--flops", type=float, required=True,
                     help="model FLOPs per device per step")
     ap.add_argument("--json", default="", help="also write the result as JSON")
+    ap.add_argument("--top", type=int, default=0,
+                    help="also list the N largest shares of the HBM traffic, by op_name")
     ap.add_argument("--compare", nargs="*", default=[], metavar="NAME=FILE",
                     help="several programs of the same target and FLOPs, as one table")
     args = ap.parse_args()
     named = [c.split("=", 1) for c in args.compare] or [["program", args.hlo]]
     rows = [(name, measure(path, args.target, args.flops)) for name, path in named]
-    for name, r in rows:
+    for (name, r), (_, path) in zip(rows, named):
         print(text(name, r), flush=True)
+        if args.top:
+            print(top(path, args.top), flush=True)
     if args.compare:
         print(table(rows))
     if args.json:

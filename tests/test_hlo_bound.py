@@ -300,3 +300,10 @@ def test_gpu_hosts_share_what_crosses_the_network():
                               flops_per_device=1e9)
     assert bound.dcn_bytes == 2 * 4 * MIB / 16
     assert bound.ici_bytes == pytest.approx(2 * 15 / 16 * 4 * MIB - bound.dcn_bytes)
+
+
+@pytest.mark.parametrize("hlo", [_LOOP, _SPACES, _BRANCHES], ids=["loop", "spaces", "branches"])
+def test_breakdown_adds_up_to_the_traffic(hlo):
+    parts = hlo_traffic.breakdown(hlo, lambda ins: ins.opcode)
+    assert sum(parts.values()) == hlo_traffic.hbm_bytes(hlo)["per_step"]
+    assert all(v > 0 for v in parts.values())

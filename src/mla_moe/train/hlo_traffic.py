@@ -136,3 +136,33 @@ def hbm_bytes(hlo_text: str, *, module: Module | None = None) -> dict[str, float
     walk = _Walk(module)
     return {"per_step": module.total(walk.instruction, into_calls=False),
             "once": module.total(walk.instruction, trips=False, into_calls=False)}
+
+
+def breakdown(hlo_text: str, key, *, module: Module | None = None) -> dict[str, float]:
+    """The per-step HBM bytes of `hbm_bytes`, summed by `key(instruction)` (e.g. a prefix of
+    its `op_name`): where a program's traffic goes."""
+    module = module or Module(hlo_text)
+    walk = _Walk(module)
+    out: dict[str, float] = {}
+
+    def visit(comp: str, times: float) -> None:
+        for ins in module.computations.get(comp, []):
+            nbytes = walk.instruction(ins)
+            if nbytes:
+                k = key(ins)
+                out[k] = out.get(k, 0.0) + times * nbytes
+            if ins.opcode == "while":
+                for role in ("body", "condition"):
+                    for c in ins.called.get(role, ()):
+                        visit(c, times * module.trip_count(ins))
+            elif ins.opcode == "conditional":
+                branches = [c for role in ("branch_computations", "true_computation",
+                                           "false_computation") for c in ins.called.get(role, ())]
+                if branches:
+                    visit(max(branches, key=lambda c: module.total(
+                        walk.instruction, into_calls=False, start=c)), times)
+            elif ins.opcode == "call":
+                for c in ins.called.get("to_apply", ()):
+                    visit(c, times)
+    visit(module.entry, 1.0)
+    return out
