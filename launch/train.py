@@ -8,6 +8,10 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distri
 `jax.distributed.initialize()` auto-detect the platform's cluster. Run again with the same
 --workdir to resume from the latest checkpoint.
 
+SIGTERM or Ctrl-C stops the run after its step with a checkpoint, and the launcher then exits
+with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell does, so that a
+scheduler restarts it; a finished run exits 0 (`mla_moe.train.preemption`).
+
 Compiled programs are kept in a persistent cache (--compilation_cache, default
 ~/.cache/mla_moe/jax), so a second run of the same setup starts without compiling (on CPU for
 one-device runs only: see `mla_moe.train.compilation_cache`).
@@ -16,6 +20,8 @@ one-device runs only: see `mla_moe.train.compilation_cache`).
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -69,11 +75,22 @@ def main(argv: list[str]) -> None:
     from mla_moe.train import NonFiniteLossError, train
 
     try:
-        train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value,
-              init_from_hf=_INIT_HF.value)
+        result = train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value,
+                       init_from_hf=_INIT_HF.value)
     except NonFiniteLossError as e:  # an expected stop, not a bug: the message says it all
         cli.fail(str(e))
+    if result.exit_status:
+        sys.exit(result.exit_status)
+
+
+def _main(argv: list[str]) -> None:
+    """`main`; a Ctrl-C outside `train` (jax starting up) ends it in one line."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("interrupted by Ctrl-C before training started", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(_main)

@@ -3,7 +3,8 @@
     python tests/preempt_worker.py PORT PROCESS_ID STORE WORKDIR STEPS SIGTERM_STEP SIGTERM_PID
 
 trains the micro config with `jax.distributed` over gloo, sending itself SIGTERM after step
-SIGTERM_STEP when its process id is SIGTERM_PID (-1: never), as a preempted host would get."""
+SIGTERM_STEP when its process id is SIGTERM_PID (-1: never), as a preempted host would get, and
+exits as `launch.train` does (143 after a SIGTERM, whichever process received it)."""
 
 import sys
 
@@ -21,6 +22,7 @@ def main(port, pid, store, workdir, steps, sigterm_step, sigterm_pid):
     config = micro_config(store, train=dict(steps=int(steps)), log=dict(tensorboard=False))
     result = train(config, workdir, hooks=hooks)
     print(f"process {pid}: step {result.step} preempted {result.preempted}", flush=True)
+    sys.exit(result.exit_status)  # as launch.train does
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def test_runlocal_is_the_published_model_shrunk(name):
     assert (local.model.q_lora_rank is None) == (published.model.q_lora_rank is None)
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         module.get_config("huge")
+    # A longer run of it (the README's 300-step V3.2 walk-through) logs a line per 10 steps
+    # and saves every 50, not every step and every other.
+    assert (local.log.every_steps, local.checkpoint.every_steps) == (10, 50)
 
 
 STEPS = 12  # the preset's two and ten more, each well under a second once compiled

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import cli_output
 import numpy as np
@@ -47,8 +48,15 @@ def test_train_end_to_end_on_default_corpus(tmp_path):
     assert 2.5 < entropy < 4.5  # Python source, byte tokens
     progress = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
     assert len(progress) == 6 and "tok/s" in progress[-1] and "MFU" in progress[-1]
+    assert "elapsed | ETA " in progress[-1]
+    compiling = [ln for ln in out.stdout.splitlines() if ln.startswith("compil")]
+    assert compiling[0] == "compiling the train step and the evaluation step ..."
+    assert re.fullmatch(r"compiled the train step and the evaluation step in [\d.]+ s",
+                        compiling[1]), compiling
     records = _records(workdir)
     assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
+    times = [r["time"] for r in records]  # wall-clock seconds, in order
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 600
     for key in ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
                 "aux/seq_balance", "expert_load_max/0", "drop_fraction/0", "bias_max"):
         assert key in records[-1], key
@@ -56,13 +64,18 @@ def test_train_end_to_end_on_default_corpus(tmp_path):
     # It learns: from ln(256) = 5.55 at initialisation to below the corpus' unigram entropy
     # within 60 micro-model steps (the tiny config's default run goes much further).
     assert records[-1]["loss"] < entropy - 0.1, (records[-1]["loss"], entropy)
-    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    (events,) = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["30", "60"]
+    saved = [ln for ln in out.stdout.splitlines() if ln.startswith("saved checkpoint")]
+    assert saved == ["saved checkpoint step 30", "saved checkpoint step 60"]
     assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
-    # Running it again resumes at the end and trains nothing more.
+    # Running it again says where the run stands, and exits at once (nothing compiled).
     again = _run(args, MLA_MOE_CACHE=str(tmp_path / "cache"))
-    assert again.returncode == 0 and "resuming from step 60" in again.stdout
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert cli_output.lines(again.stdout) == [
+        "already at step 60; pass --config.train.steps=M (M > 60) to continue"]
     assert len(_records(workdir)) == 6
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")) == [events]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -6,8 +6,11 @@ checkpoint is plain named arrays: restoring needs only the abstract state of the
 mesh is restored onto another. `load_checkpoint` reads the model alone back from a workdir
 (for generation and export).
 
-Saves are asynchronous and atomic (Orbax writes into a temporary directory and renames it when
-complete), so a process killed mid-save leaves the previous checkpoint as the latest one.
+Saves are asynchronous and atomic (Orbax writes into a temporary directory,
+`N.orbax-checkpoint-tmp`, and renames it when complete), so a process killed mid-save leaves
+the previous checkpoint as the latest one. `Checkpointer` knows which save is in flight and
+which step was the last to complete (`committed`), so that the loop reports a save only once
+it is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mla_moe.decoder import DeepSeekModel
 from mla_moe.errors import InputError, MissingInputError
 
 STATE, DATA = "state", "data"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a save's directory until it is complete
 
 
 def _key_name(entry) -> str:
@@ -73,6 +77,9 @@ class Checkpointer:
             item_handlers={STATE: ocp.StandardCheckpointHandler(),
                            DATA: grain_ckpt.CheckpointHandler()},
         )
+        self.committed = self.manager.latest_step()  # the newest complete checkpoint
+        self._pending: int | None = None  # the save started and not yet seen complete
+        self._done: list[int] = []  # completed saves not yet reported by `completed()`
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""
@@ -89,11 +96,34 @@ class Checkpointer:
         return {k: tuple(v.shape) for k, v in tree.items()}
 
     def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
-        """Starts saving `state` (and the iterator's position) at `step`; False if skipped."""
+        """Starts saving `state` (and the iterator's position) at `step`; False if skipped.
+        A save still in flight is waited for first (Orbax writes one at a time)."""
+        if self._pending is not None:
+            self.wait()
         args = {STATE: ocp.args.StandardSave(flatten_state(state))}
         if data_iterator is not None:
             args[DATA] = grain_ckpt.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        started = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        if started:
+            self._pending = step
+        return started
+
+    def in_flight(self) -> int | None:
+        """The step of the save being written, or None (then every started save is complete).
+        Reads local state only: safe in a signal handler and on any one process."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self._complete()
+        return self._pending
+
+    def completed(self) -> list[int]:
+        """The steps whose saves have completed since the last call, oldest first."""
+        self.in_flight()
+        done, self._done = self._done, []
+        return done
+
+    def _complete(self) -> None:
+        self.committed, self._pending = self._pending, None
+        self._done.append(self.committed)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """`abstract_state`: leaves are `jax.ShapeDtypeStruct`s carrying their target sharding.
@@ -107,11 +137,22 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until the pending save is written."""
         self.manager.wait_until_finished()
+        if self._pending is not None:
+            self._complete()
 
     def close(self) -> None:
         """Waits for the pending save, then releases the manager."""
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def unfinished_saves(directory) -> list[str]:
+    """The names of the saves in `directory` (a Checkpointer's) that never completed: a
+    process stopped while writing them. Orbax removes them when a writing manager opens."""
+    directory = paths.resolve(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if TMP_SUFFIX in p.name)
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> tuple[DeepSeekModel, int]:

@@ -65,7 +65,12 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
         loss_chunk_tokens=8192,
         learning_rate=3e-4,
         warmup_steps=100,
-        decay_steps=0,  # 0: cosine over train.steps
+        # The cosine's length in steps (then held at min_lr_ratio); 0: train.steps. A run
+        # continued with another train.steps keeps the decay length it had (its config.json
+        # records it) unless this is given: a finished run of 150 steps rerun with
+        # steps=200 holds its floor for 50 more steps, where decay_steps=200 raises the
+        # learning rate again.
+        decay_steps=0,
         min_lr_ratio=0.1,
         weight_decay=0.1,
         b1=0.9,
@@ -108,7 +113,9 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
 
 def runlocal_config(model: ml_collections.ConfigDict, sizes: dict) -> ml_collections.ConfigDict:
     """A published preset at toy `sizes` (every other model field as published), trained for
-    two steps on the bundled byte corpus: a CPU check that the preset runs end to end."""
+    two steps on the bundled byte corpus: a CPU check that the preset runs end to end. Longer
+    runs of it (`--config.train.steps=300`, the README's V3.2 walk-through) log every 10 steps
+    and save every 50 (the last step is always logged and saved)."""
     model.update(sizes)
     return run_config(
         model,
@@ -116,8 +123,8 @@ def runlocal_config(model: ml_collections.ConfigDict, sizes: dict) -> ml_collect
             steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every_steps=0, eval_batches=1
         ),
         data=dict(num_threads=1, prefetch=2),
-        checkpoint=dict(every_steps=2, max_to_keep=1),
-        log=dict(every_steps=1),
+        checkpoint=dict(every_steps=50, max_to_keep=1),
+        log=dict(every_steps=10),
         mesh=dict(data=-1, fsdp=1, expert=1, tensor=1),
     )
 
@@ -154,7 +161,11 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     )
     _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _check(t.decay_steps >= 0, f"train.decay_steps must be >= 0, got {t.decay_steps}")
+    _check(
+        isinstance(t.decay_steps, int) and not isinstance(t.decay_steps, bool)
+        and t.decay_steps >= 0,
+        f"train.decay_steps must be an integer >= 0 (0: train.steps), got {t.decay_steps!r}",
+    )
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1/b2 must be in [0, 1), got {t.b1}, {t.b2}")
@@ -230,6 +241,7 @@ def check_batch(config: ml_collections.ConfigDict, data_parallel: int, process_c
 # Everything else changes the parameters' structure or the data stream.
 RESUMABLE_FIELDS = (
     "train.steps",
+    "train.decay_steps",
     "train.eval_every_steps",
     "train.eval_batches",
     "train.nan_policy",

@@ -4,6 +4,7 @@ and the logged record (perplexity, step time, throughput, MFU, validation loss).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -81,7 +82,9 @@ def check_finite(metrics: dict, step: int, nan_policy: str, ckpt: Checkpointer) 
 
 class Reporter:
     """The logged record of a step: its metrics, perplexity, the mean step time, throughput
-    and MFU since the last record, and the validation loss when it is due."""
+    and MFU since the last record, and the validation loss when it is due. The console line
+    adds the time since `started` (time.time() when the run began) and an ETA: the steps left
+    at the wall-clock pace of this process's steps so far (evaluations and saves included)."""
 
     def __init__(
         self,
@@ -93,6 +96,7 @@ class Reporter:
         *,
         resumed: bool,
         is_main: bool,
+        started: float | None = None,
     ):
         t = self._train = config.train
         self._flops_per_step = mla_moe.flops_per_token(cfg, t.seq_len) * t.batch_size * t.seq_len
@@ -100,13 +104,17 @@ class Reporter:
             config.log.peak_tflops, mesh.devices.flat[0]
         )
         self._peak_total = self.peak * mesh.size
-        self._writer, self._evaluate = writer, evaluate
+        self._writer, self.evaluate = writer, evaluate
         self._resumed, self._is_main = resumed, is_main
         self._window_time, self._window_steps = 0.0, 0
+        self._started = time.time() if started is None else started
+        self._pace_from: tuple[int, float] | None = None  # (step, time) the ETA counts from
 
     def time(self, step: int, seconds: float) -> None:
-        """Counts `seconds` of step `step` (the first step of a fresh process compiles: not
+        """Counts `seconds` of step `step` (the first step of a fresh process warms up: not
         counted)."""
+        if self._pace_from is None:
+            self._pace_from = (step, time.time())
         if step > 1 or self._resumed:
             self._window_time += seconds
             self._window_steps += 1
@@ -122,11 +130,16 @@ class Reporter:
             m["tokens_per_s"] = t.batch_size * t.seq_len / st
             m["mfu"] = self._flops_per_step / st / self._peak_total
         self._window_time, self._window_steps = 0.0, 0
-        if self._evaluate and ((t.eval_every_steps and step % t.eval_every_steps == 0) or last):
-            m["val_loss"] = self._evaluate(state)
+        if self.evaluate and ((t.eval_every_steps and step % t.eval_every_steps == 0) or last):
+            m["val_loss"] = self.evaluate(state)
         record = self._writer.write(step, m)
         if self._is_main:
-            print(metrics_lib.progress_line(record, t.steps), flush=True)
+            now, eta = time.time(), None
+            if self._pace_from is not None and step > self._pace_from[0]:
+                pace = (now - self._pace_from[1]) / (step - self._pace_from[0])
+                eta = pace * (t.steps - step)
+            print(metrics_lib.progress_line(record, t.steps, now - self._started, eta),
+                  flush=True)
         return record
 
 

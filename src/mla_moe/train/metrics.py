@@ -10,7 +10,6 @@ it is a large float32 matmul timed once on this machine.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 
@@ -84,7 +83,9 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 class MetricWriter:
-    """Writes logged steps; only process 0 writes (`enabled`)."""
+    """Writes logged steps to metrics.jsonl and the workdir's TensorBoard events file
+    (`events.EventsFile`); only process 0 writes (`enabled`). Each row carries `time`, the
+    wall-clock time it was written (Unix seconds)."""
 
     def __init__(self, workdir, enabled: bool, tensorboard: bool = True):
         workdir = paths.resolve(workdir)  # local or gs://
@@ -93,15 +94,32 @@ class MetricWriter:
         self._tb = None
         if enabled and tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from mla_moe.train.events import EventsFile
+
+                self._tb = EventsFile(workdir / "tensorboard")
             except ImportError:  # optional dependency
                 print("tensorboardX not installed: no TensorBoard events", file=sys.stderr)
-            else:
-                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def steps(self) -> list[int]:
+        """The steps of the rows in metrics.jsonl (of this process's writer; [] elsewhere)."""
+        if not self.enabled or not self.path.exists():
+            return []
+        out = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                out.append(int(json.loads(ln)["step"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a line cut short by a hard kill
+        return out
 
     def truncate_after(self, step: int) -> None:
-        """Drops records past `step` (written by a run that was killed before saving them)."""
-        if not self.enabled or not self.path.exists():
+        """Drops records past `step` (written by a run stopped before it saved them), from
+        metrics.jsonl and the TensorBoard events."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.truncate_after(step)
+        if not self.path.exists():
             return
         lines = [ln + "\n" for ln in self.path.read_text().splitlines() if ln.strip()]
         kept = []
@@ -118,7 +136,8 @@ class MetricWriter:
     def write(self, step: int, metrics: dict) -> dict:
         """Appends the scalars of `metrics` at `step` to metrics.jsonl (and TensorBoard) on the
         writing process; returns the record either way."""
-        record = {"step": int(step), **_scalars(metrics)}
+        now = time.time()
+        record = {"step": int(step), "time": round(now, 3), **_scalars(metrics)}
         if not self.enabled:
             return record
         line = json.dumps(record) + "\n"
@@ -129,20 +148,28 @@ class MetricWriter:
             with self.path.open("a") as f:
                 f.write(line)
         if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+            scalars = {k: v for k, v in record.items() if k not in ("step", "time")}
+            self._tb.write(step, scalars, now)
         return record
 
     def close(self) -> None:
-        """Closes the TensorBoard writer, if any."""
-        if self._tb is not None:
-            self._tb.close()
+        """Nothing to release: every write is complete when it returns."""
 
 
-def progress_line(record: dict, total_steps: int) -> str:
-    """The one-line console summary of a metrics record ("step 10/150 | loss ... | ...")."""
+def duration(seconds: float) -> str:
+    """`seconds` as the console shows a duration: 42s, 3m05s, 2h07m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def progress_line(record: dict, total_steps: int, elapsed_s: float | None = None,
+                  eta_s: float | None = None) -> str:
+    """The one-line console summary of a metrics record ("step 10/150 | loss ... | ..."),
+    ending with the time since the run started and the estimated time to its last step."""
     parts = [f"step {record['step']:>6d}/{total_steps}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f}")
@@ -163,6 +190,10 @@ def progress_line(record: dict, total_steps: int) -> str:
     worst = worst_expert_load(record)
     if worst is not None:
         parts.append(f"expert load max/mean {worst[1]:.2f} (MoE layer {worst[0]})")
+    if elapsed_s is not None:
+        parts.append(f"{duration(elapsed_s)} elapsed")
+    if eta_s is not None:
+        parts.append(f"ETA {duration(eta_s)}")
     return " | ".join(parts)
 
 

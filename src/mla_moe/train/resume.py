@@ -1,12 +1,15 @@
 """The workdir: refuse one this run cannot use, then resume its latest checkpoint or start.
 
-`check_workdir` runs with the other input checks, before anything is compiled or written;
-`open_workdir` then creates the workdir, restores the latest checkpoint (after checking that
-its shapes fit the model) or initialises a state and records the run's config.
+`plan` runs with the other input checks, before anything is compiled or written: it refuses a
+workdir this config cannot continue, finds the latest checkpoint and, when the run continues
+with another `train.steps`, keeps its learning-rate schedule (saying so). `open_workdir` then
+creates the workdir, restores the latest checkpoint (after checking that its shapes fit the
+model) or initialises a state, and records the run's config.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -20,6 +23,7 @@ from mla_moe.errors import InputError
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
 from mla_moe.train import metrics as metrics_lib
+from mla_moe.train import optimizer as optimizer_lib
 
 
 class IncompatibleWorkdirError(InputError):
@@ -66,6 +70,68 @@ def check_workdir(workdir, config) -> None:
         )
 
 
+def latest_step(workdir) -> int | None:
+    """The workdir's latest complete checkpoint, read without changing anything (None: none)."""
+    if not (workdir / "checkpoints").is_dir():
+        return None
+    options = {"max_to_keep": 1, "keep_every_steps": 0, "async_save": False}
+    import ml_collections
+
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", ml_collections.ConfigDict(options),
+                                 read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+def plan(workdir, config, *, is_main: bool):
+    """(config, latest checkpoint step or None): `check_workdir`, then, for a run that continues
+    with another `train.steps`, `config` with the decay length the run had (see
+    `continue_schedule`). Writes nothing."""
+    check_workdir(workdir, config)
+    latest = latest_step(workdir)
+    path = workdir / "config.json"
+    if latest is None or latest >= config.train.steps or not path.exists():
+        return config, latest
+    config, message = continue_schedule(json.loads(path.read_text()), config, latest)
+    if message and is_main:
+        print(message, flush=True)
+    return config, latest
+
+
+def continue_schedule(saved: dict, config, step: int):
+    """(config, a line for the console or None) for a run saved with config `saved` (its
+    config.json) continuing from `step`. Unless `train.decay_steps` is given, the learning rate
+    keeps the decay length of the saved run, whatever `train.steps` now says; the line says what
+    the schedule does when train.steps or decay_steps changes."""
+    t = config.train
+    saved_t = saved.get("train", {})
+    saved_steps = int(saved_t.get("steps", t.steps))
+    saved_decay = int(saved_t.get("decay_steps") or saved_steps)
+    decay = int(t.decay_steps or saved_decay)
+    if decay != (t.decay_steps or t.steps):
+        config = copy.deepcopy(config)
+        config.train.decay_steps = decay
+    if decay == saved_decay and saved_steps == t.steps:
+        return config, None
+    lr = optimizer_lib.learning_rate_schedule(config.train)
+    if decay != saved_decay:
+        before = copy.deepcopy(config.train)
+        before.decay_steps = saved_decay
+        before = optimizer_lib.learning_rate_schedule(before)
+        return config, (
+            f"train.decay_steps {saved_decay} -> {decay}: the learning rate of step {step + 1} "
+            f"is {float(lr(step)):.2e} (it was {float(before(step)):.2e}); the cosine now "
+            f"ends at step {decay}")
+    end = (f"then held at {float(lr(decay)):.2e} to step {t.steps}" if t.steps > decay
+           else f"ending at {float(lr(t.steps)):.2e} at step {t.steps}")
+    return config, (
+        f"train.steps {saved_steps} -> {t.steps}: the learning rate keeps this run's schedule "
+        f"(cosine decay to step {decay}, {end}); pass --config.train.decay_steps=M to decay "
+        "to step M instead")
+
+
 def check_checkpoint_shapes(ckpt: ckpt_lib.Checkpointer, step: int, abstract_state) -> None:
     """Refuses a checkpoint whose arrays do not have the shapes of `abstract_state`."""
     saved = ckpt.saved_shapes(step)
@@ -108,7 +174,11 @@ def open_workdir(
     if read_first and not (workdir / "checkpoints").is_dir():
         state = init_state()
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    unfinished = ckpt_lib.unfinished_saves(workdir / "checkpoints")
+    if unfinished and is_main:
+        print(f"removing {', '.join(unfinished)}: a save that never completed (the run was "
+              "stopped while writing it)", flush=True)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)  # removes them
     writer = metrics_lib.MetricWriter(workdir, is_main, config.log.tensorboard)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -118,8 +188,14 @@ def open_workdir(
         logging.info("resumed from checkpoint step %d", latest)
         print(f"resuming from step {latest} ({ckpt.directory})", flush=True)
     else:
+        logged = writer.steps()
+        if logged:
+            print(f"no complete checkpoint in {ckpt.directory}: starting at step 0, and "
+                  f"dropping the {len(logged)} rows of metrics.jsonl (steps {min(logged)}-"
+                  f"{max(logged)}) that this run rewrites", flush=True)
+        writer.truncate_after(0)
         if state is None:
             state = init_state()
-        if is_main:
-            (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2))
+    if is_main:  # the settings of the latest run (train.steps, its decay, the mesh ...)
+        (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2))
     return OpenWorkdir(state=state, ckpt=ckpt, writer=writer, resumed_from=latest)

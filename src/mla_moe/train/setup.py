@@ -1,7 +1,7 @@
 """Run setup: the mesh, the data, and the optimizer, state layout and jitted steps on it.
 
-Nothing here compiles except `jitted_steps` with several processes: `run_mesh` and
-`open_data` fail on bad input first, `build` only traces.
+Nothing here compiles except `jitted_steps`: `run_mesh` and `open_data` fail on bad input
+first, `build` only traces.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,6 @@ from mla_moe.data import (
     TokenSplit,
     default_corpus,
     eval_batches,
-    global_batch,
     train_iterator,
 )
 from mla_moe.errors import MissingInputError
@@ -111,11 +111,12 @@ def _resolve_data(path: str) -> str:
 
 
 def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
-    """The optimizer settings of `config.train` as a hashable tuple (the key of `build`)."""
+    """The optimizer settings of `config.train` as a hashable tuple (the key of `build`). The
+    schedule reads train.steps only as the decay length when decay_steps is 0, so both enter
+    as that length: a run continued past its decay builds (and compiles) the same program."""
+    decay = int(train_cfg.decay_steps or train_cfg.steps)
     names = (
-        "steps",
         "warmup_steps",
-        "decay_steps",
         "learning_rate",
         "min_lr_ratio",
         "weight_decay",
@@ -126,7 +127,7 @@ def optimizer_key(train_cfg: ml_collections.ConfigDict) -> tuple:
         "moment_dtype",
         "dsa_stage",
     )
-    return tuple((n, train_cfg[n]) for n in names)
+    return (("steps", decay), ("decay_steps", decay), *((n, train_cfg[n]) for n in names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,9 @@ class Built:
     init_fn: Callable
     step_fn: Callable
     eval_fn: Callable
+    # (batch_size, seq_len) -> the compiled (step, eval), filled by `jitted_steps`: runs of one
+    # setup in one process (tests, restarts) compile once.
+    compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def state_spec(self) -> Any:
         """The train state as ShapeDtypeStructs carrying the run's shardings."""
@@ -276,22 +280,31 @@ def init_from_hf(path: str, cfg: ModelConfig, built: Built):
 
 
 def jitted_steps(
-    built: Built, state, data: RunData, fault_step: np.int32
+    built: Built, state, data: RunData, fault_step: np.int32, train_cfg, *, verbose: bool = True
 ) -> tuple[Callable, Callable]:
-    """(step_fn, eval_fn) for the loop. With several processes both are compiled here, and the
-    processes then meet: Gloo gives processes 30 s to meet at their first collective, and
-    compilation times can differ by more on a loaded machine, so compile first, then meet at a
-    barrier of the coordination service (no collective), then warm up the stop-flag
-    all-gather."""
-    step_fn, eval_fn = built.step_fn, built.eval_fn
-    if jax.process_count() == 1:
-        return step_fn, eval_fn
-    import orbax.checkpoint as ocp
+    """(step_fn, eval_fn) for the loop, compiled here for the run's batch, with a line before
+    and after on the console (`verbose`): at real sizes the first compile takes minutes.
 
-    probe = global_batch(next(train_iterator(data.train, data.pipe)), built.batch_sh)
-    step_fn = step_fn.lower(state, probe, fault_step).compile()
-    if data.val:
-        eval_fn = eval_fn.lower(state, probe).compile()
-    ocp.multihost.sync_global_processes("mla_moe_train_compiled", timeout=1800)
-    preemption.stop_requested(False)
+    With several processes the processes then meet: Gloo gives processes 30 s to meet at their
+    first collective, and compilation times can differ by more on a loaded machine, so compile
+    first, then meet at a barrier of the coordination service (no collective), then warm up
+    the stop-signal all-gather."""
+    key = (train_cfg.batch_size, train_cfg.seq_len, bool(data.val))
+    if key not in built.compiled:
+        what = "the train step" + (" and the evaluation step" if data.val else "")
+        if verbose:
+            print(f"compiling {what} ...", flush=True)
+        t0 = time.perf_counter()
+        batch = built.batch_spec(*key[:2])
+        step_fn = built.step_fn.lower(state, batch, fault_step).compile()
+        eval_fn = built.eval_fn.lower(state, batch).compile() if data.val else built.eval_fn
+        built.compiled[key] = step_fn, eval_fn
+        if verbose:
+            print(f"compiled {what} in {time.perf_counter() - t0:.1f} s", flush=True)
+    step_fn, eval_fn = built.compiled[key]
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+
+        ocp.multihost.sync_global_processes("mla_moe_train_compiled", timeout=1800)
+        preemption.stop_signal(None)
     return step_fn, eval_fn
