@@ -162,6 +162,17 @@ def test_gke_dry_run_renders_a_jobset():
     assert env["MEGASCALE_SLICE_ID"]["value"] == "$(JOB_INDEX)"
     assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"].startswith("mla-moe-slice-0-0.mla-moe")
     assert pod["terminationGracePeriodSeconds"] >= 60  # time to save on SIGTERM
+    # A run stopped on a signal (it saved first) or evicted fails its Job for a reason the
+    # JobSet restarts without counting it against --max_restarts.
+    stopped, evicted = job["podFailurePolicy"]["rules"]
+    assert stopped == {"action": "FailJob", "onExitCodes": {
+        "containerName": container["name"], "operator": "In", "values": [130, 143]}}
+    assert evicted["action"] == "FailJob"
+    assert evicted["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert pod["restartPolicy"] == "Never" and job["backoffLimit"] == 0
+    (rule,) = js["spec"]["failurePolicy"]["rules"]
+    assert rule["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+    assert rule["onJobFailureReasons"] == ["PodFailurePolicy"] and rule["name"]
     lines = out.stdout.splitlines()
     assert "gcloud container clusters get-credentials c1 --location=us-east5" in lines
     assert "kubectl apply -f jobset.yaml" in lines
@@ -181,11 +192,44 @@ def test_slurm_dry_run_renders_an_sbatch_script(tmp_path):
     assert sbatch["time"] == "24:00:00" and sbatch["signal"] == "TERM@120"
     assert sbatch["chdir"] == ROOT and sbatch["exclusive"] == ""
     srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    srun = srun.removesuffix(" || status=$?")  # the exit status decides a requeue
     assert shlex.split(srun)[-len(TRAIN) - 1:] == ["--distributed", *TRAIN]
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in script
+    assert sbatch["requeue"] == "" and sbatch["open-mode"] == "append"
     per_gpu = _pod("slurm", "--dry_run", "--nodes=2", "--tasks_per=gpu", "--", *TRAIN)
     assert "#SBATCH --ntasks-per-node=8" in per_gpu.stdout
     assert "JAX_LOCAL_DEVICE_IDS" not in per_gpu.stdout  # jax reads SLURM_LOCALID
+
+
+@pytest.mark.parametrize("status, requeued", [(0, False), (1, False), (130, True),
+                                             (143, True)])
+def test_slurm_script_requeues_a_run_stopped_on_a_signal(tmp_path, status, requeued):
+    """The generated script under fake `srun` (the trainer's exit status) and `scontrol`: a run
+    stopped on a signal (130, 143: it saved a checkpoint) is queued again; a finished or failed
+    one is not; the script exits with the trainer's status either way."""
+    from launch.pod.slurm import Sbatch
+
+    script = tmp_path / "train.sbatch"
+    script.write_text(Sbatch(nodes=1, gpus_per_node=1, logdir=str(tmp_path / "logs"))
+                      .script(TRAIN))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in [("srun", f"printf '%s\\n' \"$@\" > {tmp_path}/srun.args\nexit {status}"),
+                       ("scontrol", f'echo "$@" > {tmp_path}/scontrol.args')]:
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               SLURM_JOB_ID="4242")
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == status, out.stderr
+    assert (tmp_path / "srun.args").read_text().splitlines() == [
+        "--kill-on-bad-exit=1", "python", "-u", "-m", "launch.train", "--distributed", *TRAIN]
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+        assert f"stopped on a signal (exit status {status}): requeueing" in out.stdout
+    else:
+        assert not (tmp_path / "scontrol.args").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,6 +6,12 @@ topology node selectors, and to one node pool per slice by JobSet's exclusive-to
 annotation. Each pod gets the environment `jax.distributed.initialize()` reads on GKE
 (TPU_WORKER_ID, TPU_WORKER_HOSTNAMES) and, across slices, the MEGASCALE_* variables.
 
+Restarts: a pod whose trainer stopped on a signal (exit 143 after SIGTERM, 130 after SIGINT:
+it saved a checkpoint first) or that was evicted (the `DisruptionTarget` condition: node
+preemption, maintenance) fails its Job with the reason `PodFailurePolicy`, and the JobSet
+restarts every Job for that reason without counting it against `max_restarts`: the run
+resumes from its checkpoint. Any other failure restarts it at most `max_restarts` times.
+
     manifest = jobset(name="pretrain", tpu=tpu_types.parse("v5p-128"), num_slices=2,
                       image="us-docker.pkg.dev/p/r/mla-moe:latest", train_args=[...])
     print(render(manifest))
@@ -19,6 +25,7 @@ from launch.pod.tpu_types import TpuType
 
 COORDINATOR_PORT = 8080  # MEGASCALE's across slices
 GRACE_SECONDS = 600  # SIGTERM -> the trainer saves its checkpoint before the pod is killed
+STOPPED_ON_SIGNAL = (130, 143)  # launch.train's exit statuses after SIGINT, SIGTERM
 
 
 def _field(path: str) -> dict:
@@ -74,6 +81,15 @@ def jobset(*, name: str, tpu: TpuType, num_slices: int, image: str, train_args: 
         "completions": tpu.hosts,
         "completionMode": "Indexed",
         "backoffLimit": 0,
+        # Preempted (stopped on a signal after saving, or evicted): fail the Job at once with
+        # the reason PodFailurePolicy, which the JobSet's rule below restarts.
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {
+                "containerName": "train", "operator": "In",
+                "values": list(STOPPED_ON_SIGNAL)}},
+            {"action": "FailJob", "onPodConditions": [
+                {"type": "DisruptionTarget", "status": "True"}]},
+        ]},
         "template": {"spec": pod},
     }
     return {
@@ -82,7 +98,9 @@ def jobset(*, name: str, tpu: TpuType, num_slices: int, image: str, train_args: 
         "metadata": {"name": name, "annotations": {
             "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
         "spec": {
-            "failurePolicy": {"maxRestarts": max_restarts},
+            "failurePolicy": {"maxRestarts": max_restarts, "rules": [
+                {"name": "restart-preempted", "action": "RestartJobSetAndIgnoreMaxRestarts",
+                 "onJobFailureReasons": ["PodFailurePolicy"]}]},
             "network": {"enableDNSHostnames": True},
             "replicatedJobs": [{"name": "slice", "replicas": num_slices,
                                 "template": {"spec": job}}],

@@ -15,7 +15,7 @@ The steps, each a command `--dry_run` prints:
   4. run `python3 -m launch.pod.worker ARGS` there on every worker (ssh): `launch.train` with
      the forwarded flags, its lines tagged by worker;
   5. on Ctrl-C: `kill -TERM` every worker's supervisor (ssh), which signals its trainer: all
-     hosts save the same step and exit 0.
+     hosts save the same step and exit 143 (stopped on a signal).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ It
   run), so that `launch.pod` can split the one stream `gcloud ... ssh --worker=all` returns into
   a log per worker;
 - writes its process id to `train.pid`, and turns SIGTERM, SIGINT and SIGHUP (the ssh session
-  closing) into one SIGTERM for the trainer, which then saves a checkpoint and exits 0.
+  closing) into one SIGTERM for the trainer, which then saves a checkpoint and exits 143.
 Its exit status is the trainer's.
 """
 
