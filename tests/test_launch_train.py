@@ -44,6 +44,7 @@ def test_train_end_to_end_on_default_corpus(tmp_path):
             "--config.train.eval_every_steps=30", "--profile_steps=2:3"]
     out = _run(args, MLA_MOE_CACHE=str(tmp_path / "cache"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert cli_output.noise(out.stderr) == [], out.stderr[-3000:]  # no plugin start-up notices
     entropy = float(re.search(r"unigram entropy ([\d.]+) nats", out.stdout).group(1))
     assert 2.5 < entropy < 4.5  # Python source, byte tokens
     progress = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
