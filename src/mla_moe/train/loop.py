@@ -135,7 +135,7 @@ class Reporter:
         record = self._writer.write(step, m)
         if self._is_main:
             now, eta = time.time(), None
-            if self._pace_from is not None and step > self._pace_from[0]:
+            if self._pace_from is not None and self._pace_from[0] < step < t.steps:
                 pace = (now - self._pace_from[1]) / (step - self._pace_from[0])
                 eta = pace * (t.steps - step)
             print(metrics_lib.progress_line(record, t.steps, now - self._started, eta),

@@ -190,9 +190,11 @@ def open_workdir(
     else:
         logged = writer.steps()
         if logged:
+            rows = (f"the {len(logged)} rows of metrics.jsonl (steps {min(logged)}-"
+                    f"{max(logged)})" if len(logged) > 1 else
+                    f"the row of metrics.jsonl (step {logged[0]})")
             print(f"no complete checkpoint in {ckpt.directory}: starting at step 0, and "
-                  f"dropping the {len(logged)} rows of metrics.jsonl (steps {min(logged)}-"
-                  f"{max(logged)}) that this run rewrites", flush=True)
+                  f"dropping {rows} that this run rewrites", flush=True)
         writer.truncate_after(0)
         if state is None:
             state = init_state()
