@@ -8,7 +8,9 @@ tell a stopped run (to restart: it resumes from that checkpoint) from a finished
 Ctrl-C again escalates, and never leaves the workdir without a complete checkpoint: while a
 save is being written it waits for it and starts no other (one line says so), a third Ctrl-C
 abandons that save (the previous complete checkpoint stays the latest); with no save in flight
-it stops at once.
+it stops at once. (With several processes the stop step's save is still written: a save is
+collective, and one process's Ctrl-C cannot skip it for the others.) A Ctrl-C is handled when
+Python next runs: not in the middle of a compile or a step.
 A repeated SIGTERM changes nothing: the run is already stopping.
 
 With several processes every one must stop at the same step (a save is collective), so the

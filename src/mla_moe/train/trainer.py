@@ -136,7 +136,9 @@ def _train(config, cfg, mesh, workdir, stop, *, started, profile_steps, init_fro
             signum = preemption.stop_signal(stop.received)
             if signum is not None:
                 ckpt.wait()  # a Ctrl-C meanwhile (stop.hurry) asks for no further save
-            if (signum is not None and not stop.hurry) or (
+            # A save is collective: one process's second Ctrl-C cannot skip it for all.
+            hurry = stop.hurry and jax.process_count() == 1
+            if (signum is not None and not hurry) or (
                 signum is None and (last or step % config.checkpoint.every_steps == 0)
             ):
                 ckpt.save(step, state, data.iterator, force=True)
@@ -147,9 +149,10 @@ def _train(config, cfg, mesh, workdir, stop, *, started, profile_steps, init_fro
         writer.close()
     _report_saves(ckpt, is_main)
     if signum is not None and is_main:
+        then = (f"resumes from checkpoint step {ckpt.committed}" if ckpt.committed is not None
+                else "starts over (nothing was saved)")
         print(f"stopped at step {step} on {preemption.NAMES[signum]} (exit status "
-              f"{preemption.exit_status(signum)}); the same command resumes from checkpoint "
-              f"step {ckpt.committed}", flush=True)
+              f"{preemption.exit_status(signum)}); the same command {then}", flush=True)
     return TrainResult(step=step, resumed_from=run.resumed_from, preempted=signum is not None,
                        last_record=record, stop_signal=signum)
 
