@@ -146,7 +146,7 @@ def read_documents(path: str, text_key: str = "text", utf8_errors: str = "strict
         yield from _array_record(path, utf8_errors, position)
     else:
         raw = paths.resolve(path).open("rb")
-        size = max(1, os.fstat(raw.fileno()).st_size if hasattr(raw, "fileno") else 1)
+        size = max(1, _size(raw))
         with raw, _open_stream(raw, path, compression) as f:
             if container == "jsonl":
                 for text in _jsonl(f, path, text_key, utf8_errors):
@@ -155,6 +155,20 @@ def read_documents(path: str, text_key: str = "text", utf8_errors: str = "strict
             else:
                 yield _decode(_read_all(f, path), path, 0, "byte", utf8_errors)
     position.fraction = 1.0
+
+
+def _size(raw) -> int:
+    """Bytes of an open file (local or remote); 1 when it cannot say."""
+    try:
+        return os.fstat(raw.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        try:
+            here = raw.tell()
+            size = raw.seek(0, io.SEEK_END)
+            raw.seek(here)
+            return size
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return 1
 
 
 def _decode(data: bytes, path: str, offset: int, unit: str, utf8_errors: str) -> str:
