@@ -96,6 +96,7 @@ def test_compressed_or_binary_never_read_as_text(tmp_path):
         "data.jsonl.zst": (_jsonl(["not compressed"]), "not zstd-compressed"),
         "data.parquet": (_jsonl(["not parquet"]), "named as parquet"),
         "data.jsonl.bz2": (b"BZh91AY&SY" + bytes(20), "bzip2-compressed input is not supported"),
+        "archive.tar.gz": (gzip.compress(b"name\x00\x00\x00" + bytes(500)), "once decompressed"),
     }
     for name, (data, message) in cases.items():
         (tmp_path / name).write_bytes(data)

@@ -153,7 +153,11 @@ def read_documents(path: str, text_key: str = "text", utf8_errors: str = "strict
                     position.fraction = min(1.0, raw.tell() / size)
                     yield text
             else:
-                yield _decode(_read_all(f, path), path, 0, "byte", utf8_errors)
+                data = _read_all(f, path)
+                if compression and b"\x00" in data[:_SNIFF_BYTES]:  # e.g. a .tar.gz
+                    raise InputError(f"{path}: binary data (NUL bytes) once decompressed; "
+                                     f"supported inputs are {SUPPORTED}")
+                yield _decode(data, path, 0, "byte", utf8_errors)
     position.fraction = 1.0
 
 
