@@ -238,3 +238,15 @@ def test_prepare_failure_or_crash_leaves_no_store(corpus, tmp_path, monkeypatch)
     assert "removed 1 unfinished temporary store" in lines[0]
     with pytest.raises(ConfigError, match="--vocab_size=200"):
         prepare(f"{d}/a.jsonl", str(tmp_path / "x"), vocab_size=200)
+
+
+def test_missing_library_names_the_extra(corpus, monkeypatch):
+    import sys
+
+    _, files = corpus
+    for module, suffix in (("zstandard", ".zst"), ("pyarrow.parquet", ".parquet")):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+        path = next(p for p in files if p.endswith(suffix))
+        with pytest.raises(InputError, match=r"needs the `(zstandard|pyarrow)` package: pip "
+                                             r"install 'mla-moe\[data\]'"):
+            list(read_documents(path))
