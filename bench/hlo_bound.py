@@ -8,9 +8,10 @@ as `launch.compile` reads our own step (`mla_moe.train.hlo_bound`).
 `--flops` is the model FLOPs per device per step (for MaxText's programs, its own count, in
 ../shared/data/maxtext/README.md). Prints and writes: HBM traffic per step (a lower bound:
 HBM-resident operands and results, loop bodies once per iteration), collective bytes per kind
-(received over links) and in total, and the `estimate` block with its compute, HBM, ICI, DCN
-and host terms. `--compare NAME=FILE ...` prints several programs side by side instead, as
-markdown (as bench/RESULTS.md quotes it).
+(received over links) and in total, the Pallas kernels' operands and results (left out of the
+bound: what a kernel touches depends on its grid and data), and the `estimate` block with its
+compute, HBM, ICI, DCN and host terms. `--compare NAME=FILE ...` prints several programs side
+by side instead, as markdown (as bench/RESULTS.md quotes it).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def text(name: str, r: dict) -> str:
     lines = [f"{name}: {r['hlo']} on {r['target']} ({r['num_devices']} devices)",
              f"  HBM traffic per step, per device (lower bound): "
              f"{r['hbm_traffic_bytes'] / GIB:,.1f} GiB (loop bodies once: "
-             f"{r['hbm_traffic_bytes_once'] / GIB:,.1f} GiB)",
+             f"{r['hbm_traffic_bytes_once'] / GIB:,.1f} GiB); left out: the Pallas kernels' "
+             f"operands and results, {r['kernel_bytes'] / GIB:,.1f} GiB once each",
              "  collectives per step, per device (GiB received over links | full arrays):"]
     for kind, row in r["collectives"].items():
         if row["ops"]:
@@ -93,7 +95,7 @@ def text(name: str, r: dict) -> str:
 def table(rows: list[tuple[str, dict]]) -> str:
     kinds = [k for k in hlo_collectives.KINDS
              if any(r["collectives"][k]["ops"] for _, r in rows)]
-    head = ("| program | target | HBM traffic GiB | "
+    head = ("| program | target | HBM traffic GiB | kernels' operands GiB (not in it) | "
             + " | ".join(f"{k} GiB" for k in kinds)
             + " | ICI GiB | DCN GiB | compute s | HBM s | ICI s | DCN s | step >= s | MFU <= |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -101,7 +103,8 @@ def table(rows: list[tuple[str, dict]]) -> str:
         est = r["estimate"]
         coll = " | ".join(f"{r['collectives'][k]['bytes'] / GIB:,.0f}" for k in kinds)
         lines.append(
-            f"| {name} | {r['target']} | {r['hbm_traffic_bytes'] / GIB:,.0f} | {coll} "
+            f"| {name} | {r['target']} | {r['hbm_traffic_bytes'] / GIB:,.0f} "
+            f"| {r['kernel_bytes'] / GIB:,.0f} | {coll} "
             f"| {r['ici_bytes'] / GIB:,.0f} | {r['dcn_bytes'] / GIB:,.0f} "
             f"| {est['compute_s']:.2f} | {est['hbm_s']:.2f} | {est['ici_s']:.2f} "
             f"| {est['dcn_s']:.2f} | {est['step_s_lower_bound']:.2f} "

@@ -96,6 +96,8 @@ class Report:
     # iteration), and the compiler's own "bytes accessed" (loop bodies once; None on GPU).
     hbm_traffic_bytes: float | None = None
     compiler_bytes_accessed_once: float | None = None
+    # The Pallas kernels' HBM operands and results once each: left out of the bound above.
+    kernel_bytes: float = 0.0
     # Collective bytes per device per step within a slice (NVLink on GPU) and across slices or
     # hosts (DCN; a GPU host's NICs), as `hlo_bound.measure` splits them.
     ici_bytes: float = 0.0
@@ -170,6 +172,9 @@ class Report:
                     f"{g(self.compiler_bytes_accessed_once)}")
             lines.append(f"HBM traffic per step, per device (lower bound): "
                          f"{g(self.hbm_traffic_bytes)}{once}")
+            if self.kernel_bytes:
+                lines.append(f"  left out: the Pallas kernels' operands and results, "
+                             f"{g(self.kernel_bytes)} once each")
         if self.estimate:
             lines.extend(roofline.Estimate(**{k: v for k, v in self.estimate.items()
                                               if k != "kind"}).text())
@@ -246,7 +251,7 @@ def _compile(lowerable, args, report: Report):
                               host_bytes=report.host_bytes)
     report.collectives, report.dcn_collectives = bound.collectives, bound.dcn_collectives
     report.ici_bytes, report.dcn_bytes = bound.ici_bytes, bound.dcn_bytes
-    report.hbm_traffic_bytes = bound.hbm_traffic_bytes
+    report.hbm_traffic_bytes, report.kernel_bytes = bound.hbm_traffic_bytes, bound.kernel_bytes
     report.compiler_bytes_accessed_once = compiler_bytes_accessed(compiled)
     report.estimate = bound.estimate
     return compiled

@@ -9,9 +9,9 @@ bytes it must move (`hlo_traffic`), the bytes its collectives must bring to each
 MaxText program, say), so both are read with the same rules. What the bound includes: every
 instruction's HBM operands and results (loop bodies once per iteration), the collectives' link
 bytes, the DCN transfers of multislice programs, and, on GPU clusters, what must enter each
-host over its NICs. What it excludes: traffic the text cannot show (a Pallas kernel's re-reads
-of a block: each operand counts once), latency, launch and synchronisation costs, imperfect
-overlap of the terms.
+host over its NICs. What it excludes: the Pallas kernels' own HBM traffic, which depends on
+their grids and data (`kernel_bytes` gives their operands and results once each, beside the
+bound), latency, launch and synchronisation costs, imperfect overlap of the terms.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Bound:
     num_devices: int
     hbm_traffic_bytes: float  # the HBM walk, loop bodies once per iteration
     hbm_traffic_bytes_once: float  # the same walk, loop bodies once (for the compiler's count)
+    kernel_bytes: float  # Pallas kernels' HBM operands and results once each: not in the bound
     collectives: dict  # hlo_collectives.collectives(): per kind {count, ops, bytes, ...}
     dcn_collectives: dict  # hlo_collectives.dcn_collectives(): multislice transfers
     ici_bytes: float  # collective bytes within a slice (NVLink within a host on GPU)
@@ -66,5 +67,7 @@ def measure(hlo_text: str, *, chip: Chip | None, flops_per_device: float,
             chip, flops=flops_per_device, bytes_accessed=traffic["per_step"],
             ici_bytes=ici_bytes, dcn_bytes=dcn_bytes, host_bytes=host_bytes).to_json()
     return Bound(num_devices=devices, hbm_traffic_bytes=traffic["per_step"],
-                 hbm_traffic_bytes_once=traffic["once"], collectives=table, dcn_collectives=dcn,
+                 hbm_traffic_bytes_once=traffic["once"],
+                 kernel_bytes=hlo_traffic.kernel_bytes(hlo_text, module=module),
+                 collectives=table, dcn_collectives=dcn,
                  ici_bytes=ici_bytes, dcn_bytes=dcn_bytes, estimate=estimate)

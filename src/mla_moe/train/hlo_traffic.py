@@ -16,9 +16,12 @@ end (an offloaded layer input counts the bytes read from HBM to send it, not the
     dynamic-slice, slice      the slice read (if the operand is in HBM) + written (if the
                               result is)
     dynamic-update-slice      the update read and written in place
-    custom-call (Pallas)      each HBM operand read once and each HBM result written once:
-                              a kernel that re-reads blocks (flash attention's K/V per query
-                              block) moves more, so this stays a lower bound
+    Pallas kernel             nothing: what a kernel touches depends on its grid and on
+                              data the text does not hold (megablox visits only the row tiles
+                              of its groups; flash attention skips masked blocks and re-reads
+                              K/V per query block), so no count of it is a bound;
+                              `kernel_bytes` gives its operands and results once each, beside
+                              the bound (other custom calls, e.g. cuBLAS, count like any op)
     parameter, constant, tuple, get-tuple-element, bitcast, *-done, control flow: nothing
 
 A `while` body counts once per iteration (`per_step`) or once (`once`, as XLA's cost analysis
@@ -26,8 +29,9 @@ counts a loop body); a conditional counts its costliest branch; fusion bodies an
 nothing of their own (their traffic is the fusion's).
 
 Why a lower bound: each HBM operand is counted as read once and each result as written once,
-whatever the kernel's tiling re-reads; the compiler's own cost model counts at least that (on
-loop-free programs the walk is never above `cost_analysis()["bytes accessed"]`, tested).
+whatever the fusion's tiling re-reads, and kernels count nothing; the compiler's own cost model
+counts at least that (on loop-free programs the walk is never above
+`cost_analysis()["bytes accessed"]`, tested).
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ _NO_TRAFFIC = frozenset((
     "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
     "iota"))
 _SLICES = frozenset(("dynamic-slice", "slice", "gather"))
+# custom_call_target of Pallas kernels: Mosaic TPU, Triton and Mosaic GPU.
+KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "triton_kernel_call",
+                  "mosaic_gpu")
+
+
+def is_kernel(ins: Instruction) -> bool:
+    """Whether an instruction is a Pallas kernel (a custom call of a kernel target)."""
+    return ins.opcode == "custom-call" and any(
+        f'custom_call_target="{t}"' in ins.text for t in KERNEL_TARGETS)
 
 
 def _hbm(type_text: str) -> float:
@@ -106,7 +119,7 @@ class _Walk:
     def instruction(self, ins: Instruction) -> float:
         """HBM bytes one instruction reads and writes."""
         op = ins.opcode
-        if op in _NO_TRAFFIC or op.endswith("-done"):
+        if op in _NO_TRAFFIC or op.endswith("-done") or is_kernel(ins):
             return 0.0
         if op == "copy-start":  # (destination, source, context): each HBM end once
             ends = arrays(ins.result)[:2]
@@ -125,7 +138,13 @@ class _Walk:
             read = sum(self.param_read(callee, k, self.operand_hbm(ins, k))
                        for k in range(len(ins.operands)))
             return read + self.written(callee, ins.result)
+        return self.operands_and_result(ins)
+
+    def operands_and_result(self, ins: Instruction) -> float:
         return sum(self.operand_hbm(ins, k) for k in range(len(ins.operands))) + _hbm(ins.result)
+
+    def kernel(self, ins: Instruction) -> float:
+        return self.operands_and_result(ins) if is_kernel(ins) else 0.0
 
 
 def hbm_bytes(hlo_text: str, *, module: Module | None = None) -> dict[str, float]:
@@ -136,6 +155,14 @@ def hbm_bytes(hlo_text: str, *, module: Module | None = None) -> dict[str, float
     walk = _Walk(module)
     return {"per_step": module.total(walk.instruction, into_calls=False),
             "once": module.total(walk.instruction, trips=False, into_calls=False)}
+
+
+def kernel_bytes(hlo_text: str, *, module: Module | None = None) -> float:
+    """The HBM operands and results of the module's Pallas kernels, each once, per step: what
+    the bound leaves out, as the kernels would move it reading and writing each buffer once
+    and whole (a kernel may touch less, skipping tiles, or more, re-reading blocks)."""
+    module = module or Module(hlo_text)
+    return module.total(_Walk(module).kernel, into_calls=False)
 
 
 def breakdown(hlo_text: str, key, *, module: Module | None = None) -> dict[str, float]:
