@@ -59,7 +59,7 @@ def test_single_slice_mesh_is_unchanged():
     import jax
 
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2), jax.devices())
-    plain = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES, devices=jax.devices())
+    plain = jax.make_mesh((2, 2, 2, 1, 1), sharding.MESH_AXES, devices=jax.devices())
     assert (mesh.devices == plain.devices).all()
 
 

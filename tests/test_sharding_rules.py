@@ -96,7 +96,7 @@ def test_rules_override_and_size_one_axes():
         sharding.make_rules({"embed": "model"})
     # A mesh axis is used once per array: the second dimension asking for it stays replicated.
     spec = sharding.logical_to_spec(("heads", "mlp"), (4, 8), mesh=jax.make_mesh(
-        (2, 1, 1, 4), sharding.MESH_AXES), rules=sharding.make_rules())
+        (2, 1, 1, 1, 4), sharding.MESH_AXES), rules=sharding.make_rules())
     assert spec == P("tensor", None)
 
 
@@ -121,8 +121,8 @@ def test_expert_weight_bytes_drop_by_expert_parallel_degree():
 @pytest.mark.parametrize(
     "mesh_cfg, message",
     [
-        (dict(data=2, expert=2), r"mesh data=2 x fsdp=1 x expert=2 x tensor=1 needs 4 devices, "
-                                 r"but there are 8"),
+        (dict(data=2, expert=2), r"mesh data=2 x fsdp=1 x expert=2 x context=1 x tensor=1 "
+                                 r"needs 4 devices, but there are 8"),
         (dict(data=3, expert=-1), r"mesh.expert=-1: 8 devices are not divisible"),
         (dict(data=-1, expert=-1), r"only one mesh axis may be -1"),
         (dict(data=0, expert=8), r"mesh.data must be a positive integer or -1"),

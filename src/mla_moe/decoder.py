@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from mla_moe import context_parallel
 from mla_moe.cache import KVCache
 from mla_moe.config import ModelConfig
 from mla_moe.layers import RMSNorm, SwiGLU, dense, dtype_of, param
@@ -318,7 +319,7 @@ class DeepSeekModel(nnx.Module):
             per_module, h_k = [], h_BTD
             for k, block in enumerate(self.mtp, start=1):
                 # Module k sees token i+k at position i (zeros past the end; masked in the loss).
-                shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
+                shifted_BT = context_parallel.shift_left(tokens_BT, k)
                 with jax.named_scope(f"mtp_{k}"):
                     h_k, _, stats, _ = block(h_k, self.embed(shifted_BT), positions_BT,
                                           segment_ids_BT)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_moe import sharding
+from mla_moe.context_parallel import shift_left
 
 
 def cross_entropy(
@@ -32,15 +33,15 @@ def mtp_targets(tokens_BT: jax.Array, k: int, segment_ids_BT: jax.Array | None =
                 weights_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(targets_BT, valid_BT) of MTP module k: position i predicts token i + k + 1; positions
     whose target lies past the end, in another segment, or has zero weight are not valid."""
-    t = tokens_BT.shape[1]
+    # Shifts along the sequence in its own order, whatever the layout (context_parallel.py).
     shift = k + 1
-    targets_BT = jnp.pad(tokens_BT[:, shift:], ((0, 0), (0, shift)))
-    valid_BT = jnp.broadcast_to(jnp.arange(t)[None, :] < t - shift, tokens_BT.shape)
+    targets_BT = shift_left(tokens_BT, shift)
+    valid_BT = shift_left(jnp.ones(tokens_BT.shape, bool), shift, fill=False)
     if segment_ids_BT is not None:
-        seg_target = jnp.pad(segment_ids_BT[:, shift:], ((0, 0), (0, shift)), constant_values=-1)
+        seg_target = shift_left(segment_ids_BT, shift, fill=-1)
         valid_BT = valid_BT & (seg_target == segment_ids_BT)
     if weights_BT is not None:
-        w_target = jnp.pad(weights_BT[:, shift:], ((0, 0), (0, shift)))
+        w_target = shift_left(weights_BT, shift)
         valid_BT = valid_BT & (w_target > 0)
     return targets_BT, valid_BT
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe import attention as attn
-from mla_moe import dsa_blocked, dsa_loss, sharding
+from mla_moe import context_parallel, dsa_blocked, dsa_loss, sharding
 from mla_moe import indexer as dsa
 from mla_moe.cache import IndexKeyCodec, LatentCodec, write_entries
 from mla_moe.config import ModelConfig
@@ -38,6 +38,8 @@ LATENT_NORM_EPS = 1e-6
 def _kernel_implementation(config: ModelConfig) -> str | None:
     """The `implementation` to pass to pallas_kernels, or None to use the XLA path here."""
     impl = config.attention_impl
+    if context_parallel.context_size() > 1:  # the kernels assume queries in sequence order
+        return None
     if impl == "auto":
         return "auto" if target_platform() in ("tpu", "gpu") else None
     return {"pallas": "auto", "interpret": "interpret", "tpu_interpret": "tpu_interpret"}.get(impl)
@@ -202,10 +204,18 @@ class MLA(nnx.Module):
         A `dsa_blocked.Selection` (long sequences, see `_select`) runs the blocked sparse
         attention of dsa_blocked.py: XLA, absorbed form whatever `form` says, a query block at
         a time. Dense attention (V3, and V3.2's dense warm-up) keeps the Pallas kernel when
-        `attention_impl` asks for it."""
+        `attention_impl` asks for it. On a mesh with `context` > 1 the tokens are in the zigzag
+        layout and attention runs over the gathered latent (context_parallel.py), naive form
+        on XLA whatever `form` and `attention_impl` say."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
         b, t = kv_BTL.shape[:2]
+        if context_parallel.context_size() > 1:  # T split over `context`, zigzag layout
+            if selected_BTS is not None:
+                raise NotImplementedError("V3.2's sparse attention under mesh.context > 1")
+            return context_parallel.gathered_latent_attention(
+                q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, self.wk_b_CNH[...],
+                self.wv_b_CNV[...], scale)
         if isinstance(selected_BTS, dsa_blocked.Selection):
             return dsa_blocked.attention(
                 q_nope_BTNH, q_pe_BTNR, kv_BTL, self.wk_b_CNH[...], self.wv_b_CNV[...],
@@ -347,6 +357,10 @@ class MLA(nnx.Module):
             raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
         if indexer_loss and (self.indexer is None or cache_BSW is not None):
             raise ValueError("indexer_loss needs a V3.2 layer (index_n_heads > 0) and no cache")
+        if context_parallel.context_size() > 1 and (cache_BSW is not None
+                                                      or self.indexer is not None):
+            raise NotImplementedError("mesh.context > 1 supports training attention without a "
+                                      "cache and without V3.2's indexer")
         if positions_BT is None:
             start_B = jnp.zeros((b,), jnp.int32) if cache_BSW is None else lengths_B
             positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]

@@ -9,8 +9,8 @@ rule; `router.expert_shards`). Routing (router.py: scores, top-k, device-limited
 the balance losses and token counts in moe.py) is computed once, outside the shard_map, on
 the logically global arrays, so it is identical to one device and its token counts are global
 (summed over every data shard) for the aux-loss-free bias update. Inside the shard_map the
-tokens are split over the `batch` rule's axes plus `expert`; expert weights are split over
-`expert` (and their hidden F over the `moe_mlp` axes, e.g. `tensor`, whose partial
+tokens are split over the `batch` rule's axes plus `context` and `expert`; expert weights are
+split over `expert` (and their hidden F over the `moe_mlp` axes, e.g. `tensor`, whose partial
 down-projections are summed with `psum`); FSDP-sharded weight dims are gathered at the
 boundary.
 
@@ -288,9 +288,9 @@ def _ragged(x_TD, experts_TK, weights_TK, affinity_TK, w, ep, recv_rows):
 
 def _token_axes(mesh, tokens: int, rules) -> tuple[tuple[str, ...], bool]:
     """(mesh axes splitting the tokens inside the layer, whether `expert` is among them): the
-    batch rule's axes and `expert`, dropping `expert` first, then the data axes, until the
-    tokens divide."""
-    axes = sharding.dividing_axes("batch", tokens, mesh, rules, extra=("expert",))
+    batch rule's axes, `context` (each sequence's tokens, a batch axis here) and `expert`,
+    dropping `expert` first, then the others from the last, until the tokens divide."""
+    axes = sharding.dividing_axes("batch", tokens, mesh, rules, extra=("context", "expert"))
     return axes, "expert" in axes
 
 

@@ -2,10 +2,11 @@
 
 Every parameter carries logical axis names (`nnx.Param(..., out_sharding=("exp", "embed",
 "moe_mlp"))`); key activations are tagged with `constrain(x, ("batch", "length", "act_embed"))`.
-One rules table maps each logical name to zero or more mesh axes of the four-axis mesh
-`(data, fsdp, expert, tensor)`:
+One rules table maps each logical name to zero or more mesh axes of the five-axis mesh
+`(data, fsdp, expert, context, tensor)`:
 
-  batch (activations)        -> data, fsdp, expert  tokens are split over every axis but tensor
+  batch (activations)        -> data, fsdp, expert  sequences are split over these axes
+  length (activations)       -> context             each sequence's tokens (context_parallel.py)
   embed (weights' model dim) -> fsdp                FSDP: weights sharded, gathered where used
   q_lora, kv_lora            -> fsdp                the latent projections too (wq_b, wk_b, wv_b)
   exp                        -> expert              expert parallelism

@@ -17,14 +17,15 @@ log = logging.getLogger(__name__)
 # A concrete mesh, or the abstract one that `jax.set_mesh` makes visible while tracing.
 MeshLike = jax.sharding.Mesh | jax.sharding.AbstractMesh
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# `context` splits each sequence (T) over chips: context parallelism (context_parallel.py).
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 AxisRule = tuple[str, tuple[str, ...]]
 
 DEFAULT_RULES: tuple[AxisRule, ...] = (
     # activations
     ("batch", ("data", "fsdp", "expert")),
-    ("length", ()),
+    ("length", ("context",)),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),
     ("act_mlp", ("tensor",)),

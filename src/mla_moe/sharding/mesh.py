@@ -1,5 +1,5 @@
-"""The `(data, fsdp, expert, tensor)` device mesh: its sizes, its checks against a model, and
-the context that activates it with the rules."""
+"""The `(data, fsdp, expert, context, tensor)` device mesh: its sizes, its checks against a
+model, and the context that activates it with the rules."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def config_value(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
-    """Resolves `mesh.{data,fsdp,expert,tensor}` (-1: the remaining devices; missing: 1)."""
+    """Resolves `mesh.{data,fsdp,expert,context,tensor}` (-1: the remaining devices; missing:
+    1)."""
     sizes = {}
     for a in MESH_AXES:
         v = config_value(mesh_cfg, a, 1)
@@ -129,9 +130,11 @@ def validate_mesh(
 def make_mesh(
     mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, *, config: ModelConfig | None = None
 ) -> jax.sharding.Mesh:
-    """A `(data, fsdp, expert, tensor)` mesh over `devices` (default: all, every process).
+    """A `(data, fsdp, expert, context, tensor)` mesh over `devices` (default: all, every
+    process).
 
-    mesh_cfg: a mapping or object with integer `data`, `fsdp`, `expert`, `tensor` (-1 = the
+    mesh_cfg: a mapping or object with integer `data`, `fsdp`, `expert`, `context` (default
+    1: the sequence split over that many chips, context_parallel.py), `tensor` (-1 = the
     rest) and optionally `dcn_data`, `dcn_fsdp` (default 1): how many ways those two axes
     extend across slices (`multislice.py`; the other sizes are then per slice), and `rules`
     (overrides of the default rules). With `config` (a ModelConfig) the sharded dimensions are
@@ -145,7 +148,7 @@ def make_mesh(
     sizes = {a: n * dcn.get(a, 1) for a, n in sizes.items()}
     if config is not None:
         validate_mesh(sizes, config, mesh_rules(mesh_cfg))
-    axis_types = (jax.sharding.AxisType.Auto,) * 4
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if granules is None:  # one slice: jax's topology-aware mesh, as ever
         shape = tuple(sizes[a] for a in MESH_AXES)
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)

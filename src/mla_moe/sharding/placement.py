@@ -150,7 +150,12 @@ def place_cache(cache: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> NamedSharding:
     """The sharding of a [B, ...] input batch: its leading dimension is the logical `batch`
-    axis, laid out by the rules like every other (B a multiple of `data_parallel_size`)."""
+    axis, laid out by the rules like every other (B a multiple of `data_parallel_size`); on a
+    mesh with `context` > 1 the batch is [B, T] and T is the logical `length` (split over
+    `context`, T a multiple of 2 x context: context_parallel.py)."""
     rules = current_rules() if rules is None else rules
     names, shape = ("batch",), (data_parallel_size(mesh, rules),)
+    context = dict(mesh.shape).get("context", 1)
+    if context > 1:
+        names, shape = names + ("length",), shape + (context,)
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules, what="batch"))

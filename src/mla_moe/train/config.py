@@ -105,7 +105,8 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
         peak_tflops=0.0,  # per device; 0 = known accelerator peak, or a matmul timed on CPU
     )
     # data/fsdp/expert/tensor: per slice; dcn_data/dcn_fsdp: across slices (multislice.py).
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+    # context: how many chips share each sequence (context parallelism, context_parallel.py).
+    c.mesh = dict(data=-1, fsdp=1, expert=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1)
     for name, values in sections.items():
         c[name].update(values)
     return c
@@ -218,7 +219,35 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         "data.num_threads and data.prefetch must be >= 0",
     )
     parse_weights(config.data.path, config.data.get("weights", ""))
+    _check_context(config, cfg)
     return cfg
+
+
+def _check_context(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+    """`mesh.context` (context parallelism) and what it needs of the run."""
+    context = config.mesh.get("context", 1)
+    _check(
+        isinstance(context, int) and not isinstance(context, bool) and context >= 1,
+        f"mesh.context must be a positive integer, got {context!r}",
+    )
+    if context == 1:
+        return
+    t = config.train
+    _check(
+        t.seq_len % (2 * context) == 0,
+        f"train.seq_len={t.seq_len} is not divisible by 2 x mesh.context={context} (the "
+        "zigzag layout's chunks)",
+    )
+    _check(
+        cfg.attention_impl in ("auto", "xla"),
+        f"model.attention_impl={cfg.attention_impl!r}: the Pallas kernels do not run with "
+        f"mesh.context={context} > 1 (use 'auto' or 'xla')",
+    )
+    _check(
+        not cfg.has_indexer,
+        f"mesh.context={context} > 1 does not support V3.2's indexer yet "
+        f"(model.index_n_heads={cfg.index_n_heads})",
+    )
 
 
 def check_batch(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:
@@ -229,7 +258,7 @@ def check_batch(config: ml_collections.ConfigDict, data_parallel: int, process_c
         micro % data_parallel == 0,
         f"train.batch_size={t.batch_size} (micro-batch {micro} with "
         f"grad_accum_steps={t.grad_accum_steps}) is not divisible by the data-parallel size "
-        f"{data_parallel} (mesh.data x mesh.fsdp x mesh.expert)",
+        f"{data_parallel} (mesh.data x mesh.fsdp x mesh.expert x mesh.dcn_*)",
     )
     _check(
         t.batch_size % process_count == 0,

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mla_moe import losses, sharding
+from mla_moe import context_parallel, losses, sharding
 from mla_moe.config import ModelConfig
 from mla_moe.decoder import DeepSeekModel
 from mla_moe.router import ExpertBias
@@ -221,7 +221,9 @@ def _grads_and_aux(params, extra, batch, graphdef, cfg, step_cfg: StepConfig):
     """(loss, metrics of its parts, gradients) of the whole batch, run as
     `step_cfg.grad_accum_steps` micro-batches one after another (lax.scan): the losses' and
     gradients' sums are added over micro-batches, each loss divided once by the whole batch's
-    count."""
+    count. On a mesh with `context` > 1 the batch is first put in the zigzag layout
+    (context_parallel.py)."""
+    batch = context_parallel.zigzag_batch(batch, context_parallel.context_size())
     counts = _batch_counts(batch, cfg)
     grad_fn = functools.partial(
         jax.value_and_grad(_loss_fn, has_aux=True),
@@ -331,5 +333,6 @@ def eval_step(
 ) -> dict[str, Any]:
     """Sums of token losses and weights (next-token CE only) over one batch."""
     model = nnx.merge(graphdef, state["params"], state["extra"])
+    batch = context_parallel.zigzag_batch(batch, context_parallel.context_size())
     _, ce_sum, weight_sum, _ = _forward_losses(model, batch, loss_chunk_tokens)
     return {"ce_sum": ce_sum, "weight_sum": weight_sum}
