@@ -10,7 +10,8 @@ save is being written it waits for it and starts no other (one line says so), a 
 abandons that save (the previous complete checkpoint stays the latest); with no save in flight
 it stops at once. (With several processes the stop step's save is still written: a save is
 collective, and one process's Ctrl-C cannot skip it for the others.) A Ctrl-C is handled when
-Python next runs: not in the middle of a compile or a step.
+Python next runs: not in the middle of a compile or a step. Stopping at once ends the process
+(exit status 130), also when `train` runs inside another program such as a notebook.
 A repeated SIGTERM changes nothing: the run is already stopping.
 
 With several processes every one must stop at the same step (a save is collective), so the
