@@ -7,8 +7,8 @@ One rules table maps each logical name to zero or more mesh axes of the five-axi
 
   batch (activations)        -> data, fsdp, expert  sequences are split over these axes
   length (activations)       -> context             each sequence's tokens (context_parallel.py)
-  embed (weights' model dim) -> fsdp                FSDP: weights sharded, gathered where used
-  q_lora, kv_lora            -> fsdp                the latent projections too (wq_b, wk_b, wv_b)
+  embed (weights' model dim) -> fsdp, context       FSDP: weights sharded, gathered where used
+  q_lora, kv_lora            -> fsdp, context       the latent projections too (wq_b, wk_b, wv_b)
   exp                        -> expert              expert parallelism
   heads, mlp, moe_mlp, vocab -> tensor              tensor (Megatron) parallelism
   everything else            -> replicated

@@ -33,11 +33,13 @@ DEFAULT_RULES: tuple[AxisRule, ...] = (
     # weights
     ("layers", ()),
     ("vocab", ("tensor",)),
-    ("embed", ("fsdp",)),
+    # `context` holds every weight like `fsdp` does: its shards see different tokens, so
+    # their gradients are reduced over it, and each holds 1/context of the weights.
+    ("embed", ("fsdp", "context")),
     ("heads", ("tensor",)),
     ("kv", ()),
-    ("q_lora", ("fsdp",)),
-    ("kv_lora", ("fsdp",)),
+    ("q_lora", ("fsdp", "context")),
+    ("kv_lora", ("fsdp", "context")),
     ("mlp", ("tensor",)),
     ("exp", ("expert",)),
     ("moe_mlp", ("tensor",)),
