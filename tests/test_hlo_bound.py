@@ -149,18 +149,27 @@ ENTRY %main (x: f32[64], b: s32[]) -> f32[64] {
 """
 
 
-def test_conditionals_count_their_costliest_branch_and_long_instructions_parse():
+def test_conditionals_count_their_cheapest_branch_and_long_instructions_parse():
+    """The data decides which branch runs, so a lower bound counts the cheapest: here the
+    negation, not the gather."""
     module = Module(_BRANCHES)
     assert [i.name for i in module.computations["main"]] == ["x", "b", "k", "c", "r"]
     table = hlo_collectives.collectives(_BRANCHES, module=module)
-    assert table["all-gather"]["bytes"] == 3 / 4 * 1024  # the costly branch's, once
+    assert table["all-gather"] == {"count": 0, "ops": 1, "bytes": 0.0, "array_bytes": 0.0}
     assert table["all-reduce"]["bytes"] == 2 * 3 / 4 * 256
-    # costly branch (gather: read 256 B, write 1 KiB; slice and exponential: read, write) +
-    # all-reduce (read, write); the Pallas kernel is left out of the bound, and its operand
-    # and result (once each) are its kernel bytes.
-    costly = (256 + 1024) + 2 * 256 + 2 * 256
-    assert hlo_traffic.hbm_bytes(_BRANCHES)["per_step"] == costly + 2 * 256
+    # the cheap branch (negate: read, write) + all-reduce (read, write); the Pallas kernel is
+    # left out of the bound, and its operand and result (once each) are its kernel bytes.
+    assert hlo_traffic.hbm_bytes(_BRANCHES)["per_step"] == 2 * 256 + 2 * 256
     assert hlo_traffic.kernel_bytes(_BRANCHES) == 2 * 256
+    # Given the first branch more HBM traffic, the gather's branch counts for the traffic
+    # (gather: read 256 B, write 1 KiB; slice and exponential: read, write); each term takes
+    # its own cheapest branch, so the collectives still count none.
+    heavy = _BRANCHES.replace("ROOT %n = f32[64]{0} negate(%p)",
+                              "%big = f32[8192]{0} broadcast(%p), dimensions={}\n"
+                              "  ROOT %n = f32[64]{0} slice(%big), slice={[0:64]}")
+    assert hlo_collectives.collectives(heavy)["all-gather"]["bytes"] == 0
+    costly = (256 + 1024) + 2 * 256 + 2 * 256
+    assert hlo_traffic.hbm_bytes(heavy)["per_step"] == costly + 2 * 256
 
 
 @pytest.mark.parametrize("text, groups", [

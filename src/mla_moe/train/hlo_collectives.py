@@ -5,7 +5,7 @@ receives over its links, in one convention for every form the compilers print.
     table["all-gather"] -> {"count": 183, "bytes": 2.1e10, "array_bytes": 2.2e10, "ops": 3}
 
 Counts are per execution of the program: a loop body's ops once per iteration, a
-conditional's costliest branch (by the bytes below) only. For a collective over groups of S
+conditional's cheapest branch (by the bytes below) only. For a collective over groups of S
 devices and its full array of X bytes (the gathered result, the scattered or reduced input,
 the exchanged buffer), `bytes` is what one device must receive, with the best algorithm,
 whatever form the compiler printed (sync, async `-start`, SparseCore `call-start`, or the TPU's
@@ -184,7 +184,8 @@ def collectives(hlo_text: str, *, devices_per_host: int = 0,
         groups = replica_groups(ins.text, devices)
         return _link_bytes(kind, _full_bytes(module, kind, ins), len(groups[0]), ins)
 
-    # A conditional's costliest branch (by link bytes) is the one that runs.
+    # Of a conditional's branches, the cheapest (by link bytes) counts: the data decides which
+    # runs, and a lower bound cannot assume the costlier.
     runs = module.runs_picking(lambda comp: module.total(link, start=comp))
     for ins in module.instructions():
         kind = _kind(module, ins)

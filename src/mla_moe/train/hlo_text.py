@@ -10,7 +10,8 @@ Counts are per execution of the program: a computation called as a `while` body 
 iteration (the loop's `known_trip_count`, else the constant bound of its `i < N` condition),
 one called by `calls=` / `to_apply=` once per call, and every branch of a `conditional` as
 often as the conditional (an upper count of the branches; readers that need one branch, such as
-the bytes walk, pick the costliest).
+the bytes walk, pick the cheapest: the data decides which branch runs, and a lower bound
+cannot assume the costlier).
 
 An instruction may span several lines (a custom call's `backend_config` can hold a newline);
 lines are joined until the brackets outside string literals balance.
@@ -218,7 +219,7 @@ class Module:
     def runs_picking(self, branch_cost=None) -> dict[str, int]:
         """{computation: executions per run}. A conditional runs each of its branches as
         often as itself, or, with `branch_cost` (computation name -> a cost), only its
-        costliest branch."""
+        cheapest branch (which runs is decided by data; a lower bound takes the least)."""
         runs = {name: 0 for name in self.computations}
         if self.entry:
             runs[self.entry] = 1
@@ -233,7 +234,7 @@ class Module:
                     times = trip if role in ("body", "condition") else 1
                     if branch_cost and role in _BRANCHES and ins.opcode == "conditional":
                         branches = [c for r in _BRANCHES for c in ins.called.get(r, ())]
-                        callees = (max(branches, key=branch_cost),) if role == _first(
+                        callees = (min(branches, key=branch_cost),) if role == _first(
                             ins, _BRANCHES) else ()
                     for callee in callees:
                         if callee in runs:
@@ -244,7 +245,7 @@ class Module:
               start: str = "") -> float:
         """Sum of `cost(instruction)` over one run of the program (or of the computation
         `start`): loop bodies times their
-        trip count (`trips`) or once, a conditional's costliest branch, called computations
+        trip count (`trips`) or once, a conditional's cheapest branch, called computations
         (fusion bodies, reducers, async calls too with `into_calls`) once per call."""
         memo: dict[str, float] = {}
 
@@ -260,7 +261,7 @@ class Module:
                     out += n * sum(comp_total(c) for role in ("body", "condition")
                                    for c in ins.called.get(role, ()))
                 elif ins.opcode == "conditional":
-                    out += max((comp_total(c) for r in _BRANCHES
+                    out += min((comp_total(c) for r in _BRANCHES
                                 for c in ins.called.get(r, ())), default=0.0)
                 elif ins.opcode == "call" or into_calls:
                     out += sum(comp_total(c) for role in ("calls", "to_apply")

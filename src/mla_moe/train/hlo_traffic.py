@@ -25,7 +25,8 @@ end (an offloaded layer input counts the bytes read from HBM to send it, not the
     parameter, constant, tuple, get-tuple-element, bitcast, *-done, control flow: nothing
 
 A `while` body counts once per iteration (`per_step`) or once (`once`, as XLA's cost analysis
-counts a loop body); a conditional counts its costliest branch; fusion bodies and reducers add
+counts a loop body); a conditional counts its cheapest branch (the data decides which runs);
+fusion bodies and reducers add
 nothing of their own (their traffic is the fusion's).
 
 Why a lower bound: each HBM operand is counted as read once and each result as written once,
@@ -186,7 +187,7 @@ def breakdown(hlo_text: str, key, *, module: Module | None = None) -> dict[str, 
                 branches = [c for role in ("branch_computations", "true_computation",
                                            "false_computation") for c in ins.called.get(role, ())]
                 if branches:
-                    visit(max(branches, key=lambda c: module.total(
+                    visit(min(branches, key=lambda c: module.total(
                         walk.instruction, into_calls=False, start=c)), times)
             elif ins.opcode == "call":
                 for c in ins.called.get("to_apply", ()):
