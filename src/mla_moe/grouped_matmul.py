@@ -78,22 +78,31 @@ def _dot(a, b):
 
 
 def _scan_used(step, init, lay: Layout, skip_out, per_block=(), *, operands=()):
-    """scan `step(carry, rows_b, g, *per_block_b) -> (carry, out)` over the layout's blocks;
-    the blocks past `used` keep the carry and give `skip_out`.
+    """Runs `step(carry, rows_b, g, *per_block_b) -> (carry, out)` over the layout's first
+    `used` blocks, in a loop of that many iterations; returns (carry, the outs stacked over
+    all blocks, `skip_out` past `used`), as a scan would.
 
+    A loop bounded by `used`, not a scan over every block with a conditional that skips the
+    unused ones: XLA:GPU copies a conditional's carry (the [T, D] f32 accumulator and, in the
+    backward, the [E, D, F] weight-gradient ones) on every iteration, whichever branch runs.
     Inside `shard_map`, the zeros `init` and `skip_out` are marked as varying over the mesh
     axes that `operands` (every array `step` reads) vary over, as the step's results are."""
     blocks, block = lay.group_O.shape[0], lay.block
     axes = tuple(sorted(set().union(*(sharding.varying_axes(a) for a in (*operands, *lay)))))
     if axes:
         init, skip_out = jax.tree.map(lambda z: sharding.vary(z, axes), (init, skip_out))
+    xs = (lay.src_M.reshape(blocks, block), lay.group_O, *per_block)
+    outs = jax.tree.map(lambda z: jnp.broadcast_to(z, (blocks, *z.shape)), skip_out)
 
-    def body(carry, inputs):
-        i, *args = inputs
-        return jax.lax.cond(i < lay.used, step, lambda c, *_: (c, skip_out), carry, *args)
+    def body(i, state):
+        carry, outs = state
+        carry, out = step(carry, *(jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+                                   for a in xs))
+        outs = jax.tree.map(lambda o, x: jax.lax.dynamic_update_index_in_dim(o, x, i, 0),
+                            outs, out)
+        return carry, outs
 
-    return jax.lax.scan(body, init, (jnp.arange(blocks), lay.src_M.reshape(blocks, block),
-                                     lay.group_O, *per_block))
+    return jax.lax.fori_loop(0, lay.used, body, (init, outs))
 
 
 def _project(x_bD, ins, g):
