@@ -28,11 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_moe import attention as attn
-from mla_moe import sharding
-from mla_moe.layers import dense
+from mla_moe import key_blocks, sharding
 
 AXIS = "context"
+# Keys per block of the attention loop (key_blocks.py): one block's scores are
+# [B, N, T / context, KEY_BLOCK] float32 per shard.
+KEY_BLOCK = 512
+
+
+def num_key_blocks(length: int, block: int | None = None) -> int:
+    """The fewest key blocks of at most `block` (default KEY_BLOCK) keys that split `length`
+    evenly."""
+    block = KEY_BLOCK if block is None else block
+    j = -(-length // block)
+    while length % j:
+        j += 1
+    return j
 
 
 def context_size() -> int:
@@ -101,33 +112,32 @@ def gathered_latent_attention(
     [B, T, N, H] / [B, T, N, R], the latent kv_BTL = [c_KV; k_pe] [B, T, C + R], segment ids
     [B, T] (None: one document per row). Per shard (`jax.shard_map`), the latent and the
     segment ids are all-gathered along `context` (the backward reduce-scatters the latent's
-    gradient: the transpose of the gather), per-head keys and values are up-projected from the
-    gathered latent with wk_b_CNH / wv_b_CNV (heads split as the queries'), and the local
-    queries attend over the whole sequence where the key's sequence index is <= the query's
-    and the segments agree.
+    gradient: the transpose of the gather), and the local queries attend over the whole
+    sequence where the key's sequence index is <= the query's and the segments agree, a block
+    of KEY_BLOCK keys at a time (key_blocks.py): each block's per-head keys and values are
+    up-projected from its latent rows with wk_b_CNH / wv_b_CNV (heads split as the queries'),
+    so memory stays linear in T per shard.
     """
     context = context_size()
     t = kv_BTL.shape[1]
     order_T = zigzag_indices(t, context)
-    rank = wk_b_CNH.shape[0]
     dt = q_nope_BTNH.dtype
     segs = () if segment_ids_BT is None else (segment_ids_BT,)
 
     def body(q_nope_BtNH, q_pe_BtNR, kv_BtL, wk_b, wv_b, *seg_Bt):
-        t_local = kv_BtL.shape[1]
+        b, t_local = kv_BtL.shape[:2]
         start = jax.lax.axis_index(AXIS) * t_local
         kv_BSL = jax.lax.all_gather(kv_BtL, AXIS, axis=1, tiled=True)
         q_index_t = jax.lax.dynamic_slice_in_dim(jnp.asarray(order_T), start, t_local)
-        mask_BtS = (q_index_t[:, None] >= jnp.asarray(order_T)[None, :])[None]
         if seg_Bt:
-            seg_BS = jax.lax.all_gather(seg_Bt[0], AXIS, axis=1, tiled=True)
-            mask_BtS = mask_BtS & (seg_Bt[0][:, :, None] == seg_BS[:, None, :])
-        mask_BtS = jnp.broadcast_to(mask_BtS, (kv_BtL.shape[0], t_local, t))
-        c_BSC, k_pe_BSR = kv_BSL[..., :rank], kv_BSL[..., rank:]
-        k_nope_BSNH = dense(c_BSC, wk_b.astype(dt))
-        v_BSNV = dense(c_BSC, wv_b.astype(dt))
-        return attn.naive_attention(q_nope_BtNH, q_pe_BtNR, k_nope_BSNH, k_pe_BSR, v_BSNV,
-                                    mask_BtS, sm_scale)
+            q_seg_Bt = seg_Bt[0]
+            k_seg_BS = jax.lax.all_gather(q_seg_Bt, AXIS, axis=1, tiled=True)
+        else:
+            q_seg_Bt, k_seg_BS = jnp.zeros((b, t_local), jnp.int32), jnp.zeros((b, t), jnp.int32)
+        index = (q_index_t, q_seg_Bt, jnp.asarray(order_T), k_seg_BS)
+        return key_blocks.latent_attention_blocked(
+            q_nope_BtNH, q_pe_BtNR, kv_BSL, index, wk_b.astype(dt), wv_b.astype(dt), sm_scale,
+            num_key_blocks(t))
 
     per_head = ("batch", "length", "act_heads", None)
     weight = (None, "act_heads", None)
@@ -135,4 +145,4 @@ def gathered_latent_attention(
         body, (q_nope_BTNH, q_pe_BTNR, kv_BTL, wk_b_CNH, wv_b_CNV, *segs),
         (per_head, per_head, ("batch", "length", None), weight, weight)
         + (("batch", "length"),) * len(segs),
-        per_head, out_shapes=(*q_nope_BTNH.shape[:3], wv_b_CNV.shape[-1]), check_vma=True)
+        per_head, out_shapes=(*q_nope_BTNH.shape[:3], wv_b_CNV.shape[-1]))
