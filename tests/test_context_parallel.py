@@ -27,11 +27,12 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 # the gathered keys, the gathered latent's gradient reduce-scattered): 2^7 float32 roundings
 # of a leaf's largest entry, the bound of test_sharding_train.py.
 GRAD_REL = 2**7 * float(np.finfo(np.float32).eps)
-# Mesh, and the keys per block of the attention loop (T = 16: 4 blocks, 1, 2).
+# Mesh, the keys per block of the attention loop (T = 16: 4 blocks, 1, 2), and whether the
+# layers run as a scan (the block loop differentiated inside another scan).
 MESHES = {
-    "context4": (dict(context=4), 4),  # data=2
-    "context2_fsdp2": (dict(context=2, fsdp=2), 512),  # data=2
-    "context2_expert2_tensor2": (dict(context=2, expert=2, tensor=2), 8),
+    "context4": (dict(context=4), 4, False),  # data=2
+    "context2_fsdp2": (dict(context=2, fsdp=2), 512, False),  # data=2
+    "context2_expert2_tensor2": (dict(context=2, expert=2, tensor=2), 8, True),
 }
 # The chunked CE + MTP loss, as training runs it (train.loss_chunk_tokens), chunks of 8 tokens.
 CHUNK_TOKENS = 8
@@ -149,7 +150,10 @@ def test_train_step_with_context_matches_one_device(mesh_name, monkeypatch):
     (zigzag layout, attention over the gathered latent a key block at a time), against one
     device."""
     graphdef, params, extra, batch = _setup()
-    axes, key_block = MESHES[mesh_name]
+    axes, key_block, scan = MESHES[mesh_name]
+    if scan:  # the same weights, run as a scanned stack
+        graphdef = nnx.split(nnx.eval_shape(lambda: DeepSeekModel(
+            CFG.replace(scan_layers=True), rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
     monkeypatch.setattr(context_parallel, "KEY_BLOCK", key_block)
     mesh = sharding.make_mesh(dict(data=-1, **axes), config=CFG)
     with sharding.use_mesh(mesh):

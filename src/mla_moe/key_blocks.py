@@ -64,6 +64,10 @@ def _forward(q_nope_BTNH, q_pe_BTNR, kv_BSL, index, wk_b_CNH, wv_b_CNV, scale, j
     def step(carry, xs):
         m_BNT, l_BNT, acc_BTNV = carry
         kv_BkL, k_index_k, k_seg_Bk = xs
+        # As in the backward: without the tie, JAX (differentiating a scan around this one)
+        # computes every block's masks, keys and values ahead of the loop and keeps them all.
+        (kv_BkL, k_index_k, k_seg_Bk), m_BNT = jax.lax.optimization_barrier(
+            ((kv_BkL, k_index_k, k_seg_Bk), m_BNT))
         mask_BTk = _block_mask(q_index_T, q_seg_BT, k_index_k, k_seg_Bk)
         s_BNTk, v_BkNV = _block_scores(q_nope_BTNH, q_pe_BTNR, kv_BkL, mask_BTk, wk_b_CNH,
                                        wv_b_CNV, scale)
@@ -108,12 +112,18 @@ def _bwd(scale, j, res, do_BTNV):
     q_nope, q_pe, kv, index, wk_b, wv_b, o, lse_BNT = res
     q_index_T, q_seg_BT, k_index_S, k_seg_BS = index
     rank, dt = wk_b.shape[0], q_nope.dtype
-    do_BTNV = do_BTNV.astype(jnp.float32)
-    d_BNT = jnp.einsum("BTNV,BTNV->BNT", do_BTNV, o.astype(jnp.float32))
+    do_BTNV_all = do_BTNV.astype(jnp.float32)
+    d_BNT = jnp.einsum("BTNV,BTNV->BNT", do_BTNV_all, o.astype(jnp.float32))
 
     def step(carry, xs):
         dq_nope, dq_pe, dwk, dwv = carry
         kv_BkL, k_index_k, k_seg_Bk = xs
+        # Ties the block to the loop's carry: differentiated inside a scan (the layers' scan),
+        # JAX would otherwise compute what depends on the block alone (keys, values, masks)
+        # for every block ahead of the loop and keep them all.
+        (kv_BkL, k_index_k, k_seg_Bk), dq_nope = jax.lax.optimization_barrier(
+            ((kv_BkL, k_index_k, k_seg_Bk), dq_nope))
+        do_BTNV = do_BTNV_all
         mask_BTk = _block_mask(q_index_T, q_seg_BT, k_index_k, k_seg_Bk)
         c_BkC = kv_BkL[..., :rank]
         s_BNTk, v_BkNV = _block_scores(q_nope, q_pe, kv_BkL, mask_BTk, wk_b, wv_b, scale)
