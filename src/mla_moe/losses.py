@@ -98,26 +98,36 @@ def mtp_mean(sums_I: jax.Array, counts_I: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """How the loss splits over the mesh: token axes (of B), vocab axes (of U), and the axes
-    the head gradient's D is scattered over (those of `embed` that also split the tokens)."""
+    """How the loss splits over the mesh: token axes (of B), vocab axes (of U), the axes
+    the head gradient's D is scattered over (those of `embed` that also split the tokens),
+    and the axes of T (`context`: context_parallel.py)."""
 
     tokens: tuple[str, ...] = ()
     vocab: tuple[str, ...] = ()
     scatter: tuple[str, ...] = ()
     token_shards: int = 1  # the product of the token axes' sizes
     chunks: int = 1
+    length: tuple[str, ...] = ()
+    length_shards: int = 1
+
+    @property
+    def every_token_axis(self) -> tuple[str, ...]:
+        """The axes the tokens' sums are reduced over: those of B and of T."""
+        return self.tokens + self.length
 
 
-def _layout(b: int, d: int, u: int) -> _Layout:
+def _layout(b: int, d: int, u: int, t: int = 1) -> _Layout:
     mesh = sharding.active_mesh()
     if mesh is None or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
         return _Layout()
     rules, sizes = sharding.current_rules(), dict(mesh.shape)
     tok = sharding.dividing_axes("batch", b, mesh, rules)
-    voc = sharding.dividing_axes("vocab", u, mesh, rules, exclude=tok)
+    seq = sharding.dividing_axes("length", t, mesh, rules, exclude=tok, whole=True)
+    voc = sharding.dividing_axes("vocab", u, mesh, rules, exclude=tok + seq)
     emb = sharding.dividing_axes("embed", d, mesh, rules, exclude=voc, whole=True)
-    scatter = emb if emb and set(emb) <= set(tok) else ()
-    return _Layout(tok, voc, scatter, math.prod(sizes[a] for a in tok))
+    scatter = emb if emb and set(emb) <= set(tok + seq) else ()
+    return _Layout(tok, voc, scatter, math.prod(sizes[a] for a in tok), length=seq,
+                   length_shards=math.prod(sizes[a] for a in seq))
 
 
 def _psum(x, axes):
@@ -167,9 +177,9 @@ def _local_forward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT):
 
     n = lay.chunks
     xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n))
-    carry = sharding.vary(jnp.zeros((), jnp.float32), lay.tokens)
+    carry = sharding.vary(jnp.zeros((), jnp.float32), lay.every_token_axis)
     loss, (logz_OBT, nll_OBT) = jax.lax.scan(body, carry, xs)
-    return _psum(loss, lay.tokens), _unchunked(logz_OBT), _unchunked(nll_OBT)
+    return _psum(loss, lay.every_token_axis), _unchunked(logz_OBT), _unchunked(nll_OBT)
 
 
 def _local_backward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT, logz_BT, g):
@@ -194,17 +204,17 @@ def _local_backward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT, logz_BT, 
     n = lay.chunks
     xs = (_chunked(x_BTD, n), _chunked(targets_BT, n), _chunked(weights_BT, n),
           _chunked(logz_BT, n))
-    carry = sharding.vary(jnp.zeros(w_DU.shape, jnp.float32), lay.tokens + lay.vocab)
+    carry = sharding.vary(jnp.zeros(w_DU.shape, jnp.float32), lay.every_token_axis + lay.vocab)
     dw_DU, dx_OBTD = jax.lax.scan(body, carry, xs)
     if lay.scatter:
         dw_DU = jax.lax.psum_scatter(dw_DU, lay.scatter, scatter_dimension=0, tiled=True)
-    dw_DU = _psum(dw_DU, tuple(a for a in lay.tokens if a not in lay.scatter))
+    dw_DU = _psum(dw_DU, tuple(a for a in lay.every_token_axis if a not in lay.scatter))
     return _unchunked(dx_OBTD), dw_DU.astype(w_DU.dtype)
 
 
 # The logical names of the loss's operands: per shard, the tokens' rows over the token axes,
 # the head over the vocab axes, and the head gradient's D scattered (see `_sharded`).
-_BTD, _BT = ("batch", None, None), ("batch", None)
+_BTD, _BT = ("batch", "length", None), ("batch", "length")
 _W_DU, _DW_DU = (None, "vocab"), ("embed", "vocab")
 
 
@@ -212,9 +222,10 @@ def _sharded(lay: _Layout, fn, args, in_names, out_names, out_shapes):
     """`fn(*args)` per shard (`sharding.per_shard`) under the loss's own rules: batch -> the
     token axes, vocab -> the vocab axes, embed -> the scatter axes; directly when the layout
     splits nothing."""
-    if not (lay.tokens or lay.vocab):
+    if not (lay.tokens or lay.vocab or lay.length):
         return fn(*args)
-    rules = sharding.Rules({"batch": lay.tokens, "vocab": lay.vocab, "embed": lay.scatter})
+    rules = sharding.Rules({"batch": lay.tokens, "vocab": lay.vocab, "embed": lay.scatter,
+                            "length": lay.length})
     return sharding.per_shard(fn, args, in_names, out_names, out_shapes=out_shapes,
                               rules=rules, check_vma=True)
 
@@ -283,8 +294,12 @@ def chunked_cross_entropy(
     if weights_BT is None:
         weights_BT = jnp.ones((b, t), jnp.float32)
     weights_BT = weights_BT.astype(jnp.float32)
-    lay = _layout(b, d, w_DU.shape[1])
-    n = _num_chunks(t, max(1, min(t, chunk_tokens // (b // lay.token_shards))))
+    lay = _layout(b, d, w_DU.shape[1], t)
+    t_local = t // lay.length_shards  # each shard chunks its own part of T
+    n = _num_chunks(t_local, max(1, min(t_local, chunk_tokens // (b // lay.token_shards))))
+    if lay.length and t_local % n:  # padding at the end would not split over T: T whole
+        lay = dataclasses.replace(lay, length=(), length_shards=1)
+        n = _num_chunks(t, max(1, min(t, chunk_tokens // (b // lay.token_shards))))
     pad = n * -(-t // n) - t
     if pad:
         pad_BT = ((0, 0), (0, pad))
