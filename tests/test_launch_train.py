@@ -15,6 +15,7 @@ import pytest
 from ports import reserved_port
 from train_helpers import micro_config, synthetic_store
 
+from mla_moe.data.prepare_store import is_validation
 from mla_moe.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,15 +95,25 @@ def test_bad_input_is_one_line(tmp_path, override, message):
     assert not (tmp_path / "w").exists()
 
 
+def held_tokens(texts: list[str]) -> int:
+    """Byte-tokenizer tokens of the held-out documents (one per byte; no BOS/EOS)."""
+    return sum(len(t.encode()) for t in texts if is_validation(t, 0.1))
+
+
 def test_prepare_data_cli(tmp_path):
+    texts = [f"line {i} " * 20 for i in range(50)]
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(50)))
+    docs.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     out = _run(["launch.prepare_data", f"--input={docs}", f"--output={tmp_path / 'store'}",
                 "--val_fraction=0.1"], timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "train: " in out.stdout and "45 documents" in out.stdout and "5 documents" in out.stdout
+    # Each document's split is a stable hash of its text (here 3 of the 50 are held out).
+    val = sum(is_validation(t, 0.1) for t in texts)
+    assert 0 < val < 50
+    assert (f"train: {sum(len(t) for t in texts) - held_tokens(texts):,} tokens in {50 - val} "
+            f"documents, val: {held_tokens(texts):,} tokens in {val} documents") in out.stdout
     meta = json.loads((tmp_path / "store" / "metadata.json").read_text())
-    assert meta["splits"]["val"]["num_docs"] == 5
+    assert meta["splits"]["val"]["num_docs"] == val
     again = _run(["launch.prepare_data", f"--input={docs}", f"--output={tmp_path / 'store'}"],
                  timeout=120)
     errors = cli_output.lines(again.stderr)
