@@ -4,6 +4,7 @@ process slices, resume from the iterator's state, and bad weights."""
 import grain
 import numpy as np
 import pytest
+from train_helpers import assert_iterator_resumes
 
 from mla_moe.data import PipelineConfig, TokenSplit, eval_batches, train_iterator, write_store
 from mla_moe.data import mixture as mixture_lib
@@ -98,17 +99,7 @@ def test_mixture_stream_matches_reference(sources, monkeypatch):
 def test_mixture_resumes_from_iterator_state(sources):
     mix = mixture_lib.open_split([p for p, _ in sources], "train", [0.5, 0.25, 0.25])
     cfg = PipelineConfig(seq_len=8, global_batch=4, seed=1, num_threads=2)
-    it = train_iterator(mix, cfg)
-    for _ in range(7):
-        next(it)
-    state = it.get_state()
-    expected = [next(it) for _ in range(3)]
-    fresh = train_iterator(mix, cfg)
-    fresh.set_state(state)
-    for e in expected:
-        got = next(fresh)
-        for key in e:
-            np.testing.assert_array_equal(e[key], got[key])
+    assert_iterator_resumes(mix, cfg, skip=7)
     val = mixture_lib.open_split([p for p, _ in sources], "val", [0.5, 0.25, 0.25])
     a, b = eval_batches(val, cfg, 2), eval_batches(val, cfg, 2)
     np.testing.assert_array_equal(a[1]["inputs"], b[1]["inputs"])

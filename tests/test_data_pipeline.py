@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from train_helpers import assert_iterator_resumes
 
 from mla_moe.data import (
     ByteTokenizer,
@@ -149,17 +150,7 @@ def test_process_shards_assemble_the_global_batch(store):
 def test_iterator_state_resumes_exactly(store):
     split = TokenSplit(store, "train")
     cfg = PipelineConfig(seq_len=8, global_batch=4, seed=2)
-    it = train_iterator(split, cfg)
-    for _ in range(5):
-        next(it)
-    state = it.get_state()
-    expected = [next(it) for _ in range(3)]
-    fresh = train_iterator(split, cfg)
-    fresh.set_state(state)
-    for e in expected:
-        got = next(fresh)
-        for key in e:
-            np.testing.assert_array_equal(e[key], got[key])
+    assert_iterator_resumes(split, cfg, skip=5)
 
 
 def test_eval_batches_fixed_and_wrapping(store):

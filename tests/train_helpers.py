@@ -39,3 +39,21 @@ def sigterm_at(step: int):
             os.kill(os.getpid(), signal.SIGTERM)
 
     return hook
+
+
+def assert_iterator_resumes(split, cfg, skip: int, check: int = 3) -> None:
+    """A train iterator over `split` advanced `skip` batches, saved, and restored into a fresh
+    iterator gives exactly the next `check` batches of the original."""
+    from mla_moe.data import train_iterator
+
+    it = train_iterator(split, cfg)
+    for _ in range(skip):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(check)]
+    fresh = train_iterator(split, cfg)
+    fresh.set_state(state)
+    for e in expected:
+        got = next(fresh)
+        for key in e:
+            np.testing.assert_array_equal(e[key], got[key])
