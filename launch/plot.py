@@ -18,7 +18,9 @@ from absl import flags
 from launch import cli
 from mla_moe.errors import InputError, MissingInputError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
+# Checked in main, not marked required: a flag marked required is validated by every parse of
+# the process's flags, which breaks other launchers imported beside this one (the tests).
+_WORKDIR = flags.DEFINE_string("workdir", "", "The training run's --workdir (required).")
 _OUTPUT = flags.DEFINE_string("output", "", "The PNG to write (default: WORKDIR/metrics.png).")
 
 
@@ -91,6 +93,8 @@ def figure(rows: list[dict], title: str):
 
 def main(argv: list[str]) -> None:
     """Writes the PNG of the run's curves and says where."""
+    if not _WORKDIR.value:
+        raise InputError("--workdir is required: the training run's workdir")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -46,7 +46,7 @@ def _check_report(report, devices):
     assert JSON_KEYS <= set(d)
     assert d["fits"] and 0 < d["argument_bytes"] <= d["per_device_bytes"]
     assert d["per_device_bytes"] < d["hbm_capacity_bytes"] == targets.hbm_bytes(devices[0])
-    assert d["mesh"] == MESH
+    assert d["mesh"] == {**MESH, "context": 1}
     assert d["state_bytes"] <= d["argument_bytes"]
     assert set(d["collectives"]) == set(hlo_collectives.KINDS)
     _check_estimate(d)

@@ -25,12 +25,12 @@ def _two_slices():
 def test_slices_stack_along_the_data_axis():
     devices = _two_slices()
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, dcn_data=2), devices)
-    assert dict(mesh.shape) == dict(data=4, fsdp=2, expert=1, tensor=1)
-    slice_of = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0, 0]]
+    assert dict(mesh.shape) == dict(data=4, fsdp=2, expert=1, context=1, tensor=1)
+    slice_of = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0, 0, 0]]
     assert slice_of == [[0, 0], [0, 0], [1, 1], [1, 1]]  # fsdp pairs never straddle slices
     across = sharding.make_mesh(dict(data=2, fsdp=2, dcn_fsdp=2), devices)
-    assert dict(across.shape) == dict(data=2, fsdp=4, expert=1, tensor=1)
-    assert [d.slice_index for d in across.devices[0, :, 0, 0]] == [0, 0, 1, 1]
+    assert dict(across.shape) == dict(data=2, fsdp=4, expert=1, context=1, tensor=1)
+    assert [d.slice_index for d in across.devices[0, :, 0, 0, 0]] == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("mesh, message", [
@@ -78,7 +78,7 @@ def test_two_slices_compile_and_only_sums_cross_them(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["fits"] is True
-    assert report["mesh"] == dict(data=8, fsdp=1, expert=1, tensor=1)
+    assert report["mesh"] == dict(data=8, fsdp=1, expert=1, context=1, tensor=1)
     assert "across slices (DCN)" in proc.stdout
     dcn = report["dcn_collectives"]
     assert set(dcn) == {"ALL_REDUCE/SUM"}, dcn
