@@ -37,3 +37,28 @@ def compilation_cache_dir(request, tmp_path_factory):
         env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         env.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
         yield path
+
+
+# The slowest tests (each a minute or more on 2 cores: multi-process runs, launcher runs,
+# full-preset runlocal trainings, GPU kernel compiles), by file or node id prefix. They are
+# collected first, so that `pytest -n 2` starts them early rather than leaving one worker
+# running them alone at the end of the suite.
+SLOW_FIRST = (
+    "tests/test_multihost_preemption.py",
+    "tests/test_launch_pod.py::test_tpu_vm_trains_on_two_fake_workers",
+    "tests/test_launch_train.py::test_two_processes_match_one",
+    "tests/test_configs_runlocal.py",
+    "tests/test_launch_train.py::test_train_end_to_end_on_default_corpus",
+    "tests/test_train_resume.py::test_ctrl_c_at_random_moments_of_saves_loses_nothing",
+    "tests/test_multislice.py::test_two_slices_compile_and_only_sums_cross_them",
+    "tests/test_train_resume.py::test_sigkill_then_resume_is_bitwise_identical",
+    "tests/test_aot_kernels.py::test_gpu_kernels_compile_within_shared_memory",
+    "tests/test_context_parallel.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, p in enumerate(SLOW_FIRST) if item.nodeid.startswith(p)),
+                    len(SLOW_FIRST))
+    items.sort(key=rank)  # stable: the rest keep their order
