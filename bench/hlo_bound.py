@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "src"), ROOT]
 
 from mla_moe.train import hlo_bound, hlo_collectives, hlo_traffic, roofline  # noqa: E402
+from mla_moe.train.hlo_text import Module  # noqa: E402
 from pallas_kernels import chips, targets  # noqa: E402
 
 GIB = 1 << 30
@@ -38,13 +39,13 @@ def read(path: str) -> str:
         return f.read()
 
 
-def measure(path: str, target: str, flops: float) -> dict:
+def measure(path: str, hlo_text: str, module: Module, target: str, flops: float) -> dict:
     """The bound of one saved module for `target` ("tpu:v5p:8x8x8", "gpu:h200:1x32x8")."""
     t = targets.parse_target(target)
     chip = chips.by_target(t.chip)
     per_host = int(t.topology.split("x")[-1]) if t.platform == "gpu" else 0
-    bound = hlo_bound.measure(read(path), chip=chip, flops_per_device=flops,
-                              devices_per_host=per_host)
+    bound = hlo_bound.measure(hlo_text, chip=chip, flops_per_device=flops,
+                              devices_per_host=per_host, module=module)
     return {"hlo": path, "target": target, "flops_per_device": flops, **bound.to_json()}
 
 
@@ -63,9 +64,9 @@ def op_key(ins, depth: int = 2) -> str:
     return ("bwd " if "transpose(" in m.group(1) else "") + "/".join(parts[:depth])
 
 
-def top(path: str, n: int) -> str:
+def top(hlo_text: str, module: Module, n: int) -> str:
     """The `n` largest shares of a program's HBM traffic, by what the instructions compute."""
-    parts = hlo_traffic.breakdown(read(path), op_key)
+    parts = hlo_traffic.breakdown(hlo_text, op_key, module=module)
     total = sum(parts.values())
     lines = [f"  HBM traffic by op_name (of {total / GIB:,.0f} GiB):"]
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:n]:
@@ -125,11 +126,14 @@ def main() -> None:
                     help="several programs of the same target and FLOPs, as one table")
     args = ap.parse_args()
     named = [c.split("=", 1) for c in args.compare] or [["program", args.hlo]]
-    rows = [(name, measure(path, args.target, args.flops)) for name, path in named]
-    for (name, r), (_, path) in zip(rows, named):
-        print(text(name, r), flush=True)
+    rows = []
+    for name, path in named:
+        hlo_text = read(path)
+        module = Module(hlo_text)  # parsed once, for the bound and the breakdown
+        rows.append((name, measure(path, hlo_text, module, args.target, args.flops)))
+        print(text(name, rows[-1][1]), flush=True)
         if args.top:
-            print(top(path, args.top), flush=True)
+            print(top(hlo_text, module, args.top), flush=True)
     if args.compare:
         print(table(rows))
     if args.json:

@@ -42,13 +42,14 @@ class Bound:
 
 
 def measure(hlo_text: str, *, chip: Chip | None, flops_per_device: float,
-            host_bytes: float = 0.0, devices_per_host: int = 0) -> Bound:
+            host_bytes: float = 0.0, devices_per_host: int = 0,
+            module: Module | None = None) -> Bound:
     """The bound of one compiled module on `chip` (None: bytes only, no time terms).
 
     devices_per_host: GPUs per host of a GPU cluster (default: the chip's); a module on more
     devices than that has its cross-host share over the network, as `hlo_collectives` counts
     it. host_bytes: what the step moves to and from host memory per device (the host term)."""
-    module = Module(hlo_text)
+    module = module or Module(hlo_text)
     devices = hlo_collectives.num_devices(hlo_text)
     per_host = 0
     if chip is not None and chip.platform == "gpu":

@@ -177,28 +177,30 @@ def collectives(hlo_text: str, *, devices_per_host: int = 0,
     if devices_per_host:
         for row in table.values():
             row["network_bytes"] = 0.0
-    def link(ins: Instruction) -> float:
+    # Each collective's kind, full array and replica groups, read once.
+    found = {}
+    for ins in module.instructions():
         kind = _kind(module, ins)
-        if kind is None:
+        if kind is not None:
+            found[ins.name] = (ins, kind, _full_bytes(module, kind, ins),
+                               replica_groups(ins.text, devices))
+
+    def link(ins: Instruction) -> float:
+        if ins.name not in found:
             return 0.0
-        groups = replica_groups(ins.text, devices)
-        return _link_bytes(kind, _full_bytes(module, kind, ins), len(groups[0]), ins)
+        _, kind, full, groups = found[ins.name]
+        return _link_bytes(kind, full, len(groups[0]), ins)
 
     # Of a conditional's branches, the cheapest (by link bytes) counts: the data decides which
     # runs, and a lower bound cannot assume the costlier.
     runs = module.runs_picking(lambda comp: module.total(link, start=comp))
-    for ins in module.instructions():
-        kind = _kind(module, ins)
-        if kind is None:
-            continue
+    for ins, kind, full, groups in found.values():
         n = runs.get(ins.computation, 0)
-        groups = replica_groups(ins.text, devices)
-        full = _full_bytes(module, kind, ins)
         row = table[kind]
         row["ops"] += 1
         row["count"] += n
         row["array_bytes"] += n * full
-        row["bytes"] += n * _link_bytes(kind, full, len(groups[0]), ins)
+        row["bytes"] += n * link(ins)
         if devices_per_host:
             row["network_bytes"] += n * max(
                 _network_bytes(kind, full, g, devices_per_host, ins) for g in groups)

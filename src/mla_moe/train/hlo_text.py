@@ -120,11 +120,6 @@ class Instruction(NamedTuple):
     root: bool = False
 
 
-def _first(ins: Instruction, roles: tuple[str, ...]) -> str:
-    """The first of `roles` the instruction calls computations by."""
-    return next((r for r in roles if r in ins.called), "")
-
-
 def _balance(line: str) -> int:
     """Open minus closed brackets of a line, outside string literals."""
     bare = _STRING.sub("", line) if '"' in line else line
@@ -230,12 +225,14 @@ class Module:
                 continue
             for ins in self.computations[name]:
                 trip = self.trip_count(ins) if ins.opcode == "while" else 1
-                for role, callees in ins.called.items():
+                called = ins.called
+                if branch_cost and ins.opcode == "conditional":
+                    branches = [c for r in _BRANCHES for c in called.get(r, ())]
+                    called = {r: c for r, c in called.items() if r not in _BRANCHES}
+                    if branches:
+                        called["branch_computations"] = (min(branches, key=branch_cost),)
+                for role, callees in called.items():
                     times = trip if role in ("body", "condition") else 1
-                    if branch_cost and role in _BRANCHES and ins.opcode == "conditional":
-                        branches = [c for r in _BRANCHES for c in ins.called.get(r, ())]
-                        callees = (min(branches, key=branch_cost),) if role == _first(
-                            ins, _BRANCHES) else ()
                     for callee in callees:
                         if callee in runs:
                             runs[callee] += m * times
