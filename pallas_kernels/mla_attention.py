@@ -9,6 +9,10 @@ shared by every head: it is read per key block by each head's program and never 
 
 Causal convention when T != S: the T queries are the last T of the S positions, so query t is
 at absolute position S - T + t and sees keys s <= S - T + t. Rows that see no key output 0.
+Explicit positions (`q_positions` [T], `k_positions` [S], e.g. the zigzag layout of context
+parallelism, where a shard's queries are two chunks far apart) replace that convention: query
+t sees key s when k_positions[s] <= q_positions[t], and blocks are skipped from the positions'
+per-block bounds (exact when positions increase along T and S; correct for any).
 
 Any T and S are accepted: both are zero-padded up to the block sizes inside the wrapper (a
 copy only when they are not multiples already); padded keys are masked, padded queries are
@@ -32,6 +36,7 @@ from pallas_kernels import mla_attention_tpu as tpu_kernels
 from pallas_kernels.mla_attention_reference import (
     DEFAULT_BLOCK_KV,
     mla_attention_reference,
+    normalize_positions,
     normalize_segment_ids,
 )
 
@@ -123,16 +128,22 @@ def _specs(unpack):
         return [spec((None, q_rows, 1), lambda b, n, i: (b, i if q_tiled else 0, 0)),
                 spec((None, 1, kv_rows), lambda b, n, i: (b, 0, i if kv_tiled else 0))]
 
-    return head, shared, stats, segs
+    def positions(q_rows, q_tiled, kv_rows, kv_tiled):  # [T, 1] and [1, S], shared over B
+        return [spec((q_rows, 1), lambda b, n, i: (i if q_tiled else 0, 0)),
+                spec((1, kv_rows), lambda b, n, i: (0, i if kv_tiled else 0))]
+
+    return head, shared, stats, segs, positions
 
 
-def _in_specs(specs, has_segments: bool, h: int, r: int, dv: int, q_rows: int, q_tiled: bool,
+def _in_specs(specs, g: kernels.Geometry, h: int, r: int, dv: int, q_rows: int, q_tiled: bool,
               kv_rows: int, kv_tiled: bool, backward: bool) -> list:
-    """The kernels' input specs in call order: (segment ids,) q_nope, q_pe, k_nope, k_pe, v,
-    and for the backward also do, lse, delta; the query side blocked `q_rows` at a time (or
-    whole), the key side `kv_rows`."""
-    head, shared, stats, segs = specs
-    in_specs = segs(q_rows, q_tiled, kv_rows, kv_tiled) if has_segments else []
+    """The kernels' input specs in call order: (segment ids,) (positions,) q_nope, q_pe,
+    k_nope, k_pe, v, and for the backward also do, lse, delta; the query side blocked `q_rows`
+    at a time (or whole), the key side `kv_rows`."""
+    head, shared, stats, segs, positions = specs
+    in_specs = segs(q_rows, q_tiled, kv_rows, kv_tiled) if g.has_segments else []
+    if g.has_positions:
+        in_specs += positions(q_rows, q_tiled, kv_rows, kv_tiled)
     in_specs += [head(q_rows, h, q_tiled), head(q_rows, r, q_tiled), head(kv_rows, h, kv_tiled),
                  shared(kv_rows, r, kv_tiled), head(kv_rows, dv, kv_tiled)]
     if backward:
@@ -148,17 +159,17 @@ def _dims(q_nope, q_pe, k_nope, v, head_major):
     return b, n, t, s, q_nope.shape[-1], q_pe.shape[-1], v.shape[-1]
 
 
-def _forward(cfg: _Config, q_nope, q_pe, k_nope, k_pe, v, segs):
+def _forward(cfg: _Config, q_nope, q_pe, k_nope, k_pe, v, segs, pos):
     be, g, bs = cfg.backend, cfg.geometry, cfg.blocks
     if be.head_major:
         return tpu_kernels.forward(g, bs.block_q, bs.block_kv, be.interpret(), q_nope, q_pe,
-                                   k_nope, k_pe, v, segs)
+                                   k_nope, k_pe, v, segs, pos)
     b, n, t, s, h, r, dv = _dims(q_nope, q_pe, k_nope, v, be.head_major)
     bq, bk = bs.block_q, bs.block_kv
     grid, axis, unpack = _grid(b, n, t // bq)
     specs = _specs(unpack)
-    head, _, stats, _ = specs
-    in_specs = _in_specs(specs, g.has_segments, h, r, dv, bq, True, s, False, backward=False)
+    head, _, stats, _, _ = specs
+    in_specs = _in_specs(specs, g, h, r, dv, bq, True, s, False, backward=False)
     out_shape = [jax.ShapeDtypeStruct(q_nope.shape[:-1] + (dv,), q_nope.dtype),
                  jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)]
     out, lse = pl.pallas_call(
@@ -168,30 +179,30 @@ def _forward(cfg: _Config, q_nope, q_pe, k_nope, k_pe, v, segs):
         out_shape=out_shape, interpret=be.interpret(), name="mla_attention_fwd",
         compiler_params=be.compiler_params(num_warps=bs.num_warps_fwd,
                                            num_stages=bs.num_stages),
-    )(*(segs or ()), q_nope, q_pe, k_nope, k_pe, v)
+    )(*(segs or ()), *(pos or ()), q_nope, q_pe, k_nope, k_pe, v)
     return out, lse
 
 
 def _backward(cfg: _Config, res, do):
     be, g, bs = cfg.backend, cfg.geometry, cfg.blocks
-    q_nope, q_pe, k_nope, k_pe, v, segs, out, lse = res
+    q_nope, q_pe, k_nope, k_pe, v, segs, pos, out, lse = res
     b, n, t, s, h, r, dv = _dims(q_nope, q_pe, k_nope, v, be.head_major)
     eq = "BNTV,BNTV->BNT" if be.head_major else "BTNV,BTNV->BNT"
     delta = jnp.einsum(eq, out.astype(jnp.float32), do.astype(jnp.float32))[..., None]
     if be.head_major:
-        args = (q_nope, q_pe, k_nope, k_pe, v, segs, do, lse, delta)
+        args = (q_nope, q_pe, k_nope, k_pe, v, segs, do, lse, delta, pos)
         dq_nope, dq_pe = tpu_kernels.dq(g, bs.block_q_dq, bs.block_kv_dq, be.interpret(), *args)
         dk_nope, dk_pe, dv_ = tpu_kernels.dkv(g, bs.block_q_dkv, bs.block_kv_dkv,
                                               be.interpret(), *args)
-        return dq_nope, dq_pe, dk_nope, dk_pe, dv_, None
-    seg_args = tuple(segs or ())
+        return dq_nope, dq_pe, dk_nope, dk_pe, dv_, None, None
+    seg_args = tuple(segs or ()) + tuple(pos or ())
     cp = be.compiler_params(num_warps=bs.num_warps_bwd, num_stages=bs.num_stages)
 
     bq, bk = bs.block_q_dq, bs.block_kv_dq
     grid, axis, unpack = _grid(b, n, t // bq)
     specs = _specs(unpack)
-    head, _, stats, _ = specs
-    in_specs = _in_specs(specs, g.has_segments, h, r, dv, bq, True, s, False, backward=True)
+    head, _, stats, _, _ = specs
+    in_specs = _in_specs(specs, g, h, r, dv, bq, True, s, False, backward=True)
     dq_nope, dq_pe = pl.pallas_call(
         functools.partial(kernels.dq_kernel, g=g, block_q=bq, block_kv=bk, block_axis=axis),
         grid=grid, in_specs=in_specs, out_specs=[head(bq, h, True), head(bq, r, True)],
@@ -203,8 +214,8 @@ def _backward(cfg: _Config, res, do):
     bq, bk = bs.block_q_dkv, bs.block_kv_dkv
     grid, axis, unpack = _grid(b, n, s // bk)
     specs = _specs(unpack)
-    head, _, stats, _ = specs
-    in_specs = _in_specs(specs, g.has_segments, h, r, dv, t, False, bk, True, backward=True)
+    head, _, stats, _, _ = specs
+    in_specs = _in_specs(specs, g, h, r, dv, t, False, bk, True, backward=True)
     dk_pe_partial_spec = stats(bk, True)  # [B, N, S, R] f32, same indexing as stats
     dk_pe_partial_spec = pl.BlockSpec((None, None, bk, r), dk_pe_partial_spec.index_map)
     dk_nope, dk_pe_BNSR, dv_ = pl.pallas_call(
@@ -217,17 +228,17 @@ def _backward(cfg: _Config, res, do):
         interpret=be.interpret(), name="mla_attention_dkv", compiler_params=cp,
     )(*seg_args, q_nope, q_pe, k_nope, k_pe, v, do, lse, delta)
     dk_pe = jnp.sum(dk_pe_BNSR, axis=1).astype(k_pe.dtype)
-    return dq_nope, dq_pe, dk_nope, dk_pe, dv_, None
+    return dq_nope, dq_pe, dk_nope, dk_pe, dv_, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q_nope, q_pe, k_nope, k_pe, v, segs):
-    return _forward(cfg, q_nope, q_pe, k_nope, k_pe, v, segs)[0]
+def _attention(cfg, q_nope, q_pe, k_nope, k_pe, v, segs, pos):
+    return _forward(cfg, q_nope, q_pe, k_nope, k_pe, v, segs, pos)[0]
 
 
-def _attention_fwd(cfg, q_nope, q_pe, k_nope, k_pe, v, segs):
-    out, lse = _forward(cfg, q_nope, q_pe, k_nope, k_pe, v, segs)
-    return out, (q_nope, q_pe, k_nope, k_pe, v, segs, out, lse)
+def _attention_fwd(cfg, q_nope, q_pe, k_nope, k_pe, v, segs, pos):
+    out, lse = _forward(cfg, q_nope, q_pe, k_nope, k_pe, v, segs, pos)
+    return out, (q_nope, q_pe, k_nope, k_pe, v, segs, pos, out, lse)
 
 
 _attention.defvjp(_attention_fwd, _backward)
@@ -247,7 +258,8 @@ def _check_shapes(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV):
 def mla_attention(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax.Array,
                   k_pe_BSR: jax.Array, v_BSNV: jax.Array, *, sm_scale: float,
                   causal: bool = True, segment_ids: Any = None, implementation: str | None = None,
-                  block_sizes: BlockSizes | None = None) -> jax.Array:
+                  block_sizes: BlockSizes | None = None, q_positions: Any = None,
+                  k_positions: Any = None) -> jax.Array:
     """MLA attention, differentiable in all five inputs (flash forward and backward kernels).
 
     Args:
@@ -255,11 +267,14 @@ def mla_attention(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax
       k_nope_BSNH: per-head nope keys. k_pe_BSR: rope key shared by all heads.
       v_BSNV: per-head values.
       sm_scale: softmax scale (a Python float, static).
-      causal: query t sees keys s <= S - T + t (queries are the last T positions).
+      causal: query t sees keys s <= S - T + t (queries are the last T positions), or with
+        positions keys s with k_positions[s] <= q_positions[t].
       segment_ids: None, a pair (q_segment_ids_BT, kv_segment_ids_BS), or one [B, T] array
         when T == S; tokens attend only to keys with an equal id.
       implementation: see `pallas_kernels.dispatch` (None picks by jax.default_backend()).
       block_sizes: kernel tiles; None uses `BlockSizes.get_default(implementation)`.
+      q_positions, k_positions: None, or the queries' [T] / keys' [S] global positions (ints,
+        shared by the batch; one left None defaults to S - T + t / s); causal only.
     Returns:
       out_BTNV in q_nope's dtype (f32 softmax statistics and accumulation).
     """
@@ -267,12 +282,15 @@ def mla_attention(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax
     b, t, n, _ = q_nope_BTNH.shape
     s = k_nope_BSNH.shape[1]
     segs = normalize_segment_ids(segment_ids, t, s)
+    positions = normalize_positions(q_positions, k_positions, t, s, causal)
     impl = dispatch.resolve(implementation)
     bs = block_sizes or BlockSizes.get_default(impl)
     if impl == "xla":
+        q_pos_T, k_pos_S = positions or (None, None)
         return mla_attention_reference(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV,
                                        sm_scale=sm_scale, causal=causal, segment_ids=segs,
-                                       block_kv=bs.block_kv_xla)
+                                       block_kv=bs.block_kv_xla, q_positions=q_pos_T,
+                                       k_positions=k_pos_S)
     backend = dispatch.KernelBackend(impl)
     fitted = {k: dispatch.fit_block(v, t if "_q" in k else s) for k, v in bs.blocks().items()}
     if backend.pow2_tiles:
@@ -285,7 +303,8 @@ def mla_attention(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax
     geometry = kernels.Geometry(
         sm_scale=float(sm_scale), causal=bool(causal), offset=s - t, s_len=s,
         # Causal masking already hides padded keys from every real query.
-        mask_kv_len=(s_pad != s) and not causal, has_segments=segs is not None)
+        mask_kv_len=(s_pad != s) and not causal, has_segments=segs is not None,
+        has_positions=positions is not None)
     cfg = _Config(backend=backend, geometry=geometry, blocks=bs)
 
     v_dim = v_BSNV.shape[-1]
@@ -304,7 +323,12 @@ def mla_attention(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax
         q_seg_BT, kv_seg_BS = segs
         segs = (jnp.pad(q_seg_BT, [(0, 0), (0, t_pad - t)])[:, :, None],
                 jnp.pad(kv_seg_BS, [(0, 0), (0, s_pad - s)])[:, None, :])
-    out = _attention(cfg, *args, segs)
+    pos = None
+    if positions is not None:  # padded queries see nothing, padded keys are seen by none
+        q_pos_T, k_pos_S = positions
+        pos = (jnp.pad(q_pos_T, (0, t_pad - t), constant_values=kernels.PAD_Q_POSITION)[:, None],
+               jnp.pad(k_pos_S, (0, s_pad - s), constant_values=kernels.PAD_K_POSITION)[None])
+    out = _attention(cfg, *args, segs, pos)
     if backend.head_major:
         out = jnp.einsum("BNTV->BTNV", out)
     return out[:, :t, :, :v_dim]

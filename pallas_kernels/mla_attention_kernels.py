@@ -12,6 +12,15 @@ from `pl.program_id`, elementwise jnp. No scratch, no semaphores, no backend pri
 Masking uses -inf scores plus a "safe max" (0 when the running max is still -inf), so a row
 that sees no key ends with l == 0: its output is written as 0 and its lse as +inf, which makes
 exp(s - lse) == 0 for it in the backward kernels (no NaN anywhere).
+
+Causal masking comes in two forms. By default query t sits at position offset + t and key s at
+s, so a block's mask is an iota comparison and the visible key blocks of a query block form
+static-shaped ranges (`causal_kv_range`, `causal_q_range`). With explicit positions
+(`Geometry.has_positions`, e.g. the zigzag layout of context parallelism) each query and key
+carries its global position as an int32 tile beside it, the mask is k_pos <= q_pos, and a pair
+of blocks is skipped when every key of one is after every query of the other: the portable
+kernels test that per block from the position tiles, the TPU kernels from per-block bounds
+computed once outside (`block_bounds`).
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ class Geometry:
 
     offset: S - T; query t sits at absolute position offset + t (causal convention).
     mask_kv_len: S was padded and nothing else hides the pad (non-causal): mask keys >= s_len.
+    has_positions: queries and keys come with their positions (int32 refs after the segment
+      ids: q_pos [T, 1], k_pos [1, S]); the causal mask is k_pos <= q_pos, `offset` unused.
     """
 
     sm_scale: float
@@ -50,11 +61,18 @@ class Geometry:
     s_len: int
     mask_kv_len: bool
     has_segments: bool
+    has_positions: bool = False
 
 
-def _mask(g: Geometry, q_start, k_start, shape, q_seg_T1, kv_seg_1S, causal_mask: bool):
+def _mask(g: Geometry, q_start, k_start, shape, q_seg_T1, kv_seg_1S, causal_mask: bool,
+          pos=None):
+    """The block's visibility mask (None: all visible); `pos` = (q_pos_T1, k_pos_1S) when
+    `g.has_positions`."""
     mask = None
-    if causal_mask:
+    if causal_mask and g.has_positions:
+        q_pos_T1, k_pos_1S = pos
+        mask = jnp.broadcast_to(k_pos_1S <= q_pos_T1, shape)
+    elif causal_mask:
         row = lax.broadcasted_iota(jnp.int32, shape, 0) + (q_start + g.offset)
         col = lax.broadcasted_iota(jnp.int32, shape, 1) + k_start
         mask = col <= row
@@ -75,6 +93,41 @@ def _split_refs(refs, has_segments):
     if has_segments:
         return refs[0], refs[1], refs[2:]
     return None, None, refs
+
+
+def _split_positions(refs, g: Geometry):
+    """(q_pos_ref [T, 1], k_pos_ref [1, S], the rest) when `g.has_positions`."""
+    return _split_refs(refs, g.has_positions)
+
+
+# Positions of padded rows: a padded query sees no key, a padded key is seen by no query.
+PAD_Q_POSITION = int(jnp.iinfo(jnp.int32).min)
+PAD_K_POSITION = int(jnp.iinfo(jnp.int32).max)
+
+
+def block_bounds(q_pos_T: jax.Array, k_pos_S: jax.Array, block_q: int, block_kv: int,
+                 key_major: bool) -> tuple[jax.Array, ...]:
+    """Per-block facts the TPU kernels read from SMEM (scalar prefetch) under explicit
+    positions: (q_min, q_max [T / block_q], k_min, k_max [S / block_kv], first, last).
+
+    Key block j is skipped for query block i when k_min[j] > q_max[i] (every key after every
+    query) and needs no mask when k_max[j] <= q_min[i]. first / last bound, per query block
+    (per key block when `key_major`), the blocks of the other side with any visible pair:
+    the kernels fetch only blocks in [first, last] (a block outside is replaced by the nearest
+    one, whose DMA the pipeline then skips). Exact for sorted positions; any positions stay
+    correct, since the per-pair test decides what is computed."""
+    q_QT = q_pos_T.reshape(-1, block_q)
+    k_KS = k_pos_S.reshape(-1, block_kv)
+    q_min, q_max = jnp.min(q_QT, axis=1), jnp.max(q_QT, axis=1)
+    k_min, k_max = jnp.min(k_KS, axis=1), jnp.max(k_KS, axis=1)
+    visible_QK = k_min[None, :] <= q_max[:, None]
+    if key_major:
+        visible_QK = visible_QK.T
+    n = visible_QK.shape[1]
+    seen = jnp.any(visible_QK, axis=1)
+    first = jnp.where(seen, jnp.argmax(visible_QK, axis=1), 0)
+    last = jnp.where(seen, n - 1 - jnp.argmax(visible_QK[:, ::-1], axis=1), 0)
+    return tuple(x.astype(jnp.int32) for x in (q_min, q_max, k_min, k_max, first, last))
 
 
 def causal_kv_range(g: Geometry, i: jax.Array, block_q: int, block_kv: int,
@@ -101,23 +154,53 @@ def _loop(body, start, stop, causal_mask: bool, carry):
     return lax.fori_loop(start, stop, functools.partial(body, causal_mask=causal_mask), carry)
 
 
-def _over_kv_blocks(body, g: Geometry, i, block_q: int, block_kv: int, num_kv: int, carry):
+def _visible_only(body, visible):
+    """`body` (masked) where `visible(j)`, else the carry unchanged."""
+
+    def step(j, carry):
+        return lax.cond(visible(j), lambda c: body(j, c, causal_mask=True), lambda c: c, carry)
+
+    return step
+
+
+def _over_kv_blocks(body, g: Geometry, i, block_q: int, block_kv: int, num_kv: int, carry,
+                    visible=None):
     """`body` over the key blocks query block i sees: unmasked over the blocks wholly below
-    the diagonal, masked over the ones it crosses (all blocks unmasked when not causal)."""
+    the diagonal, masked over the ones it crosses (all blocks unmasked when not causal).
+    With positions, masked over every key block for which `visible(j)` holds."""
     if not g.causal:
         return _loop(body, 0, num_kv, False, carry)
+    if g.has_positions:
+        return lax.fori_loop(0, num_kv, _visible_only(body, visible), carry)
     n_full, hi = causal_kv_range(g, i, block_q, block_kv, num_kv)
     return _loop(body, n_full, hi, True, _loop(body, 0, n_full, False, carry))
+
+
+def _kv_block_visible(q_pos_T1, k_pos_ref, block_kv: int):
+    """With positions: j -> whether key block j holds a key at or before the query block's
+    last position (None without positions)."""
+    if q_pos_T1 is None:
+        return None
+    q_max = jnp.max(q_pos_T1)
+
+    def visible(j):
+        return jnp.min(k_pos_ref[:, pl.ds(pl.multiple_of(j * block_kv, block_kv),
+                                          block_kv)]) <= q_max
+
+    return visible
 
 
 def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
                    block_axis: int) -> None:
     """One (b, n, query block): online softmax over key blocks of the VMEM/L2-resident K/V."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
+    q_pos_ref, k_pos_ref, refs = _split_positions(refs, g)
     q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, out_ref, lse_ref = refs
     i = pl.program_id(block_axis)
     q_nope_TH, q_pe_TR = q_nope_ref[...], q_pe_ref[...]
     q_seg_T1 = q_seg_ref[...] if g.has_segments else None
+    q_pos_T1 = q_pos_ref[...] if g.has_positions else None
+    visible = _kv_block_visible(q_pos_T1, k_pos_ref, block_kv)
     num_kv = k_nope_ref.shape[0] // block_kv
 
     def body(j, carry, causal_mask):
@@ -125,8 +208,9 @@ def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
         ks = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
         s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_ref[ks, :], k_pe_ref[ks, :])
         kv_seg_1S = kv_seg_ref[:, ks] if g.has_segments else None
+        pos = (q_pos_T1, k_pos_ref[:, ks]) if g.has_positions else None
         mask = _mask(g, i * block_q, j * block_kv, s_TS.shape, q_seg_T1, kv_seg_1S,
-                     causal_mask)
+                     causal_mask, pos)
         if mask is not None:
             s_TS = jnp.where(mask, s_TS, -jnp.inf)
         m_new = jnp.maximum(m_T1, jnp.max(s_TS, axis=1, keepdims=True))
@@ -141,7 +225,7 @@ def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
     rows = q_nope_TH.shape[0]
     carry = (jnp.zeros((rows, v_ref.shape[1]), jnp.float32),
              jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
-    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry)
+    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry, visible)
     acc_TV, m_T1, l_T1 = carry
     empty = l_T1 == 0.0
     l_safe = jnp.where(empty, 1.0, l_T1)
@@ -152,12 +236,15 @@ def forward_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int,
 def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: int) -> None:
     """One (b, n, query block): dq_nope, dq_pe by a loop over key blocks."""
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
+    q_pos_ref, k_pos_ref, refs = _split_positions(refs, g)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dq_nope_ref, dq_pe_ref) = refs
     i = pl.program_id(block_axis)
     q_nope_TH, q_pe_TR, do_TV = q_nope_ref[...], q_pe_ref[...], do_ref[...]
     lse_T1, delta_T1 = lse_ref[...], delta_ref[...]
     q_seg_T1 = q_seg_ref[...] if g.has_segments else None
+    q_pos_T1 = q_pos_ref[...] if g.has_positions else None
+    visible = _kv_block_visible(q_pos_T1, k_pos_ref, block_kv)
     num_kv = k_nope_ref.shape[0] // block_kv
 
     def body(j, carry, causal_mask):
@@ -166,8 +253,9 @@ def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: 
         k_nope_SH, k_pe_SR = k_nope_ref[ks, :], k_pe_ref[ks, :]
         s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR)
         kv_seg_1S = kv_seg_ref[:, ks] if g.has_segments else None
+        pos = (q_pos_T1, k_pos_ref[:, ks]) if g.has_positions else None
         mask = _mask(g, i * block_q, j * block_kv, s_TS.shape, q_seg_T1, kv_seg_1S,
-                     causal_mask)
+                     causal_mask, pos)
         if mask is not None:
             s_TS = jnp.where(mask, s_TS, -jnp.inf)
         p_TS = jnp.exp(s_TS - lse_T1)
@@ -176,7 +264,7 @@ def dq_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis: 
         return (dq_nope_TH + _dot(ds_TS, k_nope_SH, _NN), dq_pe_TR + _dot(ds_TS, k_pe_SR, _NN))
 
     carry = (jnp.zeros(q_nope_TH.shape, jnp.float32), jnp.zeros(q_pe_TR.shape, jnp.float32))
-    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry)
+    carry = _over_kv_blocks(body, g, i, block_q, block_kv, num_kv, carry, visible)
     dq_nope_TH, dq_pe_TR = carry
     dq_nope_ref[...] = (dq_nope_TH * g.sm_scale).astype(dq_nope_ref.dtype)
     dq_pe_ref[...] = (dq_pe_TR * g.sm_scale).astype(dq_pe_ref.dtype)
@@ -189,11 +277,13 @@ def dkv_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis:
     partials over N (a Triton grid has no ordered cross-program accumulation).
     """
     q_seg_ref, kv_seg_ref, refs = _split_refs(refs, g.has_segments)
+    q_pos_ref, k_pos_ref, refs = _split_positions(refs, g)
     (q_nope_ref, q_pe_ref, k_nope_ref, k_pe_ref, v_ref, do_ref, lse_ref, delta_ref,
      dk_nope_ref, dk_pe_ref, dv_ref) = refs
     j = pl.program_id(block_axis)
     k_nope_SH, k_pe_SR, v_SV = k_nope_ref[...], k_pe_ref[...], v_ref[...]
     kv_seg_1S = kv_seg_ref[...] if g.has_segments else None
+    k_pos_1S = k_pos_ref[...] if g.has_positions else None
     num_q = q_nope_ref.shape[0] // block_q
 
     def body(i, carry, causal_mask):
@@ -202,8 +292,9 @@ def dkv_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis:
         q_nope_TH, q_pe_TR, do_TV = q_nope_ref[qs, :], q_pe_ref[qs, :], do_ref[qs, :]
         s_TS = _scores(g, q_nope_TH, q_pe_TR, k_nope_SH, k_pe_SR)
         q_seg_T1 = q_seg_ref[qs, :] if g.has_segments else None
+        pos = (q_pos_ref[qs, :], k_pos_1S) if g.has_positions else None
         mask = _mask(g, i * block_q, j * block_kv, s_TS.shape, q_seg_T1, kv_seg_1S,
-                     causal_mask)
+                     causal_mask, pos)
         if mask is not None:
             s_TS = jnp.where(mask, s_TS, -jnp.inf)
         p_TS = jnp.exp(s_TS - lse_ref[qs, :])
@@ -215,7 +306,15 @@ def dkv_kernel(*refs: Any, g: Geometry, block_q: int, block_kv: int, block_axis:
 
     carry = (jnp.zeros(k_nope_SH.shape, jnp.float32), jnp.zeros(k_pe_SR.shape, jnp.float32),
              jnp.zeros(v_SV.shape, jnp.float32))
-    if g.causal:
+    if g.causal and g.has_positions:
+        k_min = jnp.min(k_pos_1S)
+
+        def visible(i):  # some query of block i at or after the block's first key
+            return jnp.max(q_pos_ref[pl.ds(pl.multiple_of(i * block_q, block_q), block_q),
+                                     :]) >= k_min
+
+        carry = lax.fori_loop(0, num_q, _visible_only(body, visible), carry)
+    elif g.causal:
         lo, mid = causal_q_range(g, j, block_q, block_kv, num_q)
         carry = _loop(body, lo, mid, True, carry)
         carry = _loop(body, mid, num_q, False, carry)

@@ -11,6 +11,9 @@ Conventions shared with the Pallas kernel (`mla_attention.py`):
   at absolute position S - T + t and sees keys s <= S - T + t (T == S is the usual lower
   triangle; T < S is prefill continuing a prefix; when T > S the first T - S queries see no
   key at all).
+  Positions: `q_positions` [T] / `k_positions` [S] (ints, shared by the batch) replace that
+  convention when given: query t sees key s when k_positions[s] <= q_positions[t] (the zigzag
+  layout of context parallelism puts a shard's queries at two distant chunks).
   Segment ids: a token attends only to keys with an equal segment id (packed documents).
   A query that sees no key (fully masked row) gets output 0 and gradient 0, never NaN.
 """
@@ -56,6 +59,25 @@ def normalize_segment_ids(segment_ids: Any, t: int,
     return q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32)
 
 
+def normalize_positions(q_positions: Any, k_positions: Any, t: int, s: int,
+                        causal: bool) -> tuple[jax.Array, jax.Array] | None:
+    """Returns (q_pos_T, k_pos_S) as int32, or None when both are None. One left None gets
+    the default convention's positions (S - T + t for queries, s for keys)."""
+    if q_positions is None and k_positions is None:
+        return None
+    if not causal:
+        raise ValueError("q_positions / k_positions only apply to causal attention")
+    q_pos_T = (jnp.arange(t, dtype=jnp.int32) + (s - t) if q_positions is None
+               else jnp.asarray(q_positions))
+    k_pos_S = jnp.arange(s, dtype=jnp.int32) if k_positions is None else jnp.asarray(k_positions)
+    for name, x, n in (("q_positions", q_pos_T, t), ("k_positions", k_pos_S, s)):
+        if x.shape != (n,):
+            raise ValueError(f"{name} has shape {x.shape}, expected [{n}]")
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {x.dtype}")
+    return q_pos_T.astype(jnp.int32), k_pos_S.astype(jnp.int32)
+
+
 def _mask_BNTS(q_pos_T, k_pos_S, s_len, causal, segs):
     """Visibility mask [B|1, 1, T, S] (None when everything is visible)."""
     mask = None
@@ -81,14 +103,17 @@ def _scores_BNTS(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, sm_scale):
 
 def mla_attention_naive(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, k_nope_BSNH: jax.Array,
                         k_pe_BSR: jax.Array, v_BSNV: jax.Array, *, sm_scale: float,
-                        causal: bool = True, segment_ids: Any = None) -> jax.Array:
+                        causal: bool = True, segment_ids: Any = None, q_positions: Any = None,
+                        k_positions: Any = None) -> jax.Array:
     """Dense oracle for tests: materialises the [B, N, T, S] scores, all math in f32."""
     t, s = q_nope_BTNH.shape[1], k_nope_BSNH.shape[1]
     segs = normalize_segment_ids(segment_ids, t, s)
+    q_pos_T, k_pos_S = normalize_positions(q_positions, k_positions, t, s, causal) or (
+        jnp.arange(t) + s - t, jnp.arange(s))
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     s_BNTS = _scores_BNTS(f32(q_nope_BTNH), f32(q_pe_BTNR), f32(k_nope_BSNH), f32(k_pe_BSR),
                           sm_scale)
-    mask = _mask_BNTS(jnp.arange(t) + s - t, jnp.arange(s), None, causal, segs)
+    mask = _mask_BNTS(q_pos_T, k_pos_S, None, causal, segs)
     if mask is not None:
         s_BNTS = jnp.where(mask, s_BNTS, -jnp.inf)
     m_BNT1 = jnp.max(s_BNTS, axis=-1, keepdims=True)
@@ -111,17 +136,25 @@ def _unchunk(x_OBS, s):
     return x_BOS.reshape(x_BOS.shape[0], -1, *x_BOS.shape[3:])[:, :s]
 
 
-def _chunks(q_nope_BTNH, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, block_kv):
+def _chunks(q_nope_BTNH, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos, block_kv):
+    """(the key chunks to scan, the queries' positions, the key count to mask past or None).
+    pos: None, or (q_pos_T, k_pos_S); padded keys then get a position no query reaches."""
     t, s = q_nope_BTNH.shape[1], k_nope_BSNH.shape[1]
     block_kv = min(block_kv, s)
     s_pad = -(-s // block_kv) * block_kv
+    if pos is None:
+        k_pos = jnp.arange(s_pad, dtype=jnp.int32)
+    else:
+        k_pos = jnp.pad(pos[1], (0, s_pad - s), constant_values=jnp.iinfo(jnp.int32).max)
     xs = dict(
         k_nope=_chunk(k_nope_BSNH, block_kv, s_pad), k_pe=_chunk(k_pe_BSR, block_kv, s_pad),
         v=_chunk(v_BSNV, block_kv, s_pad),
-        k_pos=jnp.arange(s_pad, dtype=jnp.int32).reshape(s_pad // block_kv, block_kv),
+        k_pos=k_pos.reshape(s_pad // block_kv, block_kv),
     )
     if segs is not None:
         xs["kv_seg"] = _chunk(segs[1], block_kv, s_pad)
+    if pos is not None:
+        return xs, pos[0], None
     q_pos_T = jnp.arange(t, dtype=jnp.int32) + (s - t)
     return xs, q_pos_T, (s if s_pad != s else None)
 
@@ -131,10 +164,11 @@ def _chunk_mask(x, q_pos_T, s_len, causal, segs):
     return _mask_BNTS(q_pos_T, x["k_pos"], s_len, causal, chunk_segs)
 
 
-def _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, sm_scale, causal,
-             block_kv):
+def _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos, sm_scale,
+             causal, block_kv):
     b, t, n, _ = q_nope_BTNH.shape
-    xs, q_pos_T, s_len = _chunks(q_nope_BTNH, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, block_kv)
+    xs, q_pos_T, s_len = _chunks(q_nope_BTNH, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos,
+                                 block_kv)
 
     def step(carry, x):
         acc_BNTV, m_BNT1, l_BNT1 = carry
@@ -159,10 +193,11 @@ def _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, sm_sca
     return out_BTNV, lse_BNT1
 
 
-def _backward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, out_BTNV, lse_BNT1,
-              do_BTNV, sm_scale, causal, block_kv):
+def _backward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos, out_BTNV,
+              lse_BNT1, do_BTNV, sm_scale, causal, block_kv):
     s = k_nope_BSNH.shape[1]
-    xs, q_pos_T, s_len = _chunks(q_nope_BTNH, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, block_kv)
+    xs, q_pos_T, s_len = _chunks(q_nope_BTNH, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos,
+                                 block_kv)
     delta_BNT1 = jnp.einsum("BTNV,BTNV->BNT", out_BTNV.astype(jnp.float32),
                             do_BTNV.astype(jnp.float32))[..., None]
     dt = q_nope_BTNH.dtype
@@ -195,25 +230,26 @@ def _backward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, out_B
             _unchunk(dk_pe, s).astype(k_pe_BSR.dtype), _unchunk(dv, s).astype(v_BSNV.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _reference(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, sm_scale, causal,
-               block_kv):
-    return _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, sm_scale,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _reference(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos, sm_scale,
+               causal, block_kv):
+    return _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos, sm_scale,
                     causal, block_kv)[0]
 
 
-def _reference_fwd(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, sm_scale,
+def _reference_fwd(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos, sm_scale,
                    causal, block_kv):
     out_BTNV, lse_BNT1 = _forward(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs,
-                                  sm_scale, causal, block_kv)
-    res = (q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, out_BTNV, lse_BNT1)
+                                  pos, sm_scale, causal, block_kv)
+    res = (q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos, out_BTNV, lse_BNT1)
     return out_BTNV, res
 
 
 def _reference_bwd(sm_scale, causal, block_kv, res, do_BTNV):
-    *inputs, segs, out_BTNV, lse_BNT1 = res
-    grads = _backward(*inputs, segs, out_BTNV, lse_BNT1, do_BTNV, sm_scale, causal, block_kv)
-    return (*grads, None)
+    *inputs, segs, pos, out_BTNV, lse_BNT1 = res
+    grads = _backward(*inputs, segs, pos, out_BTNV, lse_BNT1, do_BTNV, sm_scale, causal,
+                      block_kv)
+    return (*grads, None, None)
 
 
 _reference.defvjp(_reference_fwd, _reference_bwd)
@@ -222,15 +258,17 @@ _reference.defvjp(_reference_fwd, _reference_bwd)
 def mla_attention_reference(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array,
                             k_nope_BSNH: jax.Array, k_pe_BSR: jax.Array, v_BSNV: jax.Array, *,
                             sm_scale: float, causal: bool = True, segment_ids: Any = None,
-                            block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
+                            block_kv: int = DEFAULT_BLOCK_KV, q_positions: Any = None,
+                            k_positions: Any = None) -> jax.Array:
     """Chunked XLA MLA attention: online softmax over key chunks of `block_kv` with lax.scan.
 
     Never materialises [B, N, T, S]: the forward pass keeps [B, N, T, V] accumulators and one
     [B, N, T, block_kv] score chunk; the backward pass (custom_vjp) recomputes each chunk's
     probabilities from the saved log-sum-exp, FlashAttention-2 style. Same conventions as the
-    kernel (see module docstring). Returns out_BTNV in q's dtype.
+    kernel (see module docstring), positions included. Returns out_BTNV in q's dtype.
     """
     t, s = q_nope_BTNH.shape[1], k_nope_BSNH.shape[1]
     segs = normalize_segment_ids(segment_ids, t, s)
-    return _reference(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs,
+    pos = normalize_positions(q_positions, k_positions, t, s, causal)
+    return _reference(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV, segs, pos,
                       float(sm_scale), bool(causal), int(block_kv))

@@ -6,6 +6,9 @@ SMEM/VMEM simulation: "tpu_interpret"). Shapes are tiny because interpret mode i
 
 Tolerances, per array: max|diff| <= rel * max|expected| with rel 1e-5 in f32 and 2e-2 in
 bf16, the oracle computing in f32 from the same bf16 inputs.
+
+Explicit positions (`q_positions`, `k_positions`) are tested in the layout of context
+parallelism (zigzag): a shard's queries are two chunks of the sequence far apart.
 """
 
 import chex
@@ -199,3 +202,89 @@ def test_gpu_blocks_must_be_powers_of_two():
     with pytest.raises(ValueError, match="block_kv=24: the GPU kernel needs a power of two"):
         mla_attention(*args, sm_scale=SM_SCALE, implementation="gpu",
                       block_sizes=MLABlockSizes(block_kv=24))
+
+
+# --- explicit positions: the zigzag layout of context parallelism -----------------------------
+def _zigzag_order(length, context):
+    """[length] sequence positions in the zigzag layout: shard i holds chunks i, 2C - 1 - i."""
+    chunk = length // (2 * context)
+    chunks = [c for i in range(context) for c in (i, 2 * context - 1 - i)]
+    return np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in chunks])
+
+
+def _shard_positions(s, context, shard, keys_zigzag):
+    """(q_positions of one shard's T = S / context queries, k_positions of all S keys)."""
+    order = _zigzag_order(s, context)
+    t = s // context
+    k_pos = order if keys_zigzag else np.arange(s)
+    return jnp.asarray(order[shard * t:(shard + 1) * t], jnp.int32), jnp.asarray(k_pos, jnp.int32)
+
+
+# (seed, S, context, shard, keys in the zigzag layout too, dtype, implementation). S = 40,
+# context 2: shard 0's queries sit at 0..9 and 30..39, so with 8-row blocks the first query
+# block sees one key block of the keys in sequence order and the second query block mixes the
+# two chunks. Keys in the zigzag layout do not increase along S (the general case of the
+# block bounds: blocks are fetched that are then skipped).
+POSITION_CASES = [
+    pytest.param(50, 40, 2, 0, False, jnp.float32, "interpret", id="shard0-f32"),
+    pytest.param(52, 40, 2, 0, True, jnp.bfloat16, "tpu_interpret",
+                 id="tpu-shard0-zigzag-keys-bf16"),
+]
+
+
+@pytest.mark.parametrize("seed,s,context,shard,keys_zigzag,dtype,implementation",
+                         POSITION_CASES)
+def test_kernel_with_positions_matches_oracle_and_reference(seed, s, context, shard,
+                                                            keys_zigzag, dtype, implementation):
+    t = s // context
+    args, do_BTNV = _inputs(seed, 1, t, s, dtype=dtype)
+    q_pos_T, k_pos_S = _shard_positions(s, context, shard, keys_zigzag)
+    kw = dict(sm_scale=SM_SCALE, segment_ids=_segments(seed, 1, t, s), q_positions=q_pos_T,
+              k_positions=k_pos_S)
+    kernel = lambda *a: mla_attention(*a, **kw, implementation=implementation,  # noqa: E731
+                                      block_sizes=SMALL_BLOCKS)
+    out, grads = _fwd_and_vjp(kernel, args, do_BTNV)
+    chex.assert_shape(out, (1, t, 2, 12))
+    oracle = _fwd_and_vjp(lambda *a: mla_attention_naive(*a, **kw), args, do_BTNV)
+    reference = _fwd_and_vjp(
+        lambda *a: mla_attention_reference(*a, **kw, block_kv=8), args, do_BTNV)
+    _assert_close((out, grads), oracle, dtype)
+    _assert_close(reference, oracle, dtype)
+
+
+def test_positions_pick_rows_of_full_causal_attention():
+    """A shard's queries at their positions, over the keys in either order, are the rows of
+    the whole sequence's causal attention (T == S) at those positions; explicit default
+    positions change nothing."""
+    s = 24
+    args, _ = _inputs(53, 1, s, s)
+
+    @jax.jit
+    def rows_and_full(args):
+        rows = []
+        for keys_zigzag in (False, True):
+            q_pos_T, k_pos_S = _shard_positions(s, 2, 0, keys_zigzag)
+            q = [x[:, q_pos_T] for x in args[:2]]
+            kv = [x[:, k_pos_S] for x in args[2:]]
+            rows.append(mla_attention_naive(*q, *kv, sm_scale=SM_SCALE, q_positions=q_pos_T,
+                                            k_positions=k_pos_S))
+        full = mla_attention_naive(*args, sm_scale=SM_SCALE)
+        return rows, full
+
+    rows, full = rows_and_full(args)
+    q_pos_T, _ = _shard_positions(s, 2, 0, False)
+    _assert_close(rows, [full[:, q_pos_T]] * 2, jnp.float32)
+    reference = jax.jit(lambda args, **kw: mla_attention_reference(
+        *args, sm_scale=SM_SCALE, block_kv=8, **kw))
+    chex.assert_trees_all_equal(
+        reference(args, q_positions=jnp.arange(s), k_positions=jnp.arange(s)), reference(args))
+
+
+def test_bad_positions():
+    args, _ = _inputs(54, 2, 3, 5)
+    with pytest.raises(ValueError, match="only apply to causal attention"):
+        mla_attention(*args, sm_scale=SM_SCALE, causal=False, q_positions=jnp.arange(3))
+    with pytest.raises(ValueError, match=r"k_positions has shape \(4,\), expected \[5\]"):
+        mla_attention(*args, sm_scale=SM_SCALE, k_positions=jnp.arange(4))
+    with pytest.raises(ValueError, match="q_positions must be integers"):
+        mla_attention(*args, sm_scale=SM_SCALE, q_positions=jnp.zeros(3))
