@@ -1,5 +1,6 @@
 """Context parallelism (context_parallel.py): the zigzag layout, its balance of attention work,
-and a whole-model train step with each sequence split over `context` equal to one device."""
+the MLA layer on the Pallas kernel and a whole-model train step, with each sequence split over
+`context`, equal to one device."""
 
 import functools
 
@@ -12,7 +13,7 @@ from model_configs import small_config
 from tolerance import assert_close_scaled
 
 from configs import tiny
-from mla_moe import DeepSeekModel, attention, context_parallel, key_blocks, sharding
+from mla_moe import MLA, DeepSeekModel, attention, context_parallel, key_blocks, sharding
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
 from mla_moe.train import train_step as step_lib
@@ -100,6 +101,40 @@ def test_key_blocks_match_naive_attention_forward_and_backward():
     args = (q_nope, q_pe, kv, wk, wv)
     # float32 sums in another order (online softmax): measured 2.6e-7 of each leaf's largest.
     assert_close_scaled(forward_and_vjp(blocked, *args), forward_and_vjp(reference, *args),
+                        rel=GRAD_REL)
+
+
+# --- the Pallas kernel under context parallelism -------------------------------------------------
+def test_mla_kernel_with_context_matches_one_device():
+    """The MLA layer on the Pallas kernel (Pallas' interpreter) with each sequence split over
+    context 2 (zigzag layout: the kernel takes the shard's queries' sequence indices against
+    the gathered keys) equals the same layer on one device: output, the weights' gradients
+    and the input's, with packed documents."""
+    cfg = small_config(vocab_size=64, num_attention_heads=4, attention_impl="interpret")
+    graphdef, params, rest = nnx.split(MLA(cfg, rngs=nnx.Rngs(1)), nnx.Param, ...)
+    b, t = 2, 16
+    ks = jax.random.split(jax.random.key(4), 2)
+    x_BTD = jax.random.normal(ks[0], (b, t, cfg.hidden_size))
+    ct_BTD = jax.random.normal(ks[1], (b, t, cfg.hidden_size))
+    seg_BT = jnp.asarray([[0] * 16, [0] * 5 + [1] * 11], jnp.int32)
+    pos_BT = jnp.asarray([list(range(16)), list(range(5)) + list(range(11))], jnp.int32)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def forward_and_vjp(params, x_BTD, pos_BT, seg_BT, ct_BTD):
+        def layer(params, x_BTD):
+            return nnx.merge(graphdef, params, rest)(x_BTD, pos_BT, seg_BT)[0]
+
+        out_BTD, vjp = jax.vjp(layer, params, x_BTD)
+        return out_BTD, vjp(ct_BTD)
+
+    out_ref, (grads_ref, dx_ref) = forward_and_vjp(params, x_BTD, pos_BT, seg_BT, ct_BTD)
+    mesh = sharding.make_mesh(dict(data=-1, context=2, tensor=2), config=cfg)
+    zig = functools.partial(context_parallel.zigzag, context=2)
+    with sharding.use_mesh(mesh):
+        out, (grads, dx) = forward_and_vjp(params, zig(x_BTD), zig(pos_BT), zig(seg_BT),
+                                           zig(ct_BTD))
+    unzig = functools.partial(context_parallel.unzigzag, context=2)
+    assert_close_scaled((unzig(out), grads, unzig(dx)), (out_ref, grads_ref, dx_ref),
                         rel=GRAD_REL)
 
 

@@ -14,7 +14,9 @@ that do look along T know the layout:
   - attention (`gathered_latent_attention`): each shard's queries meet every key of the
     sequence, gathered along `context` as MLA's compressed latent [c_KV; k_pe] (C + R values
     per token; per-head keys and values would be N x (H + R + V)); the causal mask compares
-    the tokens' indices in the unpermuted sequence;
+    the tokens' indices in the unpermuted sequence: on XLA a key block at a time
+    (key_blocks.py), or on the Pallas kernel given each query's index (`q_positions`) against
+    the gathered keys put back in sequence order;
   - MTP's "token t + k" (`shift_left`): taken in the unpermuted order.
 
 Legend: see layers.py; here C is also the context size where it says so (`context`).
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_moe import key_blocks, sharding
+from mla_moe.layers import dense
 
 AXIS = "context"
 # Keys per block of the attention loop (key_blocks.py): one block's scores are
@@ -82,6 +85,13 @@ def unzigzag(x: jax.Array, context: int, axis: int = 1) -> jax.Array:
     return jnp.take(x, jnp.asarray(inverse), axis=axis)
 
 
+def _unzigzag_gathered(x_BS: jax.Array, context: int) -> jax.Array:
+    """`unzigzag` along axis 1 as whole chunks (a static reorder of 2C slices, no gather)."""
+    chunk = x_BS.shape[1] // (2 * context)
+    slot = np.argsort(_chunk_order(context))  # where each chunk of the sequence sits
+    return jnp.concatenate([x_BS[:, k * chunk:(k + 1) * chunk] for k in slot], axis=1)
+
+
 def zigzag_batch(batch: Mapping[str, jax.Array], context: int) -> dict[str, jax.Array]:
     """Every [B, T] field of a train batch in the zigzag layout (unchanged for context 1)."""
     return {k: zigzag(v, context) for k, v in batch.items()}
@@ -105,6 +115,7 @@ def gathered_latent_attention(
     wk_b_CNH: jax.Array,
     wv_b_CNV: jax.Array,
     sm_scale: float,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Causal MLA self-attention (naive form) on a context mesh: o [B, T, N, V].
 
@@ -117,6 +128,12 @@ def gathered_latent_attention(
     of KEY_BLOCK keys at a time (key_blocks.py): each block's per-head keys and values are
     up-projected from its latent rows with wk_b_CNH / wv_b_CNV (heads split as the queries'),
     so memory stays linear in T per shard.
+
+    implementation: None for that XLA loop, else the `pallas_kernels.mla_attention`
+    implementation to run instead: the gathered latent is put back in sequence order and
+    up-projected whole (per-head keys and values [B, T, N / tensor, H + V] per shard, as the
+    kernel path without context parallelism holds them), and the kernel takes the local
+    queries' sequence indices as `q_positions`, so its block skipping sees the zigzag layout.
     """
     context = context_size()
     t = kv_BTL.shape[1]
@@ -134,6 +151,10 @@ def gathered_latent_attention(
             k_seg_BS = jax.lax.all_gather(q_seg_Bt, AXIS, axis=1, tiled=True)
         else:
             q_seg_Bt, k_seg_BS = jnp.zeros((b, t_local), jnp.int32), jnp.zeros((b, t), jnp.int32)
+        if implementation is not None:
+            return _kernel_attention(q_nope_BtNH, q_pe_BtNR, kv_BSL, q_index_t,
+                                     (q_seg_Bt, k_seg_BS) if seg_Bt else None, wk_b.astype(dt),
+                                     wv_b.astype(dt), sm_scale, implementation, context)
         index = (q_index_t, q_seg_Bt, jnp.asarray(order_T), k_seg_BS)
         return key_blocks.latent_attention_blocked(
             q_nope_BtNH, q_pe_BtNR, kv_BSL, index, wk_b.astype(dt), wv_b.astype(dt), sm_scale,
@@ -146,3 +167,20 @@ def gathered_latent_attention(
         (per_head, per_head, ("batch", "length", None), weight, weight)
         + (("batch", "length"),) * len(segs),
         per_head, out_shapes=(*q_nope_BTNH.shape[:3], wv_b_CNV.shape[-1]))
+
+
+def _kernel_attention(q_nope_BtNH, q_pe_BtNR, kv_BSL, q_index_t, segs, wk_b_CNH, wv_b_CNV,
+                      sm_scale, implementation, context):
+    """One shard's queries (t of them, at sequence indices q_index_t) over the gathered latent
+    kv_BSL (zigzag layout) on the Pallas kernel; segs: None or (q_seg_Bt, k_seg_BS)."""
+    import pallas_kernels  # the second package of this repository
+
+    c = wk_b_CNH.shape[0]
+    kv_BSL = _unzigzag_gathered(kv_BSL, context)
+    k_nope_BSNH = dense(kv_BSL[..., :c], wk_b_CNH)  # 'BSC,CNH->BSNH'
+    v_BSNV = dense(kv_BSL[..., :c], wv_b_CNV)  # 'BSC,CNV->BSNV'
+    if segs is not None:
+        segs = (segs[0], _unzigzag_gathered(segs[1], context))
+    return pallas_kernels.mla_attention(
+        q_nope_BtNH, q_pe_BtNR, k_nope_BSNH, kv_BSL[..., c:], v_BSNV, sm_scale=sm_scale,
+        causal=True, segment_ids=segs, implementation=implementation, q_positions=q_index_t)

@@ -38,8 +38,6 @@ LATENT_NORM_EPS = 1e-6
 def _kernel_implementation(config: ModelConfig) -> str | None:
     """The `implementation` to pass to pallas_kernels, or None to use the XLA path here."""
     impl = config.attention_impl
-    if context_parallel.context_size() > 1:  # the kernels assume queries in sequence order
-        return None
     if impl == "auto":
         return "auto" if target_platform() in ("tpu", "gpu") else None
     return {"pallas": "auto", "interpret": "interpret", "tpu_interpret": "tpu_interpret"}.get(impl)
@@ -206,7 +204,8 @@ class MLA(nnx.Module):
         a time. Dense attention (V3, and V3.2's dense warm-up) keeps the Pallas kernel when
         `attention_impl` asks for it. On a mesh with `context` > 1 the tokens are in the zigzag
         layout and attention runs over the gathered latent (context_parallel.py), naive form
-        on XLA whatever `form` and `attention_impl` say."""
+        whatever `form` says, on the Pallas kernel when `attention_impl` asks for it (given
+        the queries' sequence indices), else on XLA."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
         b, t = kv_BTL.shape[:2]
@@ -215,7 +214,7 @@ class MLA(nnx.Module):
                 raise NotImplementedError("V3.2's sparse attention under mesh.context > 1")
             return context_parallel.gathered_latent_attention(
                 q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, self.wk_b_CNH[...],
-                self.wv_b_CNV[...], scale)
+                self.wv_b_CNV[...], scale, implementation=kernel)
         if isinstance(selected_BTS, dsa_blocked.Selection):
             return dsa_blocked.attention(
                 q_nope_BTNH, q_pe_BTNR, kv_BTL, self.wk_b_CNH[...], self.wv_b_CNV[...],
