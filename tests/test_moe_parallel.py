@@ -154,6 +154,15 @@ def test_fsdp_gathered_experts_match_single_device(mesh_name, exchange, chunk):
     _assert_matches_single_device(mesh_name, exchange, expert_gather_chunk=chunk)
 
 
+@pytest.mark.parametrize("mesh_name, chunk", [("fsdp8", 2), ("fsdp4_expert2", 0)])
+def test_megablox_sorted_once_matches_single_device(mesh_name, chunk, monkeypatch):
+    """The TPU path (megablox, interpret mode here): the rows sorted once per layer, weights
+    gathered over fsdp `chunk` experts at a time (0: all) with their gradients
+    reduce-scattered by the custom VJP: one device's outputs, losses and gradients."""
+    monkeypatch.setattr(moe_parallel, "default_implementation", lambda *a: "megablox")
+    _assert_matches_single_device(mesh_name, "allgather", expert_gather_chunk=chunk)
+
+
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_unfused_gate_up_matches_single_device(exchange, monkeypatch):
     """The test layer's experts are narrow enough for the fused gate/up operand; the

@@ -53,7 +53,9 @@ import jax.numpy as jnp
 
 from mla_moe import ragged_exchange, sharding
 from mla_moe.config import ModelConfig
-from mla_moe.grouped_matmul import capacity_slots, grouped_swiglu
+from mla_moe.grouped_matmul import capacity_slots, default_implementation, grouped_swiglu
+from mla_moe.megablox_chunked import chunked_megablox_swiglu
+from mla_moe.sharding import staged
 from pallas_kernels.dispatch import target_platform
 
 log = logging.getLogger(__name__)
@@ -188,13 +190,13 @@ def _gather_weights(w, d_axes):
     """(gate_EDF, up_EDF, down_EFD) whole along D: all-gathered over the FSDP axes `d_axes`
     that shard it. Inside the shard_map, so that the backward reduce-scatters each weight's
     gradient (the transpose of the gather) instead of all-reducing it whole, as the implicit
-    gather at the shard_map boundary would."""
+    gather at the shard_map boundary would. In two stages where one would become an
+    all-reduce (sharding/staged.py)."""
     if not d_axes:
         return w
     gate, up, down = w
-    return (jax.lax.all_gather(gate, d_axes, axis=1, tiled=True),
-            jax.lax.all_gather(up, d_axes, axis=1, tiled=True),
-            jax.lax.all_gather(down, d_axes, axis=2, tiled=True))
+    return (staged.all_gather(gate, d_axes, 1), staged.all_gather(up, d_axes, 1),
+            staged.all_gather(down, d_axes, 2))
 
 
 def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
@@ -204,8 +206,10 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
     every expert, whose weights are gathered over the FSDP axes `d_axes` (dropless by
     construction, buffers of the shard's own T*K rows). chunk > 0: the local experts are
     gathered `chunk` at a time in a scan, so one chunk's weights (and, in the backward, their
-    gradient before its reduce-scatter) exist at once; each chunk's rows are the shard's
-    assignments to its experts, the others marked as no expert."""
+    gradient before its reduce-scatter) exist at once. With megablox (TPU) the rows are sorted
+    by expert once and each chunk's products run over its own groups' rows
+    (megablox_chunked.py); with the blocked implementation (CPU, GPU) each chunk's layout marks
+    the other chunks' rows as no expert, and its loop visits only its own blocks."""
     e_local = w[0].shape[0]
     if gather:
         x_TD = jax.lax.all_gather(x_TD, "expert", axis=0, tiled=True)
@@ -216,7 +220,12 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
     me = jax.lax.axis_index("expert") if ep > 1 else 0
     mine_M = flat_M // e_local == me
     local_M = jnp.where(mine_M, flat_M % e_local, e_local)
-    if chunk and chunk < e_local:
+    if default_implementation(x_TD, *w) == "megablox":
+        # One sort of the rows for the layer; each chunk's products run over its groups' rows.
+        y_TD = chunked_megablox_swiglu(
+            x_TD, local_M.reshape(-1, k), weights_TK, *w, chunk=chunk or e_local,
+            d_axes=d_axes, interpret=target_platform() != "tpu")
+    elif chunk and chunk < e_local:
         n = e_local // chunk
         w_chunks = tuple(a.reshape(n, chunk, *a.shape[1:]) for a in w)
 

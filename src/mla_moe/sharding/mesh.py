@@ -4,6 +4,7 @@ model, and the context that activates it with the rules."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,13 +26,27 @@ if TYPE_CHECKING:
     from mla_moe.config import ModelConfig
 
 
+_DEVICES: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar(
+    "mla_moe_mesh_devices", default=None)
+
+
 @contextlib.contextmanager
 def use_mesh(
     mesh: jax.sharding.Mesh, rules: Rules | Mapping[str, Any] | None = None
 ) -> Iterator[jax.sharding.Mesh]:
     """`jax.set_mesh(mesh)` plus the rules: model code traced inside sees both."""
-    with jax.set_mesh(mesh), use_rules(rules):
-        yield mesh
+    token = _DEVICES.set(mesh)
+    try:
+        with jax.set_mesh(mesh), use_rules(rules):
+            yield mesh
+    finally:
+        _DEVICES.reset(token)
+
+
+def device_mesh() -> jax.sharding.Mesh | None:
+    """The mesh of `use_mesh` with its devices (inside `jit`, jax exposes only the abstract
+    one), for choices that depend on where the devices sit (sharding/staged.py)."""
+    return _DEVICES.get()
 
 
 def config_value(cfg: Any, name: str, default: Any = None) -> Any:

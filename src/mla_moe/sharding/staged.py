@@ -1,0 +1,111 @@
+"""All-gather and reduce-scatter of FSDP-sharded weights inside `shard_map`, in two stages where
+one stage would not stay an all-gather.
+
+XLA:TPU lowers an all-gather (or reduce-scatter) whose replica group spans all three dimensions
+of a 3D torus (FSDP over every chip of v5p:8x8x8 or 4x4x4) as an all-reduce of a zero-padded
+buffer: 2(N-1)/N of the gathered array over each chip's links, where an all-gather moves
+(N-1)/N. A group spanning one or two torus dimensions stays an all-gather (checked on the real
+compiler: tests/test_staged_gather.py). So a gather over such an axis runs as two:
+  1. within blocks of consecutive axis indices that each span at most two torus dimensions
+     (64 chips, one 8x8 plane, on v5p:8x8x8), giving each chip its block's slice;
+  2. across the blocks, between the chips at the same place in each block (8 chips).
+Consecutive blocks concatenated in order are the whole axis in order, so the result equals the
+one-stage gather. The reduce-scatter is the transpose: across blocks first, then within.
+Bytes over links: stage 1 moves (B-1)/B of 1/(N/B) of the array, stage 2 (N/B-1)/(N/B) of it,
+about (N-1)/N in all (512 chips: 0.998 against the all-reduce's 1.996 of the array).
+
+Only for one mesh axis of size > 1 whose devices carry torus coordinates (TPU); otherwise (GPU,
+CPU, several axes) the one-stage collective.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from mla_moe.sharding.mesh import device_mesh
+
+Groups = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]
+
+
+def _spanned(coords: np.ndarray) -> int:
+    """How many torus dimensions the devices with these coordinates [n, dims] span."""
+    return int(sum(len(np.unique(coords[:, i])) > 1 for i in range(coords.shape[1])))
+
+
+def block_size(coords: np.ndarray) -> int:
+    """The largest proper divisor B of the axis's length such that every block of B consecutive
+    devices spans at most two torus dimensions; 0 when the whole axis already does (one stage
+    stays an all-gather) or no such B exists."""
+    n = coords.shape[0]
+    if coords.ndim != 2 or _spanned(coords) <= 2:
+        return 0
+    for b in range(n // 2, 1, -1):
+        if n % b == 0 and all(_spanned(coords[i:i + b]) <= 2 for i in range(0, n, b)):
+            return b
+    return 0
+
+
+def stage_groups(n: int, block: int) -> Groups:
+    """(within-block groups, across-block groups) of axis indices for a block size."""
+    within = tuple(tuple(range(i, i + block)) for i in range(0, n, block))
+    across = tuple(tuple(range(r, n, block)) for r in range(block))
+    return within, across
+
+
+@functools.lru_cache(maxsize=64)
+def _groups_for(mesh: jax.sharding.Mesh, axis: str) -> Groups | None:
+    position = mesh.axis_names.index(axis)
+    index = [0] * len(mesh.axis_names)
+    index[position] = slice(None)
+    devices = mesh.devices[tuple(index)]
+    coords = [getattr(d, "coords", None) for d in devices]
+    if any(c is None for c in coords) or devices[0].platform != "tpu":
+        return None
+    block = block_size(np.asarray(coords))
+    return stage_groups(len(devices), block) if block else None
+
+
+def groups(axes: tuple[str, ...]) -> tuple[str, Groups] | None:
+    """(the axis, its two stages' groups) when a collective over `axes` should be staged, read
+    from the devices of the mesh of `use_mesh`; None without one."""
+    mesh = device_mesh()
+    if mesh is None:
+        return None
+    live = tuple(a for a in axes if dict(mesh.shape).get(a, 1) > 1)
+    if len(live) != 1:
+        return None
+    found = _groups_for(mesh, live[0])
+    return (live[0], found) if found else None
+
+
+def all_gather(x: jax.Array, axes: tuple[str, ...], axis: int, *,
+               staged: tuple[str, Groups] | None | bool = True) -> jax.Array:
+    """`lax.all_gather(x, axes, axis=axis, tiled=True)`, in two stages where `groups` says so.
+    staged: True (decide from the mesh), False (one stage) or explicit (axis, groups)."""
+    if not axes:
+        return x
+    plan = groups(axes) if staged is True else (staged or None)
+    if plan is None:
+        return jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+    name, (within, across) = plan
+    x = jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=within)
+    return jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=across)
+
+
+def psum_scatter(x: jax.Array, axes: tuple[str, ...], axis: int, *,
+                 staged: tuple[str, Groups] | None | bool = True) -> jax.Array:
+    """`lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True)`, the transpose of
+    `all_gather` above, staged the same way."""
+    if not axes:
+        return x
+    plan = groups(axes) if staged is True else (staged or None)
+    if plan is None:
+        return jax.lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True)
+    name, (within, across) = plan
+    x = jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True,
+                             axis_index_groups=across)
+    return jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True,
+                                axis_index_groups=within)
