@@ -102,6 +102,9 @@ class TokenMixture:
     def __init__(self, splits: Sequence, weights: Sequence[float]):
         self.splits, self.weights = list(splits), list(weights)
         self.num_tokens = sum(s.num_tokens for s in self.splits)
+        if any(type(s.num_tokens) is not int for s in self.splits):  # a raw source's estimate
+            self.num_tokens = type(next(s.num_tokens for s in self.splits
+                                        if type(s.num_tokens) is not int))(self.num_tokens)
         self.vocab_size = max(s.vocab_size for s in self.splits)
 
     def unigram_entropy(self, max_tokens: int = 1 << 22) -> float:

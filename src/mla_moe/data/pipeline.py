@@ -13,6 +13,11 @@ holds shuffled windows [k*G, (k+1)*G), and process p reads its contiguous slice
 [k*G + p*L, k*G + (p+1)*L) with L = G / process_count, which is exactly the slice of the batch
 its devices hold when the batch is sharded over the leading mesh axes.
 
+A raw source (`raw_source.RawSource`, tokenized on the fly) is a stream rather than an array of
+windows: a run with one takes each raw example from that source's process-local stream
+(`raw_source.py`) and every store example as above, in an iterator whose checkpoint holds the
+example count and each raw stream's position.
+
 Batch arrays (all [L, T]): `inputs`, `targets`, `positions`, `segment_ids` int32 and `weights`
 float32.
 """
@@ -27,6 +32,7 @@ import jax
 import numpy as np
 
 from mla_moe.data.mixture import Schedule, TokenMixture
+from mla_moe.data.raw_source import RawSource, raw_windows
 from mla_moe.data.token_store import TokenSplit
 from mla_moe.errors import ConfigError, InputError
 
@@ -43,6 +49,7 @@ class PipelineConfig:
     process_count: int = 1
     num_threads: int = 2
     prefetch: int = 4
+    workers: int = 0  # processes tokenizing each raw source (0: this process)
 
     def __post_init__(self):
         if self.seq_len <= 0:
@@ -88,13 +95,19 @@ def source_seed(seed: int, s: int) -> int:
     return seed + 1_000_003 * s
 
 
-def train_dataset(source: TokenSplit | TokenMixture, cfg: PipelineConfig) -> grain.MapDataset:
-    """An endless MapDataset of this process's local batches (reshuffled every epoch); a
-    mixture picks each global example's source by `mixture.Schedule`."""
-    splits = source.splits if isinstance(source, TokenMixture) else [source]
-    G, L, p, T = cfg.global_batch, cfg.local_batch, cfg.process_index, cfg.seq_len
+def _global_index(i: int, cfg: PipelineConfig) -> int:
+    """The global example index of this process's i-th example."""
+    G, L = cfg.global_batch, cfg.local_batch
+    return (i // L) * G + cfg.process_index * L + i % L
+
+
+def _window_orders(splits: list, cfg: PipelineConfig) -> list:
+    """Each store's endless shuffled window order (None for a raw source)."""
     orders = []
     for s, split in enumerate(splits):
+        if isinstance(split, RawSource):
+            orders.append(None)
+            continue
         n = num_windows(split, cfg.seq_len)
         if n < (cfg.global_batch if len(splits) == 1 else 1):
             where = "" if len(splits) == 1 else f" (data.path source {s}: {split.path})"
@@ -104,20 +117,82 @@ def train_dataset(source: TokenSplit | TokenMixture, cfg: PipelineConfig) -> gra
                 + (f"train.batch_size={cfg.global_batch}" if len(splits) == 1 else "one"))
         orders.append(grain.MapDataset.range(n).shuffle(seed=source_seed(cfg.seed, s))
                       .repeat(None))
+    return orders
+
+
+def train_dataset(source: TokenSplit | TokenMixture, cfg: PipelineConfig) -> grain.MapDataset:
+    """An endless MapDataset of this process's local batches (reshuffled every epoch); a
+    mixture picks each global example's source by `mixture.Schedule`."""
+    splits = source.splits if isinstance(source, TokenMixture) else [source]
+    G, L, T = cfg.global_batch, cfg.local_batch, cfg.seq_len
+    orders = _window_orders(splits, cfg)
     schedule = Schedule(source.weights, cfg.seed) if len(splits) > 1 else None
 
     def example(i: int) -> dict[str, np.ndarray]:
-        g = (i // L) * G + p * L + i % L
-        s, j = schedule.slot(g) if schedule else (0, g)
+        s, j = schedule.slot(_global_index(i, cfg)) if schedule else (0, _global_index(i, cfg))
         return pack_window(splits[s], orders[s][j] * T, T)
 
     steps = sys.maxsize // (2 * G)
     return grain.MapDataset.range(steps * L).map(example).batch(L, drop_remainder=True)
 
 
-def train_iterator(source: TokenSplit | TokenMixture,
+class StreamedExamples(grain.IterDataset):
+    """This process's examples when a source is raw: the schedule (or the only source) picks
+    each example's source; a store's example is its window as in `train_dataset`, a raw
+    source's is the next window of its stream (`raw_source.raw_windows`, its parent here)."""
+
+    def __init__(self, splits: list, weights: list[float], cfg: PipelineConfig):
+        self.raw = [s for s, split in enumerate(splits) if isinstance(split, RawSource)]
+        super().__init__([raw_windows(splits[s], cfg.seq_len, source_seed(cfg.seed, s),
+                                      cfg.process_index, cfg.process_count, cfg.workers)
+                          for s in self.raw])
+        self.splits, self.cfg = splits, cfg
+        self.orders = _window_orders(splits, cfg)
+        self.schedule = Schedule(weights, cfg.seed) if len(splits) > 1 else None
+
+    def __iter__(self) -> StreamedExamplesIterator:
+        return StreamedExamplesIterator(self, [p.__iter__() for p in self.parents])
+
+
+class StreamedExamplesIterator(grain.DatasetIterator):
+    """State: {"example": examples read, "raw": each raw stream's state}."""
+
+    def __init__(self, ds: StreamedExamples, raw_iterators: list):
+        super().__init__(raw_iterators)
+        self._ds, self._example = ds, 0
+        self._raw = dict(zip(ds.raw, raw_iterators))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ds = self._ds
+        g = _global_index(self._example, ds.cfg)
+        s, j = ds.schedule.slot(g) if ds.schedule else (0, g)
+        if s in self._raw:
+            out = next(self._raw[s])
+        else:
+            out = pack_window(ds.splits[s], ds.orders[s][j] * ds.cfg.seq_len, ds.cfg.seq_len)
+        self._example += 1
+        return out
+
+    def get_state(self) -> dict:
+        return {"example": self._example, "raw": [self._raw[s].get_state() for s in self._ds.raw]}
+
+    def set_state(self, state: dict) -> None:
+        self._example = int(state["example"])
+        for s, raw_state in zip(self._ds.raw, state["raw"]):
+            self._raw[s].set_state(raw_state)
+
+
+def train_iterator(source: TokenSplit | TokenMixture | RawSource,
                    cfg: PipelineConfig) -> grain.DatasetIterator:
     """Prefetching, checkpointable iterator (`get_state`/`set_state`) over local batches."""
+    splits = source.splits if isinstance(source, TokenMixture) else [source]
+    if any(isinstance(split, RawSource) for split in splits):
+        weights = source.weights if isinstance(source, TokenMixture) else [1.0]
+        ds = StreamedExamples(splits, weights, cfg).batch(cfg.local_batch, drop_remainder=True)
+        if cfg.prefetch:
+            ds = grain.experimental.ThreadPrefetchIterDataset(
+                ds, prefetch_buffer_size=cfg.prefetch)
+        return iter(ds)
     ds = train_dataset(source, cfg).to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
     )

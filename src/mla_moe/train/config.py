@@ -13,7 +13,8 @@ import functools
 import ml_collections
 
 from mla_moe import ModelConfig
-from mla_moe.data.mixture import parse_weights
+from mla_moe.data import raw_source
+from mla_moe.data.mixture import parse_weights, source_paths
 from mla_moe.errors import ConfigError
 from mla_moe.train.optimizer import MOMENT_DTYPES
 
@@ -87,9 +88,13 @@ def run_config(model: ml_collections.ConfigDict, **sections: dict) -> ml_collect
     )
     c.data = dict(
         # Token store(s) from launch.prepare_data, comma-separated to mix several (each may be
-        # a store of parts from a multi-host prepare); "" = the bundled default corpus.
+        # a store of parts from a multi-host prepare), or raw files tokenized on the fly as
+        # "raw:GLOB" (raw_source.py); "" = the bundled default corpus.
         path="",
         weights="",  # the sources' sampling weights, e.g. "0.7,0.3"; "" = equal (mixture.py)
+        tokenizer="",  # for raw sources: "byte", a tokenizer.json, .model or HF checkpoint dir
+        text_key="text",  # raw .jsonl/.parquet sources: the field or column holding the text
+        workers=1,  # processes tokenizing each raw source (0: the training process itself)
         num_threads=2,
         prefetch=4,
     )
@@ -219,8 +224,36 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         "data.num_threads and data.prefetch must be >= 0",
     )
     parse_weights(config.data.path, config.data.get("weights", ""))
+    _check_raw_sources(config)
     _check_context(config, cfg)
     return cfg
+
+
+def _check_raw_sources(config: ml_collections.ConfigDict) -> None:
+    """What raw sources (`raw:GLOB` entries of data.path) need of the run: a tokenizer, and no
+    evaluation unless a token store (whose validation split is used) is mixed in."""
+    data = config.data
+    workers = data.get("workers", 1)
+    _check(
+        isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0,
+        f"data.workers must be an integer >= 0, got {workers!r}",
+    )
+    entries = source_paths(data.path)
+    raw = [e for e in entries if raw_source.is_raw(e)]
+    if not raw:
+        return
+    for entry in raw:
+        raw_source.pattern_of(entry)
+    _check(
+        bool(data.get("tokenizer", "")),
+        f"data.tokenizer is required for the raw source {raw[0]!r} of data.path: give 'byte', "
+        "a tokenizer.json, a SentencePiece .model or a HuggingFace checkpoint directory",
+    )
+    _check(
+        config.train.eval_batches == 0 or len(raw) < len(entries),
+        f"train.eval_batches={config.train.eval_batches}: raw sources have no validation "
+        "split; set train.eval_batches=0, or mix in a token store (its split is used)",
+    )
 
 
 def _check_context(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
@@ -237,11 +270,6 @@ def _check_context(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
         t.seq_len % (2 * context) == 0,
         f"train.seq_len={t.seq_len} is not divisible by 2 x mesh.context={context} (the "
         "zigzag layout's chunks)",
-    )
-    _check(
-        cfg.attention_impl in ("auto", "xla"),
-        f"model.attention_impl={cfg.attention_impl!r}: the Pallas kernels do not run with "
-        f"mesh.context={context} > 1 (use 'auto' or 'xla')",
     )
     _check(
         not cfg.has_indexer,

@@ -72,12 +72,16 @@ def open_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> RunData:
     """Opens `config.data.path` (default: the bundled corpus; several comma-separated stores
     are mixed by `data.weights`) for this process; a missing, empty or too small store, or one
     whose vocabulary the model cannot embed, raises."""
-    from mla_moe.data import mixture
+    from mla_moe.data import mixture, raw_source
 
     weights = mixture.parse_weights(config.data.path, config.data.get("weights", ""))
     sources = [_resolve_data(p) for p in mixture.source_paths(config.data.path)]
     sources = sources or [default_corpus()]
-    train_split = mixture.open_split(sources, "train", weights)
+    stores = [p for p in sources if not raw_source.is_raw(p)]
+    if len(stores) < len(sources):
+        train_split = _open_with_raw(config, cfg, sources, weights)
+    else:
+        train_split = mixture.open_split(sources, "train", weights)
     if train_split.vocab_size > cfg.vocab_size:
         raise ConfigError(
             f"data.path uses a vocabulary of {train_split.vocab_size} tokens but "
@@ -92,21 +96,56 @@ def open_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> RunData:
         process_count=jax.process_count(),
         num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
+        workers=config.data.get("workers", 1),
     )
     iterator = train_iterator(train_split, pipe)  # raises if the data is too small
     val = []
-    if t.eval_batches:
-        val = eval_batches(mixture.open_split(sources, "val", weights), pipe, t.eval_batches)
+    if t.eval_batches:  # a raw source has no validation split: the stores' by their weights
+        val_weights = [w for p, w in zip(sources, weights) if not raw_source.is_raw(p)]
+        val_weights = [w / sum(val_weights) for w in val_weights]
+        val = eval_batches(mixture.open_split(stores, "val", val_weights), pipe, t.eval_batches)
     return RunData(path=",".join(sources), train=train_split, pipe=pipe, iterator=iterator,
                    val=val)
 
 
+def _open_with_raw(config, cfg: ModelConfig, sources: list[str], weights: list[float]):
+    """The train split of sources some of which are raw (`raw:GLOB`): the tokenizer is
+    loaded and checked against the model and the stores before any file is tokenized."""
+    from mla_moe.data import load_tokenizer, mixture, raw_source, read_metadata
+    from mla_moe.data.tokenizer import check_fits
+
+    spec = config.data.tokenizer
+    tokenizer = load_tokenizer(spec)
+    check_fits(tokenizer, cfg.vocab_size)
+    splits = []
+    for path in sources:
+        if raw_source.is_raw(path):
+            splits.append(raw_source.RawSource(path, spec, config.data.get("text_key", "text")))
+            continue
+        store_tokenizer = read_metadata(path).get("tokenizer")
+        if store_tokenizer not in (None, tokenizer.spec):
+            raise ConfigError(
+                f"data.tokenizer={spec!r} differs from the tokenizer of the store {path!r} "
+                f"({store_tokenizer!r}); mixed sources must share one tokenizer")
+        splits.append(TokenSplit(path, "train"))
+    return splits[0] if len(splits) == 1 else mixture.TokenMixture(splits, weights)
+
+
 def _resolve_data(path: str) -> str:
+    from mla_moe.data import raw_source
+
+    if raw_source.is_raw(path):
+        return path
+    hint = f"; to train on raw files write raw:{path} (and set data.tokenizer)"
     if not paths.resolve(path).exists():
         raise MissingInputError(
-            f"data.path={path!r} does not exist; pass a token store from "
-            "`python -m launch.prepare_data`, or '' for the default corpus"
+            f"data.path={path!r} does not exist"
+            f"{hint if any(c in path for c in '*?[') else ''}; pass a token store from "
+            "`python -m launch.prepare_data`, raw files as raw:GLOB, or '' for the default "
+            "corpus"
         )
+    if paths.resolve(path).is_file():
+        raise MissingInputError(f"data.path={path!r} is a file, not a token store{hint}")
     return path
 
 
