@@ -176,7 +176,8 @@ class ModelConfig:
 
     # --- ours: execution ------------------------------------------------------------------
     # "xla": attention in this package; "pallas": pallas_kernels on the default backend (its
-    # chunked XLA reference off TPU/GPU); "auto": pallas on TPU/GPU, else "xla";
+    # chunked XLA reference off TPU/GPU); "auto": pallas on TPU/GPU, else "xla" (and "xla"
+    # under mesh.context > 1, where the kernel would hold the whole sequence's keys and values);
     # "interpret" / "tpu_interpret": the GPU- / TPU-layout kernels in interpret mode (CPU tests).
     attention_impl: str = "xla"
     decode_attention: str = "absorbed"  # attention form used when a cache is given

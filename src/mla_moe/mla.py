@@ -38,6 +38,11 @@ LATENT_NORM_EPS = 1e-6
 def _kernel_implementation(config: ModelConfig) -> str | None:
     """The `implementation` to pass to pallas_kernels, or None to use the XLA path here."""
     impl = config.attention_impl
+    if impl == "auto" and context_parallel.context_size() > 1:
+        # Over the gathered latent the XLA key-block loop never holds per-head keys and
+        # values for the whole sequence; the kernel does ([B, S, N, H + V] per layer), so it
+        # runs under context parallelism only when asked for ("pallas").
+        return None
     if impl == "auto":
         return "auto" if target_platform() in ("tpu", "gpu") else None
     return {"pallas": "auto", "interpret": "interpret", "tpu_interpret": "tpu_interpret"}.get(impl)
