@@ -1,7 +1,9 @@
 """The kernels compile for real TPUs and GPUs, at DeepSeek-V3 shapes, on the real compilers.
 
-libtpu (XLA:TPU + Mosaic) and the CUDA plugin (XLA:GPU + Triton; A100 sm_80, H100 and H200
-sm_90a) compile for compile-only devices (`pallas_kernels.targets`); nothing runs.
+libtpu (XLA:TPU + Mosaic) and the CUDA plugin (XLA:GPU + Triton; A100 sm_80, H100 sm_90a)
+compile for compile-only devices (`pallas_kernels.targets`); nothing runs. H200 is the same
+sm_90a with the same per-block shared memory (it differs in HBM only): its kernels are the
+H100's, compiled by `python bench/kernels_tpu.py --compile_only`, not here.
 Training: `mla_attention` forward + backward, H = V = 128, R = 64, N = 128 (16 for a
 tensor-sharded slice), T = S from 1K to 64K. Decode: `latent_attention_cache` over the packed
 512 + 64 latent cache, N = 128, T = 1 and 2, caches from 1K to 163,840 slots (V3's maximum),
@@ -21,7 +23,7 @@ import pytest
 from pallas_kernels import aot, targets
 
 TPU_TARGETS = ["tpu:v4:2x2x1", "tpu:v5e:2x2", "tpu:v5p:2x2x1", "tpu:v6e:2x2", "tpu:tpu7x:2x2x1"]
-GPU_TARGETS = ["gpu:a100:1x1x1", "gpu:h100:1x1x1", "gpu:h200:1x1x1"]
+GPU_TARGETS = ["gpu:a100:1x1x1", "gpu:h100:1x1x1"]
 TRAIN = {"N128-1K-packed": dict(b=1, t=1024, n=128, segments=True),
          "N16-16K": dict(b=1, t=16384, n=16), "N16-64K": dict(b=1, t=65536, n=16)}
 DECODE = {"B1-T1-S160K": dict(b=1, t=1, s=163840), "B256-T2-S4K": dict(b=256, t=2, s=4096),
@@ -100,7 +102,7 @@ def test_gpu_kernels_compile_within_shared_memory(target):
 # On TPU the cache is held in the kernel's layout (`sparse_latent_attention_tpu.cache_layout`),
 # so the temporaries must be the f32 split partials alone, no copy of the cache.
 SPARSE_TPU_TARGETS = ["tpu:v5p:2x2x1", "tpu:v6e:2x2", "tpu:tpu7x:2x2x1"]
-SPARSE_GPU_TARGETS = ["gpu:h100:1x1x1", "gpu:h200:1x1x1"]
+SPARSE_GPU_TARGETS = ["gpu:h100:1x1x1"]
 SPARSE = {"B1-T1-S32K": dict(b=1, t=1, s=32768), "B1-T1-S160K": dict(b=1, t=1, s=163840),
           "B64-T2-S160K": dict(b=64, t=2, s=163840)}
 _REPORTS_WHOLE_LIMIT = ("TPU7x",)
