@@ -18,6 +18,21 @@ ids trained on a 4 MB sample, saved as a tokenizer.json. For each corpus:
    for reference, from the whole command (interpreter and jax import included).
 
 Token counts must be equal (store train + val against the baseline); the script exits 1 if not.
+
+    python bench/data.py --on_the_fly [--raw_mb 24] [--raw_workers 0 1 2] [--batches 40]
+                         [--raw_tokenizer=PATH]
+
+measures instead the training pipeline on raw files (`data.path=raw:GLOB`, tokenized on the fly,
+`mla_moe.data.raw_source`): a `.jsonl` corpus of RAW_MB in 12 shards, the same BPE (or
+`--raw_tokenizer`), windows of 4,096 tokens in local batches of 48 (one v5p host: 4 chips x 12
+sequences), for each `data.workers`: the seconds to the first batch (worker start), tokens/s
+over the next BATCHES batches, and the CPU seconds per batch of the training process (its
+share: receiving, mixing, batching) and of the workers (psutil). Each process's tokenizer is
+held to one thread (TOKENIZERS_PARALLELISM=false), so data.workers=0 is one core doing
+everything. It then prints what one v5p host consumes for V2-Lite at 12 x 4096 tokens per
+chip at the step's roofline bound (model FLOPs per chip over the chip's peak: the fastest the
+step can run, so the most data it can ask for) and the cores that rate needs at the measured
+tokens per CPU second.
 """
 
 from __future__ import annotations
@@ -166,6 +181,88 @@ def run_prepare(inputs: str, output: str, tokenizer: str, workers: int) -> dict:
             "lines": out.strip().splitlines()}
 
 
+HOST_CHIPS, SEQS_PER_CHIP, SEQ_LEN = 4, 12, 4096  # one v5p host, V2-Lite at 12 x 4096
+
+
+def host_tokens_per_s() -> tuple[float, float]:
+    """(tokens/s one v5p host consumes for V2-Lite at 12 x 4096 tokens per chip, the step's
+    seconds) at the compute roofline: model FLOPs per chip / the chip's peak bf16 FLOP/s (the
+    step is compute-bound there, bench/RESULTS.md "Will it fit?"), so no faster step exists."""
+    from configs import deepseek_v2_lite
+    from mla_moe import flops_per_token
+    from mla_moe.train.config import model_config
+    from pallas_kernels import chips
+
+    cfg = model_config(deepseek_v2_lite.get_config())
+    step_s = (flops_per_token(cfg, SEQ_LEN) * SEQS_PER_CHIP * SEQ_LEN
+              / chips.by_target("v5p").chip_peak_flops)
+    return HOST_CHIPS * SEQS_PER_CHIP * SEQ_LEN / step_s, step_s
+
+
+def _cpu(processes: list) -> float:
+    """User + system CPU seconds of `processes` (those still alive)."""
+    total = 0.0
+    for p in processes:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def on_the_fly(args, work: str, base: str, tokenizer: str) -> None:
+    """Tokens/s of the raw-file training pipeline for each worker count (module docstring)."""
+    from mla_moe.data import PipelineConfig, train_iterator
+    from mla_moe.data.raw_source import RawSource
+
+    corpus = os.path.join(work, f"raw-{args.raw_mb}mb")
+    if not os.path.isdir(corpus):
+        global SHARD_BYTES
+        SHARD_BYTES = (args.raw_mb << 20) // 12 + 1
+        write_corpus(corpus, "jsonl", args.raw_mb, base)
+    tokenizer = args.raw_tokenizer or tokenizer
+    source = RawSource(f"raw:{corpus}/shard-*", tokenizer)
+    batch_tokens = HOST_CHIPS * SEQS_PER_CHIP * SEQ_LEN
+    rows = []
+    for workers in args.raw_workers:
+        cfg = PipelineConfig(seq_len=SEQ_LEN, global_batch=HOST_CHIPS * SEQS_PER_CHIP,
+                             seed=0, workers=workers, prefetch=2)
+        start = time.perf_counter()
+        it = train_iterator(source, cfg)
+        next(it)
+        first = time.perf_counter() - start
+        children = psutil.Process().children(recursive=True)
+        start, cpu, kids = time.perf_counter(), time.process_time(), _cpu(children)
+        for _ in range(args.batches):
+            next(it)
+        seconds = time.perf_counter() - start
+        main_cpu = (time.process_time() - cpu) / args.batches
+        worker_cpu = (_cpu(children) - kids) / args.batches
+        it.close()
+        rate = args.batches * batch_tokens / seconds
+        rows.append((workers, first, rate, main_cpu, worker_cpu))
+        print(f"data.workers={workers}: first batch {first:.1f} s, then {rate / 1e3:.0f}K tok/s "
+              f"over {args.batches} batches of {batch_tokens:,} tokens", flush=True)
+    need, step_s = host_tokens_per_s()
+    # One tokenizing process's rate: data.workers=1 (the main process packs), else 0.
+    # The per-core rate: tokens per CPU second of one process doing everything (data.workers=0),
+    # which other jobs on a shared host do not change as they change the wall-clock rates.
+    per_core = next((batch_tokens / cpu for w, _, _, cpu, _ in rows if w == 0),
+                    max(r[2] for r in rows))
+    print("\n| data.workers | first batch s | tokens/s | CPU s per batch: training process "
+          "| workers | tokens per CPU s |")
+    print("|---|---|---|---|---|---|")
+    for workers, first, rate, main_cpu, worker_cpu in rows:
+        print(f"| {workers} | {first:.1f} | {rate / 1e3:.0f}K | {main_cpu:.3f} | "
+              f"{worker_cpu:.3f} | {batch_tokens / (main_cpu + worker_cpu) / 1e3:.0f}K |")
+    print(f"\nV2-Lite on one v5p host (4 chips x 12 x 4096 tokens) at the compute bound "
+          f"{step_s:.2f} s/step: {need / 1e3:.0f}K tokens/s; at {per_core / 1e3:.0f}K tokens "
+          f"per CPU second (data.workers=0, this BPE) that is {need / per_core:.2f} cores: "
+          f"data.workers={math.ceil(need / per_core)} keeps up with a margin of "
+          f"{math.ceil(need / per_core) * per_core / need:.1f}x")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes_mb", type=int, nargs="+", default=[150, 600])
@@ -174,7 +271,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--keep_dir", default="")
+    parser.add_argument("--on_the_fly", action="store_true",
+                        help="measure the raw-file training pipeline instead of prepare_data")
+    parser.add_argument("--raw_mb", type=int, default=24)
+    parser.add_argument("--raw_workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--raw_tokenizer", default="",
+                        help="--on_the_fly with this tokenizer (e.g. a DeepSeek checkpoint "
+                             "directory) instead of the bench's BPE")
     args = parser.parse_args()
+    if args.on_the_fly:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per tokenizing process
     sys.path[:0] = [os.path.join(ROOT, "src"), ROOT]
     work = args.keep_dir or tempfile.mkdtemp(prefix="bench_data_")
     os.makedirs(work, exist_ok=True)
@@ -186,6 +293,9 @@ def main() -> None:
     print(f"{datetime.date.today()} | {platform.node()} | {cpu} | {os.cpu_count()} cores | "
           f"load {os.getloadavg()[0]:.1f} | workers {args.workers} "
           f"| BPE vocab {args.vocab} | {work}")
+    if args.on_the_fly:
+        on_the_fly(args, work, base, tokenizer)
+        return
     rows, ok = [], True
     for fmt in args.formats:
         for size in args.sizes_mb:

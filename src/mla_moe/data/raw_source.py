@@ -297,9 +297,10 @@ class PackedWindowsIterator(grain.DatasetIterator):
 
 
 def raw_windows(source: RawSource, seq_len: int, seed: int, process_index: int,
-                process_count: int, workers: int, buffer: int = 2) -> grain.IterDataset:
+                process_count: int, workers: int, buffer: int = 16) -> grain.IterDataset:
     """This process's windows of `source` (endless), tokenized in `workers` processes (none
-    for 0: in this process)."""
+    for 0: in this process), each holding up to `buffer` windows ahead (a tokenizer batch
+    makes windows in bursts)."""
     ds = PackedWindows(DocumentTokens(source, seed, process_index, process_count), seq_len)
     if workers <= 0:
         return ds
