@@ -1,7 +1,7 @@
 """Raw files tokenized on the fly (`raw:GLOB` in data.path): the packed stream against a slow
 pure-Python reference (one process, process slices, worker processes), resume from the
-iterator's state, a mixture with a token store, bad inputs, and a training run resumed after a
-preemption with bitwise the same losses."""
+iterator's state and through the trainer's checkpoints, a mixture with a token store, and bad
+inputs."""
 
 import dataclasses
 import json
@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from train_helpers import micro_config, sigterm_at, synthetic_store
+from train_helpers import micro_config, synthetic_store
 
 from mla_moe.data import PipelineConfig, TokenSplit, train_iterator
 from mla_moe.data import mixture as mixture_lib
@@ -189,25 +189,33 @@ def test_glob_without_prefix_or_no_match(tmp_path):
         RawSource("raw:/nonexistent/*.jsonl", "byte")
 
 
-def test_training_resumes_bitwise_after_preemption(corpus, tmp_path):
-    """A run on a raw source stopped after step 3 (saving its iterator) and resumed
-    logs bitwise the losses of the straight run."""
-    from mla_moe.train import train
+def test_run_data_checkpoints_with_the_state(corpus, tmp_path):
+    """The run's data (`setup.open_data` of a raw config) saved by the trainer's Checkpointer
+    beside a state, and restored into a freshly opened run, continues with the same batches:
+    what a resume after SIGTERM or kill -9 reads (the trainer's own resume tests cover the
+    rest of the loop)."""
+    import jax
+    import jax.numpy as jnp
 
-    def config():
-        return micro_config(f"raw:{corpus}/*.jsonl", train=dict(steps=6, eval_batches=0),
-                            data=dict(tokenizer="byte", workers=0),
-                            log=dict(tensorboard=False))
+    from mla_moe.train import checkpoint as ckpt_lib
+    from mla_moe.train import config as config_lib
+    from mla_moe.train import setup
 
-    def losses(workdir):
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-    straight = str(tmp_path / "straight")
-    assert train(config(), straight).step == 6
-    resumed = str(tmp_path / "resumed")
-    first = train(config(), resumed, hooks=(sigterm_at(3),))
-    assert first.preempted and first.step == 3
-    second = train(config(), resumed)
-    assert second.resumed_from == 3 and second.step == 6
-    assert losses(resumed) == losses(straight)
+    config = micro_config(f"raw:{corpus}/*.jsonl", train=dict(eval_batches=0),
+                          data=dict(tokenizer="byte", workers=0),
+                          checkpoint=dict(async_save=False))
+    cfg = config_lib.validate(config)
+    data = setup.open_data(config, cfg)
+    assert data.val == [] and f"{data.train.num_tokens:,}".replace(",", "").isdigit()
+    _take(data.iterator, 3)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), config.checkpoint)
+    state = {"step": jnp.array(3, jnp.int32)}
+    ckpt.save(3, state, data.iterator, force=True)
+    ckpt.wait()
+    expected = _take(data.iterator, 3)
+    fresh = setup.open_data(config, cfg)
+    restored = ckpt.restore(3, jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=a.sharding), state), fresh.iterator)
+    ckpt.close()
+    assert int(restored["step"]) == 3
+    _assert_rows_equal(_take(fresh.iterator, 3), expected)
