@@ -129,7 +129,8 @@ def train_dataset(source: TokenSplit | TokenMixture, cfg: PipelineConfig) -> gra
     schedule = Schedule(source.weights, cfg.seed) if len(splits) > 1 else None
 
     def example(i: int) -> dict[str, np.ndarray]:
-        s, j = schedule.slot(_global_index(i, cfg)) if schedule else (0, _global_index(i, cfg))
+        g = _global_index(i, cfg)
+        s, j = schedule.slot(g) if schedule else (0, g)
         return pack_window(splits[s], orders[s][j] * T, T)
 
     steps = sys.maxsize // (2 * G)

@@ -76,10 +76,11 @@ class RawSource:
         except InputError as e:
             raise type(e)(f"data.path entry {entry!r}: {e}") from None
         self.tokenizer, self.text_key = tokenizer, text_key
-        self.vocab_size = load_tokenizer(tokenizer).vocab_size
-        self._sample, self.num_tokens = self._estimate(sample_chars)
+        loaded = load_tokenizer(tokenizer)
+        self.vocab_size = loaded.vocab_size
+        self._sample, self.num_tokens = self._estimate(loaded, sample_chars)
 
-    def _estimate(self, sample_chars: int) -> tuple[np.ndarray, int]:
+    def _estimate(self, tokenizer, sample_chars: int) -> tuple[np.ndarray, int]:
         """Tokens of the first documents (up to `sample_chars` characters), and the corpus's
         token count: exact when that was all of it, else extrapolated by bytes on disk (for
         the run's summary line)."""
@@ -94,8 +95,7 @@ class RawSource:
             read_bytes += position.fraction * _file_size(path)
             if chars >= sample_chars:
                 break
-        docs = [d for d in load_tokenizer(self.tokenizer).encode_documents(texts, np.int32)
-                if d.size]
+        docs = [d for d in tokenizer.encode_documents(texts, np.int32) if d.size]
         sample = np.concatenate(docs) if docs else np.zeros(0, np.int32)
         if chars < sample_chars:  # every document was read
             if not sample.size:
@@ -138,22 +138,28 @@ def _file_size(path: str) -> int:
 class DocumentTokens(grain.IterDataset):
     """The token ids (int32) of the non-empty documents of file visits start, start + step,
     start + 2 step, ... of `source` (endless). Grain's worker slicing (`set_slice`) narrows the
-    visits further, so each worker reads its own files."""
+    visits further, so each worker reads its own files. Holds only what a worker process needs
+    (file names, tokenizer spec, text key): Grain pickles it to each."""
 
     def __init__(self, source: RawSource, seed: int, start: int = 0, step: int = 1):
         super().__init__()
-        self.source, self.seed, self.start, self.step = source, seed, start, step
+        self.files, self.tokenizer = source.files, source.tokenizer
+        self.text_key = source.text_key
+        self.seed, self.start, self.step = seed, start, step
+        self._unsliced = (start, step)
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Keeps every `sl.step`-th visit from the `sl.start`-th (of the visits given at
+        construction: setting a slice twice does not narrow twice)."""
         del sequential_slice  # visits are interleaved whatever is asked: files are the unit
-        self.start += (sl.start or 0) * self.step
-        self.step *= sl.step or 1
+        start, step = self._unsliced
+        self.start, self.step = start + (sl.start or 0) * step, step * (sl.step or 1)
 
     def __iter__(self) -> DocumentTokensIterator:
         return DocumentTokensIterator(self)
 
     def __str__(self) -> str:
-        return f"DocumentTokens({self.source.pattern!r}, visits {self.start}::{self.step})"
+        return f"DocumentTokens({len(self.files)} files, visits {self.start}::{self.step})"
 
 
 class DocumentTokensIterator(grain.DatasetIterator):
@@ -185,27 +191,27 @@ class DocumentTokensIterator(grain.DatasetIterator):
             if not texts:
                 self._reader, self._visit, self._docs = None, self._visit + 1, 0
                 continue
-            for (index, _), tokens in zip(texts, self._encode([t for _, t in texts], texts)):
+            for (index, _), tokens in zip(texts, self._encode(texts)):
                 if tokens.size:
                     self._pending.append((index, tokens))
 
     def _open(self) -> None:
         ds = self._ds
         k = ds.start + ds.step * self._visit
-        self._path = ds.source.files[file_of_visit(len(ds.source.files), ds.seed, k)]
-        self._reader = enumerate(_documents(self._path, ds.source.text_key))
+        self._path = ds.files[file_of_visit(len(ds.files), ds.seed, k)]
+        self._reader = enumerate(_documents(self._path, ds.text_key))
         for _ in itertools.islice(self._reader, self._docs):  # a resume: skip, no tokenizing
             pass
 
-    def _encode(self, texts: list[str], indexed: list) -> list[np.ndarray]:
+    def _encode(self, texts: list[tuple[int, str]]) -> list[np.ndarray]:
+        """Token ids of (document index, text) pairs of the current file, in one call."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self._ds.source.tokenizer)
+            self._tokenizer = load_tokenizer(self._ds.tokenizer)
         try:
-            return self._tokenizer.encode_documents(texts, np.int32)
+            return self._tokenizer.encode_documents([t for _, t in texts], np.int32)
         except Exception as e:  # the tokenizer libraries raise their own types
-            raise InputError(f"{self._path}: documents {indexed[0][0]}-{indexed[-1][0]} "
-                             f"(0-based) could not be tokenized ({type(e).__name__}: {e})"
-                             ) from None
+            raise InputError(f"{self._path}: documents {texts[0][0]}-{texts[-1][0]} (0-based) "
+                             f"could not be tokenized ({type(e).__name__}: {e})") from None
 
     def get_state(self) -> dict:
         return {"visit": self._visit, "docs": self._docs}
@@ -252,7 +258,6 @@ class PackedWindowsIterator(grain.DatasetIterator):
         self.seq_len = seq_len
         self._docs: collections.deque = collections.deque()  # (state before it, tokens)
         self._offset, self._available = 0, 0
-        self._start_state = parent.get_state()
 
     def __next__(self) -> dict[str, np.ndarray]:
         T = self.seq_len
