@@ -20,6 +20,10 @@ block of keys) inside a loop, so memory grows with T, never with T x T:
   sum p log p, sum p I and the online logsumexp of I. Its gradient (a custom VJP) runs the key
   blocks once more, with dKL/dI = softmax(I) - p.
 
+`top_k` and `dense_kl` take the queries' indices in the key sequence (`q_index_T`, default
+0..T-1: the queries are the keys): context parallelism (context_parallel.py) runs them for a
+shard's queries (two chunks of the sequence) against every key.
+
 The entry points (`select`, `attention`, `indexer_loss`) run per shard of the mesh in effect
 (`sharding.per_shard`, the batch split): left to the partitioner, a scan over query blocks
 reduces each block's weight gradient over the batch shards inside every iteration (2 x 10^5
@@ -156,22 +160,34 @@ def _segments(segment_ids_BT: jax.Array | None, b: int, t: int) -> jax.Array:
     return jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
 
 
+def _query_layout(segment_ids_BS: jax.Array | None, q_index_T: jax.Array | None, b: int,
+                  t: int, s: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q_index [T], the queries' segments [B, T], the keys' [B, S]): the queries are the keys
+    at q_index_T (default 0..T-1, then T = S)."""
+    seg_BS = _segments(segment_ids_BS, b, s)
+    if q_index_T is None:
+        return jnp.arange(t, dtype=jnp.int32), seg_BS, seg_BS
+    return q_index_T.astype(jnp.int32), jnp.take(seg_BS, q_index_T, axis=1), seg_BS
+
+
 def _key_block(x_BS: jax.Array, j, size: int) -> jax.Array:
     """Key block j ([B, size, ...]) of an array padded to a multiple of `size`."""
     return jax.lax.dynamic_slice_in_dim(x_BS, j * size, size, axis=1)
 
 
-def _visible(i, j, block_q: int, block_k: int, seg_BT: jax.Array, seg_BS: jax.Array
+def _visible(q_index_T: jax.Array, j, block_k: int, seg_BT: jax.Array, seg_BS: jax.Array
              ) -> jax.Array:
-    """[B, T, S]: query block i's rows see key block j's keys at or before them, same segment."""
-    t_T = i * block_q + jnp.arange(block_q)
+    """[B, T, S]: a query block's rows (at key indices q_index_T) see key block j's keys at or
+    before them, same segment."""
     s_S = j * block_k + jnp.arange(block_k)
-    return (s_S[None, None, :] <= t_T[None, :, None]) & (seg_BT[:, :, None] == seg_BS[:, None, :])
+    return ((s_S[None, None, :] <= q_index_T[None, :, None])
+            & (seg_BT[:, :, None] == seg_BS[:, None, :]))
 
 
-def _last_key_block(i, block_q: int, block_k: int, num_key_blocks: int):
-    """The last key block holding a key at or before query block i's last row."""
-    return jnp.minimum((i * block_q + block_q - 1) // block_k, num_key_blocks - 1)
+def _last_key_block(q_index_T: jax.Array, block_k: int, num_key_blocks: int):
+    """The last key block holding a key at or before one of the query block's rows (padding
+    rows have index -1)."""
+    return jnp.minimum(jnp.max(q_index_T) // block_k, num_key_blocks - 1)
 
 
 def _absorbed_query(q_nope_BTNH, q_pe_BTNR, w_uk_CNH) -> jax.Array:
@@ -187,24 +203,28 @@ def _gather(x_BSX: jax.Array, idx_BTK: jax.Array) -> jax.Array:
 
 # --- the indexer's top-k ----------------------------------------------------------------------
 def top_k(q_BTnd: jax.Array, w_BTn: jax.Array, k_BSd: jax.Array,
-          segment_ids_BT: jax.Array | None, k: int, block_q: int, block_k: int) -> jax.Array:
-    """The indices [B, T, min(k, T)] int32 of each query's highest indexer scores among the
+          segment_ids_BS: jax.Array | None, k: int, block_q: int, block_k: int,
+          q_index_T: jax.Array | None = None) -> jax.Array:
+    """The indices [B, T, min(k, S)] int32 of each query's highest indexer scores among the
     keys it sees (causal, same segment), -1 where it sees fewer: `indexer.top_k` over
     `indexer.index_scores` without the [B, T, S] scores. Ties go to whatever lax.top_k picks;
     the selection is a set. Per step: O(block_q x (K + block_k)) scores plus the indexer's
-    [B, block_q, n, block_k] products. No gradient flows (the inputs are stopped)."""
+    [B, block_q, n, block_k] products. No gradient flows (the inputs are stopped).
+
+    segment_ids_BS: the keys' segments (None: one per row); q_index_T: the queries' indices
+    among the keys (default 0..T-1, with T = S), the causal mask's and the segments'."""
     b, t = q_BTnd.shape[:2]
-    k = min(k, t)
-    seg_BT = _segments(segment_ids_BT, b, t)
+    k = min(k, k_BSd.shape[1])
+    q_index_T, seg_BT, seg_BS = _query_layout(segment_ids_BS, q_index_T, b, t, k_BSd.shape[1])
     q_BTnd, w_BTn, k_BSd = jax.lax.stop_gradient((q_BTnd, w_BTn, k_BSd))
-    k_BSd, seg_BS = _pad(k_BSd, 1, block_k), _pad(seg_BT, 1, block_k, -1)
+    k_BSd, seg_BS = _pad(k_BSd, 1, block_k), _pad(seg_BS, 1, block_k, -1)
     num_key_blocks = k_BSd.shape[1] // block_k
 
-    def query_block(i, q_BTnd, w_BTn, seg_BT):
+    def query_block(q_index_T, q_BTnd, w_BTn, seg_BT):
         def merge(j, carry):
             vals_BTK, idx_BTK = carry
             scores_BTS = index_scores(q_BTnd, w_BTn, _key_block(k_BSd, j, block_k))
-            vis_BTS = _visible(i, j, block_q, block_k, seg_BT, _key_block(seg_BS, j, block_k))
+            vis_BTS = _visible(q_index_T, j, block_k, seg_BT, _key_block(seg_BS, j, block_k))
             s_BTS = jnp.broadcast_to(j * block_k + jnp.arange(block_k, dtype=jnp.int32),
                                      scores_BTS.shape)
             vals_BTX = jnp.concatenate([vals_BTK, jnp.where(vis_BTS, scores_BTS, -jnp.inf)], -1)
@@ -214,12 +234,13 @@ def top_k(q_BTnd: jax.Array, w_BTn: jax.Array, k_BSd: jax.Array,
 
         init = (jnp.full((b, block_q, k), -jnp.inf, jnp.float32),
                 jnp.full((b, block_q, k), -1, jnp.int32))
-        last = _last_key_block(i, block_q, block_k, num_key_blocks)
+        last = _last_key_block(q_index_T, block_k, num_key_blocks)
         vals_BTK, idx_BTK = jax.lax.fori_loop(0, last + 1, merge, init)
         return jnp.where(vals_BTK > -jnp.inf, idx_BTK, -1)
 
-    qs = (_blocks(q_BTnd, block_q), _blocks(w_BTn, block_q), _blocks(seg_BT, block_q, -2))
-    idx_OBTK = jax.lax.map(lambda a: query_block(*a), (jnp.arange(qs[0].shape[0]), *qs))
+    qs = (_blocks(q_index_T[None], block_q, -1)[:, 0], _blocks(q_BTnd, block_q),
+          _blocks(w_BTn, block_q), _blocks(seg_BT, block_q, -2))
+    idx_OBTK = jax.lax.map(lambda a: query_block(*a), qs)
     return _unblock(idx_OBTK, t)
 
 
@@ -307,9 +328,9 @@ def sparse_kl(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
 
 # --- the indexer's KL over every causal key (dense warm-up) ------------------------------------
 def dense_kl(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
-             w_uk_CNH: jax.Array, segment_ids_BT: jax.Array | None, q_BTnd: jax.Array,
-             w_BTn: jax.Array, k_BSd: jax.Array, sm_scale: float, block_q: int, block_k: int
-             ) -> jax.Array:
+             w_uk_CNH: jax.Array, segment_ids_BS: jax.Array | None, q_BTnd: jax.Array,
+             w_BTn: jax.Array, k_BSd: jax.Array, sm_scale: float, block_q: int, block_k: int,
+             q_index_T: jax.Array | None = None) -> jax.Array:
     """KL [B, T] float32 from the main attention's probabilities over every key each query
     sees (causal, same segment; summed over heads, / N; detached) to the softmax of the
     indexer's scores: `dsa_loss.kl_to_scores(attention_target(...), index_scores(...),
@@ -318,38 +339,44 @@ def dense_kl(q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array, kv_BSL: jax.Array,
         KL = sum_s p log p - sum_s p I + logsumexp_s I
 
     lse_n (each head's log-sum-exp) from a first pass over the key blocks, the three terms
-    accumulated over them in a second. Gradients reach q_BTnd, w_BTn and k_BSd only."""
+    accumulated over them in a second. Gradients reach q_BTnd, w_BTn and k_BSd only.
+
+    segment_ids_BS and q_index_T: the keys' segments and the queries' indices among the keys,
+    as for `top_k`."""
     b, t = q_nope_BTNH.shape[:2]
-    seg_BT = _segments(segment_ids_BT, b, t)
+    layout = _query_layout(segment_ids_BS, q_index_T, b, t, k_BSd.shape[1])
     target_inputs = jax.lax.stop_gradient((q_nope_BTNH, q_pe_BTNR, kv_BSL, w_uk_CNH))
-    kl_OBT = _dense_kl((sm_scale, block_q, block_k), *target_inputs, seg_BT, q_BTnd, w_BTn,
+    kl_OBT = _dense_kl((sm_scale, block_q, block_k), *target_inputs, layout, q_BTnd, w_BTn,
                        k_BSd)
     return _unblock(kl_OBT, t)
 
 
-def _dense_kl_setup(blocks, q_nope, q_pe, kv, seg, q, w, k):
-    """The query-side arrays cut into blocks and the key-side ones padded to whole blocks."""
+def _dense_kl_setup(blocks, q_nope, q_pe, kv, layout, q, w, k):
+    """The query-side arrays cut into blocks (the queries' key indices first) and the key-side
+    ones padded to whole blocks; layout: `_query_layout`'s."""
     _, block_q, block_k = blocks
-    queries = (_blocks(q_nope, block_q), _blocks(q_pe, block_q), _blocks(seg, block_q, -2),
-               _blocks(q, block_q), _blocks(w, block_q))
-    keys = (_pad(kv, 1, block_k), _pad(seg, 1, block_k, -1), _pad(k, 1, block_k))
-    return jnp.arange(queries[0].shape[0]), queries, keys
+    q_index_T, q_seg_BT, seg_BS = layout
+    queries = (_blocks(q_index_T[None], block_q, -1)[:, 0], _blocks(q_nope, block_q),
+               _blocks(q_pe, block_q), _blocks(q_seg_BT, block_q, -2), _blocks(q, block_q),
+               _blocks(w, block_q))
+    keys = (_pad(kv, 1, block_k), _pad(seg_BS, 1, block_k, -1), _pad(k, 1, block_k))
+    return queries, keys
 
 
-def _target(blocks, w_uk_CNH, keys, i, q_nope_BTNH, q_pe_BTNR, seg_BT, lse_BTN=None):
-    """Query block i's attention target over the key blocks: (the last key block it sees,
+def _target(blocks, w_uk_CNH, keys, q_index_T, q_nope_BTNH, q_pe_BTNR, seg_BT, lse_BTN=None):
+    """A query block's attention target over the key blocks: (the last key block it sees,
     target(j) -> (p [B, T, S] float32, visible [B, T, S]) for key block j, lse_n [B, T, N]
     (each head's log-sum-exp, computed by a pass over the key blocks unless given))."""
-    sm_scale, block_q, block_k = blocks
+    sm_scale, _, block_k = blocks
     kv_BSL, seg_BS, _ = keys
-    last = _last_key_block(i, block_q, block_k, kv_BSL.shape[1] // block_k)
+    last = _last_key_block(q_index_T, block_k, kv_BSL.shape[1] // block_k)
     q_BTNL = _absorbed_query(q_nope_BTNH, q_pe_BTNR, w_uk_CNH)
 
     def scores(j):
         kv_BSL_j = _key_block(kv_BSL, j, block_k).astype(q_BTNL.dtype)
         s_BTNS = jnp.einsum("BTNL,BSL->BTNS", q_BTNL, kv_BSL_j,
                             preferred_element_type=jnp.float32) * sm_scale
-        return s_BTNS, _visible(i, j, block_q, block_k, seg_BT, _key_block(seg_BS, j, block_k))
+        return s_BTNS, _visible(q_index_T, j, block_k, seg_BT, _key_block(seg_BS, j, block_k))
 
     def lse_step(j, carry):
         m_BTN, l_BTN = carry
@@ -360,9 +387,8 @@ def _target(blocks, w_uk_CNH, keys, i, q_nope_BTNH, q_pe_BTNR, seg_BT, lse_BTN=N
         return m_new_BTN, l_BTN * jnp.exp(m_BTN - m_new_BTN) + jnp.sum(e_BTNS, axis=-1)
 
     if lse_BTN is None:
-        b, _, n, _ = q_BTNL.shape
-        init = (jnp.full((b, block_q, n), _NEG, jnp.float32),
-                jnp.zeros((b, block_q, n), jnp.float32))
+        b, t, n, _ = q_BTNL.shape
+        init = (jnp.full((b, t, n), _NEG, jnp.float32), jnp.zeros((b, t, n), jnp.float32))
         m_BTN, l_BTN = jax.lax.fori_loop(0, last + 1, lse_step, init)
         lse_BTN = jnp.where(l_BTN > 0, m_BTN + jnp.log(jnp.where(l_BTN > 0, l_BTN, 1.0)), 0.0)
 
@@ -375,17 +401,18 @@ def _target(blocks, w_uk_CNH, keys, i, q_nope_BTNH, q_pe_BTNR, seg_BT, lse_BTN=N
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense_kl(blocks, q_nope, q_pe, kv, w_uk, seg, q, w, k):
+def _dense_kl(blocks, q_nope, q_pe, kv, w_uk, layout, q, w, k):
     """KL [O, B, T] of the query blocks; blocks = (sm_scale, block_q, block_k)."""
-    return _dense_kl_fwd(blocks, q_nope, q_pe, kv, w_uk, seg, q, w, k)[0]
+    return _dense_kl_fwd(blocks, q_nope, q_pe, kv, w_uk, layout, q, w, k)[0]
 
 
-def _dense_kl_fwd(blocks, q_nope, q_pe, kv, w_uk, seg, q, w, k):
+def _dense_kl_fwd(blocks, q_nope, q_pe, kv, w_uk, layout, q, w, k):
     block_k = blocks[2]
-    block_ids, queries, keys = _dense_kl_setup(blocks, q_nope, q_pe, kv, seg, q, w, k)
+    queries, keys = _dense_kl_setup(blocks, q_nope, q_pe, kv, layout, q, w, k)
 
-    def query_block(i, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTnd, w_BTn):
-        last, target, lse_BTN = _target(blocks, w_uk, keys, i, q_nope_BTNH, q_pe_BTNR, seg_BT)
+    def query_block(q_index_T, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTnd, w_BTn):
+        last, target, lse_BTN = _target(blocks, w_uk, keys, q_index_T, q_nope_BTNH, q_pe_BTNR,
+                                        seg_BT)
 
         def step(j, carry):
             plogp_BT, pi_BT, m_BT, l_BT = carry
@@ -406,8 +433,8 @@ def _dense_kl_fwd(blocks, q_nope, q_pe, kv, w_uk, seg, q, w, k):
         lse_i_BT = jnp.where(seen_BT, m_BT + jnp.log(jnp.where(seen_BT, l_BT, 1.0)), 0.0)
         return jnp.where(seen_BT, plogp_BT - pi_BT + lse_i_BT, 0.0), lse_BTN, lse_i_BT
 
-    kl_OBT, lse_OBTN, lse_i_OBT = jax.lax.map(lambda a: query_block(*a), (block_ids, *queries))
-    return kl_OBT, (q_nope, q_pe, kv, w_uk, seg, q, w, k, lse_OBTN, lse_i_OBT)
+    kl_OBT, lse_OBTN, lse_i_OBT = jax.lax.map(lambda a: query_block(*a), queries)
+    return kl_OBT, (q_nope, q_pe, kv, w_uk, layout, q, w, k, lse_OBTN, lse_i_OBT)
 
 
 def _dense_kl_bwd(blocks, res, g_OBT):
@@ -415,13 +442,13 @@ def _dense_kl_bwd(blocks, res, g_OBT):
     `index_scores` one key block at a time (k's gradient accumulated over the query blocks).
     The target is detached: its inputs get no gradient (None)."""
     block_k = blocks[2]
-    q_nope, q_pe, kv, w_uk, seg, q, w, k, lse_OBTN, lse_i_OBT = res
-    block_ids, queries, keys = _dense_kl_setup(blocks, q_nope, q_pe, kv, seg, q, w, k)
+    q_nope, q_pe, kv, w_uk, layout, q, w, k, lse_OBTN, lse_i_OBT = res
+    queries, keys = _dense_kl_setup(blocks, q_nope, q_pe, kv, layout, q, w, k)
 
     def query_block(dk_BSd, xs):
-        i, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTnd, w_BTn, lse_BTN, lse_i_BT, g_BT = xs
-        last, target, _ = _target(blocks, w_uk, keys, i, q_nope_BTNH, q_pe_BTNR, seg_BT,
-                                  lse_BTN)
+        q_index_T, q_nope_BTNH, q_pe_BTNR, seg_BT, q_BTnd, w_BTn, lse_BTN, lse_i_BT, g_BT = xs
+        last, target, _ = _target(blocks, w_uk, keys, q_index_T, q_nope_BTNH, q_pe_BTNR,
+                                  seg_BT, lse_BTN)
 
         def step(j, carry):
             dq_BTnd, dw_BTn, dk_BSd = carry
@@ -438,11 +465,11 @@ def _dense_kl_bwd(blocks, res, g_OBT):
         dq_BTnd, dw_BTn, dk_BSd = jax.lax.fori_loop(0, last + 1, step, init)
         return dk_BSd, (dq_BTnd, dw_BTn)
 
-    xs = (block_ids, *queries, lse_OBTN, lse_i_OBT, g_OBT)
+    xs = (*queries, lse_OBTN, lse_i_OBT, g_OBT)
     dk_BSd, (dq_OBTnd, dw_OBTn) = jax.lax.scan(
         query_block, jnp.zeros(keys[2].shape, jnp.float32), xs)
     t = q.shape[1]
-    return (None, None, None, None, None, _unblock(dq_OBTnd, t).astype(q.dtype),
+    return (None, None, None, None, (None,) * 3, _unblock(dq_OBTnd, t).astype(q.dtype),
             _unblock(dw_OBTn, t).astype(w.dtype), dk_BSd[:, : k.shape[1]].astype(k.dtype))
 
 

@@ -210,13 +210,12 @@ class MLA(nnx.Module):
         `attention_impl` asks for it. On a mesh with `context` > 1 the tokens are in the zigzag
         layout and attention runs over the gathered latent (context_parallel.py), naive form
         whatever `form` says, on the Pallas kernel when `attention_impl` asks for it (given
-        the queries' sequence indices), else on XLA."""
+        the queries' sequence indices), else on XLA (V3.2's selection there:
+        `_context_indexed_attention`)."""
         c = self.config
         scale, kernel = softmax_scale(c), _kernel_implementation(c)
         b, t = kv_BTL.shape[:2]
         if context_parallel.context_size() > 1:  # T split over `context`, zigzag layout
-            if selected_BTS is not None:
-                raise NotImplementedError("V3.2's sparse attention under mesh.context > 1")
             return context_parallel.gathered_latent_attention(
                 q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, self.wk_b_CNH[...],
                 self.wv_b_CNV[...], scale, implementation=kernel)
@@ -361,16 +360,20 @@ class MLA(nnx.Module):
             raise ValueError(f"form must be 'naive' or 'absorbed', got {form!r}")
         if indexer_loss and (self.indexer is None or cache_BSW is not None):
             raise ValueError("indexer_loss needs a V3.2 layer (index_n_heads > 0) and no cache")
-        if context_parallel.context_size() > 1 and (cache_BSW is not None
-                                                      or self.indexer is not None):
-            raise NotImplementedError("mesh.context > 1 supports training attention without a "
-                                      "cache and without V3.2's indexer")
+        context = context_parallel.context_size()
+        if context > 1 and cache_BSW is not None:
+            raise NotImplementedError("mesh.context > 1 supports attention without a cache only")
         if positions_BT is None:
             start_B = jnp.zeros((b,), jnp.int32) if cache_BSW is None else lengths_B
             positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         cq_BTQ = None if c.q_lora_rank is None else self.query_latent(x_BTD)
         q_nope_BTNH, q_pe_BTNR = self.queries(x_BTD, positions_BT, cq_BTQ)
         latent_BTL = self.latent(x_BTD, positions_BT)
+        if self.indexer is not None and context > 1:
+            o_BTNV, loss = self._context_indexed_attention(
+                x_BTD, cq_BTQ, positions_BT, segment_ids_BT, q_nope_BTNH, q_pe_BTNR, latent_BTL,
+                indexer_loss)
+            return self._output(o_BTNV, x_BTD.dtype), None, loss
         selected_BTS, loss_inputs, keys_BSW = None, None, None
         if self.indexer is not None:
             if cache_BSW is not None:
@@ -387,13 +390,37 @@ class MLA(nnx.Module):
                                                        cache_BSW, lengths_B, form, selected_BTS)
             if keys_BSW is not None:
                 cache_BSW = (cache_BSW, keys_BSW)
-        o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
-        dt = x_BTD.dtype
-        out_BTD = dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
         loss = None
         if loss_inputs is not None:
             loss = self._indexer_loss(q_nope_BTNH, q_pe_BTNR, latent_BTL, loss_inputs)
-        return out_BTD, cache_BSW, loss
+        return self._output(o_BTNV, x_BTD.dtype), cache_BSW, loss
+
+    def _output(self, o_BTNV: jax.Array, dt) -> jax.Array:
+        """The heads' outputs projected back: [B, T, D]."""
+        o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
+        return dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
+
+    def _context_indexed_attention(self, x_BTD, cq_BTQ, positions_BT, segment_ids_BT,
+                                   q_nope_BTNH, q_pe_BTNR, latent_BTL, want_loss):
+        """A V3.2 layer without a cache on a context mesh (T split over `context`, zigzag
+        layout): (o [B, T, N, V], the indexer's KL averaged over the tokens or None). The
+        indexer's keys are gathered with the latent, and each shard's queries select and attend
+        over the whole sequence (`context_parallel.indexed_latent_attention`, the blocked
+        functions of dsa_blocked.py). With T <= index_topk every visible key is selected:
+        the dense attention, as on one device."""
+        c, sg = self.config, jax.lax.stop_gradient
+        sparse = c.index_attention == "sparse" and x_BTD.shape[1] > c.index_topk
+        if not (sparse or want_loss):
+            return self._self_attention(q_nope_BTNH, q_pe_BTNR, latent_BTL, segment_ids_BT,
+                                        "naive"), None
+        x_BTD, cq_BTQ = sg(x_BTD), sg(cq_BTQ)  # the indexer trains on its loss alone
+        indexer_BT = (self.indexer.queries(cq_BTQ, positions_BT), self.indexer.weights(x_BTD),
+                      self.indexer.keys(x_BTD, positions_BT))
+        out = context_parallel.indexed_latent_attention(
+            q_nope_BTNH, q_pe_BTNR, latent_BTL, segment_ids_BT, self.wk_b_CNH[...],
+            self.wv_b_CNV[...], softmax_scale(c), indexer_BT, c, sparse=sparse,
+            want_loss=want_loss, implementation=_kernel_implementation(c))
+        return out.o_BTNV, None if out.kl_BT is None else jnp.mean(out.kl_BT)
 
     def _indexer_loss(self, q_nope_BTNH, q_pe_BTNR, latent_BTL, loss_inputs):
         """KL(p || softmax(I)) over the keys the main attention saw, p its probabilities

@@ -271,11 +271,6 @@ def _check_context(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
         f"train.seq_len={t.seq_len} is not divisible by 2 x mesh.context={context} (the "
         "zigzag layout's chunks)",
     )
-    _check(
-        not cfg.has_indexer,
-        f"mesh.context={context} > 1 does not support V3.2's indexer yet "
-        f"(model.index_n_heads={cfg.index_n_heads})",
-    )
 
 
 def check_batch(config: ml_collections.ConfigDict, data_parallel: int, process_count: int) -> None:
