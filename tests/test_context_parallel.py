@@ -251,6 +251,20 @@ def test_v32_layer_with_context_matches_one_device(mesh_name):
         assert float(jnp.max(jnp.abs(g[...]))) > 0, path  # the indexer's too
 
 
+def test_v32_layer_without_its_loss_with_context_matches_one_device():
+    """The sparse stage's forward alone (evaluation: no indexer loss, the top-k and the sparse
+    attention only) under context 2 equals one device's."""
+    cfg = _v32_config("sparse")
+    graphdef, params = nnx.split(MLA(cfg, rngs=nnx.Rngs(2)))
+    x_BTD, _, pos_BT, seg_BT = _v32_inputs()
+    layer = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a)[0], compiler_options=FAST_COMPILE)
+    want_BTD = layer(params, x_BTD, pos_BT, seg_BT)
+    zig = functools.partial(context_parallel.zigzag, context=2)
+    with sharding.use_mesh(sharding.make_mesh(dict(data=-1, context=2), config=cfg)):
+        out_BTD = layer(params, zig(x_BTD), zig(pos_BT), zig(seg_BT))
+    assert_close_scaled(context_parallel.unzigzag(out_BTD, 2), want_BTD, rel=GRAD_REL)
+
+
 def _avals(jaxpr):
     """Every intermediate's abstract value in a jaxpr, nested ones (shard_map, scan, remat)
     too."""
