@@ -1,4 +1,5 @@
-"""libtpu flags for host offload: merged into LIBTPU_INIT_ARGS, and accepted by libtpu."""
+"""libtpu flags for host offload and FSDP collectives: merged into LIBTPU_INIT_ARGS, and
+accepted by libtpu."""
 
 import os
 import subprocess
@@ -9,7 +10,9 @@ from mla_moe.train import tpu_flags
 
 
 def test_offloading_policies_need_the_host_offload_flags():
-    assert tpu_flags.needed_flags("offload_layer_input") == tpu_flags.HOST_OFFLOAD_FLAGS
+    pod = tpu_flags.HOST_OFFLOAD_FLAGS + tpu_flags.COLLECTIVE_FLAGS
+    assert tpu_flags.needed_flags("offload_layer_input") == pod
+    assert tpu_flags.needed_flags("offload_layer_input", "v5p") == pod
     assert tpu_flags.needed_flags("offload_layer_input_attention_out")
     assert tpu_flags.needed_flags("full") == ()
     assert tpu_flags.needed_flags("none") == ()

@@ -7,6 +7,15 @@ DeepSeek-V3 and Llama pass with `decoder_layer_input=offload`: the experimental 
 features with memory-pressure tracking, up to 24 host transfers in flight, and loop-carried
 values allowed in the copy chains that move the scan's saved activations.
 
+FSDP collectives (with the same policies, on every generation but TPU7x): the data-parallel
+all-reduce optimisation set public TPU recipes for DeepSeek-V3 pass. With pure FSDP over a
+whole v5p:8x8x8 the weights' gradients otherwise come out of XLA's partitioner as 512-way
+all-reduces (2(N-1)/N of each gradient over the links); with these flags they are
+reduce-scatters. V3 at 6 x 8192 tokens per chip on jax 0.12 / libtpu 0.0.50: 4,774 GiB
+received per chip per step instead of 5,136, the same peak memory (bench/RESULTS.md,
+"Roofline bound of compiled steps"). Not set on TPU7x, where their effect on the compiler's
+budgeted HBM was not measured.
+
 Ironwood (TPU7x): libtpu 0.0.42 moves large gathers onto the SparseCores, and for DeepSeek-V3's
 train step its SparseCore compiler then aborts the process ("LLVM ERROR: Not enough space for
 TILESPMEM spill"). And its HBM check counts less than the compiled step then holds (arguments
@@ -47,6 +56,14 @@ HOST_OFFLOAD_FLAGS = (
 )
 
 
+COLLECTIVE_FLAGS = (
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+    "--xla_tpu_use_minor_sharding_for_major_trivial_input=true",
+    "--xla_tpu_relayout_group_size_threshold_for_reduce_scatter=1",
+    "--xla_tpu_assign_all_reduce_scatter_layout=true",
+)
+
 TPU7X_HBM_BUDGET_MIB = 70 * 1024
 
 TPU7X_FLAGS = ("--xla_tpu_offload_gather_to_sparsecore=false",
@@ -65,9 +82,14 @@ def generation_from_env(environ=os.environ) -> str | None:
 
 def needed_flags(remat_policy: str, generation: str | None = None) -> tuple[str, ...]:
     """The libtpu flags a model with this `remat_policy` needs on TPU `generation` ("v5p",
-    "tpu7x"; None when not known): the host-offload set for the `offload_*` policies, and
-    TPU7X_FLAGS on tpu7x."""
-    flags = HOST_OFFLOAD_FLAGS if remat_policy.startswith("offload") else ()
+    "tpu7x"; None when not known): for the `offload_*` policies (the pod presets') the
+    host-offload set, and the FSDP collective set except on tpu7x; TPU7X_FLAGS on tpu7x."""
+    if not remat_policy.startswith("offload"):
+        flags = ()
+    elif generation == "tpu7x":
+        flags = HOST_OFFLOAD_FLAGS
+    else:
+        flags = HOST_OFFLOAD_FLAGS + COLLECTIVE_FLAGS
     return flags + (TPU7X_FLAGS if generation == "tpu7x" else ())
 
 
