@@ -1,4 +1,5 @@
-"""Exact resume after SIGTERM, after Ctrl-Cs at random moments of saves and after SIGKILL;
+"""Exact resume after SIGTERM, after Ctrl-Cs at random moments of saves and after SIGKILL (a
+token store alone, and mixed with raw files tokenized on the fly);
 continuing a finished run; a fresh start over an earlier attempt's files; restoring onto a
 different mesh."""
 
@@ -71,8 +72,10 @@ def _launch(workdir, store):
 def _signal_after_save(cmd, env, workdir, signals):
     """Runs `cmd` until it reports its first save, checks that the save is complete, sends
     `signals` ((signal, seconds to wait before it), ...) and returns (exit status, output)."""
+    # Its own process group: data workers that outlive a killed trainer (they hold the
+    # output pipe open) are killed with it at the end.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     deadline = time.time() + 300
     try:
@@ -85,10 +88,16 @@ def _signal_after_save(cmd, env, workdir, signals):
         for sig, wait in signals:
             time.sleep(wait)
             proc.send_signal(sig)
-        lines += proc.stdout.readlines()
+        proc.wait(timeout=300)
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(timeout=60)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    lines += proc.stdout.readlines()
     return proc.returncode, "".join(lines)
 
 
@@ -141,6 +150,39 @@ def test_sigkill_then_resume_is_bitwise_identical(straight, store, tmp_path, cap
     assert f"resuming from step {result.resumed_from}" in capsys.readouterr().out
     assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
     assert _losses(workdir) == straight[1]
+
+
+def test_sigkill_with_a_raw_source_then_resume_is_bitwise_identical(store, tmp_path, capsys):
+    """The store mixed with raw .jsonl files tokenized on the fly in a Grain worker process
+    (`raw:GLOB`, data.workers=1): kill -9 after a save, resume, and every step's loss equals an
+    uninterrupted run's."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(1)
+    for f in range(2):
+        with open(raw / f"part{f}.jsonl", "w", encoding="utf-8") as fh:
+            for _ in range(30):
+                text = "".join(chr(97 + int(c)) for c in rng.integers(0, 26, rng.integers(50, 400)))
+                fh.write(json.dumps({"text": text}) + "\n")
+    path = f"{store},raw:{raw}/*.jsonl"
+
+    def config():
+        return micro_config(path, train=dict(steps=STEPS), log=dict(tensorboard=False),
+                            data=dict(tokenizer="byte", workers=1))
+
+    straight_dir = str(tmp_path / "straight")
+    train(config(), straight_dir)
+    expected = _losses(straight_dir)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    workdir = str(tmp_path / "w")
+    cmd, env = _launch(workdir, path)
+    cmd += ["--config.data.tokenizer=byte", "--config.data.workers=1"]
+    wait = random.uniform(0, 0.1)
+    status, out = _signal_after_save(cmd, env, workdir, [(signal.SIGKILL, wait)])
+    assert status == -signal.SIGKILL, out[-3000:]
+    result = train(config(), workdir)
+    assert result.resumed_from in (2, 4) and result.step == STEPS, (wait, out[-3000:])
+    assert _losses(workdir) == expected
 
 
 def test_restore_onto_another_mesh_and_continue(straight, store, tmp_path):
