@@ -52,6 +52,7 @@ SLOW_FIRST = (
     "tests/test_train_resume.py::test_ctrl_c_at_random_moments_of_saves_loses_nothing",
     "tests/test_multislice.py::test_two_slices_compile_and_only_sums_cross_them",
     "tests/test_train_resume.py::test_sigkill_then_resume_is_bitwise_identical",
+    "tests/test_train_resume.py::test_sigkill_with_a_raw_source",
     "tests/test_aot_kernels.py::test_gpu_kernels_compile_within_shared_memory",
     "tests/test_context_parallel.py",
 )
