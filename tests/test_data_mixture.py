@@ -4,7 +4,7 @@ process slices, resume from the iterator's state, and bad weights."""
 import grain
 import numpy as np
 import pytest
-from train_helpers import assert_iterator_resumes
+from train_helpers import assert_iterator_resumes, reference_window
 
 from mla_moe.data import PipelineConfig, TokenSplit, eval_batches, train_iterator, write_store
 from mla_moe.data import mixture as mixture_lib
@@ -60,17 +60,8 @@ def reference_examples(docs_by_source, weights, seed, seq_len, positions, period
             continue
         flat, doc_of = streams[s]
         start = windows[s][j] * seq_len
-        toks, docs_in = flat[start:start + seq_len + 1], doc_of[start:start + seq_len + 1]
-        segment, position, pos = [], [], 0
-        for i, k in enumerate(docs_in):
-            if i and k != docs_in[i - 1]:
-                pos = 0
-            segment.append(k - docs_in[0] + 1)
-            position.append(pos)
-            pos += 1
-        out[g] = {"inputs": toks[:-1], "targets": toks[1:], "segment_ids": segment[:-1],
-                  "positions": position[:-1],
-                  "weights": [float(a == b) for a, b in zip(segment[:-1], segment[1:])]}
+        out[g] = reference_window(flat[start:start + seq_len + 1],
+                                  doc_of[start:start + seq_len + 1])
     return out
 
 

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from train_helpers import micro_config, synthetic_store
+from train_helpers import micro_config, reference_window, synthetic_store
 
 from mla_moe.data import PipelineConfig, TokenSplit, train_iterator
 from mla_moe.data import mixture as mixture_lib
@@ -53,17 +53,8 @@ def reference_windows(corpus_dir, seed, visits, count, seq_len=SEQ_LEN):
                     doc_id += 1
         while len(out) < count and len(out) * seq_len + seq_len + 1 <= len(flat):
             start = len(out) * seq_len
-            toks, docs = flat[start:start + seq_len + 1], doc_of[start:start + seq_len + 1]
-            segment, position, pos = [], [], 0
-            for i, doc in enumerate(docs):
-                if i and doc != docs[i - 1]:
-                    pos = 0
-                segment.append(doc - docs[0] + 1)
-                position.append(pos)
-                pos += 1
-            out.append({"inputs": toks[:-1], "targets": toks[1:], "segment_ids": segment[:-1],
-                        "positions": position[:-1],
-                        "weights": [float(a == b) for a, b in zip(segment[:-1], segment[1:])]})
+            out.append(reference_window(flat[start:start + seq_len + 1],
+                                        doc_of[start:start + seq_len + 1]))
         if len(out) == count:
             return out
     raise AssertionError("visits ran out")

@@ -57,3 +57,19 @@ def assert_iterator_resumes(split, cfg, skip: int, check: int = 3) -> None:
         got = next(fresh)
         for key in e:
             np.testing.assert_array_equal(e[key], got[key])
+
+
+def reference_window(toks, docs) -> dict:
+    """One packed window of seq_len + 1 tokens, computed slowly: `toks` the tokens, `docs` each
+    token's document index; segments count from 1 within the window, positions restart at
+    each document, and a target in another document than its input gets weight 0."""
+    segment, position, pos = [], [], 0
+    for i, doc in enumerate(docs):
+        if i and doc != docs[i - 1]:
+            pos = 0
+        segment.append(doc - docs[0] + 1)
+        position.append(pos)
+        pos += 1
+    return {"inputs": toks[:-1], "targets": toks[1:], "segment_ids": segment[:-1],
+            "positions": position[:-1],
+            "weights": [float(a == b) for a, b in zip(segment[:-1], segment[1:])]}
