@@ -208,8 +208,9 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
     gathered `chunk` at a time in a scan, so one chunk's weights (and, in the backward, their
     gradient before its reduce-scatter) exist at once. With megablox (TPU) the rows are sorted
     by expert once and each chunk's products run over its own groups' rows
-    (megablox_chunked.py); with the blocked implementation (CPU, GPU) each chunk's layout marks
-    the other chunks' rows as no expert, and its loop visits only its own blocks."""
+    (megablox_chunked.py; all the experts at once go through megablox.py's one call); with
+    the blocked implementation (CPU, GPU) each chunk's layout marks the other chunks' rows as
+    no expert, and its loop visits only its own blocks."""
     e_local = w[0].shape[0]
     if gather:
         x_TD = jax.lax.all_gather(x_TD, "expert", axis=0, tiled=True)
@@ -220,11 +221,11 @@ def _allgather(x_TD, experts_TK, weights_TK, w, ep, gather, d_axes=(), chunk=0):
     me = jax.lax.axis_index("expert") if ep > 1 else 0
     mine_M = flat_M // e_local == me
     local_M = jnp.where(mine_M, flat_M % e_local, e_local)
-    if default_implementation(x_TD, *w) == "megablox":
+    if chunk and chunk < e_local and default_implementation(x_TD, *w) == "megablox":
         # One sort of the rows for the layer; each chunk's products run over its groups' rows.
         y_TD = chunked_megablox_swiglu(
-            x_TD, local_M.reshape(-1, k), weights_TK, *w, chunk=chunk or e_local,
-            d_axes=d_axes, interpret=target_platform() != "tpu")
+            x_TD, local_M.reshape(-1, k), weights_TK, *w, chunk=chunk, d_axes=d_axes,
+            interpret=target_platform() != "tpu")
     elif chunk and chunk < e_local:
         n = e_local // chunk
         w_chunks = tuple(a.reshape(n, chunk, *a.shape[1:]) for a in w)
