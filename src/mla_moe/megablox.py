@@ -92,14 +92,20 @@ def megablox_swiglu(x_TD: jax.Array, weights_M: jax.Array, lay: Layout, gate_EDF
     t = x_TD.shape[0]
     m = weights_M.shape[0]
     tiling = Tiling(*tiling) if tiling is not None else default_tiling()
-    p = round_up(m, tiling.tm)
-    # Sorted row i reads assignment src_P[i] (m: padding); assignment j is sorted row dest_M[j]
-    # (p, out of range, for an assignment with no expert).
-    src_P = jnp.concatenate([lay.src_M, jnp.full((p - m,), m, jnp.int32)])
-    dest_M = jnp.where(lay.dest_M < m, lay.dest_M, p)
+    src_P, dest_M = sorted_slots(lay, tiling.tm)
     static = _Static(tiling, interpret, m // t)
     return _swiglu(static, x_TD, weights_M, src_P, dest_M, lay.sizes_E.astype(jnp.int32),
                    gate_EDF, up_EDF, down_EFD)
+
+
+def sorted_slots(lay: Layout, tm: int) -> tuple[jax.Array, jax.Array]:
+    """(src_P, dest_M) of the block = 1 layout padded to P = a multiple of the row tile tm:
+    sorted row i reads assignment src_P[i] (M: padding); assignment j is sorted row dest_M[j]
+    (P, out of range, for an assignment with no expert)."""
+    m = lay.dest_M.shape[0]
+    p = round_up(m, tm)
+    src_P = jnp.concatenate([lay.src_M, jnp.full((p - m,), m, jnp.int32)])
+    return src_P, jnp.where(lay.dest_M < m, lay.dest_M, p)
 
 
 def _gmm(static: _Static, lhs, rhs, sizes_E, transpose_rhs=False):

@@ -39,9 +39,15 @@ import jax
 import jax.numpy as jnp
 
 from mla_moe.expert_layout import gather_rows, layout
-from mla_moe.megablox import Tiling, _kernel_precision, _mb, default_tiling
+from mla_moe.megablox import (
+    Tiling,
+    _kernel_precision,
+    _mb,
+    _unsort_sum,  # reads static.k, which this module's _Static has too
+    default_tiling,
+    sorted_slots,
+)
 from mla_moe.sharding import staged
-from pallas_kernels.dispatch import round_up
 
 
 class _Static(NamedTuple):
@@ -70,15 +76,10 @@ def chunked_megablox_swiglu(x_TD: jax.Array, experts_TK: jax.Array, weights_TK: 
     if chunk <= 0 or e % chunk:
         raise ValueError(f"chunk={chunk} must divide the {e} experts")
     tiling = Tiling(*tiling) if tiling is not None else default_tiling()
-    m = t * k
-    p = round_up(m, tiling.tm)
     lay = layout(experts_TK, e, 1)
-    # Sorted row i reads assignment src_P[i] (m: padding); assignment j is sorted row dest_M[j]
-    # (p, out of range, for an assignment with no expert).
-    src_P = jnp.concatenate([lay.src_M, jnp.full((p - m,), m, jnp.int32)])
-    dest_M = jnp.where(lay.dest_M < m, lay.dest_M, p)
+    src_P, dest_M = sorted_slots(lay, tiling.tm)
     static = _Static(chunk, tuple(d_axes), tiling, interpret, k)
-    weights_M = weights_TK.astype(jnp.float32).reshape(m)
+    weights_M = weights_TK.astype(jnp.float32).reshape(t * k)
     return _swiglu(static, x_TD, weights_M, src_P, dest_M, lay.sizes_E.astype(jnp.int32),
                    gate_EDF, up_EDF, down_EFD)
 
@@ -123,15 +124,6 @@ def _fused_gate_up(static: _Static, gate_jcDF, up_jcDF):
 def _rows(static, a_TD, src_P):
     """a's rows in expert order, [P, D] (0 on padding)."""
     return gather_rows(a_TD, src_P // static.k)
-
-
-def _unsort_sum(static, ys_PD, dest_M, weights_M=None):
-    """sum over each token's k sorted rows (times their routing weights), [T, D] f32."""
-    y_TKD = gather_rows(ys_PD, dest_M).reshape(-1, static.k, ys_PD.shape[-1])
-    if weights_M is None:
-        return jnp.sum(y_TKD, axis=1, dtype=jnp.float32)
-    return jnp.einsum("TKD,TK->TD", y_TKD, weights_M.reshape(-1, static.k),
-                      preferred_element_type=jnp.float32)
 
 
 def _gate_up_products(static, xs_PD, sizes_E, gate_EDF, up_EDF):
