@@ -81,15 +81,20 @@ def groups(axes: tuple[str, ...]) -> tuple[str, Groups] | None:
     return (live[0], found) if found else None
 
 
+def _plan(axes: tuple[str, ...], staged) -> tuple[str, Groups] | None:
+    """The stages to run for `staged` (True: decided from the mesh; False: none; or given)."""
+    if not axes:
+        return None
+    return groups(axes) if staged is True else (staged or None)
+
+
 def all_gather(x: jax.Array, axes: tuple[str, ...], axis: int, *,
                staged: tuple[str, Groups] | None | bool = True) -> jax.Array:
     """`lax.all_gather(x, axes, axis=axis, tiled=True)`, in two stages where `groups` says so.
     staged: True (decide from the mesh), False (one stage) or explicit (axis, groups)."""
-    if not axes:
-        return x
-    plan = groups(axes) if staged is True else (staged or None)
+    plan = _plan(axes, staged)
     if plan is None:
-        return jax.lax.all_gather(x, axes, axis=axis, tiled=True)
+        return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
     name, (within, across) = plan
     x = jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=within)
     return jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=across)
@@ -99,11 +104,9 @@ def psum_scatter(x: jax.Array, axes: tuple[str, ...], axis: int, *,
                  staged: tuple[str, Groups] | None | bool = True) -> jax.Array:
     """`lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True)`, the transpose of
     `all_gather` above, staged the same way."""
-    if not axes:
-        return x
-    plan = groups(axes) if staged is True else (staged or None)
+    plan = _plan(axes, staged)
     if plan is None:
-        return jax.lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True)
+        return jax.lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True) if axes else x
     name, (within, across) = plan
     x = jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True,
                              axis_index_groups=across)
