@@ -83,6 +83,24 @@ def test_traffic_counts_each_loop_iteration():
     assert hlo_traffic.hbm_bytes(_LOOP) == {"per_step": entry + 4 * body, "once": entry + body}
 
 
+# The same loop without a known_trip_count, bounded by its `i < 4` condition: 4 iterations
+# from a counter that starts at 0; 3 where it starts at 1 (a copy of a constant), as XLA leaves
+# a loop whose first iteration it peeled into the caller.
+_BOUNDED = (_LOOP.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+            .replace("  ROOT %true = pred[] constant(true)",
+                     "  %qi = s32[] get-tuple-element(%q), index=0\n"
+                     "  %four = s32[] constant(4)\n"
+                     "  ROOT %lt = pred[] compare(%qi, %four), direction=LT"))
+_PEELED = _BOUNDED.replace("  %zero = s32[] constant(0)",
+                           "  %one = s32[] constant(1)\n  %zero = s32[] copy(%one)")
+
+
+def test_a_peeled_loop_runs_from_its_counters_start():
+    assert "known_trip_count" not in _BOUNDED
+    assert Module(_BOUNDED).runs["body"] == 4
+    assert Module(_PEELED).runs["body"] == 3
+
+
 # On-chip and host buffers: an HBM -> VMEM prefetch (copy-start) reads 4 KiB of HBM once; the
 # fusion reads the prefetched copy from VMEM (nothing) and a 4 KiB HBM operand, and writes its
 # 4 KiB result to VMEM (nothing); an HBM -> HBM copy reads and writes 4 KiB; the offload of a

@@ -176,9 +176,11 @@ class Module:
 
     computations: {name: [Instruction, ...]} in text order (callees before callers);
     entry: the entry computation's name; runs: {computation: executions per run of the
-    program}; types: {instruction name: result type}."""
+    program}; by_name: {instruction name: Instruction}; types: {instruction name: result
+    type}."""
 
     computations: dict[str, list[Instruction]]
+    by_name: dict[str, Instruction]
     entry: str
     runs: dict[str, int]
     types: dict[str, str]
@@ -189,7 +191,8 @@ class Module:
             self.computations[name] = [i for i in (_instruction(name, ln) for ln in lines) if i]
             entry = name if is_entry else entry
         self.entry = entry or (next(reversed(self.computations)) if self.computations else "")
-        self.types = {i.name: i.result for ins in self.computations.values() for i in ins}
+        self.by_name = {i.name: i for ins in self.computations.values() for i in ins}
+        self.types = {name: i.result for name, i in self.by_name.items()}
         self.runs = self.runs_picking()
 
     def instructions(self) -> list[Instruction]:
@@ -208,8 +211,26 @@ class Module:
         if any("direction=LT" in i.text for i in cond):
             bounds = [int(c) for i in cond for c in _S32_CONSTANT.findall(i.result + " " + i.text)]
             if len(bounds) == 1:
-                return bounds[0]
+                return max(bounds[0] - self._counter_start(ins, cond), 0)
         return 1
+
+    def _counter_start(self, loop: Instruction, cond: list[Instruction]) -> int:
+        """The constant a `while`'s counter starts from: 0 for a plain scan; 1 (or more) where
+        XLA peeled the first iterations out of the loop and left the bound as it was."""
+        compare = next((i for i in cond if i.opcode == "compare" and "direction=LT" in i.text),
+                       None)
+        counter = next((self.by_name.get(o) for o in (compare.operands if compare else ())
+                        if getattr(self.by_name.get(o), "opcode", "") == "get-tuple-element"),
+                       None)
+        index = re.search(r"\bindex=(\d+)", counter.text) if counter else None
+        init = self.by_name.get(loop.operands[0]) if loop.operands else None
+        if index is None or init is None or init.opcode != "tuple":
+            return 0
+        value = self.by_name.get(init.operands[int(index.group(1))])
+        while value is not None and value.opcode in ("copy", "bitcast", "copy-done"):
+            value = self.by_name.get(value.operands[0]) if value.operands else None
+        start = _S32_CONSTANT.search(value.result + " " + value.text) if value else None
+        return int(start.group(1)) if start else 0
 
     def runs_picking(self, branch_cost=None) -> dict[str, int]:
         """{computation: executions per run}. A conditional runs each of its branches as
