@@ -206,10 +206,13 @@ def _local_backward(lay: _Layout, x_BTD, w_DU, targets_BT, weights_BT, logz_BT, 
           _chunked(logz_BT, n))
     carry = sharding.vary(jnp.zeros(w_DU.shape, jnp.float32), lay.every_token_axis + lay.vocab)
     dw_DU, dx_OBTD = jax.lax.scan(body, carry, xs)
+    # Summed over the chunks in float32, over devices in the head's dtype (as autodiff's
+    # reduction of the plain matmul's gradient is): half the bytes over the links for bf16.
+    dw_DU = dw_DU.astype(w_DU.dtype)
     if lay.scatter:
         dw_DU = jax.lax.psum_scatter(dw_DU, lay.scatter, scatter_dimension=0, tiled=True)
     dw_DU = _psum(dw_DU, tuple(a for a in lay.every_token_axis if a not in lay.scatter))
-    return _unchunked(dx_OBTD), dw_DU.astype(w_DU.dtype)
+    return _unchunked(dx_OBTD), dw_DU
 
 
 # The logical names of the loss's operands: per shard, the tokens' rows over the token axes,
