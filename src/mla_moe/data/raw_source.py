@@ -35,7 +35,8 @@ import grain
 import numpy as np
 
 from mla_moe import paths
-from mla_moe.data import readers
+from mla_moe.data import readers, worker_exit
+from mla_moe.data.read_errors import DataReadError
 from mla_moe.data.tokenizer import load_tokenizer
 from mla_moe.errors import ConfigError, InputError
 
@@ -210,8 +211,9 @@ class DocumentTokensIterator(grain.DatasetIterator):
         try:
             return self._tokenizer.encode_documents([t for _, t in texts], np.int32)
         except Exception as e:  # the tokenizer libraries raise their own types
-            raise InputError(f"{self._path}: documents {texts[0][0]}-{texts[-1][0]} (0-based) "
-                             f"could not be tokenized ({type(e).__name__}: {e})") from None
+            raise DataReadError(f"{self._path}: documents {texts[0][0]}-{texts[-1][0]} "
+                                f"(0-based) could not be tokenized ({type(e).__name__}: {e})",
+                                self._path, "document", texts[0][0]) from None
 
     def get_state(self) -> dict:
         return {"visit": self._visit, "docs": self._docs}
@@ -223,15 +225,18 @@ class DocumentTokensIterator(grain.DatasetIterator):
 
 
 def _documents(path: str, text_key: str) -> Iterator[str]:
-    """`readers.read_documents`, with any error turned into an InputError naming the file (and
-    the line, row or record where the reader knows it)."""
+    """`readers.read_documents`, with any error turned into a DataReadError naming the file
+    (and carrying the line, row or record where the reader knows it)."""
     try:
         yield from readers.read_documents(path, text_key)
     except InputError as e:  # its advice names prepare_data's flags: name the config's
-        raise InputError(str(e).replace("--text_key", "data.text_key").replace(
-            " or pass --utf8_errors=replace", "")) from None
+        message = str(e).replace("--text_key", "data.text_key").replace(
+            " or pass --utf8_errors=replace", "")
+        if isinstance(e, DataReadError):
+            raise e.reworded(message) from None
+        raise DataReadError(message, path) from None
     except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        raise DataReadError(f"{path}: unreadable ({type(e).__name__}: {e})", path) from None
 
 
 class PackedWindows(grain.IterDataset):
@@ -305,7 +310,8 @@ def raw_windows(source: RawSource, seq_len: int, seed: int, process_index: int,
                 process_count: int, workers: int, buffer: int = 16) -> grain.IterDataset:
     """This process's windows of `source` (endless), tokenized in `workers` processes (none
     for 0: in this process), each holding up to `buffer` windows ahead (a tokenizer batch
-    makes windows in bursts)."""
+    makes windows in bursts). Each worker ends when this process does, even by SIGKILL
+    (`worker_exit`)."""
     ds = PackedWindows(DocumentTokens(source, seed, process_index, process_count), seq_len)
     if workers <= 0:
         return ds
@@ -314,4 +320,5 @@ def raw_windows(source: RawSource, seq_len: int, seed: int, process_index: int,
     if not flags.FLAGS.is_parsed():  # Grain's worker processes read its absl flags
         flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                      per_worker_buffer_size=buffer))
+                                                      per_worker_buffer_size=buffer),
+                          worker_init_fn=worker_exit.worker_init_fn())

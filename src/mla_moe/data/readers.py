@@ -17,7 +17,9 @@ columnar data is never read as text:
 A file whose bytes are compressed or binary in a way its name does not say is an error naming it.
 Invalid UTF-8 is an error naming the file and byte (line, row or record) unless
 `utf8_errors="replace"`, which replaces each bad sequence with U+FFFD and counts it
-(`REPLACED`, reported by `launch.prepare_data`).
+(`REPLACED`, reported by `launch.prepare_data`). A file that fails part way (a truncated
+compressed stream, a damaged Parquet page or ArrowRecord chunk, a JSON line without the text)
+raises `read_errors.DataReadError`, which names the file and carries the line, row or record.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Iterator
 
 from mla_moe import paths
 from mla_moe.data import extras
+from mla_moe.data.read_errors import DataReadError
 from mla_moe.errors import InputError, MissingInputError
 
 MAGIC = {
@@ -157,7 +160,7 @@ def read_documents(path: str, text_key: str = "text", utf8_errors: str = "strict
                 if compression and b"\x00" in data[:_SNIFF_BYTES]:  # e.g. a .tar.gz
                     raise InputError(f"{path}: binary data (NUL bytes) once decompressed; "
                                      f"supported inputs are {SUPPORTED}")
-                yield _decode(data, path, 0, "byte", utf8_errors)
+                yield _decode(data, path, utf8_errors, "byte", 0)
     position.fraction = 1.0
 
 
@@ -175,16 +178,21 @@ def _size(raw) -> int:
             return 1
 
 
-def _decode(data: bytes, path: str, offset: int, unit: str, utf8_errors: str) -> str:
+def _decode(data: bytes, path: str, utf8_errors: str, unit: str, index: int) -> str:
+    """`data` (the file's `unit` `index`; for unit "byte", the bytes from that offset) as
+    UTF-8."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         if utf8_errors == "replace":
             return data.decode("utf-8", errors="mla_moe.count_replace")
-        where = (f"byte offset {offset + e.start}" if unit == "byte"
-                 else f"{unit}, byte offset {e.start}")
-        raise InputError(f"{path}: invalid UTF-8 at {where} ({data[e.start:e.end]!r}); fix the "
-                         "file or pass --utf8_errors=replace") from None
+        if unit == "byte":
+            unit, index, where = "byte", index + e.start, f"byte offset {index + e.start}"
+        else:
+            where = f"{unit} {index}, byte offset {e.start}"
+        raise DataReadError(f"{path}: invalid UTF-8 at {where} ({data[e.start:e.end]!r}); fix "
+                            "the file or pass --utf8_errors=replace", path, unit, index
+                            ) from None
 
 
 def _open_stream(raw, path: str, compression: str) -> io.BufferedIOBase:
@@ -199,8 +207,11 @@ def _open_stream(raw, path: str, compression: str) -> io.BufferedIOBase:
 def _read_all(f, path: str) -> bytes:
     try:
         return f.read()
+    except DataReadError:
+        raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise InputError(f"{path}: truncated or damaged compressed file ({e})") from None
+        raise DataReadError(f"{path}: truncated or damaged compressed file ({e})", path
+                            ) from None
 
 
 class _ZstdStream(io.RawIOBase):
@@ -211,6 +222,7 @@ class _ZstdStream(io.RawIOBase):
         self._raw, self._zstd, self._path = raw, zstd, path
         self._obj = zstd.ZstdDecompressor().decompressobj()
         self._pending, self._pos, self._in_frame = b"", 0, False
+        self._read = 0  # compressed bytes read
 
     def readable(self) -> bool:
         return True
@@ -219,15 +231,20 @@ class _ZstdStream(io.RawIOBase):
         while self._pos == len(self._pending):
             self._pending, self._pos = b"", 0
             chunk = self._raw.read(1 << 20)
+            self._read += len(chunk)
             if not chunk:
                 if self._in_frame:
-                    raise InputError(f"{self._path}: truncated zstd file (ends inside a frame)")
+                    raise DataReadError(f"{self._path}: truncated zstd file (ends inside a "
+                                        f"frame, at byte {self._read})", self._path, "byte",
+                                        self._read)
                 return 0
             while chunk:
                 try:
                     self._pending += self._obj.decompress(chunk)
                 except self._zstd.ZstdError as e:
-                    raise InputError(f"{self._path}: damaged zstd data ({e})") from None
+                    raise DataReadError(f"{self._path}: damaged zstd data in the 1 MiB before "
+                                        f"byte {self._read} ({e})", self._path, "byte",
+                                        max(0, self._read - len(chunk))) from None
                 self._in_frame = not self._obj.eof
                 chunk = self._obj.unused_data if self._obj.eof else b""
                 if self._obj.eof:
@@ -243,28 +260,28 @@ class _ZstdStream(io.RawIOBase):
 
 
 def _jsonl(f, path: str, text_key: str, utf8_errors: str) -> Iterator[str]:
-    lineno, offset = 0, 0
+    lineno = 0
     lines = iter(f)
     while True:
         try:
             line = next(lines)
         except StopIteration:
             return
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise InputError(f"{path}: truncated or damaged compressed file after line "
-                             f"{lineno} ({e})") from None
+        except (EOFError, zlib.error, gzip.BadGzipFile, DataReadError) as e:
+            raise DataReadError(f"{path}: truncated or damaged compressed file after line "
+                                f"{lineno} ({e})", path, "line", lineno + 1) from None
         lineno += 1
-        start, offset = offset, offset + len(line)
         if not line.strip():
             continue
-        text = _decode(line, path, start, f"line {lineno}", utf8_errors)
+        text = _decode(line, path, utf8_errors, "line", lineno)
         try:
             value = json.loads(text)[text_key]
         except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             value = None
         if not isinstance(value, str):
-            raise InputError(f"{path}:{lineno}: expected a JSON object with a {text_key!r} "
-                             "string (set --text_key to the field holding the text)")
+            raise DataReadError(f"{path}:{lineno}: expected a JSON object with a {text_key!r} "
+                                "string (set --text_key to the field holding the text)", path,
+                                "line", lineno)
         yield value
 
 
@@ -291,11 +308,18 @@ def _parquet(path: str, text_key: str, utf8_errors: str, position: Position) -> 
             batch = next(batches)
         except StopIteration:
             return
-        except pa.ArrowException as e:
-            raise InputError(f"{path}: unreadable after row {row} ({_first_line(e)})") from None
-        for value in batch.column(0).to_pylist():
+        except (pa.ArrowException, OSError) as e:  # a damaged page: often a plain OSError
+            raise DataReadError(f"{path}: unreadable at row {row} (rows from {row} on: "
+                                f"{_first_line(e)})", path, "row", row) from None
+        try:
+            values = batch.column(0).to_pylist()
+        except (pa.ArrowException, ValueError) as e:  # e.g. invalid UTF-8 in a string column
+            raise DataReadError(f"{path}: unreadable at row {row} (rows {row}-"
+                                f"{row + batch.num_rows - 1}: {_first_line(e)})", path, "row",
+                                row) from None
+        for value in values:
             if isinstance(value, bytes):
-                value = _decode(value, path, 0, f"row {row}", utf8_errors)
+                value = _decode(value, path, utf8_errors, "row", row)
             row += 1
             yield value or ""
         position.fraction = row / max(1, pf.metadata.num_rows)
@@ -310,8 +334,14 @@ def _array_record(path: str, utf8_errors: str, position: Position) -> Iterator[s
     try:
         n = reader.num_records()
         for begin in range(0, n, 1024):
-            for i, record in enumerate(reader.read(begin, min(n, begin + 1024)), begin):
-                yield _decode(record, path, 0, f"record {i}", utf8_errors)
+            try:
+                records = reader.read(begin, min(n, begin + 1024))
+            except (RuntimeError, ValueError, OSError) as e:
+                raise DataReadError(f"{path}: unreadable at record {begin} (records {begin}-"
+                                    f"{min(n, begin + 1024) - 1}: {_first_line(e)})", path,
+                                    "record", begin) from None
+            for i, record in enumerate(records, begin):
+                yield _decode(record, path, utf8_errors, "record", i)
             position.fraction = min(n, begin + 1024) / n
     finally:
         reader.close()

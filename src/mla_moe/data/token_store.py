@@ -25,11 +25,14 @@ import numpy as np
 import tensorstore as ts
 
 from mla_moe import paths
+from mla_moe.data.read_errors import DataReadError
 from mla_moe.errors import ExistingOutputError, InputError, MissingInputError
 
 FORMAT = "mla_moe.token_store"
 VERSION = 1
 SPLITS = ("train", "val")
+# A split up to this size is read into memory when opened; a larger one is read on demand.
+IN_MEMORY_BYTES = 1 << 30
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -293,10 +296,14 @@ class TokenSplit:
     ranges and document boundaries.
 
     Token ids are read from tensorstore on demand unless the split is smaller than
-    `in_memory_bytes`, in which case it is loaded once (a window read then costs a slice).
+    `in_memory_bytes` (default `IN_MEMORY_BYTES`), in which case it is loaded once (a window
+    read then costs a slice). A read that fails (a chunk file truncated or damaged since the
+    store was opened) raises a `DataReadError` naming the array and the token range.
     """
 
-    def __init__(self, path: str, split: str, in_memory_bytes: int = 1 << 30):
+    def __init__(self, path: str, split: str, in_memory_bytes: int | None = None):
+        if in_memory_bytes is None:
+            in_memory_bytes = IN_MEMORY_BYTES
         self.path = path
         self.meta = read_metadata(path)
         if split not in self.meta["splits"]:
@@ -307,7 +314,7 @@ class TokenSplit:
             raise InputError(f"data.path={path!r}: split {split!r} is empty")
         self.vocab_size = self.meta["vocab_size"]
         in_memory = self.num_tokens * np.dtype(self.meta["dtype"]).itemsize <= in_memory_bytes
-        self._tokens, self._offsets, starts = [], [0], []
+        self._tokens, self._offsets, starts, self._arrays = [], [0], [], []
         for part in store_parts(path):
             n = _read_one(path, part / "metadata.json")["splits"].get(split, {}).get(
                 "num_tokens", 0)
@@ -316,6 +323,7 @@ class TokenSplit:
             tokens, doc_starts = (self._open(path, part / split / name, split)
                                   for name in ("tokens", "doc_starts"))
             self._tokens.append(tokens.read().result() if in_memory else tokens)
+            self._arrays.append(str(part / split / "tokens"))
             starts.append(doc_starts.read().result().astype(np.int64) + self._offsets[-1])
             self._offsets.append(self._offsets[-1] + n)
         self.doc_starts = np.concatenate(starts)
@@ -340,9 +348,21 @@ class TokenSplit:
                 break
             piece = self._tokens[i][max(start, lo) - lo:min(stop, hi) - lo]
             if not isinstance(piece, np.ndarray):
-                piece = piece.read().result()
+                piece = self._read_piece(i, piece, max(start, lo) - lo, min(stop, hi) - lo)
             out.append(np.asarray(piece))
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _read_piece(self, i: int, piece, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of part `i` (a tensorstore view), or a DataReadError naming
+        the array and the range."""
+        try:
+            return piece.read().result()
+        except ValueError as e:  # tensorstore: a chunk file truncated, damaged or unreadable
+            raise DataReadError(
+                f"data.path={self.path!r}: {self._arrays[i]}: tokens {start}-{stop - 1} are "
+                f"unreadable ({_first_line(e)}); the store was damaged after it was written: "
+                "recreate it with `python -m launch.prepare_data`", self._arrays[i], "token",
+                start) from None
 
     def unigram_entropy(self, max_tokens: int = 1 << 24) -> float:
         """Entropy (nats) of the token distribution: the loss of the best position-blind model."""
@@ -352,3 +372,8 @@ class TokenSplit:
         )
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
