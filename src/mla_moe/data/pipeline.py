@@ -18,6 +18,9 @@ windows: a run with one takes each raw example from that source's process-local 
 (`raw_source.py`) and every store example as above, in an iterator whose checkpoint holds the
 example count and each raw stream's position.
 
+Every train iterator's state also names the stream it is a position in (sources, weights,
+seed, batch, process count: `stream_state`), so that a resume refuses a position of another.
+
 Batch arrays (all [L, T]): `inputs`, `targets`, `positions`, `segment_ids` int32 and `weights`
 float32.
 """
@@ -33,6 +36,7 @@ import numpy as np
 
 from mla_moe.data.mixture import Schedule, TokenMixture
 from mla_moe.data.raw_source import RawSource, raw_windows
+from mla_moe.data.stream_state import StreamIterator, describe
 from mla_moe.data.token_store import TokenSplit
 from mla_moe.errors import ConfigError, InputError
 
@@ -184,8 +188,10 @@ class StreamedExamplesIterator(grain.DatasetIterator):
 
 
 def train_iterator(source: TokenSplit | TokenMixture | RawSource,
-                   cfg: PipelineConfig) -> grain.DatasetIterator:
-    """Prefetching, checkpointable iterator (`get_state`/`set_state`) over local batches."""
+                   cfg: PipelineConfig) -> StreamIterator:
+    """Prefetching, checkpointable iterator (`get_state`/`set_state`) over local batches; its
+    state names the stream it is a position in (`stream_state`), and a state of another
+    stream is refused."""
     splits = source.splits if isinstance(source, TokenMixture) else [source]
     if any(isinstance(split, RawSource) for split in splits):
         weights = source.weights if isinstance(source, TokenMixture) else [1.0]
@@ -193,11 +199,10 @@ def train_iterator(source: TokenSplit | TokenMixture | RawSource,
         if cfg.prefetch:
             ds = grain.experimental.ThreadPrefetchIterDataset(
                 ds, prefetch_buffer_size=cfg.prefetch)
-        return iter(ds)
-    ds = train_dataset(source, cfg).to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
-    )
-    return iter(ds)
+    else:
+        ds = train_dataset(source, cfg).to_iter_dataset(
+            grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+    return StreamIterator(iter(ds), describe(source, cfg), cfg.process_index)
 
 
 def eval_batches(source: TokenSplit | TokenMixture, cfg: PipelineConfig,

@@ -125,6 +125,11 @@ class Checkpointer:
         self.committed, self._pending = self._pending, None
         self._done.append(self.committed)
 
+    def data_directory(self, step: int):
+        """Where checkpoint `step` keeps the data iterator's state (Grain's, one file per
+        process): an epath.Path."""
+        return paths.resolve(self.directory) / str(step) / DATA
+
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """`abstract_state`: leaves are `jax.ShapeDtypeStruct`s carrying their target sharding.
         The iterator, if given, is moved in place to the saved position."""

@@ -19,6 +19,7 @@ from typing import Any
 from absl import logging
 
 from mla_moe import paths
+from mla_moe.data import stream_state
 from mla_moe.errors import InputError
 from mla_moe.train import checkpoint as ckpt_lib
 from mla_moe.train import config as config_lib
@@ -182,6 +183,8 @@ def open_workdir(
     writer = metrics_lib.MetricWriter(workdir, is_main, config.log.tensorboard)
     latest = ckpt.latest_step()
     if latest is not None:
+        # The data position first: it belongs to a process count and data settings.
+        stream_state.check_saved(ckpt.data_directory(latest), data_iterator, latest)
         check_checkpoint_shapes(ckpt, latest, built.abstract_state)
         state = ckpt.restore(latest, built.state_spec(), data_iterator)
         writer.truncate_after(latest)
