@@ -100,6 +100,21 @@ def test_rules_override_and_size_one_axes():
     assert spec == P("tensor", None)
 
 
+def test_weights_in_use_are_gathered_over_the_axes_that_only_store_them():
+    """`sharding.gathered`: a weight's fsdp (and context) shards gathered where it is used, its
+    tensor split kept; the value is unchanged; a no-op without a mesh."""
+    mesh = sharding.make_mesh(dict(fsdp=2, context=2, tensor=2), config=SMALL)
+    w_DN = jnp.arange(8.0 * 4).reshape(8, 4)
+    with sharding.use_mesh(mesh):
+        stored = sharding.logical_to_spec(("embed", "heads"), w_DN.shape, mesh)
+        w_DN_stored = jax.device_put(w_DN, jax.sharding.NamedSharding(mesh, stored))
+        used = jax.jit(lambda w: sharding.gathered(w * 1.0, ("embed", "heads")))(w_DN_stored)
+    assert stored == P(("fsdp", "context"), "tensor")
+    assert used.sharding.spec == P(None, "tensor")
+    np.testing.assert_array_equal(np.asarray(used), np.asarray(w_DN))
+    assert sharding.gathered(w_DN, ("embed", "heads")) is w_DN
+
+
 def test_expert_weight_bytes_drop_by_expert_parallel_degree():
     """Compiled memory analysis: per-device expert weight bytes / EP."""
     flat = [(p, v) for p, v in nnx.to_flat_state(_abstract_state()) if p[-1] in EXPERT_WEIGHTS]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_moe.config import ModelConfig
+from mla_moe.sharding.axes import gathered
 from pallas_kernels.dispatch import target_platform
 
 
@@ -67,6 +68,18 @@ def param(
     else:
         init = stddev * jax.random.normal(_fast_key(rngs.params()), shape, dtype_of(dtype))
     return nnx.Param(init, out_sharding=axes, eager_sharding=False)
+
+
+def weight(v: nnx.Variable, dtype) -> jax.Array:
+    """Parameter `v` as the layer's products use it: cast to the compute `dtype`, then
+    gathered over the mesh axes that only store it (`sharding.gathered`, by its logical
+    names)."""
+    names = v.get_metadata().get("out_sharding")
+    w = v[...].astype(dtype)
+    if not isinstance(names, (tuple, list)):
+        return w
+    # A layer of a stacked group is a slice of it: its names still start with "layers".
+    return gathered(w, tuple(names)[len(names) - w.ndim:])
 
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 1, **dot_kwargs) -> jax.Array:
@@ -123,6 +136,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dt = x_BTD.dtype
-        g_BTF = dense(x_BTD, self.gate_DF[...].astype(dt))
-        u_BTF = dense(x_BTD, self.up_DF[...].astype(dt))
-        return dense(jax.nn.silu(g_BTF) * u_BTF, self.down_FD[...].astype(dt))
+        g_BTF = dense(x_BTD, weight(self.gate_DF, dt))
+        u_BTF = dense(x_BTD, weight(self.up_DF, dt))
+        return dense(jax.nn.silu(g_BTF) * u_BTF, weight(self.down_FD, dt))

@@ -26,7 +26,7 @@ from mla_moe import context_parallel, dsa_blocked, dsa_loss, sharding
 from mla_moe import indexer as dsa
 from mla_moe.cache import IndexKeyCodec, LatentCodec, write_entries
 from mla_moe.config import ModelConfig
-from mla_moe.layers import RMSNorm, dense, param, rms_norm
+from mla_moe.layers import RMSNorm, dense, param, rms_norm, weight
 from mla_moe.rope import apply_rope, softmax_scale
 from mla_moe.sharding import PER_HEAD, PER_TOKEN, constrain
 from pallas_kernels.dispatch import target_platform
@@ -154,7 +154,7 @@ class MLA(nnx.Module):
     # --- projections -------------------------------------------------------------------------
     def query_latent(self, x_BTD: jax.Array) -> jax.Array:
         """The normed query latent cq [B, T, Q] (q LoRA only; the V3.2 indexer reads it too)."""
-        return self.q_norm(dense(x_BTD, self.wq_a_DQ[...].astype(x_BTD.dtype)))
+        return self.q_norm(dense(x_BTD, weight(self.wq_a_DQ, x_BTD.dtype)))
 
     def queries(self, x_BTD: jax.Array, positions_BT: jax.Array,
                 cq_BTQ: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -162,10 +162,10 @@ class MLA(nnx.Module):
         query latent when already computed."""
         c, dt = self.config, x_BTD.dtype
         if c.q_lora_rank is None:
-            q_BTNA = dense(x_BTD, self.wq_DNA[...].astype(dt))
+            q_BTNA = dense(x_BTD, weight(self.wq_DNA, dt))
         else:
             cq_BTQ = self.query_latent(x_BTD) if cq_BTQ is None else cq_BTQ
-            q_BTNA = dense(cq_BTQ, self.wq_b_QNA[...].astype(dt))
+            q_BTNA = dense(cq_BTQ, weight(self.wq_b_QNA, dt))
         q_nope_BTNH = q_BTNA[..., : c.qk_nope_head_dim]
         q_pe_BTNR = apply_rope(q_BTNA[..., c.qk_nope_head_dim :], positions_BT, c)
         return q_nope_BTNH, q_pe_BTNR
@@ -173,7 +173,7 @@ class MLA(nnx.Module):
     def latent(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """The per-token cache entry [c_KV (normed); k_pe (roped)]: [B, T, C + R]."""
         c, dt = self.config, x_BTD.dtype
-        kv_BTL = dense(x_BTD, self.wkv_a_DL[...].astype(dt))
+        kv_BTL = dense(x_BTD, weight(self.wkv_a_DL, dt))
         c_BTC = rms_norm(kv_BTL[..., : c.kv_lora_rank], self.kv_norm.weight[...], LATENT_NORM_EPS)
         k_pe_BTR = apply_rope(kv_BTL[..., c.kv_lora_rank :], positions_BT, c)
         return jnp.concatenate([c_BTC, k_pe_BTR], axis=-1)
@@ -185,8 +185,8 @@ class MLA(nnx.Module):
         attend(q_nope, q_pe, k_nope_BSNH, k_pe_BSR, v_BSNV) -> o [B, T, N, V]."""
         c, dt = self.config, q_nope_BTNH.dtype
         c_BSC, k_pe_BSR = kv_BSL[..., : c.kv_lora_rank], kv_BSL[..., c.kv_lora_rank :]
-        k_nope_BSNH = dense(c_BSC, self.wk_b_CNH[...].astype(dt))
-        v_BSNV = dense(c_BSC, self.wv_b_CNV[...].astype(dt))
+        k_nope_BSNH = dense(c_BSC, weight(self.wk_b_CNH, dt))
+        v_BSNV = dense(c_BSC, weight(self.wv_b_CNV, dt))
         return attend(q_nope_BTNH, q_pe_BTNR, k_nope_BSNH, k_pe_BSR, v_BSNV)
 
     def absorbed(self, q_nope_BTNH: jax.Array, q_pe_BTNR: jax.Array,
@@ -194,9 +194,9 @@ class MLA(nnx.Module):
         """W_UK folded into the query, attend(q_latent_BTNC, q_pe) -> o_latent_BTNC over the
         latent directly, then W_UV: o [B, T, N, V]."""
         dt = q_nope_BTNH.dtype
-        q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, self.wk_b_CNH[...].astype(dt))
+        q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, weight(self.wk_b_CNH, dt))
         o_latent_BTNC = attend(q_latent_BTNC, q_pe_BTNR)
-        return jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, self.wv_b_CNV[...].astype(dt))
+        return jnp.einsum("BTNC,CNV->BTNV", o_latent_BTNC, weight(self.wv_b_CNV, dt))
 
     # --- attention without and with a cache --------------------------------------------------
     def _self_attention(self, q_nope_BTNH, q_pe_BTNR, kv_BTL, segment_ids_BT, form,
@@ -398,7 +398,7 @@ class MLA(nnx.Module):
     def _output(self, o_BTNV: jax.Array, dt) -> jax.Array:
         """The heads' outputs projected back: [B, T, D]."""
         o_BTNV = constrain(o_BTNV, ("batch", "length", "act_heads", None))  # heads over tensor
-        return dense(o_BTNV.astype(dt), self.wo_NVD[...].astype(dt), contract=2)
+        return dense(o_BTNV.astype(dt), weight(self.wo_NVD, dt), contract=2)
 
     def _context_indexed_attention(self, x_BTD, cq_BTQ, positions_BT, segment_ids_BT,
                                    q_nope_BTNH, q_pe_BTNR, latent_BTL, want_loss):

@@ -247,3 +247,25 @@ def constrain(x: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
         return x
     spec = logical_to_spec(logical_names, x.shape, mesh, strict=False)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+# Mesh axes that hold a weight without dividing the work of its products: the weight is
+# gathered over them where it is used (FSDP); `tensor` and `expert` split the products.
+STORAGE_AXES = frozenset({"data", "fsdp", "context"})
+
+
+def gathered(w: jax.Array, logical_names: tuple[str | None, ...]) -> jax.Array:
+    """A weight with logical axis `names` as its products use it: gathered over the axes that
+    only store it (`STORAGE_AXES`), still split over the others; a no-op without a mesh.
+
+    Gathering the value once, where it is made, lets a layer's backward under remat use the
+    recomputed forward's gathered copy for its transposed products too; left to the
+    partitioner, each product (forward, recomputed forward, transpose) gathers its own."""
+    mesh = active_mesh()
+    if mesh is None:
+        return w
+    rules, sizes = current_rules(), dict(mesh.shape)
+    used = [n if n is not None and not set(rule_axes(n, sizes, rules)) <= STORAGE_AXES
+            else None for n in logical_names]
+    return constrain(w, tuple(used))
+
