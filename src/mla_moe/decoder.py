@@ -228,10 +228,15 @@ class DeepSeekModel(nnx.Module):
                 return layer(x, positions_BT, segment_ids_BT, cache_l, lengths_B, form,
                              indexer_loss)
 
-            if c.remat_policy != "none":
-                body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy])
             n = jax.tree.leaves(state)[0].shape[0]
-            if c.scan_layers and cache_group is None:
+            scan = c.scan_layers and cache_group is None
+            if c.remat_policy != "none":
+                # A one-layer group's scan is inlined, and then the recomputation can merge
+                # with the forward (CSE) when not fenced off: the layer keeps its forward
+                # values and the weights it gathered (V2-Lite's first, dense, layer).
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy],
+                                      prevent_cse=not (scan and n == 1))
+            if scan:
                 def step(x, layer_state):
                     x, _, stats, kl = body(x, layer_state, None)
                     return x, (stats, kl)
