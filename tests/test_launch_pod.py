@@ -12,7 +12,7 @@ import cli_output
 import numpy as np
 import pytest
 import yaml
-from train_helpers import micro_config, synthetic_store
+from train_helpers import micro_config, one_layer, one_layer_flags, synthetic_store, xla_flags
 
 from launch.pod import tpu_types
 from mla_moe.train import train
@@ -46,21 +46,23 @@ def _fake_gcloud(tmp_path):
     path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])
     # The workers run from their unpacked tree (cwd): `src` there is the library they import.
     env = _env(PATH=path, FAKE_GCLOUD_LOG=str(log), FAKE_GCLOUD_ROOT=str(tmp_path / "hosts"),
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+               XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     return env, log
 
 
 def test_tpu_vm_trains_on_two_fake_workers(tmp_path):
+    """The micro model cut to one layer (`one_layer`), the workers compiled quickly: their
+    losses against this process's run of the same config."""
     store = synthetic_store(str(tmp_path / "store"))
     steps = 3
-    train(micro_config(store, train=dict(steps=steps)), str(tmp_path / "one"))
+    train(one_layer(micro_config(store, train=dict(steps=steps))), str(tmp_path / "one"))
     one = {r["step"]: r["loss"] for r in _records(str(tmp_path / "one"))}
 
     env, log = _fake_gcloud(tmp_path)
     workdir = str(tmp_path / "two")
     forwarded = ["--config=configs/tiny.py:micro", f"--workdir={workdir}",
                  f"--config.data.path={store}", f"--config.train.steps={steps}",
-                 "--config.log.tensorboard=False"]
+                 *one_layer_flags(), "--config.log.tensorboard=False"]
     logdir = tmp_path / "logs"
     out = _pod("tpu-vm", "--tpu=fake-v5p-16", "--zone=us-east5-a", "--noinstall",
                f"--logdir={logdir}", "--", *forwarded, env=env, timeout=600)

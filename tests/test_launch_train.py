@@ -13,7 +13,7 @@ import cli_output
 import numpy as np
 import pytest
 from ports import reserved_port
-from train_helpers import micro_config, synthetic_store
+from train_helpers import micro_config, one_layer, one_layer_flags, synthetic_store, xla_flags
 
 from mla_moe.data.prepare_store import is_validation
 from mla_moe.train import train
@@ -122,23 +122,26 @@ def test_prepare_data_cli(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
+    """The micro model cut to one layer (`one_layer`), the two processes compiled quickly:
+    their losses against this process's run of the same config."""
     store = synthetic_store(str(tmp_path / "store"))
     steps = 3
-    reference = train(micro_config(store, train=dict(steps=steps)), str(tmp_path / "one"))
+    reference = train(one_layer(micro_config(store, train=dict(steps=steps))),
+                      str(tmp_path / "one"))
     assert reference.step == steps
     one = {r["step"]: r["loss"] for r in _records(str(tmp_path / "one"))}
 
     workdir = str(tmp_path / "two")
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = _env(XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     outs = []
     with reserved_port() as port:
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:micro",
                  f"--workdir={workdir}", f"--config.data.path={store}",
-                 f"--config.train.steps={steps}", "--config.log.tensorboard=False",
-                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}"],
+                 f"--config.train.steps={steps}", *one_layer_flags(),
+                 "--config.log.tensorboard=False", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}"],
                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(2)
         ]

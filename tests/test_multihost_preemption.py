@@ -11,15 +11,16 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 from ports import reserved_port
-from train_helpers import synthetic_store
+from train_helpers import synthetic_store, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
 def _two_processes(store, workdir, *, sigterm_step=-1, sigterm_pid=-1):
-    """Runs both processes to the end; returns their (exit status, output)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    """Runs both processes to the end; returns their (exit status, output). Every run is
+    compiled alike (quick compile), so their results compare bitwise."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                    [os.path.join(ROOT, "src"), ROOT, os.environ.get("PYTHONPATH", "")]))
     with reserved_port() as port:

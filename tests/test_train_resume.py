@@ -1,7 +1,11 @@
 """Exact resume after SIGTERM, after Ctrl-Cs at random moments of saves and after SIGKILL (a
 token store alone, and mixed with raw files tokenized on the fly);
 continuing a finished run; a fresh start over an earlier attempt's files; restoring onto a
-different mesh."""
+different mesh.
+
+The micro model is cut to one MoE layer without MTP (`train_helpers.one_layer`, in this file's
+`_config` and `_launch`): exact resumption does not depend on the model's depth, and the
+launcher runs that the kills interrupt compile in half the time."""
 
 import glob
 import json
@@ -17,13 +21,18 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import micro_config, sigterm_at, synthetic_store
+from train_helpers import micro_config, one_layer, one_layer_flags, sigterm_at, synthetic_store
 
 from mla_moe.train import train
 from mla_moe.train.resume import continue_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
+
+
+def _config(data_path, **sections):
+    """The micro run config of every run here (and `_launch`'s), its model cut to one layer."""
+    return one_layer(micro_config(data_path, **sections))
 
 
 def _losses(workdir):
@@ -42,7 +51,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, store):
     workdir = str(tmp_path_factory.mktemp("straight") / "w")
-    result = train(micro_config(store, train=dict(steps=STEPS)), workdir)
+    result = train(_config(store, train=dict(steps=STEPS)), workdir)
     assert result.step == STEPS and result.resumed_from is None
     losses = _losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -51,7 +60,7 @@ def straight(tmp_path_factory, store):
 
 def test_sigterm_then_resume_is_bitwise_identical(straight, store, tmp_path):
     workdir = str(tmp_path / "w")
-    config = micro_config(store, train=dict(steps=STEPS))
+    config = _config(store, train=dict(steps=STEPS))
     first = train(config, workdir, hooks=(sigterm_at(STEPS // 2),))
     assert first.preempted and first.step == STEPS // 2
     assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))  # saved on the signal
@@ -64,7 +73,7 @@ def _launch(workdir, store):
     cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py:micro",
            f"--workdir={workdir}", f"--config.data.path={store}",
            f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=2",
-           "--config.log.tensorboard=False"]
+           *one_layer_flags(), "--config.log.tensorboard=False"]
     path = os.pathsep.join(["src", ".", os.environ.get("PYTHONPATH", "")])
     return cmd, {**os.environ, "PYTHONPATH": path}
 
@@ -127,7 +136,7 @@ def test_ctrl_c_at_random_moments_of_saves_loses_nothing(straight, store, tmp_pa
                                                                       r"step (\d+)", last)}
     steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert max(steps) in allowed, why
-    result = train(micro_config(store, train=dict(steps=STEPS), log=dict(tensorboard=False)),
+    result = train(_config(store, train=dict(steps=STEPS), log=dict(tensorboard=False)),
                    workdir)
     assert result.resumed_from == max(steps) and result.step == STEPS, why
     said = capsys.readouterr().out
@@ -144,7 +153,7 @@ def test_sigkill_then_resume_is_bitwise_identical(straight, store, tmp_path, cap
     wait = random.uniform(0, 0.1)
     status, out = _signal_after_save(cmd, env, workdir, [(signal.SIGKILL, wait)])
     assert status == -signal.SIGKILL, out[-3000:]
-    result = train(micro_config(store, train=dict(steps=STEPS), log=dict(tensorboard=False)),
+    result = train(_config(store, train=dict(steps=STEPS), log=dict(tensorboard=False)),
                    workdir)
     assert result.resumed_from in (2, 4) and result.step == STEPS, (wait, out[-3000:])
     assert f"resuming from step {result.resumed_from}" in capsys.readouterr().out
@@ -167,8 +176,8 @@ def test_sigkill_with_a_raw_source_then_resume_is_bitwise_identical(store, tmp_p
     path = f"{store},raw:{raw}/*.jsonl"
 
     def config():
-        return micro_config(path, train=dict(steps=STEPS), log=dict(tensorboard=False),
-                            data=dict(tokenizer="byte", workers=1))
+        return _config(path, train=dict(steps=STEPS), log=dict(tensorboard=False),
+                       data=dict(tokenizer="byte", workers=1))
 
     straight_dir = str(tmp_path / "straight")
     train(config(), straight_dir)
@@ -191,7 +200,7 @@ def test_restore_onto_another_mesh_and_continue(straight, store, tmp_path):
     for step in os.listdir(os.path.join(workdir, "checkpoints")):
         if step.isdigit() and int(step) > 4:
             shutil.rmtree(os.path.join(workdir, "checkpoints", step))
-    config = micro_config(store, train=dict(steps=STEPS), mesh=dict(data=2, expert=4))
+    config = _config(store, train=dict(steps=STEPS), mesh=dict(data=2, expert=4))
     result = train(config, workdir)  # saved under data=8, restored into data=2 x expert=4
     assert result.resumed_from == 4 and result.step == STEPS
     losses = _losses(workdir)
@@ -228,7 +237,7 @@ def test_fresh_start_over_an_unfinished_attempt(straight, store, tmp_path, capsy
     shutil.copytree(straight[0], workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     os.makedirs(os.path.join(workdir, "checkpoints", "2.orbax-checkpoint-tmp", "state"))
-    result = train(micro_config(store, train=dict(steps=STEPS)), workdir)
+    result = train(_config(store, train=dict(steps=STEPS)), workdir)
     assert result.resumed_from is None and result.step == STEPS
     out = capsys.readouterr().out
     assert "removing 2.orbax-checkpoint-tmp: a save that never completed" in out
@@ -243,7 +252,7 @@ def test_fresh_start_over_an_unfinished_attempt(straight, store, tmp_path, capsy
 def test_continuing_a_finished_run_keeps_its_schedule(straight, store, tmp_path, capsys):
     workdir = str(tmp_path / "w")
     shutil.copytree(straight[0], workdir)
-    config = micro_config(store, train=dict(steps=STEPS + 2))
+    config = _config(store, train=dict(steps=STEPS + 2))
     result = train(config, workdir)
     assert result.resumed_from == STEPS and result.step == STEPS + 2
     out = capsys.readouterr().out

@@ -10,7 +10,36 @@ import numpy as np
 from configs.tiny import micro_config, micro_model
 from mla_moe.data import token_store
 
-__all__ = ["micro_config", "micro_model", "sigterm_at", "synthetic_store"]
+__all__ = ["FAST_COMPILE_FLAGS", "ONE_LAYER", "micro_config", "micro_model", "one_layer",
+           "one_layer_flags", "sigterm_at", "synthetic_store", "xla_flags"]
+
+# XLA:CPU's quick compile (the unit tests' FAST_COMPILE compiler options) as XLA_FLAGS for the
+# training subprocesses: they compile in about half the time. Only for runs whose results are
+# compared with runs compiled the same way, or within a tolerance (it may round differently
+# from the default compile, which this process's own runs use).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+# The micro model cut to one MoE layer without the MTP module (the dense layer and MTP module
+# would double the compile): for the tests of launchers, processes and resumption, whose
+# properties do not depend on the model's depth; the train step's own tests cover every layer.
+ONE_LAYER = dict(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
+
+
+def one_layer(config):
+    """`config` (a micro run config) with the model cut to `ONE_LAYER`; returns it."""
+    config.model.update(ONE_LAYER)
+    return config
+
+
+def one_layer_flags() -> list[str]:
+    """`ONE_LAYER` as launch.train flags."""
+    return [f"--config.model.{k}={v}" for k, v in ONE_LAYER.items()]
+
+
+def xla_flags(devices: int, fast: bool = True) -> str:
+    """XLA_FLAGS for a subprocess: `devices` simulated CPU devices, quick compile (`fast`)."""
+    return f"--xla_force_host_platform_device_count={devices}" + (
+        f" {FAST_COMPILE_FLAGS}" if fast else "")
 
 
 def synthetic_store(path: str, num_docs: int = 40, doc_len: int = 300, seed: int = 0) -> str:
