@@ -281,3 +281,16 @@ def test_batch_is_split_over_every_axis_but_tensor():
         None, None)
     with pytest.raises(ValueError, match=r"dimension 0 \('batch', size 4\)"):
         sharding.logical_to_spec(("batch",), (4,), mesh)
+
+
+def test_context_mesh_on_a_torus_may_split_a_dimension():
+    """fsdp=128 x context=4 on v5p:8x8x8 needs one torus dimension split 2 x 4, which jax's
+    own assignment refuses; each sequence's 4 chips are then neighbours along that dimension."""
+    from pallas_kernels import targets
+
+    mesh = sharding.make_mesh(dict(fsdp=-1, context=4), devices=targets.devices("tpu:v5p:8x8x8"))
+    assert dict(mesh.shape) == dict(data=1, fsdp=128, expert=1, context=4, tensor=1)
+    assert len({d.id for d in mesh.devices.flat}) == 512
+    for group in mesh.devices.reshape(128, 4)[::37]:
+        coords = np.array([d.coords for d in group])
+        assert (np.abs(np.diff(coords, axis=0)).sum(axis=1) == 1).all(), coords

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
+from jax.experimental import mesh_utils
 
 from mla_moe import multislice
 from mla_moe.sharding.axes import (
@@ -166,7 +167,14 @@ def make_mesh(
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if granules is None:  # one slice: jax's topology-aware mesh, as ever
         shape = tuple(sizes[a] for a in MESH_AXES)
-        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        except NotImplementedError:
+            # No axis may span part of a torus dimension in jax's assignment (fsdp=128 x
+            # context=4 on v5p:8x8x8 splits one dimension 2 x 4): allow it.
+            grid = mesh_utils.create_device_mesh(shape, devices[:math.prod(shape)],
+                                                 allow_split_physical_axes=True)
+            return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
     return jax.sharding.Mesh(
         multislice.hybrid_devices(sizes, dcn, devices, granules), MESH_AXES, axis_types=axis_types
     )
