@@ -14,8 +14,12 @@ one-stage gather. The reduce-scatter is the transpose: across blocks first, then
 Bytes over links: stage 1 moves (B-1)/B of 1/(N/B) of the array, stage 2 (N/B-1)/(N/B) of it,
 about (N-1)/N in all (512 chips: 0.998 against the all-reduce's 1.996 of the array).
 
-Only for one mesh axis of size > 1 whose devices carry torus coordinates (TPU); otherwise (GPU,
-CPU, several axes) the one-stage collective.
+Over several mesh axes (the weights' `("fsdp", "context")` under context parallelism) whose
+devices together span three torus dimensions, the gather runs one axis at a time, the minor
+axis first (gathering over `context` gives each chip its `fsdp` index's block; gathering those
+over `fsdp` gives the whole array in order), each axis staged as above where it spans three
+dimensions itself. Only where the devices carry torus coordinates (TPU); otherwise (GPU, CPU)
+the one-stage collective.
 """
 
 from __future__ import annotations
@@ -69,8 +73,8 @@ def _groups_for(mesh: jax.sharding.Mesh, axis: str) -> Groups | None:
 
 
 def groups(axes: tuple[str, ...]) -> tuple[str, Groups] | None:
-    """(the axis, its two stages' groups) when a collective over `axes` should be staged, read
-    from the devices of the mesh of `use_mesh`; None without one."""
+    """(the axis, its two stages' groups) when a collective over the one live axis of `axes`
+    should be staged, read from the devices of the mesh of `use_mesh`; None without one."""
     mesh = device_mesh()
     if mesh is None:
         return None
@@ -81,34 +85,79 @@ def groups(axes: tuple[str, ...]) -> tuple[str, Groups] | None:
     return (live[0], found) if found else None
 
 
-def _plan(axes: tuple[str, ...], staged) -> tuple[str, Groups] | None:
-    """The stages to run for `staged` (True: decided from the mesh; False: none; or given)."""
-    if not axes:
+# A plan: single-axis collectives in gather order, each (axis, its two stages' groups or None).
+Plan = tuple[tuple[str, Groups | None], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _steps_for(mesh: jax.sharding.Mesh, live: tuple[str, ...]) -> Plan | None:
+    """Per-axis steps (minor axis first) when the joint group of `live` spans three torus
+    dimensions; None when one collective stays an all-gather or the devices have no
+    coordinates."""
+    index = tuple(slice(None) if a in live else 0 for a in mesh.axis_names)
+    devices = mesh.devices[index].reshape(-1)
+    coords = [getattr(d, "coords", None) for d in devices]
+    if any(c is None for c in coords) or devices[0].platform != "tpu":
         return None
-    return groups(axes) if staged is True else (staged or None)
+    if _spanned(np.asarray(coords)) <= 2:
+        return None
+    return tuple((a, _groups_for(mesh, a)) for a in reversed(live))
+
+
+def plan(axes: tuple[str, ...]) -> Plan | None:
+    """How to gather over `axes` on the mesh of `use_mesh`: None for one collective."""
+    mesh = device_mesh()
+    if mesh is None:
+        return None
+    live = tuple(a for a in axes if dict(mesh.shape).get(a, 1) > 1)
+    if len(live) == 1:
+        found = _groups_for(mesh, live[0])
+        return ((live[0], found),) if found else None
+    return _steps_for(mesh, live) if live else None
+
+
+def _plan(axes: tuple[str, ...], staged) -> Plan | None:
+    """The steps to run for `staged` (True: decided from the mesh; False: none; one axis's
+    (axis, groups); or a whole plan)."""
+    if not axes or staged is False or staged is None:
+        return None
+    if staged is True:
+        return plan(axes)
+    return (staged,) if isinstance(staged[0], str) else staged
 
 
 def all_gather(x: jax.Array, axes: tuple[str, ...], axis: int, *,
-               staged: tuple[str, Groups] | None | bool = True) -> jax.Array:
-    """`lax.all_gather(x, axes, axis=axis, tiled=True)`, in two stages where `groups` says so.
-    staged: True (decide from the mesh), False (one stage) or explicit (axis, groups)."""
-    plan = _plan(axes, staged)
-    if plan is None:
+               staged: Plan | tuple[str, Groups] | None | bool = True) -> jax.Array:
+    """`lax.all_gather(x, axes, axis=axis, tiled=True)`, in stages where `plan` says so.
+    staged: True (decide from the mesh), False (one collective), one axis's (axis, groups) or
+    a plan."""
+    steps = _plan(axes, staged)
+    if steps is None:
         return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
-    name, (within, across) = plan
-    x = jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=within)
-    return jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=across)
+    for name, stages in steps:
+        if stages is None:
+            x = jax.lax.all_gather(x, name, axis=axis, tiled=True)
+            continue
+        within, across = stages
+        x = jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=within)
+        x = jax.lax.all_gather(x, name, axis=axis, tiled=True, axis_index_groups=across)
+    return x
 
 
 def psum_scatter(x: jax.Array, axes: tuple[str, ...], axis: int, *,
-                 staged: tuple[str, Groups] | None | bool = True) -> jax.Array:
+                 staged: Plan | tuple[str, Groups] | None | bool = True) -> jax.Array:
     """`lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True)`, the transpose of
-    `all_gather` above, staged the same way."""
-    plan = _plan(axes, staged)
-    if plan is None:
+    `all_gather` above, its steps in reverse."""
+    steps = _plan(axes, staged)
+    if steps is None:
         return jax.lax.psum_scatter(x, axes, scatter_dimension=axis, tiled=True) if axes else x
-    name, (within, across) = plan
-    x = jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True,
-                             axis_index_groups=across)
-    return jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True,
-                                axis_index_groups=within)
+    for name, stages in reversed(steps):
+        if stages is None:
+            x = jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True)
+            continue
+        within, across = stages
+        x = jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True,
+                                 axis_index_groups=across)
+        x = jax.lax.psum_scatter(x, name, scatter_dimension=axis, tiled=True,
+                                 axis_index_groups=within)
+    return x
