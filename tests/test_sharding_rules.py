@@ -285,12 +285,16 @@ def test_batch_is_split_over_every_axis_but_tensor():
 
 def test_context_mesh_on_a_torus_may_split_a_dimension():
     """fsdp=128 x context=4 on v5p:8x8x8 needs one torus dimension split 2 x 4, which jax's
-    own assignment refuses; each sequence's 4 chips are then neighbours along that dimension."""
+    own assignment refuses: the mesh is jax's fsdp=512 mesh with that axis split, context
+    minor, so each sequence's 4 chips are neighbours and both axes together are one fsdp
+    axis's devices in order."""
     from pallas_kernels import targets
 
     mesh = sharding.make_mesh(dict(fsdp=-1, context=4), devices=targets.devices("tpu:v5p:8x8x8"))
     assert dict(mesh.shape) == dict(data=1, fsdp=128, expert=1, context=4, tensor=1)
     assert len({d.id for d in mesh.devices.flat}) == 512
+    whole = sharding.make_mesh(dict(fsdp=-1), devices=targets.devices("tpu:v5p:8x8x8"))
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in whole.devices.flat]
     for group in mesh.devices.reshape(128, 4)[::37]:
         coords = np.array([d.coords for d in group])
         assert (np.abs(np.diff(coords, axis=0)).sum(axis=1) == 1).all(), coords

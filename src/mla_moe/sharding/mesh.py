@@ -143,6 +143,19 @@ def validate_mesh(
                 )
 
 
+def _split_context(sizes: dict[str, int], devices: Sequence[jax.Device], axis_types):
+    """Devices for the mesh `sizes` as jax orders them for fsdp x context as one axis, that
+    axis then split (context minor: each sequence's chips consecutive); None where `expert` >
+    1 sits between the two. Gathers over both axes then have the replica groups of one fsdp
+    axis, which XLA:TPU keeps as all-gathers."""
+    if sizes["expert"] != 1:
+        return None
+    merged = (sizes["data"], sizes["fsdp"] * sizes["context"], 1, 1, sizes["tensor"])
+    grid = jax.make_mesh(merged, MESH_AXES, axis_types=axis_types, devices=devices).devices
+    grid = grid.reshape(sizes["data"], sizes["fsdp"], sizes["context"], 1, sizes["tensor"])
+    return grid.swapaxes(2, 3)
+
+
 def make_mesh(
     mesh_cfg: Any, devices: Sequence[jax.Device] | None = None, *, config: ModelConfig | None = None
 ) -> jax.sharding.Mesh:
@@ -170,10 +183,12 @@ def make_mesh(
         try:
             return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
         except NotImplementedError:
-            # No axis may span part of a torus dimension in jax's assignment (fsdp=128 x
-            # context=4 on v5p:8x8x8 splits one dimension 2 x 4): allow it.
-            grid = mesh_utils.create_device_mesh(shape, devices[:math.prod(shape)],
-                                                 allow_split_physical_axes=True)
+            # jax's assignment lets no axis span part of a torus dimension (fsdp=128 x
+            # context=4 on v5p:8x8x8 splits one 2 x 4).
+            grid = _split_context(sizes, devices, axis_types)
+            if grid is None:
+                grid = mesh_utils.create_device_mesh(shape, devices[:math.prod(shape)],
+                                                     allow_split_physical_axes=True)
             return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
     return jax.sharding.Mesh(
         multislice.hybrid_devices(sizes, dcn, devices, granules), MESH_AXES, axis_types=axis_types
