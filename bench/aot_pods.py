@@ -31,9 +31,10 @@ RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 REPORTS = os.path.join(ROOT, "bench", "aot_pods.json")
 TITLE = "## Will it fit? (`python bench/aot_pods.py`, ahead-of-time compiles from a CPU host)"
 
-# name: (preset, target, sequences per chip, seq_len, HBM fraction the peak must stay under).
-# Every row runs the preset's own defaults (mesh, remat, dispatch, dtypes): only the target,
-# the batch and the sequence length are given, as a user would.
+# name: (preset[:variant], target, sequences per chip, seq_len, HBM fraction the peak must
+# stay under[, config overrides]). Every row runs the preset's own defaults (mesh, remat,
+# dispatch, dtypes): only the target, the batch and the sequence length are given, as a user
+# would, plus the context size where a sequence is split over chips.
 ROWS = {
     "v3_tpu_6x8192": ("deepseek_v3", "tpu:v5p:8x8x8", 6, 8192, 0.9),
     "v3_tpu_4x4096": ("deepseek_v3", "tpu:v5p:8x8x8", 4, 4096, 0.9),
@@ -50,7 +51,29 @@ ROWS = {
     # (bench/RESULTS.md, "Ironwood (TPU7x), compile-only").
     "v3_tpu7x_12x8192": ("deepseek_v3", "tpu:tpu7x:4x8x8", 12, 8192, 0.9),
     "v3_tpu7x": ("deepseek_v3", "tpu:tpu7x:4x8x8", 8, 8192, 0.9),
+    # 128K-token sequences, each split over `context` chips (a fraction of a sequence per
+    # chip): V3.2's sparse stage and V3 at 128 x 131072 (32,768 tokens per chip, 4 chips per
+    # sequence), and V3.2's dense warm-up at the report's 16 x 131072 (context 32).
+    "v32_tpu_128x128k": ("deepseek_v32", "tpu:v5p:8x8x8", 1 / 4, 131072, 0.9,
+                         ("mesh.context=4",)),
+    "v32_warmup_tpu_16x128k": ("deepseek_v32:warmup", "tpu:v5p:8x8x8", 1 / 32, 131072, 0.9,
+                               ("mesh.context=32",)),
+    "v3_tpu_128x128k": ("deepseek_v3", "tpu:v5p:8x8x8", 1 / 4, 131072, 0.9,
+                        ("mesh.context=4",)),
 }
+
+
+def row(name: str) -> tuple:
+    """(preset[:variant], target, sequences per chip, seq_len, HBM fraction, overrides)."""
+    preset, target, per_chip, seq_len, limit, *extra = ROWS[name]
+    return preset, target, per_chip, seq_len, limit, tuple(extra[0]) if extra else ()
+
+
+def per_chip_text(per_chip: float, seq_len: int) -> str:
+    """"6 x 8192", or for a sequence split over chips "32,768 (1/4 of 131072)"."""
+    if per_chip >= 1:
+        return f"{per_chip:g} x {seq_len}"
+    return f"{per_chip * seq_len:,.0f} (1/{round(1 / per_chip)} of {seq_len})"
 
 
 def chips(target: str) -> int:
@@ -61,14 +84,16 @@ def chips(target: str) -> int:
 
 
 def run_row(name: str, overrides: list[str], timeout: int) -> dict:
-    preset, target, per_chip, seq_len, _ = ROWS[name]
-    batch = per_chip * chips(target)
+    preset, target, per_chip, seq_len, _, row_overrides = row(name)
+    batch = round(per_chip * chips(target))
+    module, _, variant = preset.partition(":")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "launch.compile", f"--config=configs/{preset}.py",
+        cmd = [sys.executable, "-m", "launch.compile",
+               f"--config=configs/{module}.py" + (f":{variant}" if variant else ""),
                f"--target={target}", f"--json={out}",
                f"--config.train.batch_size={batch}", f"--config.train.seq_len={seq_len}",
-               *[f"--config.{o}" for o in overrides]]
+               *[f"--config.{o}" for o in (*row_overrides, *overrides)]]
         print(" ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         print(proc.stdout, flush=True)
@@ -115,10 +140,11 @@ def table(results: list[dict], overrides: list[str]) -> str:
     ]
     terms = ("compute_s", "hbm_s", "ici_s", "dcn_s", "host_s")
     for r in results:
-        preset, target, per_chip, seq_len, limit = ROWS[r["name"]]
+        preset, target, per_chip, seq_len, limit, _ = row(r["name"])
         head = f"| {preset} | {target} "
+        tokens = per_chip_text(per_chip, seq_len)
         if "error" in r:
-            lines.append(head + f"| | {per_chip} x {seq_len} | error: {r['error']} "
+            lines.append(head + f"| | {tokens} | error: {r['error']} "
                          + "| " * 10 + "|")
             continue
         mesh_s = " x ".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1)
@@ -127,7 +153,7 @@ def table(results: list[dict], overrides: list[str]) -> str:
         if r.get("limit_exceeded") and not r.get("temp_bytes"):
             # The compiler refused the program: its message gives only what it needed against
             # the budget it had (the capacity is then that budget, not the device's HBM).
-            lines.append(head + f"| {mesh_s} | {per_chip} x {seq_len} "
+            lines.append(head + f"| {mesh_s} | {tokens} "
                          f"| {r['state_bytes'] / g:.1f} | needs {r['per_device_bytes'] / g:.1f} "
                          f"of the compiler's {r['hbm_capacity_bytes'] / g:.1f} | - | - | **no** "
                          f"| {'yes' if r.get('dropless') else '**no**'} | | | "
@@ -149,7 +175,7 @@ def table(results: list[dict], overrides: list[str]) -> str:
             est_s = "| |"
         coll = sum(row["bytes"] for row in r["collectives"].values()) / g
         dropless = "yes" if r.get("dropless") else "**no**"
-        lines.append(head + f"| {mesh_s} | {per_chip} x {seq_len} | {r['state_bytes'] / g:.1f} "
+        lines.append(head + f"| {mesh_s} | {tokens} | {r['state_bytes'] / g:.1f} "
                      f"| {r['per_device_bytes'] / g:.1f} | {frac:.0%} | {host_s} | {fits} "
                      f"| {dropless} | {est_s} | {r['compile_s']:.0f} | {coll:.1f} |")
     return "\n".join(lines) + "\n"
