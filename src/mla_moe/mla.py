@@ -38,11 +38,11 @@ LATENT_NORM_EPS = 1e-6
 def _kernel_implementation(config: ModelConfig) -> str | None:
     """The `implementation` to pass to pallas_kernels, or None to use the XLA path here."""
     impl = config.attention_impl
-    if impl == "auto" and context_parallel.context_size() > 1:
-        # Over the gathered latent the XLA key-block loop never holds per-head keys and
-        # values for the whole sequence; the kernel does ([B, S, N, H + V] per layer), so it
-        # runs under context parallelism only when asked for ("pallas").
-        return None
+    # Under context parallelism too: the kernel holds the whole sequence's per-head keys and
+    # values on each shard ([B, S, N, H + V], one layer at a time), where the XLA key-block
+    # loop holds one block's; but the loop writes every block's scores to HBM. V3 at
+    # 128 x 131072 on v5p:8x8x8, context 4: 79.8 GiB and a 85.8 s compute-bound step with the
+    # kernel, 78.1 GiB and a 1142 s HBM-bound one with the loop (bench/RESULTS.md).
     if impl == "auto":
         return "auto" if target_platform() in ("tpu", "gpu") else None
     return {"pallas": "auto", "interpret": "interpret", "tpu_interpret": "tpu_interpret"}.get(impl)
