@@ -43,26 +43,34 @@ def test_two_stages_equal_one_gather_and_its_transpose(block):
     """Forward: bitwise the one-stage gather. Gradient (the reduce-scatter): the same sums in
     another order (f32 rounding)."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("fsdp",))
-    plan = ("fsdp", staged.stage_groups(8, block))
-    spec = P(None, "fsdp", None)
+    grad1 = _staged_equals_one_gather(mesh, ("fsdp",), ("fsdp", staged.stage_groups(8, block)))
+    ct = jax.random.normal(jax.random.key(1), (8, 3, 16, 5))
+    np.testing.assert_allclose(grad1, ct.sum(0), rtol=1e-6, atol=1e-6 * float(np.abs(grad1).max()))
+
+
+def _staged_equals_one_gather(mesh, axes, how):
+    """Gathers a [3, 16, 5] array split on its middle axis over `axes`, staged as `how` says
+    and in one collective, and takes each one's transpose of a cotangent per shard: the
+    forwards equal bitwise, the gradients to f32 rounding. Returns the one-stage gradient."""
+    spec = P(None, axes, None)
     w = jax.random.normal(jax.random.key(0), (3, 16, 5))
     ct = jax.random.normal(jax.random.key(1), (8, 3, 16, 5))  # a cotangent per shard
 
     def run(how):
         def body(w_s, ct_s):
-            full, vjp = jax.vjp(lambda a: staged.all_gather(a, ("fsdp",), 1, staged=how), w_s)
+            full, vjp = jax.vjp(lambda a: staged.all_gather(a, axes, 1, staged=how), w_s)
             return full[None], vjp(ct_s[0])[0]
 
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, P("fsdp")),
-                           out_specs=(P("fsdp"), spec), check_vma=False)
+        fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, P(axes)),
+                           out_specs=(P(axes), spec), check_vma=False)
         return jax.jit(fn)(w, ct)
 
-    full2, grad2 = run(plan)
+    full2, grad2 = run(how)
     full1, grad1 = run(False)
     np.testing.assert_array_equal(full2, full1)
     np.testing.assert_array_equal(full2[0], w)
     np.testing.assert_allclose(grad2, grad1, rtol=1e-6, atol=1e-6 * float(np.abs(grad1).max()))
-    np.testing.assert_allclose(grad1, ct.sum(0), rtol=1e-6, atol=1e-6 * float(np.abs(grad1).max()))
+    return grad1
 
 
 def _collectives(hlo: str) -> dict[str, int]:
@@ -107,25 +115,7 @@ def test_gathers_over_two_axes_one_at_a_time_equal_one_gather(steps):
     """Over (fsdp, context), minor axis first: forward bitwise the joint gather; gradient the
     same sums in another order."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "context"))
-    axes = ("fsdp", "context")
-    spec = P(None, axes, None)
-    w = jax.random.normal(jax.random.key(0), (3, 16, 5))
-    ct = jax.random.normal(jax.random.key(1), (8, 3, 16, 5))
-
-    def run(how):
-        def body(w_s, ct_s):
-            full, vjp = jax.vjp(lambda a: staged.all_gather(a, axes, 1, staged=how), w_s)
-            return full[None], vjp(ct_s[0])[0]
-
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, P(axes)),
-                           out_specs=(P(axes), spec), check_vma=False)
-        return jax.jit(fn)(w, ct)
-
-    full2, grad2 = run(steps)
-    full1, grad1 = run(False)
-    np.testing.assert_array_equal(full2, full1)
-    np.testing.assert_array_equal(full2[0], w)
-    np.testing.assert_allclose(grad2, grad1, rtol=1e-6, atol=1e-6 * float(np.abs(grad1).max()))
+    _staged_equals_one_gather(mesh, ("fsdp", "context"), steps)
 
 
 def test_v5p_8x8x8_with_context_keeps_all_gathers():
