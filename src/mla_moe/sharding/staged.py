@@ -59,30 +59,29 @@ def stage_groups(n: int, block: int) -> Groups:
     return within, across
 
 
-@functools.lru_cache(maxsize=64)
-def _groups_for(mesh: jax.sharding.Mesh, axis: str) -> Groups | None:
-    position = mesh.axis_names.index(axis)
-    index = [0] * len(mesh.axis_names)
-    index[position] = slice(None)
-    devices = mesh.devices[tuple(index)]
+def _tpu_coords(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> np.ndarray | None:
+    """Torus coordinates [n, dims] of the devices along `axes` (index 0 of the others), in
+    the order of their joint axis index; None off TPU."""
+    index = tuple(slice(None) if a in axes else 0 for a in mesh.axis_names)
+    devices = mesh.devices[index].reshape(-1)
     coords = [getattr(d, "coords", None) for d in devices]
     if any(c is None for c in coords) or devices[0].platform != "tpu":
         return None
-    block = block_size(np.asarray(coords))
-    return stage_groups(len(devices), block) if block else None
+    return np.asarray(coords)
+
+
+@functools.lru_cache(maxsize=64)
+def _groups_for(mesh: jax.sharding.Mesh, axis: str) -> Groups | None:
+    coords = _tpu_coords(mesh, (axis,))
+    block = 0 if coords is None else block_size(coords)
+    return stage_groups(len(coords), block) if block else None
 
 
 def groups(axes: tuple[str, ...]) -> tuple[str, Groups] | None:
     """(the axis, its two stages' groups) when a collective over the one live axis of `axes`
     should be staged, read from the devices of the mesh of `use_mesh`; None without one."""
-    mesh = device_mesh()
-    if mesh is None:
-        return None
-    live = tuple(a for a in axes if dict(mesh.shape).get(a, 1) > 1)
-    if len(live) != 1:
-        return None
-    found = _groups_for(mesh, live[0])
-    return (live[0], found) if found else None
+    steps = plan(axes)
+    return steps[0] if steps is not None and len(steps) == 1 else None
 
 
 # A plan: single-axis collectives in gather order, each (axis, its two stages' groups or None).
@@ -94,12 +93,8 @@ def _steps_for(mesh: jax.sharding.Mesh, live: tuple[str, ...]) -> Plan | None:
     """Per-axis steps (minor axis first) when the joint group of `live` spans three torus
     dimensions; None when one collective stays an all-gather or the devices have no
     coordinates."""
-    index = tuple(slice(None) if a in live else 0 for a in mesh.axis_names)
-    devices = mesh.devices[index].reshape(-1)
-    coords = [getattr(d, "coords", None) for d in devices]
-    if any(c is None for c in coords) or devices[0].platform != "tpu":
-        return None
-    if _spanned(np.asarray(coords)) <= 2:
+    coords = _tpu_coords(mesh, live)
+    if coords is None or _spanned(coords) <= 2:
         return None
     return tuple((a, _groups_for(mesh, a)) for a in reversed(live))
 
